@@ -1,0 +1,132 @@
+//! The one interface every KV format implements.
+//!
+//! A [`Format`] is a parsed config (`kivi:bits=2`); for each layer and each of K and V it builds a
+//! [`Codec`], which owns that stream's state (bit width for this layer, sketch, codebooks) and works on
+//! whole packed blocks of one KV head. Paging, the full-precision window, online softmax and GQA live
+//! once in [`crate::cache`]: a format never hands back dense K/V to attention.
+
+use crate::error::Result;
+use crate::rope::Rope;
+use std::fmt;
+use std::sync::Arc;
+
+/// Which of the two cached tensors a codec stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Stream {
+    /// Keys (scored against the query).
+    Key,
+    /// Values (summed with attention weights).
+    Value,
+}
+
+/// Where a codec sits in the model: what a format may condition on when it is built.
+#[derive(Debug, Clone)]
+pub struct StreamCtx {
+    /// Layer index, 0-based.
+    pub layer: usize,
+    /// Number of layers in the model (AsymKV/QJL scale their layer splits to it).
+    pub n_layers: usize,
+    /// Keys or values.
+    pub stream: Stream,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// KV heads of the layer.
+    pub n_kv_heads: usize,
+    /// The model's rotary embedding (pre-RoPE formats rotate decoded keys with it).
+    pub rope: Rope,
+}
+
+/// A parsed format config; cheap to clone behind an `Arc`, shared by every layer that uses it.
+pub trait Format: Send + Sync + fmt::Debug {
+    /// Canonical config string; `Params::parse` of it gives back the same format.
+    fn canonical(&self) -> String;
+    /// Checked before any allocation: can this format serve heads of this size?
+    fn supports(&self, head_dim: usize) -> Result<()>;
+    /// Builds the codec of one layer's keys or values.
+    fn build(&self, ctx: &StreamCtx) -> Result<Box<dyn Codec>>;
+}
+
+/// Shared handle to a parsed format.
+pub type FormatRef = Arc<dyn Format>;
+
+/// One layer's K or V codec: encodes and reads whole blocks of one KV head.
+///
+/// Blocks hold `block_tokens()` consecutive tokens of one head in `block_bytes()` bytes; the layout is
+/// documented in each format module and docs/FORMATS.md and is what the CUDA kernels read. Token
+/// vectors are `head_dim` f32s, token-major. Non-finite inputs are sanitized by the cache before
+/// encode (NaN -> 0, +-Inf -> +-65504), so codecs see finite data.
+pub trait Codec: Send + Sync {
+    /// Canonical description of this stream's setting (e.g. `kivi:bits=1,...` for an AsymKV 1-bit layer).
+    fn describe(&self) -> String;
+    /// Tokens per packed block (the quantization group along the sequence).
+    fn block_tokens(&self) -> usize;
+    /// Bytes of one packed block of one head, metadata included.
+    fn block_bytes(&self) -> usize;
+    /// Newest tokens kept in f16 outside blocks (KIVI residual, QJL buffer).
+    fn window(&self) -> usize {
+        0
+    }
+    /// Keys stored before RoPE (RVQ): the cache hands this codec unrotated keys.
+    fn pre_rope(&self) -> bool {
+        false
+    }
+    /// Bytes per layer stream that do not grow with tokens (codebooks, sketch seeds), counted apart.
+    fn fixed_bytes(&self) -> usize {
+        0
+    }
+    /// Packs `block_tokens * head_dim` finite values into `out` (`block_bytes` long).
+    fn encode(&self, x: &[f32], out: &mut [u8]);
+    /// Checks that arbitrary bytes form a block this codec can read (indices in range and so on).
+    fn validate(&self, block: &[u8]) -> Result<()>;
+    /// Reconstructs the block's vectors (pre-RoPE for pre-RoPE codecs); QJL gives its unbiased estimate.
+    fn decode(&self, block: &[u8], out: &mut [f32]) -> Result<()>;
+    /// Per-query work done once per query head and step (QJL's S q). Default: the query itself.
+    fn prep_query(&self, q: &[f32]) -> Vec<f32> {
+        q.to_vec()
+    }
+    /// Unscaled dot products q.k_t for the block's tokens, from the packed bytes. `q` is the rotated
+    /// query, `prep` its `prep_query`, `pos0` the block's first position. Default: decode, rotate
+    /// (pre-RoPE codecs), dot.
+    fn key_scores(&self, q: &[f32], prep: &[f32], block: &[u8], pos0: usize, rope: &Rope, scores: &mut [f32]) {
+        let _ = prep;
+        let d = q.len();
+        let mut k = vec![0f32; self.block_tokens() * d];
+        if self.decode(block, &mut k).is_err() {
+            scores.iter_mut().for_each(|s| *s = f32::NAN);
+            return;
+        }
+        for (t, s) in scores.iter_mut().enumerate() {
+            let kt = &mut k[t * d..(t + 1) * d];
+            if self.pre_rope() {
+                rope.rotate(kt, pos0 + t, 1.0);
+            }
+            *s = dot(q, kt);
+        }
+    }
+    /// `acc += sum_t p[t] * v_t` over the block's tokens, from the packed bytes. Default: decode, axpy.
+    fn accumulate_values(&self, block: &[u8], p: &[f32], acc: &mut [f32]) {
+        let d = acc.len();
+        let mut v = vec![0f32; self.block_tokens() * d];
+        if self.decode(block, &mut v).is_err() {
+            acc.iter_mut().for_each(|a| *a = f32::NAN);
+            return;
+        }
+        for (t, &pt) in p.iter().enumerate() {
+            if pt != 0.0 {
+                axpy(pt, &v[t * d..(t + 1) * d], acc);
+            }
+        }
+    }
+}
+
+/// f32 dot product (reference arithmetic, accumulated in f32).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `y += a * x`.
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}

@@ -1,0 +1,10 @@
+//! decoquant: not built yet (placeholder so the registry compiles; replaced by the format's module).
+
+use crate::codec::FormatRef;
+use crate::config::Params;
+use crate::error::{FormatError, Result};
+
+/// Parses a `decoquant` config.
+pub fn parse(p: Params) -> Result<FormatRef> {
+    Err(FormatError::Unsupported { format: p.input().to_string(), what: "anything yet: decoquant is not built".into() })
+}

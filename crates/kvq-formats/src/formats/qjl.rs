@@ -1,0 +1,10 @@
+//! qjl: not built yet (placeholder so the registry compiles; replaced by the format's module).
+
+use crate::codec::FormatRef;
+use crate::config::Params;
+use crate::error::{FormatError, Result};
+
+/// Parses a `qjl` config.
+pub fn parse(p: Params) -> Result<FormatRef> {
+    Err(FormatError::Unsupported { format: p.input().to_string(), what: "anything yet: qjl is not built".into() })
+}

@@ -1,0 +1,31 @@
+//! kvq-formats: the KV-cache formats of kvq, with no GPU anywhere.
+//!
+//! | format | config (defaults) | keys | values |
+//! |---|---|---|---|
+//! | fp16 | `fp16` | f16 | f16 |
+//! | KIVI / AsymKV | `asymkv:lk=16,lv=0,hi=2,lo=1,group=32,window=128` | per-channel b-bit | per-token b-bit |
+//! | QJL | `qjl:m=256,m0=512,l0=15,outliers=8,v=2,group=32,buffer=128,seed=0` | JL sign bits + norm | per-token 2-bit |
+//! | DecoQuant | `decoquant:bits=4,chunk=1024,sub=16` | b-bit T_L x f16 T_S | same |
+//! | RVQ | `rvq:group=32,codes=2048,depth=8,codebooks=FILE` | pre-RoPE residual VQ | residual VQ |
+//!
+//! How to add a format: write `formats/<name>.rs` (a [`Format`] that builds a [`Codec`], with the
+//! paper, bit accounting and byte layout in its module docs), add one line to
+//! [`formats::REGISTRY`], document the layout in docs/FORMATS.md, and add `kernels/formats/<name>.cu`.
+
+pub mod bits;
+pub mod cache;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod formats;
+pub mod plan;
+pub mod rope;
+pub mod testutil;
+
+pub use cache::{CacheBytes, LayerCache};
+pub use codec::{Codec, Format, FormatRef, Stream, StreamCtx};
+pub use config::Params;
+pub use error::{FormatError, Result};
+pub use formats::parse_format;
+pub use plan::KvPlan;
+pub use rope::{Rope, RopeStyle};

@@ -1,0 +1,1 @@
+//! kvq: the embeddable GPU backend (placeholder until the runtime lands).
