@@ -1,1 +1,18 @@
-//! kvq: the embeddable GPU backend (placeholder until the runtime lands).
+//! kvq: the embeddable GPU backend. Device runtime over cudarc (driver loaded at run time), kernels
+//! compiled by build.rs and embedded, typed launchers, fused decode attention over compressed caches.
+//!
+//! | format | GPU decode attention |
+//! |---|---|
+//! | fp16 | yes (`kernels/formats/fp16.cu`) |
+//! | KIVI / AsymKV (group 32) | yes (`kernels/formats/kivi.cu`) |
+//! | QJL, DecoQuant, RVQ | not yet (CPU reference only) |
+
+pub mod attention;
+pub mod check;
+pub mod error;
+pub mod gpu;
+mod launch;
+pub mod params;
+
+pub use error::{GpuError, Result};
+pub use gpu::Gpu;

@@ -49,6 +49,19 @@ pub trait Format: Send + Sync + fmt::Debug {
 /// Shared handle to a parsed format.
 pub type FormatRef = Arc<dyn Format>;
 
+/// Which CUDA kernel reads a codec's blocks: `kernels/formats/<module>.cu`, kernels named
+/// `kvq_<module>_<op>_f16_hd<D>`, with up to four format integers (the key codec's go to
+/// `KvqFmtArgs.i[0..4]`, the value codec's to `i[4..8]`) and the blocks staged per step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSpec {
+    /// Kernel module (and name prefix).
+    pub module: &'static str,
+    /// Format integers the kernel's policy reads.
+    pub ints: [i32; 4],
+    /// Blocks staged in shared memory per step (the policy's TILE_BLOCKS).
+    pub tile_blocks: usize,
+}
+
 /// One layer's K or V codec: encodes and reads whole blocks of one KV head.
 ///
 /// Blocks hold `block_tokens()` consecutive tokens of one head in `block_bytes()` bytes; the layout is
@@ -73,6 +86,10 @@ pub trait Codec: Send + Sync {
     /// Bytes per layer stream that do not grow with tokens (codebooks, sketch seeds), counted apart.
     fn fixed_bytes(&self) -> usize {
         0
+    }
+    /// The CUDA kernel that reads this codec's blocks; `None` while a format has no kernel yet.
+    fn kernel(&self) -> Option<KernelSpec> {
+        None
     }
     /// Packs `block_tokens * head_dim` finite values into `out` (`block_bytes` long).
     fn encode(&self, x: &[f32], out: &mut [u8]);

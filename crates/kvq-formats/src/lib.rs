@@ -23,7 +23,7 @@ pub mod rope;
 pub mod testutil;
 
 pub use cache::{CacheBytes, LayerCache};
-pub use codec::{Codec, Format, FormatRef, Stream, StreamCtx};
+pub use codec::{Codec, Format, FormatRef, KernelSpec, Stream, StreamCtx};
 pub use config::Params;
 pub use error::{FormatError, Result};
 pub use formats::parse_format;

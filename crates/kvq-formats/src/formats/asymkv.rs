@@ -20,7 +20,7 @@
 //! 5.0 (4-bit); values the same (G' = 32). At 1 bit the f16 scale+zero cost as much as the payload.
 
 use crate::bits;
-use crate::codec::{Codec, Format, FormatRef, Stream, StreamCtx};
+use crate::codec::{Codec, Format, FormatRef, KernelSpec, Stream, StreamCtx};
 use crate::config::Params;
 use crate::error::{FormatError, Result};
 use std::sync::Arc;
@@ -200,6 +200,11 @@ impl Codec for KiviCodec {
 
     fn window(&self) -> usize {
         self.window
+    }
+
+    fn kernel(&self) -> Option<KernelSpec> {
+        // kernels/formats/kivi.cu is compiled for group 32 (its block of tokens).
+        (self.group == 32).then_some(KernelSpec { module: "kivi", ints: [self.bits as i32, 32, 0, 0], tile_blocks: 2 })
     }
 
     fn encode(&self, x: &[f32], out: &mut [u8]) {

@@ -2,7 +2,7 @@
 //!
 //! Layout of a block (one token of one head): `[f16; d]`, 2*d bytes.
 
-use crate::codec::{Codec, Format, FormatRef, StreamCtx};
+use crate::codec::{Codec, Format, FormatRef, KernelSpec, StreamCtx};
 use crate::config::Params;
 use crate::error::{FormatError, Result};
 use half::f16;
@@ -47,6 +47,9 @@ impl Codec for Fp16Codec {
     }
     fn block_bytes(&self) -> usize {
         2 * self.d
+    }
+    fn kernel(&self) -> Option<KernelSpec> {
+        Some(KernelSpec { module: "fp16", ints: [0; 4], tile_blocks: 64 })
     }
     fn encode(&self, x: &[f32], out: &mut [u8]) {
         for (o, &v) in out.chunks_exact_mut(2).zip(x) {

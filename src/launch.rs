@@ -1,0 +1,43 @@
+//! Every `unsafe` kernel launch of kvq, each with its safety argument (cudarc's launch obligations:
+//! argument types and order match the kernel, no aliasing of mutable buffers, indices in bounds).
+
+use crate::error::{drv, Result};
+use crate::gpu::Gpu;
+use crate::params::KvqDecodeParams;
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+
+/// Decode attention then the merge of its splits, on the GPU's stream.
+pub(crate) fn decode(
+    gpu: &Gpu,
+    decode: &CudaFunction,
+    merge: &CudaFunction,
+    p: &KvqDecodeParams,
+    grid: (usize, usize, usize),
+    hq: usize,
+    d: usize,
+    smem: usize,
+) -> Result<()> {
+    use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    decode
+        .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .map_err(drv("setting the decode kernel's shared memory"))?;
+    let st = gpu.stream();
+    let cfg = LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: (types/order) both kernels take exactly one `KvqDecodeParams` by value, whose #[repr(C)]
+    // layout is asserted equal to the CUDA struct (src/params.rs, kvq_params.cuh). (aliasing) the only
+    // buffers written are part_acc/part_ml (decode) and out (merge), distinct allocations of one
+    // Workspace that no other launch uses concurrently (one stream). (bounds) GpuBatch::upload sized
+    // the pages from the block table it wrote, the window as [B][Hkv][win_cap][D] with n_win <= win_cap,
+    // and Workspace sized the partials for grid.0 = n_splits + 1 rows per query head; the kernel reads
+    // blocks < n_sealed / BT only, and the grid covers exactly B x Hkv x (n_splits + 1).
+    unsafe { st.launch_builder(decode).arg(p).launch(cfg) }.map_err(drv("launching decode attention"))?;
+    let cfg = LaunchConfig { grid_dim: (hq as u32, grid.2 as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: as above; the merge reads the partials just written (same stream, ordered) and writes
+    // out[B][Hq][D] with grid (Hq, B) x D threads.
+    unsafe { st.launch_builder(merge).arg(p).launch(cfg) }.map_err(drv("launching the split merge"))?;
+    Ok(())
+}
