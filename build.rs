@@ -79,10 +79,9 @@ fn kernel_sources(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Module name: path under kernels/ without extension, '/' -> '_' (formats/fp16.cu -> formats_fp16).
-fn kernel_name(root: &Path, src: &Path) -> String {
-    let rel = src.strip_prefix(root.join("kernels")).unwrap_or(src);
-    rel.with_extension("").to_string_lossy().replace(['/', '\\'], "_")
+/// Module name: the file stem (formats/fp16.cu -> fp16), the name a format's `KernelSpec` gives.
+fn kernel_name(_root: &Path, src: &Path) -> String {
+    src.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// nvcc from NVCC, CUDA_HOME/CUDA_PATH, PATH, then the project-local toolkit of scripts/setup-cuda.sh

@@ -9,12 +9,12 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
 bin=.carry/kvq-gpu
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-echo "== parity"; $bin check 2>&1 | tee "$OUT/parity.txt" | tail -n 3; parity_rc=${PIPESTATUS[0]}
+echo "== parity"; timeout 150 $bin check 2>&1 | tee "$OUT/parity.txt" | tail -n 3; parity_rc=${PIPESTATUS[0]}
 if [ "${SANITIZE:-1}" = 1 ]; then
-  echo "== compute-sanitizer memcheck"; compute-sanitizer --tool memcheck --error-exitcode 9 $bin check >"$OUT/memcheck.txt" 2>&1; echo "memcheck rc=$?"; tail -n 2 "$OUT/memcheck.txt"
-  echo "== compute-sanitizer racecheck"; compute-sanitizer --tool racecheck --error-exitcode 9 $bin check >"$OUT/racecheck.txt" 2>&1; echo "racecheck rc=$?"; tail -n 2 "$OUT/racecheck.txt"
+  echo "== compute-sanitizer memcheck"; timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 $bin check >"$OUT/memcheck.txt" 2>&1; echo "memcheck rc=$?"; tail -n 2 "$OUT/memcheck.txt"
+  echo "== compute-sanitizer racecheck"; timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 $bin check >"$OUT/racecheck.txt" 2>&1; echo "racecheck rc=$?"; tail -n 2 "$OUT/racecheck.txt"
 fi
-echo "== bench"; $bin bench ${BENCH_FORMATS:-} >"$OUT/kvq-bench.jsonl" 2>"$OUT/kvq-bench.err"; echo "kvq bench rc=$?"
+echo "== bench"; timeout 200 $bin bench ${BENCH_FORMATS:-} >"$OUT/kvq-bench.jsonl" 2>"$OUT/kvq-bench.err"; echo "kvq bench rc=$?"
 PYTHONUNBUFFERED=1 python3 scripts/sdpa_bench.py >"$OUT/sdpa-bench.jsonl" 2>"$OUT/sdpa.err"; echo "sdpa rc=$?"
 python3 scripts/report.py "$OUT/kvq-bench.jsonl" "$OUT/sdpa-bench.jsonl" | tee "$OUT/table.md"
 exit $parity_rc

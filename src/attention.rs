@@ -204,7 +204,7 @@ impl GpuBatch {
             scale: 1.0 / (self.d as f32).sqrt(),
             fmt: KvqFmtArgs { i: ints, p: [0; 4] },
         };
-        let tile = self.k_spec.tile_blocks * (self.k_block_bytes + self.v_block_bytes);
+        let tile = 2 * self.k_spec.tile_blocks * (self.k_block_bytes + self.v_block_bytes);
         let red = 8 * gm * self.d * 4;
         let smem = tile.max(red);
         launch::decode(gpu, &decode, &merge, &p, (ws.splits + 1, self.hkv, self.batch), ws.hq, self.d, smem)

@@ -50,6 +50,12 @@ pub fn parity(gpu: &Gpu, formats: &[&str]) -> Result<Vec<ParityResult>> {
                 let lens: [&[usize]; 7] = [&[1], &[31], &[32], &[33], &[300], &[4133], &[77, 1500, 640]];
                 for lens in lens {
                     seed += 1;
+                    let case = format!("{fmt} d={d} hq={hq} hkv={hkv} T={lens:?}");
+                    if let Ok(f) = std::env::var("KVQ_CHECK_FILTER") {
+                        if !case.contains(&f) {
+                            continue;
+                        }
+                    }
                     let caches: Vec<LayerCache> = lens
                         .iter()
                         .enumerate()
@@ -66,7 +72,7 @@ pub fn parity(gpu: &Gpu, formats: &[&str]) -> Result<Vec<ParityResult>> {
                         worst = worst.max(rel_err(&got[b * hq * d..(b + 1) * hq * d], &want));
                     }
                     out.push(ParityResult {
-                        case: format!("{fmt} d={d} hq={hq} hkv={hkv} T={lens:?}"),
+                        case,
                         rel_err: worst,
                         non_finite: got.iter().filter(|x| !x.is_finite()).count(),
                     });

@@ -12,13 +12,15 @@ struct KiviPolicy {
     static __device__ __forceinline__ void key_chunk(const uint8_t* blk, int t, int c0, const KvqFmtArgs& fa,
                                                      float* k) {
         const int bits = fa.i[0];
-        const uint8_t* codes = blk + 4 * D;
-        const int base = (t * D + c0) * bits;
+        const uint64_t w = kvq::bits64_at(blk + 4 * D, (t * D + c0) * bits, CPL * bits);
+        const uint32_t mask = (1u << bits) - 1u;
+        const __half2* s2 = reinterpret_cast<const __half2*>(blk + 2 * c0);
+        const __half2* z2 = reinterpret_cast<const __half2*>(blk + 2 * (D + c0));
 #pragma unroll
-        for (int i = 0; i < CPL; i++) {
-            const float s = kvq::f16_at(blk + 2 * (c0 + i));
-            const float z = kvq::f16_at(blk + 2 * (D + c0 + i));
-            k[i] = fmaf(s, (float)kvq::bits_at(codes, base + i * bits, bits), z);
+        for (int i = 0; i < CPL; i += 2) {
+            const float2 s = __half22float2(s2[i / 2]), z = __half22float2(z2[i / 2]);
+            k[i] = fmaf(s.x, (float)((w >> (i * bits)) & mask), z.x);
+            k[i + 1] = fmaf(s.y, (float)((w >> ((i + 1) * bits)) & mask), z.y);
         }
     }
     static __device__ __forceinline__ void val_chunk(const uint8_t* blk, int t, int c0, const KvqFmtArgs& fa,
@@ -27,10 +29,10 @@ struct KiviPolicy {
         const int n = BT * (D / group);
         const int pi = t * (D / group) + c0 / group;  // CPL <= group: one (scale, zero) per chunk
         const float s = kvq::f16_at(blk + 2 * pi), z = kvq::f16_at(blk + 2 * (n + pi));
-        const uint8_t* codes = blk + 4 * n;
-        const int base = (t * D + c0) * bits;
+        const uint64_t w = kvq::bits64_at(blk + 4 * n, (t * D + c0) * bits, CPL * bits);
+        const uint32_t mask = (1u << bits) - 1u;
 #pragma unroll
-        for (int i = 0; i < CPL; i++) v[i] = fmaf(s, (float)kvq::bits_at(codes, base + i * bits, bits), z);
+        for (int i = 0; i < CPL; i++) v[i] = fmaf(s, (float)((w >> (i * bits)) & mask), z);
     }
 };
 

@@ -35,11 +35,41 @@ __device__ __forceinline__ uint32_t bits_at(const uint8_t* p, int pos, int n) {
     return (w >> (pos & 7)) & ((1u << n) - 1u);
 }
 
-// Copies `bytes` (a multiple of 16, 16-byte aligned on both sides) into shared memory, CTA-wide.
-__device__ __forceinline__ void stage(uint8_t* dst, const uint8_t* src, int64_t bytes) {
-    for (int64_t i = threadIdx.x * 16; i < bytes; i += THREADS * 16) {
-        *reinterpret_cast<uint4*>(dst + i) = __ldg(reinterpret_cast<const uint4*>(src + i));
+// Reads up to 57 bits starting at bit `pos` (whole code chunks at once: one read, then shifts).
+__device__ __forceinline__ uint64_t bits64_at(const uint8_t* p, int pos, int nbits) {
+    const uint8_t* b = p + (pos >> 3);
+    const int nbytes = ((pos & 7) + nbits + 7) >> 3;
+    uint64_t w = 0;
+    for (int i = 0; i < nbytes; i++) w |= (uint64_t)b[i] << (8 * i);
+    return w >> (pos & 7);
+}
+
+// 16-byte asynchronous global -> shared copy (bypasses L1; the cache is read once).
+__device__ __forceinline__ void cp_async16(uint8_t* dst, const uint8_t* src) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Issues the copies of `nb` blocks (pages from the block table) of one head's K and V into shared
+// memory, every thread copying independent 16-byte pieces so all loads are in flight at once.
+__device__ __forceinline__ void stage_tile(uint8_t* kdst, uint8_t* vdst, const KvqDecodeParams& P, int b, int h,
+                                           int blk, int nb) {
+    const int kch = (int)(P.k_block_bytes / 16), vch = (int)(P.v_block_bytes / 16);
+    const int32_t* table = P.block_table + (int64_t)b * P.max_blocks + blk;
+    for (int idx = threadIdx.x; idx < nb * kch; idx += THREADS) {
+        const int i = idx / kch, j = idx - i * kch;
+        const int64_t page = table[i];
+        cp_async16(kdst + (int64_t)idx * 16, P.k_pages + (page * P.hkv + h) * P.k_block_bytes + j * 16);
     }
+    for (int idx = threadIdx.x; idx < nb * vch; idx += THREADS) {
+        const int i = idx / vch, j = idx - i * vch;
+        const int64_t page = table[i];
+        cp_async16(vdst + (int64_t)idx * 16, P.v_pages + (page * P.hkv + h) * P.v_block_bytes + j * 16);
+    }
+    cp_async_commit();
 }
 
 // The f16 window viewed as a format: one token per block, D halves.
@@ -73,9 +103,17 @@ __device__ void attend_tile(const uint8_t* ks, int64_t kbb, const uint8_t* vs, i
     constexpr int TOK_LANES = THREADS / LANES_PER_TOKEN;
     const int c0 = lane16 * CPL;
     // 1. scores s[g][t] = scale * q_g . k_t
-    for (int t = tok_lane; t < n_tok; t += TOK_LANES) {
+    // Warp-uniform trip count: the 16-lane shuffles below need both half-warps present.
+    for (int t0 = 0; t0 < n_tok; t0 += TOK_LANES) {
+        const int t = t0 + tok_lane;
+        const bool valid = t < n_tok;
         float k[CPL];
-        KF::key_chunk(ks + (t / bt) * kbb, t % bt, c0, fa, k);
+        if (valid) {
+            KF::key_chunk(ks + (t / bt) * kbb, t % bt, c0, fa, k);
+        } else {
+#pragma unroll
+            for (int i = 0; i < CPL; i++) k[i] = 0.f;
+        }
 #pragma unroll
         for (int g = 0; g < GM; g++) {
             if (g >= G) break;
@@ -84,7 +122,7 @@ __device__ void attend_tile(const uint8_t* ks, int64_t kbb, const uint8_t* vs, i
             for (int i = 0; i < CPL; i++) s = fmaf(qreg[g][i], k[i], s);
 #pragma unroll
             for (int o = LANES_PER_TOKEN / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (lane16 == 0) s_sh[g * 128 + t] = s * scale;
+            if (lane16 == 0 && valid) s_sh[g * 128 + t] = s * scale;
         }
     }
     __syncthreads();
@@ -103,6 +141,7 @@ __device__ void attend_tile(const uint8_t* ks, int64_t kbb, const uint8_t* vs, i
             sum += p;
         }
         for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        __syncwarp();  // every lane has read m_sh[g] before lane 0 replaces it
         if (lane == 0) {
             float corr = (m_old == -INFINITY) ? 0.f : __expf(m_old - m_new);
             corr_sh[g] = corr;
@@ -143,7 +182,7 @@ struct WindowPolicy {
     }
 };
 
-// grid = (n_splits + 1, Hkv, B); block = THREADS; dynamic smem = max(K+V tile bytes, 8*MAX_G*D*4).
+// grid = (n_splits + 1, Hkv, B); block = THREADS; dynamic smem = max(2 K+V tiles, 8*GM*D*4 bytes).
 // Tiles hold at most 128 tokens (s_sh rows are 128 long).
 template <int D, int GM, class F>
 __device__ void decode_kernel(const KvqDecodeParams& P) {
@@ -181,18 +220,24 @@ __device__ void decode_kernel(const KvqDecodeParams& P) {
         const int nblk = P.n_sealed[b] / F::BT;
         const int lo = split * P.blocks_per_split;
         const int hi = min(nblk, lo + P.blocks_per_split);
-        uint8_t* ktile = smem;
-        uint8_t* vtile = smem + F::TILE_BLOCKS * P.k_block_bytes;
-        for (int blk = lo; blk < hi; blk += F::TILE_BLOCKS) {
+        // Two tile buffers: the next tile's copies are in flight while this one is computed.
+        const int64_t tile_bytes = F::TILE_BLOCKS * (P.k_block_bytes + P.v_block_bytes);
+        if (lo < hi) stage_tile(smem, smem + F::TILE_BLOCKS * P.k_block_bytes, P, b, h, lo, min(F::TILE_BLOCKS, hi - lo));
+        for (int blk = lo, buf = 0; blk < hi; blk += F::TILE_BLOCKS, buf ^= 1) {
             const int nb = min(F::TILE_BLOCKS, hi - blk);
-            for (int i = 0; i < nb; i++) {
-                const int64_t page = P.block_table[(int64_t)b * P.max_blocks + blk + i];
-                stage(ktile + i * P.k_block_bytes, P.k_pages + (page * P.hkv + h) * P.k_block_bytes, P.k_block_bytes);
-                stage(vtile + i * P.v_block_bytes, P.v_pages + (page * P.hkv + h) * P.v_block_bytes, P.v_block_bytes);
+            uint8_t* ktile = smem + buf * tile_bytes;
+            uint8_t* vtile = ktile + F::TILE_BLOCKS * P.k_block_bytes;
+            const int next = blk + F::TILE_BLOCKS;
+            if (next < hi) {
+                uint8_t* kn = smem + (buf ^ 1) * tile_bytes;
+                stage_tile(kn, kn + F::TILE_BLOCKS * P.k_block_bytes, P, b, h, next, min(F::TILE_BLOCKS, hi - next));
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
             }
             __syncthreads();
             attend_tile<D, GM, F, F>(ktile, P.k_block_bytes, vtile, P.v_block_bytes, F::BT, nb * F::BT, qreg, G,
-                                 P.scale, P.fmt, s_sh, m_sh, l_sh, corr_sh, st);
+                                     P.scale, P.fmt, s_sh, m_sh, l_sh, corr_sh, st);
         }
     } else {
         // The f16 window, read in tiles of 64 tokens straight from global memory.
@@ -210,18 +255,18 @@ __device__ void decode_kernel(const KvqDecodeParams& P) {
 
     // Reduce acc over the token lanes (in the dynamic shared memory, free again), write the partial.
     const int tok_lane = threadIdx.x / LANES_PER_TOKEN;
-    float* red = reinterpret_cast<float*>(smem);  // [token lane][g][D]
+    float* red = reinterpret_cast<float*>(smem);  // [token lane][GM][D]
 #pragma unroll
     for (int g = 0; g < GM; g++)
 #pragma unroll
         for (int i = 0; i < CPL; i++)
-            if (g < G) red[(tok_lane * MAX_G + g) * D + c0 + i] = st.acc[g][i];
+            if (g < G) red[(tok_lane * GM + g) * D + c0 + i] = st.acc[g][i];
     __syncthreads();
     const int S = P.n_splits + 1;
     for (int idx = threadIdx.x; idx < G * D; idx += THREADS) {
         const int g = idx / D, c = idx % D;
         float a = 0.f;
-        for (int r = 0; r < THREADS / LANES_PER_TOKEN; r++) a += red[(r * MAX_G + g) * D + c];
+        for (int r = 0; r < THREADS / LANES_PER_TOKEN; r++) a += red[(r * GM + g) * D + c];
         const int64_t row = ((int64_t)b * P.hkv * G + (int64_t)h * G + g) * S + split;
         P.part_acc[row * D + c] = a;
         if (c == 0) {
