@@ -7,7 +7,7 @@
 template <int D>
 struct KiviPolicy {
     static constexpr int BT = 32;  // group = 32 (checked by the launcher)
-    static constexpr int TILE_BLOCKS = 2;
+    static constexpr int TILE_BLOCKS = 4;
     static constexpr int CPL = D / kvq::LANES_PER_TOKEN;
     static __device__ __forceinline__ void key_chunk(const uint8_t* blk, int t, int c0, const KvqFmtArgs& fa,
                                                      float* k) {

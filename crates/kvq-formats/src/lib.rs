@@ -18,6 +18,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod formats;
+pub mod linalg;
 pub mod plan;
 pub mod rope;
 pub mod testutil;

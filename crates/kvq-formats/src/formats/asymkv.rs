@@ -204,7 +204,7 @@ impl Codec for KiviCodec {
 
     fn kernel(&self) -> Option<KernelSpec> {
         // kernels/formats/kivi.cu is compiled for group 32 (its block of tokens).
-        (self.group == 32).then_some(KernelSpec { module: "kivi", ints: [self.bits as i32, 32, 0, 0], tile_blocks: 2 })
+        (self.group == 32).then_some(KernelSpec { module: "kivi", ints: [self.bits as i32, 32, 0, 0], tile_blocks: 4 })
     }
 
     fn encode(&self, x: &[f32], out: &mut [u8]) {

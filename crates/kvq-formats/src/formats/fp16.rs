@@ -49,7 +49,7 @@ impl Codec for Fp16Codec {
         2 * self.d
     }
     fn kernel(&self) -> Option<KernelSpec> {
-        Some(KernelSpec { module: "fp16", ints: [0; 4], tile_blocks: 32 })
+        Some(KernelSpec { module: "fp16", ints: [0; 4], tile_blocks: 64 })
     }
     fn encode(&self, x: &[f32], out: &mut [u8]) {
         for (o, &v) in out.chunks_exact_mut(2).zip(x) {
