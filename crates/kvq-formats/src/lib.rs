@@ -14,6 +14,7 @@
 
 pub mod bits;
 pub mod cache;
+pub mod calibrate;
 pub mod codec;
 pub mod config;
 pub mod error;

@@ -1,10 +1,241 @@
-//! rvq: not built yet (placeholder so the registry compiles; replaced by the format's module).
+//! RVQ (Kumar, "Residual vector quantization for KV cache compression in large language model",
+//! arXiv 2410.15704). Per token and KV head the vector is divided by its std over head_dim (0 -> 1),
+//! split into groups of `group` channels (keys: strided groups defined on HF rotate-half channels, so
+//! group j = HF channels j, j+G, j+2G, ... with G = d/group, mapped to this model's channel order;
+//! values: contiguous), and each group is encoded by a residual quantizer of `depth` stages of `codes`
+//! codewords, shared by every group and head of the layer's K (another for V). Keys are quantized
+//! before RoPE (the cache rotates decoded keys). Codebooks are learned by `kvq calibrate`
+//! ([`crate::calibrate`]); a file with more stages than `depth` serves any smaller depth.
+//!
+//! Block layout (one head, T = 32 tokens), little-endian:
+//! ```text
+//! [std f16; T] [codes: token 0 (d/group groups x depth stages x ceil(log2 codes) bits) | ... ]
+//! ```
+//! Bits/elem: (16 + (d/group) * depth * ceil(log2 codes)) / d: d=64, 8 x 11-bit: 3.0; d=128: 2.875.
+//! Fixed bytes: depth x codes x group f32 per layer stream (1 MiB at 8 x 2048 x 32 as f16 on the GPU).
 
-use crate::codec::FormatRef;
+use crate::bits;
+use crate::calibrate::{nearest, table_name, Codebooks};
+use crate::codec::{Codec, Format, FormatRef, Stream, StreamCtx};
 use crate::config::Params;
-use crate::error::{FormatError, Result};
+use crate::error::{parse_err, FormatError, Result};
+use std::sync::Arc;
 
-/// Parses a `rvq` config.
-pub fn parse(p: Params) -> Result<FormatRef> {
-    Err(FormatError::Unsupported { format: p.input().to_string(), what: "anything yet: rvq is not built".into() })
+const BLOCK: usize = 32;
+
+/// A parsed RVQ config with its codebooks loaded.
+#[derive(Debug, Clone)]
+pub struct Rvq {
+    /// Channels per group.
+    pub group: usize,
+    /// Codewords per stage.
+    pub codes: usize,
+    /// Stages used.
+    pub depth: usize,
+    /// Key grouping: strided (paper) or contiguous.
+    pub strided: bool,
+    /// f16 recent tokens.
+    pub window: usize,
+    /// Codebook file path.
+    pub path: String,
+    books: Arc<Codebooks>,
+}
+
+/// Parses `rvq:group=32,codes=2048,depth=8,codebooks=FILE,groups=strided,window=0`.
+pub fn parse(mut p: Params) -> Result<FormatRef> {
+    let group = p.choice("group", 32, &[8, 16, 32, 64])?;
+    let codes = p.usize("codes", 2048, 2, 1 << 16)?;
+    let depth = p.usize("depth", 8, 1, 32)?;
+    let strided = p.word("groups", "strided", &["strided", "contiguous"])? == "strided";
+    let window = p.usize("window", 0, 0, 1 << 20)?;
+    let path = p
+        .string("codebooks")
+        .ok_or_else(|| parse_err(p.input(), "rvq needs codebooks=FILE; learn them with `kvq calibrate`"))?;
+    p.finish(&["group", "codes", "depth", "groups", "window", "codebooks"])?;
+    let books = Codebooks::load(&path)?;
+    if books.group != group || books.codes != codes || books.depth < depth {
+        return Err(FormatError::File {
+            path,
+            reason: format!(
+                "codebooks are group={} codes={} depth={}, the config asks group={group} codes={codes} depth={depth}",
+                books.group, books.codes, books.depth
+            ),
+        });
+    }
+    Ok(Arc::new(Rvq { group, codes, depth, strided, window, path, books: Arc::new(books) }))
+}
+
+impl Format for Rvq {
+    fn canonical(&self) -> String {
+        format!(
+            "rvq:group={},codes={},depth={},groups={},window={},codebooks={}",
+            self.group,
+            self.codes,
+            self.depth,
+            if self.strided { "strided" } else { "contiguous" },
+            self.window,
+            self.path
+        )
+    }
+
+    fn supports(&self, head_dim: usize) -> Result<()> {
+        if head_dim == 0 || head_dim % self.group != 0 {
+            return Err(FormatError::Unsupported { format: self.canonical(), what: format!("head_dim {head_dim} (needs a multiple of group={})", self.group) });
+        }
+        Ok(())
+    }
+
+    fn build(&self, ctx: &StreamCtx) -> Result<Box<dyn Codec>> {
+        self.supports(ctx.head_dim)?;
+        let key = ctx.stream == Stream::Key;
+        let name = table_name(ctx.layer, key);
+        let t = self.books.tables.get(&name).ok_or_else(|| FormatError::File {
+            path: self.path.clone(),
+            reason: format!("no tensor '{name}' (codebooks for layer {} missing)", ctx.layer),
+        })?;
+        let per_stage = self.codes * self.group;
+        Ok(Box::new(RvqCodec {
+            d: ctx.head_dim,
+            group: self.group,
+            codes: self.codes,
+            depth: self.depth,
+            cbits: usize::BITS - (self.codes - 1).leading_zeros(),
+            window: self.window,
+            key,
+            channels: channel_groups(ctx, self.group, key && self.strided),
+            books: t[..self.depth * per_stage].to_vec(),
+        }))
+    }
+}
+
+/// Channel order of the groups: `channels[g*group + j]` is the j-th channel of group g.
+pub fn channel_groups(ctx: &StreamCtx, group: usize, strided: bool) -> Vec<usize> {
+    let d = ctx.head_dim;
+    let ng = d / group;
+    (0..d)
+        .map(|i| {
+            let (g, j) = (i / group, i % group);
+            if strided {
+                ctx.rope.hf_channel(g + j * ng)
+            } else {
+                i
+            }
+        })
+        .collect()
+}
+
+/// Normalized group vectors of `x` (n tokens x d): what the quantizer sees, for encode and calibration.
+pub fn group_vectors(x: &[f32], d: usize, channels: &[usize], out_scale: &mut Vec<f32>) -> Vec<f32> {
+    let n = x.len() / d;
+    let mut v = Vec::with_capacity(x.len());
+    out_scale.clear();
+    for t in 0..n {
+        let row = &x[t * d..(t + 1) * d];
+        let mean = row.iter().sum::<f32>() / d as f32;
+        let var = row.iter().map(|a| (a - mean).powi(2)).sum::<f32>() / d as f32;
+        let s = half::f16::from_f32(var.sqrt().min(65504.0)).to_f32();
+        let s = if s > 0.0 { s } else { 1.0 };
+        out_scale.push(s);
+        v.extend(channels.iter().map(|&c| row[c] / s));
+    }
+    v
+}
+
+struct RvqCodec {
+    d: usize,
+    group: usize,
+    codes: usize,
+    depth: usize,
+    cbits: u32,
+    window: usize,
+    key: bool,
+    channels: Vec<usize>,
+    books: Vec<f32>,
+}
+
+impl RvqCodec {
+    fn token_bits(&self) -> usize {
+        (self.d / self.group) * self.depth * self.cbits as usize
+    }
+    fn codes_off(&self) -> usize {
+        (2 * BLOCK).div_ceil(4) * 4
+    }
+}
+
+impl Codec for RvqCodec {
+    fn describe(&self) -> String {
+        format!("rvq-{}:group={},codes={},depth={}", if self.key { "k" } else { "v" }, self.group, self.codes, self.depth)
+    }
+    fn block_tokens(&self) -> usize {
+        BLOCK
+    }
+    fn block_bytes(&self) -> usize {
+        (self.codes_off() + (BLOCK * self.token_bits()).div_ceil(8)).div_ceil(4) * 4
+    }
+    fn window(&self) -> usize {
+        self.window
+    }
+    fn pre_rope(&self) -> bool {
+        self.key
+    }
+    fn fixed_bytes(&self) -> usize {
+        self.books.len() * 2
+    }
+
+    fn encode(&self, x: &[f32], out: &mut [u8]) {
+        out.iter_mut().for_each(|b| *b = 0);
+        let (g, cs) = (self.group, self.codes * self.group);
+        let mut scales = Vec::new();
+        let v = group_vectors(x, self.d, &self.channels, &mut scales);
+        let mut codes = Vec::with_capacity(BLOCK * self.token_bits() / self.cbits as usize);
+        for (t, s) in scales.iter().enumerate() {
+            bits::put_f16(out, 2 * t, *s);
+        }
+        for gv in v.chunks_exact(g) {
+            let mut r = gv.to_vec();
+            for st in 0..self.depth {
+                let cb = &self.books[st * cs..(st + 1) * cs];
+                let k = nearest(cb, &r);
+                for j in 0..g {
+                    r[j] -= cb[k * g + j];
+                }
+                codes.push(k as u32);
+            }
+        }
+        let off = self.codes_off();
+        bits::pack(&codes, self.cbits, &mut out[off..]);
+    }
+
+    fn validate(&self, block: &[u8]) -> Result<()> {
+        crate::formats::check_len("rvq", block, self.block_bytes())?;
+        if (0..BLOCK).any(|t| !bits::f16_at(block, 2 * t).is_finite()) {
+            return Err(FormatError::Corrupt { format: "rvq".into(), reason: "non-finite scale".into() });
+        }
+        let n = BLOCK * self.token_bits() / self.cbits as usize;
+        if let Some(i) = (0..n).find(|&i| bits::get(&block[self.codes_off()..], self.cbits, i) as usize >= self.codes) {
+            return Err(FormatError::Corrupt { format: "rvq".into(), reason: format!("code {i} out of range") });
+        }
+        Ok(())
+    }
+
+    fn decode(&self, block: &[u8], out: &mut [f32]) -> Result<()> {
+        self.validate(block)?;
+        let (g, d, cs) = (self.group, self.d, self.codes * self.group);
+        let per_tok = d / g * self.depth;
+        let codes = &block[self.codes_off()..];
+        for t in 0..BLOCK {
+            let s = bits::f16_at(block, 2 * t);
+            for gi in 0..d / g {
+                let mut acc = vec![0f32; g];
+                for st in 0..self.depth {
+                    let k = bits::get(codes, self.cbits, t * per_tok + gi * self.depth + st) as usize;
+                    crate::codec::axpy(1.0, &self.books[st * cs + k * g..st * cs + (k + 1) * g], &mut acc);
+                }
+                for j in 0..g {
+                    out[t * d + self.channels[gi * g + j]] = acc[j] * s;
+                }
+            }
+        }
+        Ok(())
+    }
 }
