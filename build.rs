@@ -14,13 +14,16 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=.cuda/nvidia/cu13/bin/nvcc");
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let sources = kernel_sources(&root.join("kernels"));
     let mut entries = Vec::new();
     let mut missing = None;
     match find_nvcc(&root) {
         None => {
-            missing = Some("nvcc not found (set NVCC or CUDA_HOME, or run scripts/setup-cuda.sh)".to_string());
+            missing = Some(
+                "nvcc not found (set NVCC or CUDA_HOME, or run scripts/setup-cuda.sh)".to_string(),
+            );
             println!("cargo:warning=kvq: nvcc not found; building without CUDA kernels (run scripts/setup-cuda.sh or set NVCC)");
         }
         Some((nvcc, extra_inc)) => {
@@ -29,7 +32,10 @@ fn main() {
                 let stem = kernel_name(&root, src);
                 let fatbin = out.join(format!("{stem}.fatbin"));
                 let mut cmd = Command::new(&nvcc);
-                cmd.arg("-fatbin").arg("-O3").arg("-lineinfo").arg("-std=c++17");
+                cmd.arg("-fatbin")
+                    .arg("-O3")
+                    .arg("-lineinfo")
+                    .arg("-std=c++17");
                 cmd.arg("-I").arg(root.join("kernels/include"));
                 if let Some(inc) = &extra_inc {
                     cmd.arg("-I").arg(inc);
@@ -38,10 +44,19 @@ fn main() {
                     cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
                 }
                 // PTX of the lowest listed arch, so newer GPUs can JIT the kernels.
-                let lowest = archs.split(',').map(str::trim).filter_map(|a| a.parse::<u32>().ok()).min().unwrap_or(90);
-                cmd.arg(format!("-gencode=arch=compute_{lowest},code=compute_{lowest}"));
+                let lowest = archs
+                    .split(',')
+                    .map(str::trim)
+                    .filter_map(|a| a.parse::<u32>().ok())
+                    .min()
+                    .unwrap_or(90);
+                cmd.arg(format!(
+                    "-gencode=arch=compute_{lowest},code=compute_{lowest}"
+                ));
                 cmd.arg("-Xptxas=-v").arg("-o").arg(&fatbin).arg(src);
-                let res = cmd.output().unwrap_or_else(|e| panic!("failed to run {}: {e}", nvcc.display()));
+                let res = cmd
+                    .output()
+                    .unwrap_or_else(|e| panic!("failed to run {}: {e}", nvcc.display()));
                 let log = String::from_utf8_lossy(&res.stderr).to_string();
                 fs::write(out.join(format!("{stem}.ptxas.txt")), &log).expect("write ptxas report");
                 if !res.status.success() {
@@ -53,7 +68,10 @@ fn main() {
     }
     let mut gen = String::from("/// Embedded kernel images: (module name, fatbin bytes).\npub static MODULES: &[(&str, &[u8])] = &[\n");
     for (name, path) in &entries {
-        gen.push_str(&format!("    ({name:?}, include_bytes!({:?})),\n", path.display().to_string()));
+        gen.push_str(&format!(
+            "    ({name:?}, include_bytes!({:?})),\n",
+            path.display().to_string()
+        ));
     }
     gen.push_str("];\n");
     gen.push_str(&format!(
@@ -81,7 +99,9 @@ fn kernel_sources(dir: &Path) -> Vec<PathBuf> {
 
 /// Module name: the file stem (formats/fp16.cu -> fp16), the name a format's `KernelSpec` gives.
 fn kernel_name(_root: &Path, src: &Path) -> String {
-    src.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    src.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// nvcc from NVCC, CUDA_HOME/CUDA_PATH, PATH, then the project-local toolkit of scripts/setup-cuda.sh

@@ -46,7 +46,9 @@ impl GpuBatch {
     /// `repeat` tiles each sequence's sealed blocks that many times (benchmarks build long contexts
     /// from a few thousand really encoded tokens); tests use 1.
     pub fn upload(gpu: &Gpu, caches: &[&LayerCache], repeat: usize, seed: u64) -> Result<Self> {
-        let first = caches.first().ok_or_else(|| GpuError::Shape("empty batch".into()))?;
+        let first = caches
+            .first()
+            .ok_or_else(|| GpuError::Shape("empty batch".into()))?;
         let (kc, vc) = (first.keys().codec(), first.values().codec());
         let what = |s: &str| GpuError::Shape(format!("{s} has no CUDA kernel yet"));
         let k_spec = kc.kernel().ok_or_else(|| what(&kc.describe()))?;
@@ -60,12 +62,17 @@ impl GpuBatch {
         }
         let (kbb, vbb, bt) = (kc.block_bytes(), vc.block_bytes(), kc.block_tokens());
         if kbb % 16 != 0 || vbb % 16 != 0 {
-            return Err(GpuError::Shape(format!("block bytes {kbb}/{vbb} not a multiple of 16")));
+            return Err(GpuError::Shape(format!(
+                "block bytes {kbb}/{vbb} not a multiple of 16"
+            )));
         }
         let d = first.decoded(Stream::Key, 0).len() / first.len().max(1);
         let hkv = first.bytes().elems / (2 * first.len().max(1) * d.max(1));
         let batch = caches.len();
-        let nblk: Vec<usize> = caches.iter().map(|c| c.keys().sealed() / bt * repeat).collect();
+        let nblk: Vec<usize> = caches
+            .iter()
+            .map(|c| c.keys().sealed() / bt * repeat)
+            .collect();
         let max_blocks = nblk.iter().copied().max().unwrap_or(0).max(1);
         let total_blocks: usize = nblk.iter().sum();
         let win: Vec<usize> = caches.iter().map(|c| c.len() - c.keys().sealed()).collect();
@@ -113,12 +120,17 @@ impl GpuBatch {
         let need = kp.len() + vp.len() + 4 * (kw.len() + vw.len());
         let (free, _) = gpu.mem_info()?;
         if need > free {
-            return Err(GpuError::OutOfMemory { what: "the KV cache upload".into(), need, free });
+            return Err(GpuError::OutOfMemory {
+                what: "the KV cache upload".into(),
+                need,
+                free,
+            });
         }
         let up = |what: &str| drv(format!("uploading {what}"));
         let n_sealed: Vec<i32> = nblk.iter().map(|&n| (n * bt) as i32).collect();
         let n_win: Vec<i32> = win.iter().map(|&w| w as i32).collect();
-        let bytes_read: usize = nblk.iter().sum::<usize>() * hkv * (kbb + vbb) + win.iter().sum::<usize>() * hkv * d * 4;
+        let bytes_read: usize = nblk.iter().sum::<usize>() * hkv * (kbb + vbb)
+            + win.iter().sum::<usize>() * hkv * d * 4;
         Ok(Self {
             k_pages: st.clone_htod(&kp).map_err(up("K pages"))?,
             v_pages: st.clone_htod(&vp).map_err(up("V pages"))?,
@@ -148,10 +160,16 @@ impl GpuBatch {
         let rows = self.batch * hq * (splits + 1);
         let a = |what: &str| drv(format!("allocating {what}"));
         Ok(Workspace {
-            q: st.alloc_zeros::<f32>(self.batch * hq * self.d).map_err(a("queries"))?,
-            part_acc: st.alloc_zeros::<f32>(rows * self.d).map_err(a("partials"))?,
+            q: st
+                .alloc_zeros::<f32>(self.batch * hq * self.d)
+                .map_err(a("queries"))?,
+            part_acc: st
+                .alloc_zeros::<f32>(rows * self.d)
+                .map_err(a("partials"))?,
             part_ml: st.alloc_zeros::<f32>(rows * 2).map_err(a("partials"))?,
-            out: st.alloc_zeros::<f32>(self.batch * hq * self.d).map_err(a("output"))?,
+            out: st
+                .alloc_zeros::<f32>(self.batch * hq * self.d)
+                .map_err(a("output"))?,
             hq,
             splits,
             bps,
@@ -168,12 +186,18 @@ impl GpuBatch {
     /// Launches decode attention on the queries in `ws.q`, result in `ws.out` (asynchronous).
     pub fn launch(&self, gpu: &Gpu, ws: &mut Workspace) -> Result<()> {
         let g = ws.hq / self.hkv;
-        if g == 0 || ws.hq % self.hkv != 0 || g > 8 {
-            return Err(GpuError::Shape(format!("{} query heads over {} KV heads (G <= 8)", ws.hq, self.hkv)));
+        if g == 0 || !ws.hq.is_multiple_of(self.hkv) || g > 8 {
+            return Err(GpuError::Shape(format!(
+                "{} query heads over {} KV heads (G <= 8)",
+                ws.hq, self.hkv
+            )));
         }
         let gm = if g <= 4 { 4 } else { 8 };
         let module = self.k_spec.module;
-        let decode = gpu.function(module, &kernel_name(module, &format!("decode_g{gm}"), "f16", self.d))?;
+        let decode = gpu.function(
+            module,
+            &kernel_name(module, &format!("decode_g{gm}"), "f16", self.d),
+        )?;
         let merge = gpu.function(module, &kernel_name(module, "merge", "f16", self.d))?;
         let st = gpu.stream();
         let ptr = |s: &dyn Fn(&cudarc::driver::CudaStream) -> u64| s(st);
@@ -207,19 +231,33 @@ impl GpuBatch {
         let tile = 2 * self.k_spec.tile_blocks * (self.k_block_bytes + self.v_block_bytes);
         let red = 8 * gm * self.d * 4;
         let smem = tile.max(red);
-        launch::decode(gpu, &decode, &merge, &p, (ws.splits + 1, self.hkv, self.batch), ws.hq, self.d, smem)
+        launch::decode(
+            gpu,
+            &decode,
+            &merge,
+            &p,
+            (ws.splits + 1, self.hkv, self.batch),
+            (ws.hq, self.d),
+            smem,
+        )
     }
 
     /// Runs one attention call: uploads `q` ([B][Hq][D], rotated), returns [B][Hq][D].
     pub fn attend(&self, gpu: &Gpu, q: &[f32], hq: usize) -> Result<Vec<f32>> {
         let mut ws = self.workspace(gpu, hq)?;
         if q.len() != self.batch * hq * self.d {
-            return Err(GpuError::Shape(format!("query has {} values, expected {}", q.len(), self.batch * hq * self.d)));
+            return Err(GpuError::Shape(format!(
+                "query has {} values, expected {}",
+                q.len(),
+                self.batch * hq * self.d
+            )));
         }
         let st = gpu.stream();
-        st.memcpy_htod(q, &mut ws.q).map_err(drv("uploading queries"))?;
+        st.memcpy_htod(q, &mut ws.q)
+            .map_err(drv("uploading queries"))?;
         // Poison the output: every element must be written by the kernels.
-        st.memcpy_htod(&vec![f32::NAN; q.len()], &mut ws.out).map_err(drv("poisoning output"))?;
+        st.memcpy_htod(&vec![f32::NAN; q.len()], &mut ws.out)
+            .map_err(drv("poisoning output"))?;
         self.launch(gpu, &mut ws)?;
         st.clone_dtoh(&ws.out).map_err(drv("reading the output"))
     }

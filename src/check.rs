@@ -22,14 +22,20 @@ pub struct ParityResult {
 /// Builds one sequence's single-layer cache of `format` holding `t` random tokens (outlier channels).
 pub fn random_cache(format: &str, t: usize, hkv: usize, d: usize, seed: u64) -> Result<LayerCache> {
     let rope = Rope::new(d, 10000.0, RopeStyle::Interleaved);
-    let mut c = KvPlan::parse(format, 1)?.build_caches(hkv, &rope)?.remove(0);
+    let mut c = KvPlan::parse(format, 1)?
+        .build_caches(hkv, &rope)?
+        .remove(0);
     let k = gaussian_with_outliers(t * hkv, d, 2, seed);
     let v = gaussian_with_outliers(t * hkv, d, 0, seed ^ 0x9e37);
     let chunk = 512;
     let mut done = 0;
     while done < t {
         let n = chunk.min(t - done);
-        c.append(&k[done * hkv * d..(done + n) * hkv * d], &v[done * hkv * d..(done + n) * hkv * d], n)?;
+        c.append(
+            &k[done * hkv * d..(done + n) * hkv * d],
+            &v[done * hkv * d..(done + n) * hkv * d],
+            n,
+        )?;
         done += n;
     }
     Ok(c)
@@ -47,7 +53,8 @@ pub fn parity(gpu: &Gpu, formats: &[&str]) -> Result<Vec<ParityResult>> {
     for fmt in formats {
         for d in [64usize, 128] {
             for (hq, hkv) in [(2usize, 2usize), (8, 2), (16, 2)] {
-                let lens: [&[usize]; 7] = [&[1], &[31], &[32], &[33], &[300], &[4133], &[77, 1500, 640]];
+                let lens: [&[usize]; 7] =
+                    [&[1], &[31], &[32], &[33], &[300], &[4133], &[77, 1500, 640]];
                 for lens in lens {
                     seed += 1;
                     let case = format!("{fmt} d={d} hq={hq} hkv={hkv} T={lens:?}");
@@ -98,21 +105,27 @@ pub struct BenchPoint {
     pub bytes: usize,
 }
 
-/// Times decode attention (32 query / 8 KV heads, d=128 unless given) with CUDA events: `reps` timed
-/// calls after warm-up, median. Long contexts tile 4096 really encoded tokens.
-pub fn bench(gpu: &Gpu, format: &str, batch: usize, context: usize, hq: usize, hkv: usize, d: usize, reps: usize) -> Result<BenchPoint> {
+/// Times decode attention for `(hq, hkv, d)` heads with CUDA events: `reps` timed calls after warm-up,
+/// median. Long contexts tile 4096 really encoded tokens.
+pub fn bench(
+    gpu: &Gpu,
+    format: &str,
+    batch: usize,
+    context: usize,
+    (hq, hkv, d): (usize, usize, usize),
+    reps: usize,
+) -> Result<BenchPoint> {
     let base = 4096.min(context);
     let cache = random_cache(format, base, hkv, d, 42)?;
-    let bt = cache.keys().codec().block_tokens();
-    // Context must be whole blocks of the base: repeat the sealed part.
+    // Long contexts repeat the base's sealed blocks.
     let repeat = (context / base).max(1);
     let refs: Vec<&LayerCache> = vec![&cache; batch];
     let gb = GpuBatch::upload(gpu, &refs, repeat, 1)?;
-    let _ = bt;
     let mut ws = gb.workspace(gpu, hq)?;
     let q = gaussian_with_outliers(batch * hq, d, 0, 3);
     let st = gpu.stream();
-    st.memcpy_htod(&q, &mut ws.q).map_err(drv("uploading queries"))?;
+    st.memcpy_htod(&q, &mut ws.q)
+        .map_err(drv("uploading queries"))?;
     for _ in 0..5 {
         gb.launch(gpu, &mut ws)?;
     }
@@ -126,5 +139,11 @@ pub fn bench(gpu: &Gpu, format: &str, batch: usize, context: usize, hq: usize, h
         times.push(a.elapsed_ms(&b).map_err(drv("reading an event"))? as f64);
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    Ok(BenchPoint { format: format.to_string(), batch, context: repeat * base, ms: times[times.len() / 2], bytes: gb.bytes_read })
+    Ok(BenchPoint {
+        format: format.to_string(),
+        batch,
+        context: repeat * base,
+        ms: times[times.len() / 2],
+        bytes: gb.bytes_read,
+    })
 }

@@ -22,7 +22,11 @@ pub enum GpuError {
     Shape(String),
     /// Not enough device memory.
     #[error("out of GPU memory: {what} needs {need} bytes, {free} free")]
-    OutOfMemory { what: String, need: usize, free: usize },
+    OutOfMemory {
+        what: String,
+        need: usize,
+        free: usize,
+    },
     /// A format error from the CPU side (encoding, plans).
     #[error(transparent)]
     Format(#[from] kvq_formats::FormatError),
@@ -33,5 +37,8 @@ pub type Result<T> = std::result::Result<T, GpuError>;
 
 pub(crate) fn drv(what: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> GpuError {
     let what = what.into();
-    move |e| GpuError::Driver { what, err: format!("{e:?}") }
+    move |e| GpuError::Driver {
+        what,
+        err: format!("{e:?}"),
+    }
 }

@@ -33,17 +33,25 @@ impl Gpu {
         let n = std::panic::catch_unwind(CudaContext::device_count);
         std::panic::set_hook(hook);
         let n = n
-            .map_err(|_| GpuError::NoGpu("the CUDA driver library (libcuda.so) could not be loaded".into()))?
+            .map_err(|_| {
+                GpuError::NoGpu("the CUDA driver library (libcuda.so) could not be loaded".into())
+            })?
             .map_err(|e| GpuError::NoGpu(format!("{e:?}")))?;
         if ordinal as i32 >= n {
-            return Err(GpuError::NoGpu(format!("GPU {ordinal} requested, {n} present")));
+            return Err(GpuError::NoGpu(format!(
+                "GPU {ordinal} requested, {n} present"
+            )));
         }
         let ctx = CudaContext::new(ordinal).map_err(drv("opening the CUDA context"))?;
         // One stream: cudarc's cross-stream event tracking only costs time here.
         // SAFETY: every buffer of this context is used on `stream` alone.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
-        Ok(Self { ctx, stream, modules: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The context.
@@ -59,14 +67,21 @@ impl Gpu {
     /// Device name and compute capability, for logs and benchmark records.
     pub fn describe(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let cc = self.ctx.compute_capability().map(|(a, b)| format!("sm_{a}{b}")).unwrap_or_default();
+        let cc = self
+            .ctx
+            .compute_capability()
+            .map(|(a, b)| format!("sm_{a}{b}"))
+            .unwrap_or_default();
         format!("{name} ({cc})")
     }
 
     /// Looks up kernel `name` in embedded module `module` (loaded once).
     pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
         let m = {
-            let mut mods = self.modules.lock().map_err(|_| GpuError::Shape("module cache poisoned".into()))?;
+            let mut mods = self
+                .modules
+                .lock()
+                .map_err(|_| GpuError::Shape("module cache poisoned".into()))?;
             match mods.get(module) {
                 Some(m) => m.clone(),
                 None => {
@@ -84,7 +99,8 @@ impl Gpu {
                 }
             }
         };
-        m.load_function(name).map_err(|_| GpuError::MissingKernel(name.to_string()))
+        m.load_function(name)
+            .map_err(|_| GpuError::MissingKernel(name.to_string()))
     }
 
     /// Free and total device memory in bytes.

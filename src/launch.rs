@@ -6,15 +6,14 @@ use crate::gpu::Gpu;
 use crate::params::KvqDecodeParams;
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
-/// Decode attention then the merge of its splits, on the GPU's stream.
+/// Decode attention (grid = splits+1 x Hkv x B) then the merge of its splits ((Hq, D) per sequence).
 pub(crate) fn decode(
     gpu: &Gpu,
     decode: &CudaFunction,
     merge: &CudaFunction,
     p: &KvqDecodeParams,
     grid: (usize, usize, usize),
-    hq: usize,
-    d: usize,
+    (hq, d): (usize, usize),
     smem: usize,
 ) -> Result<()> {
     use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
@@ -34,10 +33,16 @@ pub(crate) fn decode(
     // the pages from the block table it wrote, the window as [B][Hkv][win_cap][D] with n_win <= win_cap,
     // and Workspace sized the partials for grid.0 = n_splits + 1 rows per query head; the kernel reads
     // blocks < n_sealed / BT only, and the grid covers exactly B x Hkv x (n_splits + 1).
-    unsafe { st.launch_builder(decode).arg(p).launch(cfg) }.map_err(drv("launching decode attention"))?;
-    let cfg = LaunchConfig { grid_dim: (hq as u32, grid.2 as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+    unsafe { st.launch_builder(decode).arg(p).launch(cfg) }
+        .map_err(drv("launching decode attention"))?;
+    let cfg = LaunchConfig {
+        grid_dim: (hq as u32, grid.2 as u32, 1),
+        block_dim: (d as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: as above; the merge reads the partials just written (same stream, ordered) and writes
     // out[B][Hq][D] with grid (Hq, B) x D threads.
-    unsafe { st.launch_builder(merge).arg(p).launch(cfg) }.map_err(drv("launching the split merge"))?;
+    unsafe { st.launch_builder(merge).arg(p).launch(cfg) }
+        .map_err(drv("launching the split merge"))?;
     Ok(())
 }

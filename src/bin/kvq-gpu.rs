@@ -5,7 +5,13 @@
 use kvq::check::{bench, parity, PARITY_TOL};
 use kvq::Gpu;
 
-const FORMATS: &[&str] = &["fp16", "kivi:bits=2,window=0", "kivi:bits=2", "kivi:bits=4,window=0", "asymkv:lk=1,lv=0,window=0"];
+const FORMATS: &[&str] = &[
+    "fp16",
+    "kivi:bits=2,window=0",
+    "kivi:bits=2",
+    "kivi:bits=4,window=0",
+    "asymkv:lk=1,lv=0,window=0",
+];
 
 fn main() {
     if let Err(e) = run() {
@@ -25,7 +31,13 @@ fn run() -> kvq::Result<()> {
             for r in &res {
                 let ok = r.rel_err < PARITY_TOL && r.non_finite == 0;
                 bad += usize::from(!ok);
-                println!("{} {:<60} rel_err={:.2e} non_finite={}", if ok { "PASS" } else { "FAIL" }, r.case, r.rel_err, r.non_finite);
+                println!(
+                    "{} {:<60} rel_err={:.2e} non_finite={}",
+                    if ok { "PASS" } else { "FAIL" },
+                    r.case,
+                    r.rel_err,
+                    r.non_finite
+                );
             }
             let worst = res.iter().map(|r| r.rel_err).fold(0.0, f64::max);
             println!("parity: {} cases, {bad} failures, worst rel_err {worst:.2e} (tolerance {PARITY_TOL:.0e})", res.len());
@@ -35,11 +47,15 @@ fn run() -> kvq::Result<()> {
         }
         "bench" => {
             let formats: Vec<String> = std::env::args().skip(2).collect();
-            let formats: Vec<&str> = if formats.is_empty() { vec!["fp16", "kivi:bits=2,window=0", "kivi:bits=4,window=0"] } else { formats.iter().map(|s| s.as_str()).collect() };
+            let formats: Vec<&str> = if formats.is_empty() {
+                vec!["fp16", "kivi:bits=2,window=0", "kivi:bits=4,window=0"]
+            } else {
+                formats.iter().map(|s| s.as_str()).collect()
+            };
             for b in [1usize, 8] {
                 for t in [4096usize, 16384, 65536, 131072] {
                     for f in &formats {
-                        let p = bench(&gpu, f, b, t, 32, 8, 128, 50)?;
+                        let p = bench(&gpu, f, b, t, (32, 8, 128), 50)?;
                         println!(
                             "{{\"format\":\"{}\",\"batch\":{},\"context\":{},\"ms\":{:.4},\"bytes\":{},\"gbps\":{:.1}}}",
                             p.format, p.batch, p.context, p.ms, p.bytes, p.bytes as f64 / p.ms / 1e6

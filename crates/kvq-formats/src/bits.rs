@@ -61,7 +61,9 @@ mod tests {
     #[test]
     fn roundtrip_all_widths() {
         for bits in 1..=16u32 {
-            let vals: Vec<u32> = (0..37u32).map(|i| (i.wrapping_mul(2654435761)) & ((1 << bits) - 1)).collect();
+            let vals: Vec<u32> = (0..37u32)
+                .map(|i| (i.wrapping_mul(2654435761)) & ((1 << bits) - 1))
+                .collect();
             let mut out = vec![0u8; packed_len(vals.len(), bits)];
             pack(&vals, bits, &mut out);
             for (i, &v) in vals.iter().enumerate() {

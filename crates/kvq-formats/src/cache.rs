@@ -88,12 +88,18 @@ impl StreamCache {
     fn append(&mut self, x: &[f32], n: usize, rope: Option<&Rope>) -> Result<()> {
         let (h, d) = (self.heads, self.d);
         if x.len() != n * h * d {
-            return Err(FormatError::Shape(format!("append: {} values for {n} tokens x {h} heads x {d}", x.len())));
+            return Err(FormatError::Shape(format!(
+                "append: {} values for {n} tokens x {h} heads x {d}",
+                x.len()
+            )));
         }
         for t in 0..n {
             for hh in 0..h {
                 let src = &x[(t * h + hh) * d..(t * h + hh + 1) * d];
-                let v: Vec<f32> = src.iter().map(|&a| f16::from_f32(sanitize(a)).to_f32()).collect();
+                let v: Vec<f32> = src
+                    .iter()
+                    .map(|&a| f16::from_f32(sanitize(a)).to_f32())
+                    .collect();
                 let mut m = v.clone();
                 if let Some(r) = rope {
                     r.rotate(&mut m, self.len + t, 1.0);
@@ -181,7 +187,13 @@ impl LayerCache {
     /// A cache from the layer's two codecs.
     pub fn new(k: Box<dyn Codec>, v: Box<dyn Codec>, heads: usize, rope: Rope) -> Self {
         let d = rope.head_dim();
-        Self { k: StreamCache::new(k, heads, d), v: StreamCache::new(v, heads, d), rope, heads, d }
+        Self {
+            k: StreamCache::new(k, heads, d),
+            v: StreamCache::new(v, heads, d),
+            rope,
+            heads,
+            d,
+        }
     }
 
     /// Tokens held.
@@ -223,7 +235,11 @@ impl LayerCache {
             let pos0 = self.k.len();
             for t in 0..n {
                 for hh in 0..h {
-                    self.rope.rotate(&mut kr[(t * h + hh) * d..(t * h + hh + 1) * d], pos0 + t, 1.0);
+                    self.rope.rotate(
+                        &mut kr[(t * h + hh) * d..(t * h + hh + 1) * d],
+                        pos0 + t,
+                        1.0,
+                    );
                 }
             }
             self.k.append(&kr, n, None)?;
@@ -247,15 +263,25 @@ impl LayerCache {
 
     fn check_query(&self, q: &[f32], out: &[f32], visible: usize) -> Result<usize> {
         let d = self.d;
-        if q.is_empty() || q.len() % d != 0 || out.len() != q.len() {
-            return Err(FormatError::Shape(format!("query of {} values, out {}, head_dim {d}", q.len(), out.len())));
+        if q.is_empty() || !q.len().is_multiple_of(d) || out.len() != q.len() {
+            return Err(FormatError::Shape(format!(
+                "query of {} values, out {}, head_dim {d}",
+                q.len(),
+                out.len()
+            )));
         }
         let qh = q.len() / d;
-        if qh % self.heads != 0 {
-            return Err(FormatError::Shape(format!("{qh} query heads not a multiple of {} KV heads", self.heads)));
+        if !qh.is_multiple_of(self.heads) {
+            return Err(FormatError::Shape(format!(
+                "{qh} query heads not a multiple of {} KV heads",
+                self.heads
+            )));
         }
         if visible == 0 || visible > self.len() {
-            return Err(FormatError::Shape(format!("attention over {visible} of {} tokens", self.len())));
+            return Err(FormatError::Shape(format!(
+                "attention over {visible} of {} tokens",
+                self.len()
+            )));
         }
         Ok(qh)
     }
@@ -311,12 +337,14 @@ impl LayerCache {
                 let hi = (lo + kb).min(visible);
                 s[lo..hi].copy_from_slice(&buf[..hi - lo]);
             }
-            for t in ksealed..visible {
-                let mut k = self.k.pending[kv][(t - self.k.sealed) * d..(t - self.k.sealed + 1) * d].to_vec();
+            for (t, st) in s.iter_mut().enumerate().take(visible).skip(ksealed) {
+                let mut k = self.k.pending[kv]
+                    [(t - self.k.sealed) * d..(t - self.k.sealed + 1) * d]
+                    .to_vec();
                 if kc.pre_rope() {
                     self.rope.rotate(&mut k, t, 1.0);
                 }
-                s[t] = dot(qv, &k);
+                *st = dot(qv, &k);
             }
             s.iter_mut().for_each(|x| *x *= scale);
             softmax(&mut s);
@@ -335,9 +363,14 @@ impl LayerCache {
                 let bytes = &self.v.packed[kv][b * vc.block_bytes()..(b + 1) * vc.block_bytes()];
                 vc.accumulate_values(bytes, &p, o);
             }
-            for t in self.v.sealed.min(visible)..visible {
+            for (t, &st) in s
+                .iter()
+                .enumerate()
+                .take(visible)
+                .skip(self.v.sealed.min(visible))
+            {
                 let off = (t - self.v.sealed) * d;
-                axpy(s[t], &self.v.pending[kv][off..off + d], o);
+                axpy(st, &self.v.pending[kv][off..off + d], o);
             }
         }
         Ok(())

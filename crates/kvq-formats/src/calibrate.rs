@@ -28,7 +28,15 @@ pub struct LearnOpts {
 
 impl Default for LearnOpts {
     fn default() -> Self {
-        Self { group: 32, codes: 2048, depth: 8, iters: 4, decay: 0.99, batch: 1024, seed: 0 }
+        Self {
+            group: 32,
+            codes: 2048,
+            depth: 8,
+            iters: 4,
+            decay: 0.99,
+            batch: 1024,
+            seed: 0,
+        }
     }
 }
 
@@ -51,10 +59,17 @@ pub fn nearest(cb: &[f32], x: &[f32]) -> usize {
 
 /// Learns `depth` codebooks ([depth][codes][group], flat) from `samples` (n x group).
 /// `progress(stage, depth)` is called after each stage.
-pub fn learn(samples: &[f32], o: &LearnOpts, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<f32>> {
+pub fn learn(
+    samples: &[f32],
+    o: &LearnOpts,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<f32>> {
     let g = o.group;
-    if g == 0 || samples.is_empty() || samples.len() % g != 0 {
-        return Err(FormatError::Shape(format!("{} samples values not a non-empty multiple of group {g}", samples.len())));
+    if g == 0 || samples.is_empty() || !samples.len().is_multiple_of(g) {
+        return Err(FormatError::Shape(format!(
+            "{} samples values not a non-empty multiple of group {g}",
+            samples.len()
+        )));
     }
     let n = samples.len() / g;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
@@ -90,7 +105,8 @@ pub fn learn(samples: &[f32], o: &LearnOpts, progress: &mut dyn FnMut(usize, usi
                 for c in 0..o.codes {
                     counts[c] = o.decay * counts[c] + (1.0 - o.decay) * bc[c];
                     for j in 0..g {
-                        sums[c * g + j] = o.decay * sums[c * g + j] + (1.0 - o.decay) * bs[c * g + j];
+                        sums[c * g + j] =
+                            o.decay * sums[c * g + j] + (1.0 - o.decay) * bs[c * g + j];
                     }
                 }
                 // Laplace smoothing of the counts (as in VQ-VAE EMA updates) keeps rare codes finite.
@@ -142,14 +158,24 @@ pub fn table_name(layer: usize, key: bool) -> String {
 impl Codebooks {
     /// Writes the codebooks as safetensors (f32 tensors [depth, codes, group] and shape metadata).
     pub fn save(&self, path: &str) -> Result<()> {
-        let bytes: Vec<(String, Vec<u8>)> =
-            self.tables.iter().map(|(k, v)| (k.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
+        let bytes: Vec<(String, Vec<u8>)> = self
+            .tables
+            .iter()
+            .map(|(k, v)| (k.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            .collect();
         let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
             .iter()
             .map(|(k, b)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![self.depth, self.codes, self.group], b)
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| FormatError::File { path: path.into(), reason: e.to_string() })
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    vec![self.depth, self.codes, self.group],
+                    b,
+                )
+                .map(|v| (k.clone(), v))
+                .map_err(|e| FormatError::File {
+                    path: path.into(),
+                    reason: e.to_string(),
+                })
             })
             .collect::<Result<_>>()?;
         let mut meta = HashMap::new();
@@ -157,21 +183,34 @@ impl Codebooks {
         meta.insert("codes".to_string(), self.codes.to_string());
         meta.insert("depth".to_string(), self.depth.to_string());
         meta.insert("key_groups".to_string(), self.key_groups.clone());
-        safetensors::serialize_to_file(views, Some(meta), std::path::Path::new(path))
-            .map_err(|e| FormatError::File { path: path.into(), reason: e.to_string() })
+        safetensors::serialize_to_file(views, Some(meta), std::path::Path::new(path)).map_err(|e| {
+            FormatError::File {
+                path: path.into(),
+                reason: e.to_string(),
+            }
+        })
     }
 
     /// Reads a codebook file, checking every tensor's dtype and shape against the metadata.
     pub fn load(path: &str) -> Result<Self> {
-        let err = |reason: String| FormatError::File { path: path.into(), reason };
+        let err = |reason: String| FormatError::File {
+            path: path.into(),
+            reason,
+        };
         let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&data).map_err(|e| err(format!("not a safetensors file: {e}")))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
+            .map_err(|e| err(format!("not a safetensors file: {e}")))?;
         let md = meta.metadata().clone().unwrap_or_default();
         let num = |k: &str| -> Result<usize> {
-            md.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| err(format!("metadata '{k}' missing or not a number")))
+            md.get(k)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| err(format!("metadata '{k}' missing or not a number")))
         };
         let (group, codes, depth) = (num("group")?, num("codes")?, num("depth")?);
-        let key_groups = md.get("key_groups").cloned().unwrap_or_else(|| "strided".into());
+        let key_groups = md
+            .get("key_groups")
+            .cloned()
+            .unwrap_or_else(|| "strided".into());
         let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| err(e.to_string()))?;
         let mut tables = BTreeMap::new();
         for (name, view) in st.tensors() {
@@ -182,12 +221,22 @@ impl Codebooks {
                     view.shape()
                 )));
             }
-            let v: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let v: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             if v.iter().any(|x| !x.is_finite()) {
                 return Err(err(format!("tensor '{name}' has non-finite values")));
             }
             tables.insert(name, v);
         }
-        Ok(Self { group, codes, depth, key_groups, tables })
+        Ok(Self {
+            group,
+            codes,
+            depth,
+            key_groups,
+            tables,
+        })
     }
 }

@@ -104,7 +104,15 @@ pub trait Codec: Send + Sync {
     /// Unscaled dot products q.k_t for the block's tokens, from the packed bytes. `q` is the rotated
     /// query, `prep` its `prep_query`, `pos0` the block's first position. Default: decode, rotate
     /// (pre-RoPE codecs), dot.
-    fn key_scores(&self, q: &[f32], prep: &[f32], block: &[u8], pos0: usize, rope: &Rope, scores: &mut [f32]) {
+    fn key_scores(
+        &self,
+        q: &[f32],
+        prep: &[f32],
+        block: &[u8],
+        pos0: usize,
+        rope: &Rope,
+        scores: &mut [f32],
+    ) {
         let _ = prep;
         let d = q.len();
         let mut k = vec![0f32; self.block_tokens() * d];

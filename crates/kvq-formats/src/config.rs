@@ -21,7 +21,10 @@ impl Params {
             None => (s, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(parse_err(input, "expected a format name such as fp16, kivi, asymkv, qjl, decoquant or rvq"));
+            return Err(parse_err(
+                input,
+                "expected a format name such as fp16, kivi, asymkv, qjl, decoquant or rvq",
+            ));
         }
         let mut values = BTreeMap::new();
         if let Some(rest) = rest {
@@ -35,14 +38,24 @@ impl Params {
                     .ok_or_else(|| parse_err(input, format!("'{kv}' is not key=value")))?;
                 let (k, v) = (k.trim(), v.trim());
                 if k.is_empty() || v.is_empty() {
-                    return Err(parse_err(input, format!("'{kv}' has an empty key or value")));
+                    return Err(parse_err(
+                        input,
+                        format!("'{kv}' has an empty key or value"),
+                    ));
                 }
-                if values.insert(k.to_ascii_lowercase(), v.to_string()).is_some() {
+                if values
+                    .insert(k.to_ascii_lowercase(), v.to_string())
+                    .is_some()
+                {
                     return Err(parse_err(input, format!("key '{k}' given twice")));
                 }
             }
         }
-        Ok(Self { input: input.to_string(), name: name.to_ascii_lowercase(), values })
+        Ok(Self {
+            input: input.to_string(),
+            name: name.to_ascii_lowercase(),
+            values,
+        })
     }
 
     /// The format name, lower-cased.
@@ -64,7 +77,10 @@ impl Params {
                 .map_err(|_| parse_err(&self.input, format!("{key}={s}: expected an integer")))?,
         };
         if v < lo || v > hi {
-            return Err(parse_err(&self.input, format!("{key}={v}: must be in {lo}..={hi}")));
+            return Err(parse_err(
+                &self.input,
+                format!("{key}={v}: must be in {lo}..={hi}"),
+            ));
         }
         Ok(v)
     }
@@ -73,7 +89,10 @@ impl Params {
     pub fn choice(&mut self, key: &str, default: usize, allowed: &[usize]) -> Result<usize> {
         let v = self.usize(key, default, 0, usize::MAX)?;
         if !allowed.contains(&v) {
-            return Err(parse_err(&self.input, format!("{key}={v}: must be one of {allowed:?}")));
+            return Err(parse_err(
+                &self.input,
+                format!("{key}={v}: must be one of {allowed:?}"),
+            ));
         }
         Ok(v)
     }
@@ -95,9 +114,16 @@ impl Params {
 
     /// Takes a word from a fixed list.
     pub fn word(&mut self, key: &str, default: &str, allowed: &[&str]) -> Result<String> {
-        let v = self.values.remove(key).unwrap_or_else(|| default.to_string()).to_ascii_lowercase();
+        let v = self
+            .values
+            .remove(key)
+            .unwrap_or_else(|| default.to_string())
+            .to_ascii_lowercase();
         if !allowed.contains(&v.as_str()) {
-            return Err(parse_err(&self.input, format!("{key}={v}: must be one of {allowed:?}")));
+            return Err(parse_err(
+                &self.input,
+                format!("{key}={v}: must be one of {allowed:?}"),
+            ));
         }
         Ok(v)
     }
@@ -107,7 +133,11 @@ impl Params {
         if let Some(k) = self.values.keys().next() {
             return Err(parse_err(
                 &self.input,
-                format!("unknown key '{k}' for {}; known keys: {}", self.name, known.join(", ")),
+                format!(
+                    "unknown key '{k}' for {}; known keys: {}",
+                    self.name,
+                    known.join(", ")
+                ),
             ));
         }
         Ok(())

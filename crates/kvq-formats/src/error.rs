@@ -26,5 +26,8 @@ pub enum FormatError {
 pub type Result<T> = std::result::Result<T, FormatError>;
 
 pub(crate) fn parse_err(input: &str, reason: impl Into<String>) -> FormatError {
-    FormatError::Parse { input: input.to_string(), reason: reason.into() }
+    FormatError::Parse {
+        input: input.to_string(),
+        reason: reason.into(),
+    }
 }

@@ -11,8 +11,14 @@ pub fn sym_eigen(a: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
         v[i * n + i] = 1.0;
     }
     for _sweep in 0..64 {
-        let off: f64 = (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| a[i * n + j].powi(2)).sum();
-        let scale: f64 = (0..n).map(|i| a[i * n + i].powi(2)).sum::<f64>().max(1e-300);
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i * n + j].powi(2))
+            .sum();
+        let scale: f64 = (0..n)
+            .map(|i| a[i * n + i].powi(2))
+            .sum::<f64>()
+            .max(1e-300);
         if off <= 1e-30 * scale {
             break;
         }
@@ -64,7 +70,9 @@ mod tests {
     #[test]
     fn reconstructs_symmetric_matrix() {
         let n = 16;
-        let b: Vec<f64> = (0..n * n).map(|i| ((i * 7919) % 101) as f64 / 50.0 - 1.0).collect();
+        let b: Vec<f64> = (0..n * n)
+            .map(|i| ((i * 7919) % 101) as f64 / 50.0 - 1.0)
+            .collect();
         let mut a = vec![0f64; n * n];
         for i in 0..n {
             for j in 0..n {
@@ -76,7 +84,10 @@ mod tests {
         for i in 0..n {
             for j in 0..n {
                 let r: f64 = (0..n).map(|k| v[i * n + k] * w[k] * v[j * n + k]).sum();
-                assert!((r - a[i * n + j]).abs() < 1e-9 * (1.0 + a[i * n + j].abs()), "{i},{j}");
+                assert!(
+                    (r - a[i * n + j]).abs() < 1e-9 * (1.0 + a[i * n + j].abs()),
+                    "{i},{j}"
+                );
             }
         }
     }

@@ -74,14 +74,20 @@ impl KvPlan {
 
     /// Loads a JSON plan file.
     pub fn load(path: &str, n_layers: usize) -> Result<Self> {
-        let file_err = |reason: String| FormatError::File { path: path.to_string(), reason };
+        let file_err = |reason: String| FormatError::File {
+            path: path.to_string(),
+            reason,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        let pf: PlanFile = serde_json::from_str(&text).map_err(|e| file_err(format!("not a KV plan file: {e}")))?;
+        let pf: PlanFile = serde_json::from_str(&text)
+            .map_err(|e| file_err(format!("not a KV plan file: {e}")))?;
         let def = parse_format(&pf.default)?;
         let mut layers = vec![(def.clone(), def); n_layers];
         for (&l, spec) in &pf.layers {
             if l >= n_layers {
-                return Err(file_err(format!("layer {l} out of range: model has {n_layers}")));
+                return Err(file_err(format!(
+                    "layer {l} out of range: model has {n_layers}"
+                )));
             }
             if let Some(k) = &spec.k {
                 layers[l].0 = parse_format(k)?;
@@ -100,7 +106,11 @@ impl KvPlan {
             *counts.entry(k.canonical()).or_default() += 1;
             *counts.entry(v.canonical()).or_default() += 1;
         }
-        let default = counts.iter().max_by_key(|(_, c)| **c).map(|(s, _)| s.clone()).unwrap_or_default();
+        let default = counts
+            .iter()
+            .max_by_key(|(_, c)| **c)
+            .map(|(s, _)| s.clone())
+            .unwrap_or_default();
         let mut layers = BTreeMap::new();
         for (i, (k, v)) in self.layers.iter().enumerate() {
             let (kc, vc) = (k.canonical(), v.canonical());
@@ -139,7 +149,7 @@ impl KvPlan {
         if f.layers.is_empty() {
             f.default
         } else {
-            let mut s = format!("{}", f.default);
+            let mut s = f.default.to_string();
             for (l, spec) in &f.layers {
                 if let Some(k) = &spec.k {
                     s.push_str(&format!(";k@{l}={k}"));
@@ -170,7 +180,14 @@ impl KvPlan {
             .iter()
             .enumerate()
             .map(|(layer, (kf, vf))| {
-                let ctx = |stream| StreamCtx { layer, n_layers, stream, head_dim, n_kv_heads, rope: rope.clone() };
+                let ctx = |stream| StreamCtx {
+                    layer,
+                    n_layers,
+                    stream,
+                    head_dim,
+                    n_kv_heads,
+                    rope: rope.clone(),
+                };
                 let k = kf.build(&ctx(Stream::Key))?;
                 let v = vf.build(&ctx(Stream::Value))?;
                 Ok(LayerCache::new(k, v, n_kv_heads, rope.clone()))
@@ -189,8 +206,13 @@ pub fn total_bytes(caches: &[LayerCache]) -> CacheBytes {
 }
 
 /// Splits `k@0-3=FORMAT` into ("k", Some((0,3)), "FORMAT"); a bare format gives ("kv", None, s).
-fn split_selector(seg: &str, n_layers: usize) -> Result<(&str, Option<(usize, usize)>, &str)> {
-    let Some((head, rest)) = seg.split_once('=') else { return Ok(("kv", None, seg)) };
+/// A plan segment split into (stream selector, layer range, format string).
+type Selector<'a> = (&'a str, Option<(usize, usize)>, &'a str);
+
+fn split_selector(seg: &str, n_layers: usize) -> Result<Selector<'_>> {
+    let Some((head, rest)) = seg.split_once('=') else {
+        return Ok(("kv", None, seg));
+    };
     let (sel, range) = match head.split_once('@') {
         Some((s, r)) => (s.trim(), Some(r.trim())),
         None => (head.trim(), None),
@@ -203,11 +225,16 @@ fn split_selector(seg: &str, n_layers: usize) -> Result<(&str, Option<(usize, us
         Some(r) => {
             let (a, b) = r.split_once('-').unwrap_or((r, r));
             let num = |x: &str| {
-                x.trim().parse::<usize>().map_err(|_| parse_err(seg, format!("'{r}' is not a layer or layer range A-B")))
+                x.trim()
+                    .parse::<usize>()
+                    .map_err(|_| parse_err(seg, format!("'{r}' is not a layer or layer range A-B")))
             };
             let (a, b) = (num(a)?, num(b)?);
             if a > b || b >= n_layers {
-                return Err(parse_err(seg, format!("layers {a}-{b} outside 0-{}", n_layers.saturating_sub(1))));
+                return Err(parse_err(
+                    seg,
+                    format!("layers {a}-{b} outside 0-{}", n_layers.saturating_sub(1)),
+                ));
             }
             Some((a, b))
         }
@@ -226,7 +253,10 @@ mod tests {
         assert!(KvPlan::parse("", 4).is_err());
         assert!(KvPlan::parse("nope", 4).is_err());
         assert!(KvPlan::parse("k@0-9=fp16", 4).is_err());
-        assert!(KvPlan::parse("k@1=fp16", 4).is_err(), "layers without a format must be an error");
+        assert!(
+            KvPlan::parse("k@1=fp16", 4).is_err(),
+            "layers without a format must be an error"
+        );
         let p = KvPlan::parse("fp16;k@1-2=fp16", 4).unwrap();
         assert_eq!(p.n_layers(), 4);
         let f = p.to_file();

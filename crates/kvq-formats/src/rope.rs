@@ -23,7 +23,9 @@ impl Rope {
     /// Plain RoPE with base `theta` (no scaling) for `head_dim` channels.
     pub fn new(head_dim: usize, theta: f32, style: RopeStyle) -> Self {
         let half = head_dim / 2;
-        let inv_freq = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+        let inv_freq = (0..half)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
         Self { inv_freq, style }
     }
 

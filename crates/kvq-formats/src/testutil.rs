@@ -15,7 +15,9 @@ pub fn gaussian_with_outliers(n: usize, d: usize, outliers: usize, seed: u64) ->
         scale[rng.random_range(0..d)] = 10.0;
     }
     let offset: Vec<f32> = (0..d).map(|_| normal.sample(&mut rng) * 0.5).collect();
-    (0..n * d).map(|i| normal.sample(&mut rng) * scale[i % d] + offset[i % d]).collect()
+    (0..n * d)
+        .map(|i| normal.sample(&mut rng) * scale[i % d] + offset[i % d])
+        .collect()
 }
 
 /// Relative L2 error ||a - b|| / ||b||.
@@ -30,12 +32,19 @@ pub fn exact_attention(q: &[f32], k: &[f32], v: &[f32], d: usize) -> Vec<f32> {
     let t = k.len() / d;
     let scale = 1.0 / (d as f64).sqrt();
     let s: Vec<f64> = (0..t)
-        .map(|i| (0..d).map(|c| q[c] as f64 * k[i * d + c] as f64).sum::<f64>() * scale)
+        .map(|i| {
+            (0..d)
+                .map(|c| q[c] as f64 * k[i * d + c] as f64)
+                .sum::<f64>()
+                * scale
+        })
         .collect();
     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
     let z: f64 = e.iter().sum();
-    (0..d).map(|c| ((0..t).map(|i| e[i] * v[i * d + c] as f64).sum::<f64>() / z) as f32).collect()
+    (0..d)
+        .map(|c| ((0..t).map(|i| e[i] * v[i * d + c] as f64).sum::<f64>() / z) as f32)
+        .collect()
 }
 
 /// What [`attention_check`] measured for one format on one random cache.

@@ -4,7 +4,14 @@ use kvq_formats::testutil::{attention_check, gaussian_with_outliers};
 use kvq_formats::{parse_format, Codec, Rope, RopeStyle, Stream, StreamCtx};
 
 fn keys(fmt: &str, d: usize) -> Box<dyn Codec> {
-    let ctx = StreamCtx { layer: 20, n_layers: 30, stream: Stream::Key, head_dim: d, n_kv_heads: 1, rope: Rope::new(d, 1e4, RopeStyle::Half) };
+    let ctx = StreamCtx {
+        layer: 20,
+        n_layers: 30,
+        stream: Stream::Key,
+        head_dim: d,
+        n_kv_heads: 1,
+        rope: Rope::new(d, 1e4, RopeStyle::Half),
+    };
     parse_format(fmt).unwrap().build(&ctx).unwrap()
 }
 
@@ -17,8 +24,17 @@ fn scores(fmt: &str) -> (Vec<f32>, Vec<f32>) {
     let mut b = vec![0u8; c.block_bytes()];
     c.encode(&k, &mut b);
     let mut s = vec![0f32; 32];
-    c.key_scores(&q, &c.prep_query(&q), &b, 0, &Rope::new(d, 1e4, RopeStyle::Half), &mut s);
-    let exact = (0..32).map(|t| (0..d).map(|i| q[i] * k[t * d + i]).sum()).collect();
+    c.key_scores(
+        &q,
+        &c.prep_query(&q),
+        &b,
+        0,
+        &Rope::new(d, 1e4, RopeStyle::Half),
+        &mut s,
+    );
+    let exact = (0..32)
+        .map(|t| (0..d).map(|i| q[i] * k[t * d + i]).sum())
+        .collect();
     (s, exact)
 }
 
@@ -58,7 +74,8 @@ fn error_falls_with_sketch_size() {
 fn attention_and_readers() {
     for t in [1, 31, 32, 33, 200, 300] {
         for (qh, kvh) in [(2, 2), (8, 2)] {
-            let c = attention_check("qjl:m=256,buffer=0;v=fp16", t, 64, kvh, qh, 40, t as u64).unwrap();
+            let c =
+                attention_check("qjl:m=256,buffer=0;v=fp16", t, 64, kvh, qh, 40, t as u64).unwrap();
             // Sign sketches are coarse at d=64 on random data: measured up to ~0.5.
             // Random keys with 10x outlier channels give near one-hot attention that a 256-bit sign
             // sketch at d=64 can flip: measured 0.58-0.64, and 1.00 for one case (t=32, G=1). The
@@ -82,11 +99,23 @@ fn bytes_as_documented() {
 #[test]
 fn configs_and_corrupt_blocks() {
     let f = parse_format("qjl").unwrap();
-    assert_eq!(parse_format(&f.canonical()).unwrap().canonical(), f.canonical());
-    for bad in ["qjl:m=250", "qjl:group=7", "qjl:v=5", "qjl:zz=1", "qjl:seed=x"] {
+    assert_eq!(
+        parse_format(&f.canonical()).unwrap().canonical(),
+        f.canonical()
+    );
+    for bad in [
+        "qjl:m=250",
+        "qjl:group=7",
+        "qjl:v=5",
+        "qjl:zz=1",
+        "qjl:seed=x",
+    ] {
         assert!(parse_format(bad).is_err(), "{bad}");
     }
-    assert!(parse_format("qjl:outliers=64").unwrap().supports(64).is_err());
+    assert!(parse_format("qjl:outliers=64")
+        .unwrap()
+        .supports(64)
+        .is_err());
     let c = keys("qjl", 64);
     let mut b = vec![0u8; c.block_bytes()];
     b[0] = 200; // outlier channel out of range
@@ -95,5 +124,8 @@ fn configs_and_corrupt_blocks() {
     c.encode(&vec![0f32; 32 * 64], &mut b);
     let mut y = vec![1f32; 32 * 64];
     c.decode(&b, &mut y).unwrap();
-    assert!(y.iter().all(|v| *v == 0.0), "zero keys decode to zero (norms 0)");
+    assert!(
+        y.iter().all(|v| *v == 0.0),
+        "zero keys decode to zero (norms 0)"
+    );
 }

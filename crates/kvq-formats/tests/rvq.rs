@@ -9,12 +9,26 @@ use std::collections::BTreeMap;
 const D: usize = 64;
 
 fn ctx(stream: Stream) -> StreamCtx {
-    StreamCtx { layer: 0, n_layers: 1, stream, head_dim: D, n_kv_heads: 1, rope: Rope::new(D, 1e4, RopeStyle::Interleaved) }
+    StreamCtx {
+        layer: 0,
+        n_layers: 1,
+        stream,
+        head_dim: D,
+        n_kv_heads: 1,
+        rope: Rope::new(D, 1e4, RopeStyle::Interleaved),
+    }
 }
 
 /// Learns K and V codebooks (64 codes, 8 stages) on 2000 tokens and writes them to a temp file.
 fn codebook_file(name: &str, random: bool) -> String {
-    let o = LearnOpts { group: 32, codes: 64, depth: 8, iters: 3, batch: 256, ..Default::default() };
+    let o = LearnOpts {
+        group: 32,
+        codes: 64,
+        depth: 8,
+        iters: 3,
+        batch: 256,
+        ..Default::default()
+    };
     let mut tables = BTreeMap::new();
     for (key, seed) in [(true, 1u64), (false, 2u64)] {
         let x = gaussian_with_outliers(2000, D, if key { 2 } else { 0 }, seed);
@@ -22,23 +36,43 @@ fn codebook_file(name: &str, random: bool) -> String {
         let mut sc = Vec::new();
         let v = group_vectors(&x, D, &channel_groups(&ctx(stream), 32, key), &mut sc);
         let t = if random {
-            gaussian_with_outliers(8 * 64, 32, 0, 9).iter().map(|x| x * 0.3).collect()
+            gaussian_with_outliers(8 * 64, 32, 0, 9)
+                .iter()
+                .map(|x| x * 0.3)
+                .collect()
         } else {
             learn(&v, &o, &mut |_, _| {}).unwrap()
         };
         tables.insert(table_name(0, key), t);
     }
-    let path = std::env::temp_dir().join(format!("kvq-rvq-test-{name}-{}.safetensors", std::process::id()));
-    let books = Codebooks { group: 32, codes: 64, depth: 8, key_groups: "strided".into(), tables };
+    let path = std::env::temp_dir().join(format!(
+        "kvq-rvq-test-{name}-{}.safetensors",
+        std::process::id()
+    ));
+    let books = Codebooks {
+        group: 32,
+        codes: 64,
+        depth: 8,
+        key_groups: "strided".into(),
+        tables,
+    };
     books.save(path.to_str().unwrap()).unwrap();
     assert_eq!(Codebooks::load(path.to_str().unwrap()).unwrap(), books);
     path.to_string_lossy().into_owned()
 }
 
 fn heldout_err(file: &str, depth: usize, stream: Stream) -> f64 {
-    let c = parse_format(&format!("rvq:codes=64,depth={depth},codebooks={file}")).unwrap().build(&ctx(stream)).unwrap();
+    let c = parse_format(&format!("rvq:codes=64,depth={depth},codebooks={file}"))
+        .unwrap()
+        .build(&ctx(stream))
+        .unwrap();
     // Held-out tokens: same outlier channels as calibration (seed fixes them), fresh draws.
-    let x = gaussian_with_outliers(2032, D, if stream == Stream::Key { 2 } else { 0 }, if stream == Stream::Key { 1 } else { 2 });
+    let x = gaussian_with_outliers(
+        2032,
+        D,
+        if stream == Stream::Key { 2 } else { 0 },
+        if stream == Stream::Key { 1 } else { 2 },
+    );
     let x = &x[2000 * D..];
     let mut b = vec![0u8; c.block_bytes()];
     c.encode(x, &mut b);
@@ -52,7 +86,10 @@ fn depth_learning_and_files() {
     let f = codebook_file("learned", false);
     for stream in [Stream::Key, Stream::Value] {
         let e: Vec<f64> = (1..=8).map(|dp| heldout_err(&f, dp, stream)).collect();
-        assert!(e.windows(2).all(|w| w[0] > w[1]), "{stream:?} not decreasing with depth: {e:?}");
+        assert!(
+            e.windows(2).all(|w| w[0] > w[1]),
+            "{stream:?} not decreasing with depth: {e:?}"
+        );
         // 64 codes (6 bits) per 32 dims per stage on i.i.d. Gaussian groups: values measured 0.85 at
         // depth 1 down to 0.60 at depth 8; keys (outlier channels, more structure) lower.
         assert!(e[7] < 0.7, "{stream:?} {e:?}");
@@ -61,12 +98,24 @@ fn depth_learning_and_files() {
         assert!(e[7] < er, "learned {} vs random {er}", e[7]);
     }
     // Bits: d=64, 2 groups x 8 stages x 6 bits + 16 = 112 bits/token; block = 64 B scales + 384 B codes.
-    let c = parse_format(&format!("rvq:codes=64,codebooks={f}")).unwrap().build(&ctx(Stream::Key)).unwrap();
+    let c = parse_format(&format!("rvq:codes=64,codebooks={f}"))
+        .unwrap()
+        .build(&ctx(Stream::Key))
+        .unwrap();
     assert_eq!(c.block_bytes(), 64 + 384);
     assert!(c.pre_rope());
     for t in [1, 31, 32, 33, 200] {
         for (qh, kvh) in [(1, 1), (4, 1)] {
-            let chk = attention_check(&format!("rvq:codes=64,codebooks={f}"), t, D, kvh, qh, 40, t as u64).unwrap();
+            let chk = attention_check(
+                &format!("rvq:codes=64,codebooks={f}"),
+                t,
+                D,
+                kvh,
+                qh,
+                40,
+                t as u64,
+            )
+            .unwrap();
             assert!(chk.fused_vs_mirror < 1e-4, "t={t} {chk:?}");
             // Keys here are out-of-distribution (different seeds per head): loose bound, measured < 0.7.
             assert!(chk.vs_exact < 1.0, "t={t} {chk:?}");
@@ -75,9 +124,13 @@ fn depth_learning_and_files() {
     // Errors that name the file and what is wrong.
     let e = parse_format("rvq:codes=64").unwrap_err().to_string();
     assert!(e.contains("kvq calibrate"), "{e}");
-    let e = parse_format(&format!("rvq:codes=128,codebooks={f}")).unwrap_err().to_string();
+    let e = parse_format(&format!("rvq:codes=128,codebooks={f}"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&f) && e.contains("codes=64"), "{e}");
-    let e = parse_format("rvq:codebooks=/nonexistent/x.safetensors").unwrap_err().to_string();
+    let e = parse_format("rvq:codebooks=/nonexistent/x.safetensors")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/nonexistent/x.safetensors"), "{e}");
     std::fs::write(&f, b"garbage").unwrap();
     assert!(parse_format(&format!("rvq:codes=64,codebooks={f}")).is_err());
@@ -87,7 +140,10 @@ fn depth_learning_and_files() {
 #[test]
 fn corrupt_blocks_are_errors() {
     let f = codebook_file("corrupt", false);
-    let c = parse_format(&format!("rvq:codes=64,codebooks={f}")).unwrap().build(&ctx(Stream::Value)).unwrap();
+    let c = parse_format(&format!("rvq:codes=64,codebooks={f}"))
+        .unwrap()
+        .build(&ctx(Stream::Value))
+        .unwrap();
     let mut b = vec![0xffu8; c.block_bytes()];
     assert!(c.decode(&b, &mut vec![0f32; 32 * D]).is_err(), "NaN scales");
     b.iter_mut().for_each(|x| *x = 0);

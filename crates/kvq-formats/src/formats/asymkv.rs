@@ -68,7 +68,15 @@ pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
     let group = p.choice("group", 32, GROUPS)?;
     let window = p.usize("window", 128, 0, 1 << 20)?;
     p.finish(&["bits", "group", "window"])?;
-    Ok(Arc::new(AsymKv { lk: 0, lv: 0, hi: bits, lo: bits, group, window, uniform: true }))
+    Ok(Arc::new(AsymKv {
+        lk: 0,
+        lv: 0,
+        hi: bits,
+        lo: bits,
+        group,
+        window,
+        uniform: true,
+    }))
 }
 
 impl AsymKv {
@@ -89,7 +97,10 @@ impl AsymKv {
 impl Format for AsymKv {
     fn canonical(&self) -> String {
         if self.uniform {
-            format!("kivi:bits={},group={},window={}", self.hi, self.group, self.window)
+            format!(
+                "kivi:bits={},group={},window={}",
+                self.hi, self.group, self.window
+            )
         } else {
             format!(
                 "asymkv:lk={},lv={},hi={},lo={},group={},window={}",
@@ -99,10 +110,13 @@ impl Format for AsymKv {
     }
 
     fn supports(&self, head_dim: usize) -> Result<()> {
-        if head_dim == 0 || head_dim % self.group != 0 || head_dim % 8 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(self.group) || !head_dim.is_multiple_of(8) {
             return Err(FormatError::Unsupported {
                 format: self.canonical(),
-                what: format!("head_dim {head_dim} (needs a multiple of group={} and of 8)", self.group),
+                what: format!(
+                    "head_dim {head_dim} (needs a multiple of group={} and of 8)",
+                    self.group
+                ),
             });
         }
         Ok(())
@@ -171,12 +185,20 @@ impl KiviCodec {
 /// Min-max quantization of `vals` at `bits`: returns (scale, zero) as stored (f16-rounded) and fills
 /// `codes`. A zero (or f16-underflowing) range stores scale 0: every code 0 decodes to the zero exactly.
 pub fn minmax_quantize(vals: &[f32], bits: u32, codes: &mut [u32]) -> (f32, f32) {
-    let (mn, mx) = vals.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    let (mn, mx) = vals
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
     let levels = ((1u32 << bits) - 1) as f32;
     let z = half::f16::from_f32(mn).to_f32();
     let s = half::f16::from_f32(((mx - z) / levels).min(65504.0)).to_f32();
     for (c, &v) in codes.iter_mut().zip(vals) {
-        *c = if s > 0.0 { ((v - z) / s).round().clamp(0.0, levels) as u32 } else { 0 };
+        *c = if s > 0.0 {
+            ((v - z) / s).round().clamp(0.0, levels) as u32
+        } else {
+            0
+        };
     }
     (s, z)
 }
@@ -187,7 +209,10 @@ impl Codec for KiviCodec {
             Stream::Key => "k",
             Stream::Value => "v",
         };
-        format!("kivi-{side}:bits={},group={},window={}", self.bits, self.group, self.window)
+        format!(
+            "kivi-{side}:bits={},group={},window={}",
+            self.bits, self.group, self.window
+        )
     }
 
     fn block_tokens(&self) -> usize {
@@ -204,7 +229,11 @@ impl Codec for KiviCodec {
 
     fn kernel(&self) -> Option<KernelSpec> {
         // kernels/formats/kivi.cu is compiled for group 32 (its block of tokens).
-        (self.group == 32).then_some(KernelSpec { module: "kivi", ints: [self.bits as i32, 32, 0, 0], tile_blocks: 4 })
+        (self.group == 32).then_some(KernelSpec {
+            module: "kivi",
+            ints: [self.bits as i32, 32, 0, 0],
+            tile_blocks: 4,
+        })
     }
 
     fn encode(&self, x: &[f32], out: &mut [u8]) {
@@ -244,7 +273,11 @@ impl Codec for KiviCodec {
         let off = self.codes_offset();
         let tb = self.token_code_bytes();
         for t in 0..g {
-            bits::pack(&codes[t * d..(t + 1) * d], self.bits, &mut out[off + t * tb..off + (t + 1) * tb]);
+            bits::pack(
+                &codes[t * d..(t + 1) * d],
+                self.bits,
+                &mut out[off + t * tb..off + (t + 1) * tb],
+            );
         }
     }
 
@@ -265,7 +298,15 @@ impl Codec for KiviCodec {
         Ok(())
     }
 
-    fn key_scores(&self, q: &[f32], _prep: &[f32], block: &[u8], _pos0: usize, _rope: &crate::Rope, scores: &mut [f32]) {
+    fn key_scores(
+        &self,
+        q: &[f32],
+        _prep: &[f32],
+        block: &[u8],
+        _pos0: usize,
+        _rope: &crate::Rope,
+        scores: &mut [f32],
+    ) {
         if self.stream != Stream::Key || self.validate(block).is_err() {
             scores.iter_mut().for_each(|s| *s = f32::NAN);
             return;

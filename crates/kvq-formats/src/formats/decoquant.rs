@@ -47,10 +47,18 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
     let sub = p.choice("sub", 16, &[4, 8, 16, 32])?;
     let svd = p.word("svd", "on", &["on", "off"])? == "on";
     if chunk % 16 != 0 {
-        return Err(crate::error::parse_err(p.input(), format!("chunk={chunk}: must be a multiple of 16")));
+        return Err(crate::error::parse_err(
+            p.input(),
+            format!("chunk={chunk}: must be a multiple of 16"),
+        ));
     }
     p.finish(&["bits", "chunk", "sub", "svd"])?;
-    Ok(Arc::new(DecoQuant { bits, chunk, sub, svd }))
+    Ok(Arc::new(DecoQuant {
+        bits,
+        chunk,
+        sub,
+        svd,
+    }))
 }
 
 impl Format for DecoQuant {
@@ -65,7 +73,10 @@ impl Format for DecoQuant {
     }
 
     fn supports(&self, head_dim: usize) -> Result<()> {
-        if head_dim == 0 || head_dim % self.sub != 0 || (head_dim * self.bits) % 8 != 0 {
+        if head_dim == 0
+            || !head_dim.is_multiple_of(self.sub)
+            || !(head_dim * self.bits).is_multiple_of(8)
+        {
             return Err(FormatError::Unsupported {
                 format: self.canonical(),
                 what: format!("head_dim {head_dim} (needs a multiple of sub={})", self.sub),
@@ -76,7 +87,10 @@ impl Format for DecoQuant {
 
     fn build(&self, ctx: &StreamCtx) -> Result<Box<dyn Codec>> {
         self.supports(ctx.head_dim)?;
-        Ok(Box::new(DecoCodec { f: self.clone(), d: ctx.head_dim }))
+        Ok(Box::new(DecoCodec {
+            f: self.clone(),
+            d: ctx.head_dim,
+        }))
     }
 }
 
@@ -108,7 +122,9 @@ impl DecoCodec {
         if self.f.svd {
             (0..s * s).map(|i| bits::f16_at(block, 2 * i)).collect()
         } else {
-            (0..s * s).map(|i| if i / s == i % s { 1.0 } else { 0.0 }).collect()
+            (0..s * s)
+                .map(|i| if i / s == i % s { 1.0 } else { 0.0 })
+                .collect()
         }
     }
     /// The dequantized central tensor of token t (d values: d/sub rows of sub).
@@ -201,7 +217,11 @@ impl Codec for DecoCodec {
             let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
             let sc = half::f16::from_f32((amax / qmax).min(65504.0)).to_f32();
             for (k, &v) in codes.iter_mut().zip(row) {
-                let q = if sc > 0.0 { (v / sc).round().clamp(-qmax, qmax) } else { 0.0 };
+                let q = if sc > 0.0 {
+                    (v / sc).round().clamp(-qmax, qmax)
+                } else {
+                    0.0
+                };
                 *k = (q + qmax) as u32;
             }
             bits::put_f16(out, self.ts_bytes() + 2 * t, sc);
@@ -214,7 +234,10 @@ impl Codec for DecoCodec {
         crate::formats::check_len("decoquant", block, self.block_bytes())?;
         let n = self.ts_bytes() / 2 + self.f.chunk;
         if (0..n).any(|i| !bits::f16_at(block, 2 * i).is_finite()) {
-            return Err(FormatError::Corrupt { format: "decoquant".into(), reason: "non-finite T_S or scale".into() });
+            return Err(FormatError::Corrupt {
+                format: "decoquant".into(),
+                reason: "non-finite T_S or scale".into(),
+            });
         }
         Ok(())
     }
@@ -235,7 +258,15 @@ impl Codec for DecoCodec {
         Ok(())
     }
 
-    fn key_scores(&self, q: &[f32], _prep: &[f32], block: &[u8], _pos0: usize, _rope: &crate::Rope, scores: &mut [f32]) {
+    fn key_scores(
+        &self,
+        q: &[f32],
+        _prep: &[f32],
+        block: &[u8],
+        _pos0: usize,
+        _rope: &crate::Rope,
+        scores: &mut [f32],
+    ) {
         if self.validate(block).is_err() {
             scores.iter_mut().for_each(|s| *s = f32::NAN);
             return;

@@ -23,8 +23,11 @@ impl Format for Fp16 {
         "fp16".into()
     }
     fn supports(&self, head_dim: usize) -> Result<()> {
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(FormatError::Unsupported { format: self.canonical(), what: format!("head_dim {head_dim}") });
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(FormatError::Unsupported {
+                format: self.canonical(),
+                what: format!("head_dim {head_dim}"),
+            });
         }
         Ok(())
     }
@@ -49,7 +52,11 @@ impl Codec for Fp16Codec {
         2 * self.d
     }
     fn kernel(&self) -> Option<KernelSpec> {
-        Some(KernelSpec { module: "fp16", ints: [0; 4], tile_blocks: 64 })
+        Some(KernelSpec {
+            module: "fp16",
+            ints: [0; 4],
+            tile_blocks: 64,
+        })
     }
     fn encode(&self, x: &[f32], out: &mut [u8]) {
         for (o, &v) in out.chunks_exact_mut(2).zip(x) {

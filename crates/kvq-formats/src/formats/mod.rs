@@ -16,11 +16,31 @@ type Parser = fn(Params) -> Result<FormatRef>;
 /// The registry: name, parser, one-line summary (shown by `kvq inspect --formats`).
 pub const REGISTRY: &[(&str, Parser, &str)] = &[
     ("fp16", fp16::parse, "uncompressed baseline, 16 bits/elem"),
-    ("kivi", asymkv::parse_kivi, "KIVI: per-channel keys, per-token values, uniform bits (2 or 4)"),
-    ("asymkv", asymkv::parse, "AsymKV: layer-wise asymmetric K/V bits down to 1 (KIVI quantizer)"),
-    ("qjl", qjl::parse, "QJL: JL sign-bit keys with norms and outlier sketch, quantized values"),
-    ("decoquant", decoquant::parse, "DecoQuant: low-bit central tensor x f16 16x16 auxiliary tensor"),
-    ("rvq", rvq::parse, "RVQ: residual vector quantization with learned codebooks"),
+    (
+        "kivi",
+        asymkv::parse_kivi,
+        "KIVI: per-channel keys, per-token values, uniform bits (2 or 4)",
+    ),
+    (
+        "asymkv",
+        asymkv::parse,
+        "AsymKV: layer-wise asymmetric K/V bits down to 1 (KIVI quantizer)",
+    ),
+    (
+        "qjl",
+        qjl::parse,
+        "QJL: JL sign-bit keys with norms and outlier sketch, quantized values",
+    ),
+    (
+        "decoquant",
+        decoquant::parse,
+        "DecoQuant: low-bit central tensor x f16 16x16 auxiliary tensor",
+    ),
+    (
+        "rvq",
+        rvq::parse,
+        "RVQ: residual vector quantization with learned codebooks",
+    ),
 ];
 
 /// Parses one format string (`qjl:m=256`); the error names the string and the known formats.
@@ -30,7 +50,10 @@ pub fn parse_format(s: &str) -> Result<FormatRef> {
         Some((_, parse, _)) => parse(p),
         None => {
             let names: Vec<&str> = REGISTRY.iter().map(|r| r.0).collect();
-            Err(parse_err(s, format!("unknown format '{}'; known: {}", p.name(), names.join(", "))))
+            Err(parse_err(
+                s,
+                format!("unknown format '{}'; known: {}", p.name(), names.join(", ")),
+            ))
         }
     }
 }

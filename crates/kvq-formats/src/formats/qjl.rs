@@ -64,10 +64,15 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
     };
     for (k, v) in [("m", f.m), ("m0", f.m0), ("mo", f.mo)] {
         if v % 8 != 0 {
-            return Err(crate::error::parse_err(p.input(), format!("{k}={v}: must be a multiple of 8")));
+            return Err(crate::error::parse_err(
+                p.input(),
+                format!("{k}={v}: must be a multiple of 8"),
+            ));
         }
     }
-    p.finish(&["m", "m0", "l0", "outliers", "mo", "v", "group", "buffer", "seed"])?;
+    p.finish(&[
+        "m", "m0", "l0", "outliers", "mo", "v", "group", "buffer", "seed",
+    ])?;
     Ok(Arc::new(f))
 }
 
@@ -75,15 +80,30 @@ impl Format for Qjl {
     fn canonical(&self) -> String {
         format!(
             "qjl:m={},m0={},l0={},outliers={},mo={},v={},group={},buffer={},seed={}",
-            self.m, self.m0, self.l0, self.outliers, self.mo, self.v, self.group, self.buffer, self.seed
+            self.m,
+            self.m0,
+            self.l0,
+            self.outliers,
+            self.mo,
+            self.v,
+            self.group,
+            self.buffer,
+            self.seed
         )
     }
 
     fn supports(&self, head_dim: usize) -> Result<()> {
-        if head_dim < 2 || self.outliers >= head_dim || head_dim % self.group != 0 || head_dim % 8 != 0 {
+        if head_dim < 2
+            || self.outliers >= head_dim
+            || !head_dim.is_multiple_of(self.group)
+            || !head_dim.is_multiple_of(8)
+        {
             return Err(FormatError::Unsupported {
                 format: self.canonical(),
-                what: format!("head_dim {head_dim} (needs outliers < d, a multiple of group={} and of 8)", self.group),
+                what: format!(
+                    "head_dim {head_dim} (needs outliers < d, a multiple of group={} and of 8)",
+                    self.group
+                ),
             });
         }
         Ok(())
@@ -92,12 +112,22 @@ impl Format for Qjl {
     fn build(&self, ctx: &StreamCtx) -> Result<Box<dyn Codec>> {
         self.supports(ctx.head_dim)?;
         if ctx.stream == Stream::Value {
-            let kivi = format!("kivi:bits={},group={},window={}", self.v, self.group, self.buffer);
+            let kivi = format!(
+                "kivi:bits={},group={},window={}",
+                self.v, self.group, self.buffer
+            );
             return crate::formats::parse_format(&kivi)?.build(ctx);
         }
         let d = ctx.head_dim;
-        let m = if ctx.layer < self.l0.min(ctx.n_layers) { self.m0 } else { self.m };
-        let seed = self.seed.wrapping_mul(1_000_003).wrapping_add(ctx.layer as u64);
+        let m = if ctx.layer < self.l0.min(ctx.n_layers) {
+            self.m0
+        } else {
+            self.m
+        };
+        let seed = self
+            .seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(ctx.layer as u64);
         Ok(Box::new(QjlKeys {
             d,
             m,
@@ -116,7 +146,11 @@ impl Format for Qjl {
 /// E|<s, u>| for s uniform on the sphere of radius sqrt(d) and a unit vector u: sqrt(d) * c_d.
 fn expected_abs(d: usize) -> f64 {
     // c_1 = 1, c_2 = 2/pi, c_{n+2} = c_n * n / (n+1)  (E|u_1| on the unit n-sphere).
-    let (mut c, mut n) = if d % 2 == 0 { (2.0 / std::f64::consts::PI, 2usize) } else { (1.0, 1usize) };
+    let (mut c, mut n) = if d.is_multiple_of(2) {
+        (2.0 / std::f64::consts::PI, 2usize)
+    } else {
+        (1.0, 1usize)
+    };
     while n < d {
         c *= n as f64 / (n as f64 + 1.0);
         n += 2;
@@ -137,7 +171,11 @@ pub fn sketch(m: usize, d: usize, seed: u64) -> Vec<f32> {
                 s[r * d + c] -= dot * s[prev * d + c];
             }
         }
-        let norm = (0..d).map(|c| s[r * d + c].powi(2)).sum::<f64>().sqrt().max(1e-300);
+        let norm = (0..d)
+            .map(|c| s[r * d + c].powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-300);
         for c in 0..d {
             s[r * d + c] /= norm;
         }
@@ -174,7 +212,16 @@ impl QjlKeys {
     }
     /// <sketch rows, sign bits>: sum_i prep_i * (+1 | -1).
     fn signed_sum(prep: &[f32], signs: &[u8]) -> f32 {
-        prep.iter().enumerate().map(|(i, &p)| if signs[i / 8] >> (i % 8) & 1 == 1 { p } else { -p }).sum()
+        prep.iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                if signs[i / 8] >> (i % 8) & 1 == 1 {
+                    p
+                } else {
+                    -p
+                }
+            })
+            .sum()
     }
     fn sign_pack(s: &[f32], x: &[f32], rows: usize, d: usize, out: &mut [u8]) {
         for r in 0..rows {
@@ -188,7 +235,10 @@ impl QjlKeys {
 
 impl Codec for QjlKeys {
     fn describe(&self) -> String {
-        format!("qjl-k:m={},mo={},outliers={},group={},buffer={}", self.m, self.mo, self.n_out, self.group, self.buffer)
+        format!(
+            "qjl-k:m={},mo={},outliers={},group={},buffer={}",
+            self.m, self.mo, self.n_out, self.group, self.buffer
+        )
     }
     fn block_tokens(&self) -> usize {
         self.group
@@ -206,7 +256,9 @@ impl Codec for QjlKeys {
     fn encode(&self, x: &[f32], out: &mut [u8]) {
         let (d, g) = (self.d, self.group);
         out.iter_mut().for_each(|b| *b = 0);
-        let mut norms: Vec<(f32, usize)> = (0..d).map(|c| ((0..g).map(|t| x[t * d + c].powi(2)).sum::<f32>(), c)).collect();
+        let mut norms: Vec<(f32, usize)> = (0..d)
+            .map(|c| ((0..g).map(|t| x[t * d + c].powi(2)).sum::<f32>(), c))
+            .collect();
         norms.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         let mut outlier = vec![false; d];
         for (i, &(_, c)) in norms.iter().take(self.n_out).enumerate() {
@@ -217,24 +269,50 @@ impl Codec for QjlKeys {
         let (mb, mob) = (self.m / 8, self.mo / 8);
         for t in 0..g {
             let row = &x[t * d..(t + 1) * d];
-            let kin: Vec<f32> = row.iter().enumerate().map(|(c, &v)| if outlier[c] { 0.0 } else { v }).collect();
-            let kout: Vec<f32> = row.iter().enumerate().map(|(c, &v)| if outlier[c] { v } else { 0.0 }).collect();
+            let kin: Vec<f32> = row
+                .iter()
+                .enumerate()
+                .map(|(c, &v)| if outlier[c] { 0.0 } else { v })
+                .collect();
+            let kout: Vec<f32> = row
+                .iter()
+                .enumerate()
+                .map(|(c, &v)| if outlier[c] { v } else { 0.0 })
+                .collect();
             let nin = kin.iter().map(|v| v * v).sum::<f32>().sqrt();
             let nout = kout.iter().map(|v| v * v).sum::<f32>().sqrt();
             bits::put_f16(out, self.norms_off() + 2 * t, nin.min(65504.0));
             bits::put_f16(out, self.norms_off() + 2 * (g + t), nout.min(65504.0));
-            Self::sign_pack(&self.s, &kin, self.m, d, &mut out[so + t * mb..so + (t + 1) * mb]);
-            Self::sign_pack(&self.so, &kout, self.mo, d, &mut out[oo + t * mob..oo + (t + 1) * mob]);
+            Self::sign_pack(
+                &self.s,
+                &kin,
+                self.m,
+                d,
+                &mut out[so + t * mb..so + (t + 1) * mb],
+            );
+            Self::sign_pack(
+                &self.so,
+                &kout,
+                self.mo,
+                d,
+                &mut out[oo + t * mob..oo + (t + 1) * mob],
+            );
         }
     }
 
     fn validate(&self, block: &[u8]) -> Result<()> {
         crate::formats::check_len("qjl", block, self.block_bytes())?;
         if let Some(&c) = block[..self.n_out].iter().find(|&&c| c as usize >= self.d) {
-            return Err(FormatError::Corrupt { format: "qjl".into(), reason: format!("outlier channel {c} >= head_dim {}", self.d) });
+            return Err(FormatError::Corrupt {
+                format: "qjl".into(),
+                reason: format!("outlier channel {c} >= head_dim {}", self.d),
+            });
         }
         if (0..2 * self.group).any(|i| !bits::f16_at(block, self.norms_off() + 2 * i).is_finite()) {
-            return Err(FormatError::Corrupt { format: "qjl".into(), reason: "non-finite norm".into() });
+            return Err(FormatError::Corrupt {
+                format: "qjl".into(),
+                reason: "non-finite norm".into(),
+            });
         }
         Ok(())
     }
@@ -250,13 +328,21 @@ impl Codec for QjlKeys {
             o.iter_mut().for_each(|v| *v = 0.0);
             let signs = &block[so + t * self.m / 8..];
             for r in 0..self.m {
-                let sg = if signs[r / 8] >> (r % 8) & 1 == 1 { 1.0 } else { -1.0 };
+                let sg = if signs[r / 8] >> (r % 8) & 1 == 1 {
+                    1.0
+                } else {
+                    -1.0
+                };
                 crate::codec::axpy(sg * self.a_m * nin, &self.s[r * d..(r + 1) * d], o);
             }
             let osigns = &block[oo + t * self.mo / 8..];
             let mut ko = vec![0f32; d];
             for r in 0..self.mo {
-                let sg = if osigns[r / 8] >> (r % 8) & 1 == 1 { 1.0 } else { -1.0 };
+                let sg = if osigns[r / 8] >> (r % 8) & 1 == 1 {
+                    1.0
+                } else {
+                    -1.0
+                };
                 crate::codec::axpy(sg * self.a_mo * nout, &self.so[r * d..(r + 1) * d], &mut ko);
             }
             // The estimate is linear in the query: q.decode(k) equals the score estimator exactly.
@@ -269,12 +355,22 @@ impl Codec for QjlKeys {
 
     fn prep_query(&self, q: &[f32]) -> Vec<f32> {
         let d = self.d;
-        let mut p: Vec<f32> = (0..self.m).map(|r| crate::codec::dot(&self.s[r * d..(r + 1) * d], q)).collect();
+        let mut p: Vec<f32> = (0..self.m)
+            .map(|r| crate::codec::dot(&self.s[r * d..(r + 1) * d], q))
+            .collect();
         p.extend((0..self.mo).map(|r| crate::codec::dot(&self.so[r * d..(r + 1) * d], q)));
         p
     }
 
-    fn key_scores(&self, _q: &[f32], prep: &[f32], block: &[u8], _pos0: usize, _rope: &crate::Rope, scores: &mut [f32]) {
+    fn key_scores(
+        &self,
+        _q: &[f32],
+        prep: &[f32],
+        block: &[u8],
+        _pos0: usize,
+        _rope: &crate::Rope,
+        scores: &mut [f32],
+    ) {
         if self.validate(block).is_err() {
             scores.iter_mut().for_each(|s| *s = f32::NAN);
             return;

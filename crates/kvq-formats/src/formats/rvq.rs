@@ -48,9 +48,12 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
     let depth = p.usize("depth", 8, 1, 32)?;
     let strided = p.word("groups", "strided", &["strided", "contiguous"])? == "strided";
     let window = p.usize("window", 0, 0, 1 << 20)?;
-    let path = p
-        .string("codebooks")
-        .ok_or_else(|| parse_err(p.input(), "rvq needs codebooks=FILE; learn them with `kvq calibrate`"))?;
+    let path = p.string("codebooks").ok_or_else(|| {
+        parse_err(
+            p.input(),
+            "rvq needs codebooks=FILE; learn them with `kvq calibrate`",
+        )
+    })?;
     p.finish(&["group", "codes", "depth", "groups", "window", "codebooks"])?;
     let books = Codebooks::load(&path)?;
     if books.group != group || books.codes != codes || books.depth < depth {
@@ -62,7 +65,15 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
             ),
         });
     }
-    Ok(Arc::new(Rvq { group, codes, depth, strided, window, path, books: Arc::new(books) }))
+    Ok(Arc::new(Rvq {
+        group,
+        codes,
+        depth,
+        strided,
+        window,
+        path,
+        books: Arc::new(books),
+    }))
 }
 
 impl Format for Rvq {
@@ -72,15 +83,25 @@ impl Format for Rvq {
             self.group,
             self.codes,
             self.depth,
-            if self.strided { "strided" } else { "contiguous" },
+            if self.strided {
+                "strided"
+            } else {
+                "contiguous"
+            },
             self.window,
             self.path
         )
     }
 
     fn supports(&self, head_dim: usize) -> Result<()> {
-        if head_dim == 0 || head_dim % self.group != 0 {
-            return Err(FormatError::Unsupported { format: self.canonical(), what: format!("head_dim {head_dim} (needs a multiple of group={})", self.group) });
+        if head_dim == 0 || !head_dim.is_multiple_of(self.group) {
+            return Err(FormatError::Unsupported {
+                format: self.canonical(),
+                what: format!(
+                    "head_dim {head_dim} (needs a multiple of group={})",
+                    self.group
+                ),
+            });
         }
         Ok(())
     }
@@ -89,10 +110,17 @@ impl Format for Rvq {
         self.supports(ctx.head_dim)?;
         let key = ctx.stream == Stream::Key;
         let name = table_name(ctx.layer, key);
-        let t = self.books.tables.get(&name).ok_or_else(|| FormatError::File {
-            path: self.path.clone(),
-            reason: format!("no tensor '{name}' (codebooks for layer {} missing)", ctx.layer),
-        })?;
+        let t = self
+            .books
+            .tables
+            .get(&name)
+            .ok_or_else(|| FormatError::File {
+                path: self.path.clone(),
+                reason: format!(
+                    "no tensor '{name}' (codebooks for layer {} missing)",
+                    ctx.layer
+                ),
+            })?;
         let per_stage = self.codes * self.group;
         Ok(Box::new(RvqCodec {
             d: ctx.head_dim,
@@ -125,7 +153,12 @@ pub fn channel_groups(ctx: &StreamCtx, group: usize, strided: bool) -> Vec<usize
 }
 
 /// Normalized group vectors of `x` (n tokens x d): what the quantizer sees, for encode and calibration.
-pub fn group_vectors(x: &[f32], d: usize, channels: &[usize], out_scale: &mut Vec<f32>) -> Vec<f32> {
+pub fn group_vectors(
+    x: &[f32],
+    d: usize,
+    channels: &[usize],
+    out_scale: &mut Vec<f32>,
+) -> Vec<f32> {
     let n = x.len() / d;
     let mut v = Vec::with_capacity(x.len());
     out_scale.clear();
@@ -164,7 +197,13 @@ impl RvqCodec {
 
 impl Codec for RvqCodec {
     fn describe(&self) -> String {
-        format!("rvq-{}:group={},codes={},depth={}", if self.key { "k" } else { "v" }, self.group, self.codes, self.depth)
+        format!(
+            "rvq-{}:group={},codes={},depth={}",
+            if self.key { "k" } else { "v" },
+            self.group,
+            self.codes,
+            self.depth
+        )
     }
     fn block_tokens(&self) -> usize {
         BLOCK
@@ -209,11 +248,19 @@ impl Codec for RvqCodec {
     fn validate(&self, block: &[u8]) -> Result<()> {
         crate::formats::check_len("rvq", block, self.block_bytes())?;
         if (0..BLOCK).any(|t| !bits::f16_at(block, 2 * t).is_finite()) {
-            return Err(FormatError::Corrupt { format: "rvq".into(), reason: "non-finite scale".into() });
+            return Err(FormatError::Corrupt {
+                format: "rvq".into(),
+                reason: "non-finite scale".into(),
+            });
         }
         let n = BLOCK * self.token_bits() / self.cbits as usize;
-        if let Some(i) = (0..n).find(|&i| bits::get(&block[self.codes_off()..], self.cbits, i) as usize >= self.codes) {
-            return Err(FormatError::Corrupt { format: "rvq".into(), reason: format!("code {i} out of range") });
+        if let Some(i) = (0..n)
+            .find(|&i| bits::get(&block[self.codes_off()..], self.cbits, i) as usize >= self.codes)
+        {
+            return Err(FormatError::Corrupt {
+                format: "rvq".into(),
+                reason: format!("code {i} out of range"),
+            });
         }
         Ok(())
     }
@@ -228,8 +275,13 @@ impl Codec for RvqCodec {
             for gi in 0..d / g {
                 let mut acc = vec![0f32; g];
                 for st in 0..self.depth {
-                    let k = bits::get(codes, self.cbits, t * per_tok + gi * self.depth + st) as usize;
-                    crate::codec::axpy(1.0, &self.books[st * cs + k * g..st * cs + (k + 1) * g], &mut acc);
+                    let k =
+                        bits::get(codes, self.cbits, t * per_tok + gi * self.depth + st) as usize;
+                    crate::codec::axpy(
+                        1.0,
+                        &self.books[st * cs + k * g..st * cs + (k + 1) * g],
+                        &mut acc,
+                    );
                 }
                 for j in 0..g {
                     out[t * d + self.channels[gi * g + j]] = acc[j] * s;
