@@ -1,1 +1,309 @@
-fn main() {}
+//! The `kvq` command line: generation, evaluation, GPU self-test and benchmarks, format inspection,
+//! codebook calibration and the default model's download.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvq_formats::KvPlan;
+use kvq_model::eval::{perplexity, PplOpts};
+use kvq_model::sample::Sampler;
+use kvq_model::Model;
+use std::io::Write;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "kvq", version, about = "LLM inference with a compressed KV cache read compressed by CUDA kernels")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// A .gguf file or an HF directory (config.json, *.safetensors, tokenizer.json); default: SmolLM2-135M-Instruct, fetched on first use.
+    #[arg(long)]
+    model: Option<String>,
+    /// Where to run: cpu, cuda or auto (cuda when a GPU is present).
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt, streaming it; prints tokens/s and KV memory.
+    Generate {
+        /// The prompt.
+        prompt: String,
+        #[command(flatten)]
+        m: ModelArgs,
+        /// KV format, plan (`kivi:bits=2;k@0-3=fp16`) or JSON plan file.
+        #[arg(long, default_value = "fp16")]
+        kv: String,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Top-k (0 = off).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Top-p.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Wrap the prompt in the model's chat template (ChatML).
+        #[arg(long)]
+        chat: bool,
+        /// Tokens per prefill chunk.
+        #[arg(long, default_value_t = 256)]
+        chunk: usize,
+    },
+    /// Evaluate quality: `eval ppl --text FILE --kv A --kv B`.
+    Eval {
+        #[command(subcommand)]
+        what: EvalCmd,
+    },
+    /// GPU micro-benchmarks: `bench attention` (decode attention per format).
+    Bench {
+        /// What to benchmark: attention (decode is not built yet).
+        what: String,
+        /// Formats to time (default fp16, kivi 2 and 4 bits).
+        #[arg(long)]
+        kv: Vec<String>,
+    },
+    /// Learn RVQ codebooks from the model's keys and values over a text.
+    Calibrate {
+        #[command(flatten)]
+        m: ModelArgs,
+    },
+    /// Show the formats, their settings and bytes per element for a head size.
+    Inspect {
+        /// Formats to show (default: every format at its default setting).
+        #[arg(long)]
+        kv: Vec<String>,
+        /// Head dimension.
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+    },
+    /// Download and verify the default model into models/.
+    FetchModel,
+    /// Check the GPU kernels against the CPU reference (`--gpu`).
+    Selftest {
+        /// Run the GPU parity suite.
+        #[arg(long)]
+        gpu: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Perplexity on a text file, every attention read through the compressed cache.
+    Ppl {
+        /// Text file (UTF-8).
+        #[arg(long)]
+        text: String,
+        #[command(flatten)]
+        m: ModelArgs,
+        /// KV formats or plans (several: one table).
+        #[arg(long, default_values_t = ["fp16".to_string()])]
+        kv: Vec<String>,
+        /// Window length in tokens.
+        #[arg(long, default_value_t = 1024)]
+        ctx: usize,
+        /// Tokens per forward chunk (encoded before the chunk's attention reads them).
+        #[arg(long, default_value_t = 128)]
+        chunk: usize,
+        /// Windows to score at most (0 = the whole text).
+        #[arg(long, default_value_t = 0)]
+        max_windows: usize,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<String>,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("kvq: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load_model(m: &ModelArgs) -> Result<Model> {
+    match m.device.as_str() {
+        "cpu" | "auto" => {}
+        "cuda" => bail!("--device cuda: the CUDA engine (full forward on the GPU) is not built yet; use --device cpu"),
+        other => bail!("--device {other}: expected cpu, cuda or auto"),
+    }
+    let path = match &m.model {
+        Some(p) => p.clone(),
+        None => kvq_model::fetch::default_model(&mut |s| eprintln!("{s}"))?.display().to_string(),
+    };
+    Model::load(&path).with_context(|| format!("loading --model {path}"))
+}
+
+fn bar(total: usize, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(total as u64);
+    b.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}/{eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    b.set_message(what.to_string());
+    b
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate { prompt, m, kv, max_tokens, temperature, top_k, top_p, seed, chat, chunk } => {
+            let model = load_model(&m)?;
+            let plan = KvPlan::parse(&kv, model.config.n_layers).context("--kv")?;
+            let text = if chat { model.tokenizer.chat_prompt(&prompt)? } else { prompt };
+            let mut ids: Vec<u32> = model.config.bos.into_iter().collect();
+            ids.extend(model.tokenizer.encode(&text)?);
+            let cap = (ids.len() + max_tokens).min(model.config.max_ctx);
+            if ids.len() >= cap {
+                bail!("prompt of {} tokens leaves no room under the model's context of {}", ids.len(), model.config.max_ctx);
+            }
+            let mut seq = model.new_sequence(&plan, cap)?;
+            let t0 = Instant::now();
+            let mut logits = None;
+            for ch in ids.chunks(chunk.max(1)) {
+                logits = Some(model.forward(&mut seq, ch, None)?);
+            }
+            let prefill = t0.elapsed();
+            let mut sampler = Sampler::new(temperature, top_k, top_p, seed);
+            let mut out: Vec<u32> = Vec::new();
+            let mut printed = 0;
+            let t1 = Instant::now();
+            let mut last = logits.context("no prompt")?.to_vec2::<f32>()?.pop().context("no logits")?;
+            while out.len() < max_tokens && seq.len() < cap {
+                let next = sampler.sample(&last);
+                if model.config.eos.contains(&next) {
+                    break;
+                }
+                out.push(next);
+                let s = model.tokenizer.decode(&out)?;
+                if s.len() > printed && s.is_char_boundary(printed) {
+                    print!("{}", &s[printed..]);
+                    std::io::stdout().flush().ok();
+                    printed = s.len();
+                }
+                if seq.len() >= cap {
+                    break;
+                }
+                last = model.forward(&mut seq, &[next], None)?.to_vec2::<f32>()?.pop().context("no logits")?;
+            }
+            println!();
+            let dt = t1.elapsed().as_secs_f64();
+            let b = seq.bytes();
+            eprintln!(
+                "kvq: {} prompt tokens in {:.2}s, {} generated at {:.1} tok/s (cpu); KV {} ({} bytes, {:.3} bits/elem incl. window; fixed {} bytes)",
+                ids.len(),
+                prefill.as_secs_f64(),
+                out.len(),
+                out.len() as f64 / dt.max(1e-9),
+                plan.describe(),
+                b.packed + b.window,
+                b.bits_per_elem(),
+                b.fixed
+            );
+        }
+        Cmd::Eval { what: EvalCmd::Ppl { text, m, kv, ctx, chunk, max_windows, json } } => {
+            let model = load_model(&m)?;
+            let body = std::fs::read_to_string(&text).with_context(|| format!("--text {text}"))?;
+            let tokens = model.tokenizer.encode(&body)?;
+            let o = PplOpts { ctx, chunk, max_windows };
+            let mut results = Vec::new();
+            for k in &kv {
+                let plan = KvPlan::parse(k, model.config.n_layers).with_context(|| format!("--kv {k}"))?;
+                let pb = bar(1, &plan.describe());
+                let r = perplexity(&model, &plan, &tokens, &o, &mut |d, t| {
+                    pb.set_length(t as u64);
+                    pb.set_position(d as u64);
+                })?;
+                pb.finish_and_clear();
+                eprintln!("{:<50} ppl {:.4}  bits/elem {:.3}", r.kv, r.ppl, r.bits_per_elem);
+                results.push(r);
+            }
+            let base = results.iter().find(|r| r.kv == "fp16").map(|r| r.ppl);
+            println!("| KV plan | bits/elem | ppl | vs fp16 | scored tokens |");
+            println!("|---|---|---|---|---|");
+            for r in &results {
+                let rel = base.map(|b| format!("{:.4}", r.ppl / b)).unwrap_or_else(|| "-".into());
+                println!("| `{}` | {:.3} | {:.4} | {} | {} |", r.kv, r.bits_per_elem, r.ppl, rel, r.scored);
+            }
+            if let Some(j) = json {
+                let doc = serde_json::json!({"model": model.path, "text": text, "opts": o, "results": results});
+                std::fs::write(&j, serde_json::to_string_pretty(&doc)?).with_context(|| format!("--json {j}"))?;
+            }
+        }
+        Cmd::Bench { what, kv } => {
+            if what != "attention" {
+                bail!("bench {what}: only `bench attention` is built (end-to-end decode benchmarks need the GPU engine)");
+            }
+            let gpu = kvq::Gpu::new(0)?;
+            eprintln!("GPU: {}", gpu.describe());
+            let formats = if kv.is_empty() { vec!["fp16".into(), "kivi:bits=2,window=0".into(), "kivi:bits=4,window=0".into()] } else { kv };
+            println!("| format | B | T | ms | GB/s |");
+            println!("|---|---|---|---|---|");
+            for b in [1usize, 8] {
+                for t in [4096usize, 16384, 65536, 131072] {
+                    for f in &formats {
+                        let p = kvq::check::bench(&gpu, f, b, t, (32, 8, 128), 50)?;
+                        println!("| {} | {} | {} | {:.4} | {:.0} |", p.format, p.batch, p.context, p.ms, p.bytes as f64 / p.ms / 1e6);
+                    }
+                }
+            }
+        }
+        Cmd::Calibrate { .. } => {
+            bail!("calibrate: not built yet (codebook learning exists in kvq_formats::calibrate; capturing K/V from the model and writing the file is the missing step)")
+        }
+        Cmd::Inspect { kv, head_dim } => {
+            let list = if kv.is_empty() {
+                vec!["fp16", "kivi:bits=2", "kivi:bits=4", "asymkv", "qjl", "decoquant:bits=4,chunk=256"].into_iter().map(String::from).collect()
+            } else {
+                kv
+            };
+            println!("| format | K block (tokens, bytes) | V block (tokens, bytes) | bits/elem K | bits/elem V | window |");
+            println!("|---|---|---|---|---|---|");
+            let rope = kvq_formats::Rope::new(head_dim, 10000.0, kvq_formats::RopeStyle::Half);
+            for f in &list {
+                let plan = KvPlan::parse(f, 1).with_context(|| format!("--kv {f}"))?;
+                let c = plan.build_caches(1, &rope)?;
+                let (k, v) = (c[0].keys().codec(), c[0].values().codec());
+                let bits = |c: &dyn kvq_formats::Codec| c.block_bytes() as f64 * 8.0 / (c.block_tokens() * head_dim) as f64;
+                println!(
+                    "| `{}` | {}, {} | {}, {} | {:.3} | {:.3} | {} |",
+                    plan.describe(),
+                    k.block_tokens(),
+                    k.block_bytes(),
+                    v.block_tokens(),
+                    v.block_bytes(),
+                    bits(k),
+                    bits(v),
+                    k.window()
+                );
+            }
+        }
+        Cmd::FetchModel => {
+            let p = kvq_model::fetch::fetch_default(&kvq_model::fetch::models_dir())?;
+            println!("{}", p.display());
+        }
+        Cmd::Selftest { gpu } => {
+            if !gpu {
+                bail!("selftest: pass --gpu (the CPU tests run with `cargo test --workspace`)");
+            }
+            let g = kvq::Gpu::new(0)?;
+            let res = kvq::check::parity(&g, &["fp16", "kivi:bits=2,window=0", "kivi:bits=2", "kivi:bits=4,window=0"])?;
+            let bad: Vec<_> = res.iter().filter(|r| r.rel_err >= kvq::check::PARITY_TOL || r.non_finite > 0).collect();
+            for r in &bad {
+                eprintln!("FAIL {} rel_err {:.2e} non_finite {}", r.case, r.rel_err, r.non_finite);
+            }
+            println!("{} cases, {} failures", res.len(), bad.len());
+            if !bad.is_empty() {
+                bail!("GPU parity failed");
+            }
+        }
+    }
+    Ok(())
+}

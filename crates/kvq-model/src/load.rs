@@ -1,0 +1,232 @@
+//! Weight loading: GGUF files (architecture and tokenizer from the metadata, quantized weights
+//! dequantized to f32 on load) and HF directories (config.json, *.safetensors possibly sharded,
+//! tokenizer.json). Both give the same [`Weights`] in HF conventions except the RoPE pair order,
+//! which the config records (GGUF llama q/k weights are permuted for interleaved pairs).
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::tokenizer::Tok;
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use kvq_formats::RopeStyle;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// One decoder layer's weights; linear weights stored transposed ([in, out]) for x W products.
+pub struct LayerWeights {
+    /// RMSNorm before attention.
+    pub attn_norm: Tensor,
+    /// Q, K, V, O projections (transposed).
+    pub wq: Tensor,
+    /// K projection (transposed).
+    pub wk: Tensor,
+    /// V projection (transposed).
+    pub wv: Tensor,
+    /// Output projection (transposed).
+    pub wo: Tensor,
+    /// RMSNorm before the MLP.
+    pub ffn_norm: Tensor,
+    /// Gate projection (transposed).
+    pub w_gate: Tensor,
+    /// Up projection (transposed).
+    pub w_up: Tensor,
+    /// Down projection (transposed).
+    pub w_down: Tensor,
+}
+
+/// All weights of a model, f32 on the CPU.
+pub struct Weights {
+    /// Token embeddings [vocab, hidden].
+    pub embed: Tensor,
+    /// Decoder layers.
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm.
+    pub norm: Tensor,
+    /// Output head (transposed, [hidden, vocab]); tied models reuse the embeddings.
+    pub lm_head: Tensor,
+}
+
+/// A loaded model: config, weights, tokenizer and where it came from.
+pub struct Loaded {
+    /// The architecture.
+    pub config: LlamaConfig,
+    /// The weights.
+    pub weights: Weights,
+    /// The tokenizer.
+    pub tokenizer: Tok,
+    /// Path it was loaded from.
+    pub path: String,
+}
+
+/// Loads a `.gguf` file or an HF directory.
+pub fn load(path: &str) -> Result<Loaded> {
+    let p = Path::new(path);
+    if !p.exists() {
+        return Err(ModelError::File { path: path.into(), reason: "no such file or directory".into() });
+    }
+    if p.is_dir() {
+        load_hf(path)
+    } else {
+        load_gguf(path)
+    }
+}
+
+fn meta_u(md: &HashMap<String, gguf_file::Value>, path: &str, key: &str) -> Result<usize> {
+    let v = md.get(key).ok_or_else(|| ModelError::File { path: path.into(), reason: format!("metadata '{key}' missing") })?;
+    v.to_u64()
+        .map(|x| x as usize)
+        .or_else(|_| v.to_u32().map(|x| x as usize))
+        .or_else(|_| v.to_i32().map(|x| x as usize))
+        .map_err(|_| ModelError::File { path: path.into(), reason: format!("metadata '{key}' is not an integer") })
+}
+
+/// Loads a GGUF llama model.
+pub fn load_gguf(path: &str) -> Result<Loaded> {
+    let file_err = |reason: String| ModelError::File { path: path.into(), reason };
+    let mut f = std::fs::File::open(path).map_err(|e| file_err(e.to_string()))?;
+    let content = gguf_file::Content::read(&mut f).map_err(|e| file_err(format!("not a readable GGUF file: {e}")))?;
+    let md = &content.metadata;
+    let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    if arch != "llama" {
+        return Err(ModelError::Architecture { path: path.into(), arch });
+    }
+    let g = |k: &str| meta_u(md, path, &format!("llama.{k}"));
+    let f32m = |k: &str, d: f32| md.get(k).and_then(|v| v.to_f32().ok()).unwrap_or(d);
+    let hidden = g("embedding_length")?;
+    let n_heads = g("attention.head_count")?;
+    let tokenizer = Tok::from_gguf(md)?;
+    let config = LlamaConfig {
+        vocab: tokenizer.vocab_size(),
+        hidden,
+        intermediate: g("feed_forward_length")?,
+        n_layers: g("block_count")?,
+        n_heads,
+        n_kv_heads: g("attention.head_count_kv").unwrap_or(n_heads),
+        head_dim: md.get("llama.attention.key_length").and_then(|v| v.to_u32().ok()).map(|x| x as usize).unwrap_or(hidden / n_heads.max(1)),
+        rope_theta: f32m("llama.rope.freq_base", 10000.0),
+        rope_scaling: None,
+        rms_eps: f32m("llama.attention.layer_norm_rms_epsilon", 1e-5),
+        max_ctx: g("context_length").unwrap_or(4096),
+        rope_style: RopeStyle::Interleaved,
+        bos: tokenizer.bos,
+        eos: tokenizer.eos.clone(),
+    };
+    config.validate(path)?;
+    let mut get = |name: &str| -> Result<Tensor> {
+        let q = content.tensor(&mut f, name, &Device::Cpu).map_err(|e| ModelError::Tensor {
+            path: path.into(),
+            name: name.into(),
+            reason: e.to_string(),
+        })?;
+        Ok(q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
+    };
+    let embed = get("token_embd.weight")?;
+    let mut layers = Vec::with_capacity(config.n_layers);
+    for i in 0..config.n_layers {
+        let mut t = |n: &str| get(&format!("blk.{i}.{n}.weight"));
+        layers.push(LayerWeights {
+            attn_norm: t("attn_norm")?,
+            wq: t("attn_q")?.t()?.contiguous()?,
+            wk: t("attn_k")?.t()?.contiguous()?,
+            wv: t("attn_v")?.t()?.contiguous()?,
+            wo: t("attn_output")?.t()?.contiguous()?,
+            ffn_norm: t("ffn_norm")?,
+            w_gate: t("ffn_gate")?.t()?.contiguous()?,
+            w_up: t("ffn_up")?.t()?.contiguous()?,
+            w_down: t("ffn_down")?.t()?.contiguous()?,
+        });
+    }
+    let norm = get("output_norm.weight")?;
+    let lm_head = if content.tensor_infos.contains_key("output.weight") { get("output.weight")? } else { embed.clone() };
+    let weights = Weights { lm_head: lm_head.t()?.contiguous()?, embed, layers, norm };
+    check_shapes(&config, &weights, path)?;
+    Ok(Loaded { config, weights, tokenizer, path: path.into() })
+}
+
+/// Loads an HF directory: config.json, model.safetensors (or an index of shards), tokenizer.json.
+pub fn load_hf(dir: &str) -> Result<Loaded> {
+    let p = Path::new(dir);
+    let read = |name: &str| {
+        let f = p.join(name);
+        std::fs::read_to_string(&f).map_err(|e| ModelError::File { path: f.display().to_string(), reason: e.to_string() })
+    };
+    let cfg_path = p.join("config.json").display().to_string();
+    let config = LlamaConfig::from_hf_json(&read("config.json")?, &cfg_path)?;
+    let tok_path = p.join("tokenizer.json");
+    let tokenizer = Tok::from_file(&tok_path.display().to_string(), config.bos, config.eos.clone())?;
+    if tokenizer.vocab_size() > config.vocab {
+        return Err(ModelError::Tokenizer(format!(
+            "{} has {} tokens but the model's vocab_size is {}: tokenizer and model do not match",
+            tok_path.display(),
+            tokenizer.vocab_size(),
+            config.vocab
+        )));
+    }
+    let files: Vec<String> = if p.join("model.safetensors.index.json").exists() {
+        let idx: serde_json::Value = serde_json::from_str(&read("model.safetensors.index.json")?)
+            .map_err(|e| ModelError::File { path: format!("{dir}/model.safetensors.index.json"), reason: e.to_string() })?;
+        let mut v: Vec<String> =
+            idx["weight_map"].as_object().map(|m| m.values().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default();
+        v.sort();
+        v.dedup();
+        v
+    } else {
+        vec!["model.safetensors".into()]
+    };
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for f in &files {
+        let fp = p.join(f);
+        let t = candle_core::safetensors::load(&fp, &Device::Cpu)
+            .map_err(|e| ModelError::File { path: fp.display().to_string(), reason: format!("not a readable safetensors file: {e}") })?;
+        tensors.extend(t);
+    }
+    let mut get = |name: &str| -> Result<Tensor> {
+        let t = tensors.remove(name).ok_or_else(|| ModelError::Tensor { path: dir.into(), name: name.into(), reason: "missing".into() })?;
+        Ok(t.to_dtype(DType::F32)?)
+    };
+    let embed = get("model.embed_tokens.weight")?;
+    let mut layers = Vec::with_capacity(config.n_layers);
+    for i in 0..config.n_layers {
+        let mut t = |n: &str| get(&format!("model.layers.{i}.{n}.weight"));
+        layers.push(LayerWeights {
+            attn_norm: t("input_layernorm")?,
+            wq: t("self_attn.q_proj")?.t()?.contiguous()?,
+            wk: t("self_attn.k_proj")?.t()?.contiguous()?,
+            wv: t("self_attn.v_proj")?.t()?.contiguous()?,
+            wo: t("self_attn.o_proj")?.t()?.contiguous()?,
+            ffn_norm: t("post_attention_layernorm")?,
+            w_gate: t("mlp.gate_proj")?.t()?.contiguous()?,
+            w_up: t("mlp.up_proj")?.t()?.contiguous()?,
+            w_down: t("mlp.down_proj")?.t()?.contiguous()?,
+        });
+    }
+    let norm = get("model.norm.weight")?;
+    let lm_head = match get("lm_head.weight") {
+        Ok(t) => t,
+        Err(_) => embed.clone(),
+    };
+    let weights = Weights { lm_head: lm_head.t()?.contiguous()?, embed, layers, norm };
+    check_shapes(&config, &weights, dir)?;
+    Ok(Loaded { config, weights, tokenizer, path: dir.into() })
+}
+
+fn check_shapes(c: &LlamaConfig, w: &Weights, path: &str) -> Result<()> {
+    let want = |name: &str, t: &Tensor, dims: &[usize]| -> Result<()> {
+        if t.dims() != dims {
+            return Err(ModelError::Tensor { path: path.into(), name: name.into(), reason: format!("shape {:?}, expected {dims:?}", t.dims()) });
+        }
+        Ok(())
+    };
+    let (h, q, kv) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    want("embeddings", &w.embed, &[c.vocab, h])?;
+    for (i, l) in w.layers.iter().enumerate() {
+        want(&format!("layer {i} q"), &l.wq, &[h, q])?;
+        want(&format!("layer {i} k"), &l.wk, &[h, kv])?;
+        want(&format!("layer {i} v"), &l.wv, &[h, kv])?;
+        want(&format!("layer {i} o"), &l.wo, &[q, h])?;
+        want(&format!("layer {i} gate"), &l.w_gate, &[h, c.intermediate])?;
+        want(&format!("layer {i} up"), &l.w_up, &[h, c.intermediate])?;
+        want(&format!("layer {i} down"), &l.w_down, &[c.intermediate, h])?;
+    }
+    want("lm_head", &w.lm_head, &[h, c.vocab])
+}
