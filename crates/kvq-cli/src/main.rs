@@ -4,6 +4,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use kvq_formats::calibrate::{learn, table_name, Codebooks, LearnOpts};
+use kvq_formats::formats::rvq::{channel_groups, group_vectors};
 use kvq_formats::KvPlan;
 use kvq_model::eval::{perplexity, PplOpts};
 use kvq_model::sample::Sampler;
@@ -74,10 +76,37 @@ enum Cmd {
         #[arg(long)]
         kv: Vec<String>,
     },
-    /// Learn RVQ codebooks from the model's keys and values over a text.
+    /// Learn RVQ codebooks from the model's keys and values over a text (never the evaluation text).
     Calibrate {
         #[command(flatten)]
         m: ModelArgs,
+        /// Calibration text (UTF-8).
+        #[arg(long)]
+        text: String,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: String,
+        /// Tokens of the text to run through the model.
+        #[arg(long, default_value_t = 8192)]
+        tokens: usize,
+        /// Channels per group.
+        #[arg(long, default_value_t = 32)]
+        group: usize,
+        /// Codewords per stage.
+        #[arg(long, default_value_t = 2048)]
+        codes: usize,
+        /// Residual stages.
+        #[arg(long, default_value_t = 8)]
+        depth: usize,
+        /// EMA passes per stage.
+        #[arg(long, default_value_t = 4)]
+        iters: usize,
+        /// Key groups: strided (paper) or contiguous.
+        #[arg(long, default_value = "strided")]
+        groups: String,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Show the formats, their settings and bytes per element for a head size.
     Inspect {
@@ -150,6 +179,65 @@ fn bar(total: usize, what: &str) -> ProgressBar {
     b.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}/{eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     b.set_message(what.to_string());
     b
+}
+
+/// Runs the model over `tokens` of `text`, collects every layer's pre-RoPE K and V (normalized and
+/// grouped as RVQ encodes them) and learns one codebook set per layer and stream.
+fn calibrate(m: &ModelArgs, text: &str, out: &str, tokens: usize, o: LearnOpts, groups: &str) -> Result<()> {
+    let model = load_model(m)?;
+    let c = model.config.clone();
+    let strided = match groups {
+        "strided" => true,
+        "contiguous" => false,
+        g => bail!("--groups {g}: expected strided or contiguous"),
+    };
+    if c.head_dim % o.group != 0 {
+        bail!("--group {} does not divide head_dim {}", o.group, c.head_dim);
+    }
+    let body = std::fs::read_to_string(text).with_context(|| format!("--text {text}"))?;
+    let mut ids: Vec<u32> = c.bos.into_iter().collect();
+    ids.extend(model.tokenizer.encode(&body)?);
+    let ctx = c.max_ctx.min(2048);
+    let n = ids.len().min(tokens);
+    if n < 64 {
+        bail!("--text {text}: only {n} tokens; calibration needs more text");
+    }
+    let (d, h) = (c.head_dim, c.n_kv_heads);
+    let mut keys: Vec<Vec<f32>> = vec![Vec::new(); c.n_layers];
+    let mut vals: Vec<Vec<f32>> = vec![Vec::new(); c.n_layers];
+    let plan = KvPlan::parse("fp16", c.n_layers)?;
+    let pb = bar(n, "capturing K/V");
+    for win in ids[..n].chunks(ctx) {
+        let mut seq = model.new_sequence(&plan, win.len())?;
+        for ch in win.chunks(256) {
+            model.forward(&mut seq, ch, Some(&mut |l: usize, k: &[f32], v: &[f32]| {
+                keys[l].extend_from_slice(k);
+                vals[l].extend_from_slice(v);
+            }))?;
+            pb.inc(ch.len() as u64);
+        }
+    }
+    pb.finish_and_clear();
+    let rope = model.rope.clone();
+    let mut tables = std::collections::BTreeMap::new();
+    let pb = bar(2 * c.n_layers * o.depth, "learning codebooks");
+    for l in 0..c.n_layers {
+        for (key, x) in [(true, &keys[l]), (false, &vals[l])] {
+            let stream = if key { kvq_formats::Stream::Key } else { kvq_formats::Stream::Value };
+            let ctx = kvq_formats::StreamCtx { layer: l, n_layers: c.n_layers, stream, head_dim: d, n_kv_heads: h, rope: rope.clone() };
+            let ch = channel_groups(&ctx, o.group, key && strided);
+            let mut sc = Vec::new();
+            let samples = group_vectors(x, d, &ch, &mut sc);
+            let t = learn(&samples, &o, &mut |_, _| pb.inc(1))?;
+            tables.insert(table_name(l, key), t);
+        }
+    }
+    pb.finish_and_clear();
+    let books = Codebooks { group: o.group, codes: o.codes, depth: o.depth, key_groups: groups.into(), tables };
+    books.save(out)?;
+    eprintln!("kvq: wrote {out}: {} layers x K/V, {} stages x {} codes x {} dims, from {n} tokens of {text}", c.n_layers, o.depth, o.codes, o.group);
+    println!("rvq:group={},codes={},depth={},groups={groups},codebooks={out}", o.group, o.codes, o.depth);
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -255,8 +343,8 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Calibrate { .. } => {
-            bail!("calibrate: not built yet (codebook learning exists in kvq_formats::calibrate; capturing K/V from the model and writing the file is the missing step)")
+        Cmd::Calibrate { m, text, out, tokens, group, codes, depth, iters, groups, seed } => {
+            calibrate(&m, &text, &out, tokens, LearnOpts { group, codes, depth, iters, seed, ..Default::default() }, &groups)?;
         }
         Cmd::Inspect { kv, head_dim } => {
             let list = if kv.is_empty() {

@@ -1,72 +1,114 @@
-//! AsymKV (Tao, Yu, Zhou, arXiv 2410.13212, COLING 2025) and its uniform case KIVI (Liu et al. 2024).
+//! AsymKV (Tao, Yu, Zhou, "Enabling 1-Bit Quantization of KV Cache with Layer-Wise Asymmetric
+//! Quantization Configurations", arXiv 2410.13212, COLING 2025) and its uniform special case KIVI
+//! (Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024).
 //!
-//! KIVI's quantizer: keys **per channel** over a block of `group` tokens, values **per token** over
-//! groups of `group` channels; asymmetric min-max round-to-nearest (z = min, s = (max-min)/(2^b-1)),
-//! scale and zero stored f16. AsymKV picks the bit width per layer: the first `lk` layers store keys at
-//! `hi` bits and the rest at `lo`; the first `lv` layers store values at `hi`, the rest at `lo`.
-//! The newest `window` tokens stay f16 (the cache's window).
+//! **Quantizer (KIVI's).** Asymmetric min-max round-to-nearest with `L = 2^b - 1` levels:
+//! `z = min`, `s = (max - min) / L`, `code = round((x - z) / s)` clamped to `0..=L`, `x' = z + s*code`.
+//! `z` and `s` are stored as f16 and the codes are computed against the *stored* (f16-rounded) `z`
+//! and `s`, so what the encoder saw is what every reader reconstructs. A zero range (`s = 0`) stores
+//! code 0 and decodes to `z`, so constant data round-trips to f16 precision.
+//! - keys, **per channel**: over a block of `G = group` tokens, each channel gets its own `(s, z)`;
+//! - values, **per token**: each token's channels are cut into groups of `G` channels, each with its
+//!   own `(s, z)`; `G` must divide `head_dim`.
 //!
-//! Byte layout of one block (one KV head, `G = group` tokens, `d` channels, `b` bits), little-endian:
+//! A block is `G` consecutive tokens of one KV head for both streams. The newest `window` tokens stay
+//! f16 in the generic cache (KIVI's residual): [`Codec::window`] returns it.
+//!
+//! **AsymKV** chooses the bit width per layer: the first `lk` layers store keys at `hi` bits and the
+//! rest at `lo`; the first `lv` layers store values at `hi`, the rest at `lo` (`lk`, `lv` clamp to the
+//! model's depth). The paper's configurations have `lk >= lv` (keys hurt more: their error is amplified
+//! by the query and the softmax); it is not enforced. `kivi:bits=b` is `b` bits everywhere.
+//!
+//! **Byte layout** of one block (one KV head, `G` tokens, `d` channels, `b` bits), little-endian,
+//! identical for keys and values except for what a `(s, z)` pair covers:
 //! ```text
-//! keys:   [scale f16; d] [zero f16; d] [codes: token 0 (d x b bits) | token 1 | ... | token G-1]
-//! values: [scale f16; G*d/G'] [zero f16; G*d/G'] [codes: token-major as for keys]
-//!          (G' = group channels; scale/zero index = token * (d/G') + channel / G')
+//!  offset 0         2d             4d                   4d + R          4d + G*R
+//!  +----------------+--------------+--------------------+-----//-------+
+//!  | scale f16 x d  | zero f16 x d | codes of token 0   |  ...  tok G-1 |
+//!  +----------------+--------------+--------------------+-----//-------+
+//!  keys:   pair i = channel i                     (per channel, over the block's G tokens)
+//!  values: pair i = token i/(d/G), channel group i%(d/G)  (per token, G channels each)
+//!  row (one token): d b-bit codes, channel 0 first, little-endian bit stream (crate::bits),
+//!                   padded with zero bits to R = ceil(d*b/32)*4 bytes (no padding when 32 | d).
 //! ```
-//! Codes are a little-endian bit stream ([`crate::bits`]); one token's codes are `d*b/8` contiguous
-//! bytes, so a kernel folds the per-channel key scales into the query once per block:
-//! `q.k_t = sum_c (q_c s_c) code_{t,c} + sum_c q_c z_c`.
+//! There are always `d` pairs (keys: `d` channels; values: `G` tokens x `d/G` groups), so the metadata
+//! is `4d` bytes, every section starts 4-byte aligned, and a block is `4d + G*R` bytes. One token's
+//! codes are contiguous (`R` = 16 bytes for d=64, b=2: one 128-bit load), so a warp lane can own a
+//! token. For keys a kernel folds the scales into the query once per block:
+//! `q.k_t = sum_c (q_c s_c) code_{t,c} + sum_c q_c z_c`. For values it accumulates
+//! `sum_t (p_t s_{t,g}) code_{t,c}` and adds `sum_t p_t z_{t,g}` once per group.
+//! `KiviCodec`'s `key_scores` and `accumulate_values` do exactly that on the bytes: they
+//! are the CPU model of the CUDA kernel.
 //!
-//! Bits/elem as stored (d = 64, G = 32): keys `(4d + G*d*b/8)*8/(G*d)` = 2.5 (1-bit), 3.0 (2-bit),
-//! 5.0 (4-bit); values the same (G' = 32). At 1 bit the f16 scale+zero cost as much as the payload.
+//! **Bits/elem as stored** (every byte counted): `(4d*8 + G*R*8) / (G*d)` = `b + 32/G` when `32 | d`:
+//! with `G = 32`: 2.0 (1-bit), 3.0 (2-bit), 5.0 (4-bit), 9.0 (8-bit). At 1 bit the f16 scale and zero
+//! cost as much as the payload (FORMATS.md). The f16 window adds 16 bits for each token it holds.
+//!
+//! Details, bit tables and measured errors: docs/formats/asymkv.md.
+//!
+//! Range overflow: a `b = 1` block whose range exceeds 65504 (e.g. -6e4 and +6e4 in one group) cannot
+//! store `s` in f16; `s` is clamped to 65504 and `z` centred on the range, so decoding stays finite.
 
 use crate::bits;
-use crate::codec::{Codec, Format, FormatRef, KernelSpec, Stream, StreamCtx};
+use crate::cache::sanitize;
+use crate::codec::{axpy, dot, Codec, Format, FormatRef, KernelSpec, Stream, StreamCtx};
 use crate::config::Params;
 use crate::error::{FormatError, Result};
+use crate::rope::Rope;
+use half::f16;
 use std::sync::Arc;
 
-const BITS: &[usize] = &[1, 2, 3, 4, 8];
-const GROUPS: &[usize] = &[16, 32, 64, 128];
+/// Bit widths a stream may use.
+pub const BITS: &[usize] = &[1, 2, 3, 4, 8];
+/// Group sizes: tokens per key block and channels per value group.
+pub const GROUPS: &[usize] = &[16, 32, 64, 128];
+/// Largest `lk` / `lv` accepted (they clamp to the model's depth anyway).
+const MAX_LAYERS: usize = 1 << 16;
+/// Largest full-precision window accepted.
+const MAX_WINDOW: usize = 1 << 20;
+/// Largest finite f16.
+const F16_MAX: f32 = 65504.0;
 
-/// A parsed AsymKV/KIVI config.
-#[derive(Debug, Clone, PartialEq)]
+/// A parsed AsymKV or KIVI config; `uniform` remembers which syntax it came from so that
+/// [`Format::canonical`] prints it back the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AsymKv {
-    /// Layers (from the first) whose keys use `hi` bits.
+    /// Layers (from layer 0) whose keys use `hi` bits.
     pub lk: usize,
-    /// Layers (from the first) whose values use `hi` bits.
+    /// Layers (from layer 0) whose values use `hi` bits.
     pub lv: usize,
-    /// The higher bit width.
+    /// Bit width of the first layers.
     pub hi: usize,
-    /// The lower bit width.
+    /// Bit width of the remaining layers.
     pub lo: usize,
-    /// Tokens per key block, channels per value group.
+    /// Tokens per block (keys: the per-channel group; values: also channels per group).
     pub group: usize,
     /// Newest tokens kept in f16.
     pub window: usize,
-    /// Parsed as `kivi` (uniform bits): printed back as `kivi:bits=..`.
+    /// Parsed from `kivi:` (one bit width for everything).
     pub uniform: bool,
 }
 
-/// Parses `asymkv:lk=16,lv=0,hi=2,lo=1,group=32,window=128`.
+/// Parses `asymkv:lk=16,lv=0,hi=2,lo=1,group=32,window=128` (every key optional, these defaults).
 pub fn parse(mut p: Params) -> Result<FormatRef> {
     let f = AsymKv {
-        lk: p.usize("lk", 16, 0, 100_000)?,
-        lv: p.usize("lv", 0, 0, 100_000)?,
+        lk: p.usize("lk", 16, 0, MAX_LAYERS)?,
+        lv: p.usize("lv", 0, 0, MAX_LAYERS)?,
         hi: p.choice("hi", 2, BITS)?,
         lo: p.choice("lo", 1, BITS)?,
         group: p.choice("group", 32, GROUPS)?,
-        window: p.usize("window", 128, 0, 1 << 20)?,
+        window: p.usize("window", 128, 0, MAX_WINDOW)?,
         uniform: false,
     };
     p.finish(&["lk", "lv", "hi", "lo", "group", "window"])?;
     Ok(Arc::new(f))
 }
 
-/// Parses `kivi:bits=2,group=32,window=128` (AsymKV with the same bits everywhere).
+/// Parses `kivi:bits=2,group=32,window=128`: KIVI, AsymKV with the same bits for every K and V.
 pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
     let bits = p.choice("bits", 2, BITS)?;
     let group = p.choice("group", 32, GROUPS)?;
-    let window = p.usize("window", 128, 0, 1 << 20)?;
+    let window = p.usize("window", 128, 0, MAX_WINDOW)?;
     p.finish(&["bits", "group", "window"])?;
     Ok(Arc::new(AsymKv {
         lk: 0,
@@ -80,13 +122,13 @@ pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
 }
 
 impl AsymKv {
-    /// Bit width of one layer's stream.
-    pub fn bits_for(&self, layer: usize, stream: Stream) -> usize {
-        let l = match stream {
+    /// The bit width of one stream of `layer` in a model of `n_layers` layers (`lk`/`lv` clamped).
+    pub fn bits_for(&self, layer: usize, n_layers: usize, stream: Stream) -> usize {
+        let split = match stream {
             Stream::Key => self.lk,
             Stream::Value => self.lv,
         };
-        if layer < l {
+        if layer < split.min(n_layers) {
             self.hi
         } else {
             self.lo
@@ -110,11 +152,11 @@ impl Format for AsymKv {
     }
 
     fn supports(&self, head_dim: usize) -> Result<()> {
-        if head_dim == 0 || !head_dim.is_multiple_of(self.group) || !head_dim.is_multiple_of(8) {
+        if head_dim == 0 || !head_dim.is_multiple_of(self.group) {
             return Err(FormatError::Unsupported {
                 format: self.canonical(),
                 what: format!(
-                    "head_dim {head_dim} (needs a multiple of group={} and of 8)",
+                    "head_dim {head_dim}: value groups of {} channels must divide it",
                     self.group
                 ),
             });
@@ -124,93 +166,174 @@ impl Format for AsymKv {
 
     fn build(&self, ctx: &StreamCtx) -> Result<Box<dyn Codec>> {
         self.supports(ctx.head_dim)?;
-        Ok(Box::new(KiviCodec {
-            stream: ctx.stream,
-            bits: self.bits_for(ctx.layer, ctx.stream) as u32,
-            group: self.group,
-            window: self.window,
-            d: ctx.head_dim,
-        }))
+        let bits = self.bits_for(ctx.layer, ctx.n_layers, ctx.stream);
+        Ok(Box::new(KiviCodec::new(
+            ctx.stream,
+            ctx.head_dim,
+            bits,
+            self.group,
+            self.window,
+        )?))
     }
 }
 
-/// One stream of one layer: per-channel keys or per-token values at a fixed bit width.
+/// One stream's KIVI codec (the layout in the module docs); public so that other formats storing
+/// KIVI-quantized values (QJL) can reuse it.
 #[derive(Debug, Clone)]
 pub struct KiviCodec {
     stream: Stream,
-    bits: u32,
+    d: usize,
+    bits: usize,
     group: usize,
     window: usize,
-    d: usize,
 }
 
 impl KiviCodec {
-    /// Number of (scale, zero) pairs in a block.
-    fn n_params(&self) -> usize {
-        match self.stream {
-            Stream::Key => self.d,
-            Stream::Value => self.group * (self.d / self.group),
+    /// A codec for `head_dim` channels at `bits` bits with groups of `group`; checks the arguments
+    /// (values need `group | head_dim`).
+    pub fn new(
+        stream: Stream,
+        head_dim: usize,
+        bits: usize,
+        group: usize,
+        window: usize,
+    ) -> Result<Self> {
+        let name = format!("kivi:bits={bits},group={group},window={window}");
+        if !BITS.contains(&bits) || !GROUPS.contains(&group) {
+            return Err(FormatError::Unsupported {
+                format: name,
+                what: format!(
+                    "bits {bits} (want one of {BITS:?}) or group {group} (want one of {GROUPS:?})"
+                ),
+            });
         }
-    }
-
-    /// Index of the (scale, zero) pair of element (t, c).
-    fn param_index(&self, t: usize, c: usize) -> usize {
-        match self.stream {
-            Stream::Key => c,
-            Stream::Value => t * (self.d / self.group) + c / self.group,
+        if head_dim == 0 || (stream == Stream::Value && !head_dim.is_multiple_of(group)) {
+            return Err(FormatError::Unsupported {
+                format: name,
+                what: format!("head_dim {head_dim} with value groups of {group} channels"),
+            });
         }
+        Ok(Self {
+            stream,
+            d: head_dim,
+            bits,
+            group,
+            window,
+        })
     }
 
-    fn codes_offset(&self) -> usize {
-        4 * self.n_params()
+    /// Bit width of the codes.
+    pub fn bits(&self) -> usize {
+        self.bits
     }
 
-    fn token_code_bytes(&self) -> usize {
-        self.d * self.bits as usize / 8
+    /// Bytes of one token's code row (d codes, padded to 4 bytes).
+    pub fn row_bytes(&self) -> usize {
+        (self.d * self.bits).div_ceil(32) * 4
     }
 
-    fn params(&self, block: &[u8]) -> (Vec<f32>, Vec<f32>) {
-        let n = self.n_params();
-        let s = (0..n).map(|i| bits::f16_at(block, 2 * i)).collect();
-        let z = (0..n).map(|i| bits::f16_at(block, 2 * (n + i))).collect();
+    /// Byte offset of the codes (after `d` f16 scales and `d` f16 zeros).
+    pub fn codes_offset(&self) -> usize {
+        4 * self.d
+    }
+
+    /// Number of channels sharing one value `(s, z)` pair (keys: 1 channel per pair).
+    fn groups_per_token(&self) -> usize {
+        self.d / self.group
+    }
+
+    fn levels(&self) -> u32 {
+        (1u32 << self.bits) - 1
+    }
+
+    /// The `d` stored (scale, zero) pairs of a block of the right length, as f32.
+    fn pairs(&self, block: &[u8]) -> (Vec<f32>, Vec<f32>) {
+        let s = (0..self.d).map(|i| bits::f16_at(block, 2 * i)).collect();
+        let z = (0..self.d)
+            .map(|i| bits::f16_at(block, 2 * (self.d + i)))
+            .collect();
         (s, z)
     }
 
-    fn code(&self, block: &[u8], t: usize, c: usize) -> u32 {
-        let off = self.codes_offset() + t * self.token_code_bytes();
-        bits::get(&block[off..], self.bits, c)
+    /// Index of the (scale, zero) pair of token `t`, channel `c`.
+    fn pair_of(&self, t: usize, c: usize) -> usize {
+        match self.stream {
+            Stream::Key => c,
+            Stream::Value => t * self.groups_per_token() + c / self.group,
+        }
+    }
+
+    /// The codes of token `t` as f32, into `out` (`d` long).
+    fn row_codes(&self, block: &[u8], t: usize, out: &mut [f32]) {
+        let off = self.codes_offset() + t * self.row_bytes();
+        let row = &block[off..off + self.row_bytes()];
+        let b = self.bits as u32;
+        match b {
+            8 => out.iter_mut().zip(row).for_each(|(o, &c)| *o = c as f32),
+            1 | 2 | 4 => {
+                let per = 8 / self.bits;
+                let mask = (1u8 << b) - 1;
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o = ((row[c / per] >> ((c % per) as u32 * b)) & mask) as f32;
+                }
+            }
+            _ => out
+                .iter_mut()
+                .enumerate()
+                .for_each(|(c, o)| *o = bits::get(row, b, c) as f32),
+        }
+    }
+
+    fn corrupt(&self, reason: String) -> FormatError {
+        FormatError::Corrupt {
+            format: self.describe(),
+            reason,
+        }
+    }
+
+    /// Quantizes the values `xs` (an iterator over one group) into (stored scale, stored zero).
+    fn params(&self, xs: impl Iterator<Item = f32>) -> (f32, f32) {
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        for x in xs {
+            lo = lo.min(x);
+            hi = hi.max(x);
+        }
+        if lo > hi {
+            return (0.0, 0.0);
+        }
+        let l = self.levels() as f32;
+        let mut z = f16r(lo);
+        let mut s = (hi - z) / l;
+        if s > F16_MAX {
+            // Only reachable at 1 bit with a range over 65504: centre the two levels on the range.
+            s = F16_MAX;
+            z = f16r(0.5 * (lo + hi) - 0.5 * s * l);
+        }
+        (f16r(s.max(0.0)), z)
+    }
+
+    fn code(&self, x: f32, s: f32, z: f32) -> u32 {
+        if s <= 0.0 {
+            return 0;
+        }
+        let q = ((x - z) / s).round();
+        q.clamp(0.0, self.levels() as f32) as u32
     }
 }
 
-/// Min-max quantization of `vals` at `bits`: returns (scale, zero) as stored (f16-rounded) and fills
-/// `codes`. A zero (or f16-underflowing) range stores scale 0: every code 0 decodes to the zero exactly.
-pub fn minmax_quantize(vals: &[f32], bits: u32, codes: &mut [u32]) -> (f32, f32) {
-    let (mn, mx) = vals
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
-    let levels = ((1u32 << bits) - 1) as f32;
-    let z = half::f16::from_f32(mn).to_f32();
-    let s = half::f16::from_f32(((mx - z) / levels).min(65504.0)).to_f32();
-    for (c, &v) in codes.iter_mut().zip(vals) {
-        *c = if s > 0.0 {
-            ((v - z) / s).round().clamp(0.0, levels) as u32
-        } else {
-            0
-        };
-    }
-    (s, z)
+/// Rounds to the nearest f16 (what the block stores).
+fn f16r(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
 }
 
 impl Codec for KiviCodec {
     fn describe(&self) -> String {
-        let side = match self.stream {
+        let s = match self.stream {
             Stream::Key => "k",
             Stream::Value => "v",
         };
         format!(
-            "kivi-{side}:bits={},group={},window={}",
+            "kivi-{s}:bits={},group={},window={}",
             self.bits, self.group, self.window
         )
     }
@@ -220,7 +343,7 @@ impl Codec for KiviCodec {
     }
 
     fn block_bytes(&self) -> usize {
-        self.codes_offset() + self.group * self.token_code_bytes()
+        self.codes_offset() + self.group * self.row_bytes()
     }
 
     fn window(&self) -> usize {
@@ -228,116 +351,166 @@ impl Codec for KiviCodec {
     }
 
     fn kernel(&self) -> Option<KernelSpec> {
-        // kernels/formats/kivi.cu is compiled for group 32 (its block of tokens).
-        (self.group == 32).then_some(KernelSpec {
+        // kernels/formats/kivi.cu reads 32-token blocks with unpadded rows (d*bits a multiple of 32).
+        (self.group == 32 && (self.d * self.bits as usize) % 32 == 0).then_some(KernelSpec {
             module: "kivi",
             ints: [self.bits as i32, 32, 0, 0],
             tile_blocks: 4,
         })
     }
 
+    /// Packs `G x d` values. Wrong-sized buffers (a caller bug, never user data) give an all-zero
+    /// block, which decodes to zeros, rather than a panic.
     fn encode(&self, x: &[f32], out: &mut [u8]) {
-        let (g, d) = (self.group, self.d);
-        let n = self.n_params();
-        let mut codes = vec![0u32; g * d];
-        let put = |i: usize, s: f32, z: f32, out: &mut [u8]| {
-            bits::put_f16(out, 2 * i, s);
-            bits::put_f16(out, 2 * (n + i), z);
-        };
-        match self.stream {
-            Stream::Key => {
-                let mut col = vec![0f32; g];
-                let mut cc = vec![0u32; g];
-                for c in 0..d {
-                    for t in 0..g {
-                        col[t] = x[t * d + c];
-                    }
-                    let (s, z) = minmax_quantize(&col, self.bits, &mut cc);
-                    put(c, s, z, out);
-                    for t in 0..g {
-                        codes[t * d + c] = cc[t];
-                    }
-                }
-            }
-            Stream::Value => {
-                let ng = d / g;
-                for t in 0..g {
-                    for j in 0..ng {
-                        let r = t * d + j * g..t * d + (j + 1) * g;
-                        let (s, z) = minmax_quantize(&x[r.clone()], self.bits, &mut codes[r]);
-                        put(t * ng + j, s, z, out);
-                    }
-                }
-            }
+        let (d, g) = (self.d, self.group);
+        out.iter_mut().for_each(|b| *b = 0);
+        if x.len() != g * d || out.len() != self.block_bytes() {
+            return;
         }
-        let off = self.codes_offset();
-        let tb = self.token_code_bytes();
+        let x: Vec<f32> = x.iter().map(|&v| sanitize(v)).collect();
+        // (s, z) of the d pairs, in pair order.
+        let pairs: Vec<(f32, f32)> = match self.stream {
+            Stream::Key => (0..d)
+                .map(|c| self.params((0..g).map(|t| x[t * d + c])))
+                .collect(),
+            Stream::Value => (0..g * self.groups_per_token())
+                .map(|i| {
+                    let (t, gi) = (i / self.groups_per_token(), i % self.groups_per_token());
+                    self.params(x[t * d + gi * g..t * d + (gi + 1) * g].iter().copied())
+                })
+                .collect(),
+        };
+        for (i, &(s, z)) in pairs.iter().enumerate() {
+            bits::put_f16(out, 2 * i, s);
+            bits::put_f16(out, 2 * (d + i), z);
+        }
+        let rb = self.row_bytes();
+        let mut codes = vec![0u32; d];
         for t in 0..g {
-            bits::pack(
-                &codes[t * d..(t + 1) * d],
-                self.bits,
-                &mut out[off + t * tb..off + (t + 1) * tb],
-            );
+            for (c, code) in codes.iter_mut().enumerate() {
+                let (s, z) = pairs[self.pair_of(t, c)];
+                *code = self.code(x[t * d + c], s, z);
+            }
+            let off = self.codes_offset() + t * rb;
+            bits::pack(&codes, self.bits as u32, &mut out[off..off + rb]);
         }
     }
 
     fn validate(&self, block: &[u8]) -> Result<()> {
-        crate::formats::check_len("kivi", block, self.block_bytes())
-    }
-
-    fn decode(&self, block: &[u8], out: &mut [f32]) -> Result<()> {
-        self.validate(block)?;
-        let (s, z) = self.params(block);
-        let d = self.d;
-        for t in 0..self.group {
-            for c in 0..d {
-                let i = self.param_index(t, c);
-                out[t * d + c] = z[i] + s[i] * self.code(block, t, c) as f32;
+        crate::formats::check_len(&self.describe(), block, self.block_bytes())?;
+        let (scales, zeros) = self.pairs(block);
+        for (i, (&s, &z)) in scales.iter().zip(&zeros).enumerate() {
+            if !s.is_finite() || s < 0.0 {
+                return Err(self.corrupt(format!("scale {i} is {s}, expected a finite value >= 0")));
+            }
+            if !z.is_finite() {
+                return Err(self.corrupt(format!("zero {i} is {z}, expected a finite value")));
             }
         }
         Ok(())
     }
 
+    fn decode(&self, block: &[u8], out: &mut [f32]) -> Result<()> {
+        self.validate(block)?;
+        let (d, g) = (self.d, self.group);
+        if out.len() != g * d {
+            return Err(FormatError::Shape(format!(
+                "decode of {g} x {d} values into {}",
+                out.len()
+            )));
+        }
+        let (scales, zeros) = self.pairs(block);
+        for (t, row) in out.chunks_exact_mut(d).enumerate() {
+            self.row_codes(block, t, row);
+            for (c, v) in row.iter_mut().enumerate() {
+                let i = self.pair_of(t, c);
+                *v = zeros[i] + scales[i] * *v;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys: folds the per-channel scales into the query once per block, then one dot product of
+    /// codes per token plus the block's constant `sum_c q_c z_c` (the CUDA kernel's arithmetic).
     fn key_scores(
         &self,
         q: &[f32],
-        _prep: &[f32],
+        prep: &[f32],
         block: &[u8],
-        _pos0: usize,
-        _rope: &crate::Rope,
+        pos0: usize,
+        rope: &Rope,
         scores: &mut [f32],
     ) {
-        if self.stream != Stream::Key || self.validate(block).is_err() {
+        let (d, g) = (self.d, self.group);
+        if q.len() != d || scores.len() != g || self.validate(block).is_err() {
             scores.iter_mut().for_each(|s| *s = f32::NAN);
             return;
         }
-        // Fold the per-channel scales into the query once per block; the zeros give one constant.
-        let (s, z) = self.params(block);
-        let qs: Vec<f32> = q.iter().zip(&s).map(|(a, b)| a * b).collect();
-        let qz: f32 = q.iter().zip(&z).map(|(a, b)| a * b).sum();
-        for (t, out) in scores.iter_mut().enumerate() {
-            let mut acc = qz;
-            for (c, &w) in qs.iter().enumerate() {
-                acc += w * self.code(block, t, c) as f32;
+        if self.stream == Stream::Value {
+            // Not a key layout: score from decoded vectors.
+            let _ = (prep, pos0, rope);
+            let mut k = vec![0f32; g * d];
+            if self.decode(block, &mut k).is_err() {
+                scores.iter_mut().for_each(|s| *s = f32::NAN);
+                return;
             }
-            *out = acc;
+            for (t, s) in scores.iter_mut().enumerate() {
+                *s = dot(q, &k[t * d..(t + 1) * d]);
+            }
+            return;
+        }
+        let (scales, zeros) = self.pairs(block);
+        let qs: Vec<f32> = q.iter().zip(&scales).map(|(a, s)| a * s).collect();
+        let bias = dot(q, &zeros);
+        let mut codes = vec![0f32; d];
+        for (t, s) in scores.iter_mut().enumerate() {
+            self.row_codes(block, t, &mut codes);
+            *s = dot(&qs, &codes) + bias;
         }
     }
 
+    /// Values: per token and channel group, `acc += (p_t s) code`, and `sum_t p_t z` is added once per
+    /// group at the end (the CUDA kernel's arithmetic).
     fn accumulate_values(&self, block: &[u8], p: &[f32], acc: &mut [f32]) {
-        if self.stream != Stream::Value || self.validate(block).is_err() {
+        let (d, g) = (self.d, self.group);
+        if acc.len() != d || p.len() != g || self.validate(block).is_err() {
             acc.iter_mut().for_each(|a| *a = f32::NAN);
             return;
         }
-        let (s, z) = self.params(block);
+        let mut codes = vec![0f32; d];
+        if self.stream == Stream::Key {
+            // Not a value layout: accumulate decoded vectors.
+            let mut v = vec![0f32; g * d];
+            if self.decode(block, &mut v).is_err() {
+                acc.iter_mut().for_each(|a| *a = f32::NAN);
+                return;
+            }
+            for (t, &pt) in p.iter().enumerate() {
+                axpy(pt, &v[t * d..(t + 1) * d], acc);
+            }
+            return;
+        }
+        let gpt = self.groups_per_token();
+        let (scales, zeros) = self.pairs(block);
+        let mut zsum = vec![0f32; gpt];
         for (t, &pt) in p.iter().enumerate() {
             if pt == 0.0 {
                 continue;
             }
-            for (c, a) in acc.iter_mut().enumerate() {
-                let i = self.param_index(t, c);
-                *a += pt * (z[i] + s[i] * self.code(block, t, c) as f32);
+            self.row_codes(block, t, &mut codes);
+            for (gi, zs) in zsum.iter_mut().enumerate() {
+                let i = t * gpt + gi;
+                let ps = pt * scales[i];
+                *zs += pt * zeros[i];
+                axpy(
+                    ps,
+                    &codes[gi * g..(gi + 1) * g],
+                    &mut acc[gi * g..(gi + 1) * g],
+                );
             }
+        }
+        for (gi, zs) in zsum.iter().enumerate() {
+            acc[gi * g..(gi + 1) * g].iter_mut().for_each(|a| *a += zs);
         }
     }
 }
