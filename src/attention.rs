@@ -179,7 +179,9 @@ impl GpuBatch {
     /// (number of splits over sealed blocks, blocks per split): about one wave of CTAs, the window
     /// CTA of each (sequence, head) included, so no second partial wave doubles the time.
     fn splits(&self) -> (usize, usize) {
-        let want = (TARGET_CTAS / (self.batch * self.hkv)).saturating_sub(1).max(1);
+        let want = (TARGET_CTAS / (self.batch * self.hkv))
+            .saturating_sub(1)
+            .max(1);
         let bps = self.max_blocks.div_ceil(want).max(1);
         (self.max_blocks.div_ceil(bps), bps)
     }

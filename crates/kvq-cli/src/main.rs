@@ -14,7 +14,11 @@ use std::io::Write;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "kvq", version, about = "LLM inference with a compressed KV cache read compressed by CUDA kernels")]
+#[command(
+    name = "kvq",
+    version,
+    about = "LLM inference with a compressed KV cache read compressed by CUDA kernels"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -169,21 +173,33 @@ fn load_model(m: &ModelArgs) -> Result<Model> {
     }
     let path = match &m.model {
         Some(p) => p.clone(),
-        None => kvq_model::fetch::default_model(&mut |s| eprintln!("{s}"))?.display().to_string(),
+        None => kvq_model::fetch::default_model(&mut |s| eprintln!("{s}"))?
+            .display()
+            .to_string(),
     };
     Model::load(&path).with_context(|| format!("loading --model {path}"))
 }
 
 fn bar(total: usize, what: &str) -> ProgressBar {
     let b = ProgressBar::new(total as u64);
-    b.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}/{eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    b.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}/{eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     b.set_message(what.to_string());
     b
 }
 
 /// Runs the model over `tokens` of `text`, collects every layer's pre-RoPE K and V (normalized and
 /// grouped as RVQ encodes them) and learns one codebook set per layer and stream.
-fn calibrate(m: &ModelArgs, text: &str, out: &str, tokens: usize, o: LearnOpts, groups: &str) -> Result<()> {
+fn calibrate(
+    m: &ModelArgs,
+    text: &str,
+    out: &str,
+    tokens: usize,
+    o: LearnOpts,
+    groups: &str,
+) -> Result<()> {
     let model = load_model(m)?;
     let c = model.config.clone();
     let strided = match groups {
@@ -192,7 +208,11 @@ fn calibrate(m: &ModelArgs, text: &str, out: &str, tokens: usize, o: LearnOpts, 
         g => bail!("--groups {g}: expected strided or contiguous"),
     };
     if c.head_dim % o.group != 0 {
-        bail!("--group {} does not divide head_dim {}", o.group, c.head_dim);
+        bail!(
+            "--group {} does not divide head_dim {}",
+            o.group,
+            c.head_dim
+        );
     }
     let body = std::fs::read_to_string(text).with_context(|| format!("--text {text}"))?;
     let mut ids: Vec<u32> = c.bos.into_iter().collect();
@@ -210,10 +230,14 @@ fn calibrate(m: &ModelArgs, text: &str, out: &str, tokens: usize, o: LearnOpts, 
     for win in ids[..n].chunks(ctx) {
         let mut seq = model.new_sequence(&plan, win.len())?;
         for ch in win.chunks(256) {
-            model.forward(&mut seq, ch, Some(&mut |l: usize, k: &[f32], v: &[f32]| {
-                keys[l].extend_from_slice(k);
-                vals[l].extend_from_slice(v);
-            }))?;
+            model.forward(
+                &mut seq,
+                ch,
+                Some(&mut |l: usize, k: &[f32], v: &[f32]| {
+                    keys[l].extend_from_slice(k);
+                    vals[l].extend_from_slice(v);
+                }),
+            )?;
             pb.inc(ch.len() as u64);
         }
     }
@@ -223,8 +247,19 @@ fn calibrate(m: &ModelArgs, text: &str, out: &str, tokens: usize, o: LearnOpts, 
     let pb = bar(2 * c.n_layers * o.depth, "learning codebooks");
     for l in 0..c.n_layers {
         for (key, x) in [(true, &keys[l]), (false, &vals[l])] {
-            let stream = if key { kvq_formats::Stream::Key } else { kvq_formats::Stream::Value };
-            let ctx = kvq_formats::StreamCtx { layer: l, n_layers: c.n_layers, stream, head_dim: d, n_kv_heads: h, rope: rope.clone() };
+            let stream = if key {
+                kvq_formats::Stream::Key
+            } else {
+                kvq_formats::Stream::Value
+            };
+            let ctx = kvq_formats::StreamCtx {
+                layer: l,
+                n_layers: c.n_layers,
+                stream,
+                head_dim: d,
+                n_kv_heads: h,
+                rope: rope.clone(),
+            };
             let ch = channel_groups(&ctx, o.group, key && strided);
             let mut sc = Vec::new();
             let samples = group_vectors(x, d, &ch, &mut sc);
@@ -233,24 +268,52 @@ fn calibrate(m: &ModelArgs, text: &str, out: &str, tokens: usize, o: LearnOpts, 
         }
     }
     pb.finish_and_clear();
-    let books = Codebooks { group: o.group, codes: o.codes, depth: o.depth, key_groups: groups.into(), tables };
+    let books = Codebooks {
+        group: o.group,
+        codes: o.codes,
+        depth: o.depth,
+        key_groups: groups.into(),
+        tables,
+    };
     books.save(out)?;
     eprintln!("kvq: wrote {out}: {} layers x K/V, {} stages x {} codes x {} dims, from {n} tokens of {text}", c.n_layers, o.depth, o.codes, o.group);
-    println!("rvq:group={},codes={},depth={},groups={groups},codebooks={out}", o.group, o.codes, o.depth);
+    println!(
+        "rvq:group={},codes={},depth={},groups={groups},codebooks={out}",
+        o.group, o.codes, o.depth
+    );
     Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Generate { prompt, m, kv, max_tokens, temperature, top_k, top_p, seed, chat, chunk } => {
+        Cmd::Generate {
+            prompt,
+            m,
+            kv,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            chat,
+            chunk,
+        } => {
             let model = load_model(&m)?;
             let plan = KvPlan::parse(&kv, model.config.n_layers).context("--kv")?;
-            let text = if chat { model.tokenizer.chat_prompt(&prompt)? } else { prompt };
+            let text = if chat {
+                model.tokenizer.chat_prompt(&prompt)?
+            } else {
+                prompt
+            };
             let mut ids: Vec<u32> = model.config.bos.into_iter().collect();
             ids.extend(model.tokenizer.encode(&text)?);
             let cap = (ids.len() + max_tokens).min(model.config.max_ctx);
             if ids.len() >= cap {
-                bail!("prompt of {} tokens leaves no room under the model's context of {}", ids.len(), model.config.max_ctx);
+                bail!(
+                    "prompt of {} tokens leaves no room under the model's context of {}",
+                    ids.len(),
+                    model.config.max_ctx
+                );
             }
             let mut seq = model.new_sequence(&plan, cap)?;
             let t0 = Instant::now();
@@ -263,7 +326,11 @@ fn run(cli: Cli) -> Result<()> {
             let mut out: Vec<u32> = Vec::new();
             let mut printed = 0;
             let t1 = Instant::now();
-            let mut last = logits.context("no prompt")?.to_vec2::<f32>()?.pop().context("no logits")?;
+            let mut last = logits
+                .context("no prompt")?
+                .to_vec2::<f32>()?
+                .pop()
+                .context("no logits")?;
             while out.len() < max_tokens && seq.len() < cap {
                 let next = sampler.sample(&last);
                 if model.config.eos.contains(&next) {
@@ -279,7 +346,11 @@ fn run(cli: Cli) -> Result<()> {
                 if seq.len() >= cap {
                     break;
                 }
-                last = model.forward(&mut seq, &[next], None)?.to_vec2::<f32>()?.pop().context("no logits")?;
+                last = model
+                    .forward(&mut seq, &[next], None)?
+                    .to_vec2::<f32>()?
+                    .pop()
+                    .context("no logits")?;
             }
             println!();
             let dt = t1.elapsed().as_secs_f64();
@@ -296,33 +367,58 @@ fn run(cli: Cli) -> Result<()> {
                 b.fixed
             );
         }
-        Cmd::Eval { what: EvalCmd::Ppl { text, m, kv, ctx, chunk, max_windows, json } } => {
+        Cmd::Eval {
+            what:
+                EvalCmd::Ppl {
+                    text,
+                    m,
+                    kv,
+                    ctx,
+                    chunk,
+                    max_windows,
+                    json,
+                },
+        } => {
             let model = load_model(&m)?;
             let body = std::fs::read_to_string(&text).with_context(|| format!("--text {text}"))?;
             let tokens = model.tokenizer.encode(&body)?;
-            let o = PplOpts { ctx, chunk, max_windows };
+            let o = PplOpts {
+                ctx,
+                chunk,
+                max_windows,
+            };
             let mut results = Vec::new();
             for k in &kv {
-                let plan = KvPlan::parse(k, model.config.n_layers).with_context(|| format!("--kv {k}"))?;
+                let plan =
+                    KvPlan::parse(k, model.config.n_layers).with_context(|| format!("--kv {k}"))?;
                 let pb = bar(1, &plan.describe());
                 let r = perplexity(&model, &plan, &tokens, &o, &mut |d, t| {
                     pb.set_length(t as u64);
                     pb.set_position(d as u64);
                 })?;
                 pb.finish_and_clear();
-                eprintln!("{:<50} ppl {:.4}  bits/elem {:.3}", r.kv, r.ppl, r.bits_per_elem);
+                eprintln!(
+                    "{:<50} ppl {:.4}  bits/elem {:.3}",
+                    r.kv, r.ppl, r.bits_per_elem
+                );
                 results.push(r);
             }
             let base = results.iter().find(|r| r.kv == "fp16").map(|r| r.ppl);
             println!("| KV plan | bits/elem | ppl | vs fp16 | scored tokens |");
             println!("|---|---|---|---|---|");
             for r in &results {
-                let rel = base.map(|b| format!("{:.4}", r.ppl / b)).unwrap_or_else(|| "-".into());
-                println!("| `{}` | {:.3} | {:.4} | {} | {} |", r.kv, r.bits_per_elem, r.ppl, rel, r.scored);
+                let rel = base
+                    .map(|b| format!("{:.4}", r.ppl / b))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "| `{}` | {:.3} | {:.4} | {} | {} |",
+                    r.kv, r.bits_per_elem, r.ppl, rel, r.scored
+                );
             }
             if let Some(j) = json {
                 let doc = serde_json::json!({"model": model.path, "text": text, "opts": o, "results": results});
-                std::fs::write(&j, serde_json::to_string_pretty(&doc)?).with_context(|| format!("--json {j}"))?;
+                std::fs::write(&j, serde_json::to_string_pretty(&doc)?)
+                    .with_context(|| format!("--json {j}"))?;
             }
         }
         Cmd::Bench { what, kv } => {
@@ -331,24 +427,74 @@ fn run(cli: Cli) -> Result<()> {
             }
             let gpu = kvq::Gpu::new(0)?;
             eprintln!("GPU: {}", gpu.describe());
-            let formats = if kv.is_empty() { vec!["fp16".into(), "kivi:bits=2,window=0".into(), "kivi:bits=4,window=0".into()] } else { kv };
+            let formats = if kv.is_empty() {
+                vec![
+                    "fp16".into(),
+                    "kivi:bits=2,window=0".into(),
+                    "kivi:bits=4,window=0".into(),
+                ]
+            } else {
+                kv
+            };
             println!("| format | B | T | ms | GB/s |");
             println!("|---|---|---|---|---|");
             for b in [1usize, 8] {
                 for t in [4096usize, 16384, 65536, 131072] {
                     for f in &formats {
                         let p = kvq::check::bench(&gpu, f, b, t, (32, 8, 128), 50)?;
-                        println!("| {} | {} | {} | {:.4} | {:.0} |", p.format, p.batch, p.context, p.ms, p.bytes as f64 / p.ms / 1e6);
+                        println!(
+                            "| {} | {} | {} | {:.4} | {:.0} |",
+                            p.format,
+                            p.batch,
+                            p.context,
+                            p.ms,
+                            p.bytes as f64 / p.ms / 1e6
+                        );
                     }
                 }
             }
         }
-        Cmd::Calibrate { m, text, out, tokens, group, codes, depth, iters, groups, seed } => {
-            calibrate(&m, &text, &out, tokens, LearnOpts { group, codes, depth, iters, seed, ..Default::default() }, &groups)?;
+        Cmd::Calibrate {
+            m,
+            text,
+            out,
+            tokens,
+            group,
+            codes,
+            depth,
+            iters,
+            groups,
+            seed,
+        } => {
+            calibrate(
+                &m,
+                &text,
+                &out,
+                tokens,
+                LearnOpts {
+                    group,
+                    codes,
+                    depth,
+                    iters,
+                    seed,
+                    ..Default::default()
+                },
+                &groups,
+            )?;
         }
         Cmd::Inspect { kv, head_dim } => {
             let list = if kv.is_empty() {
-                vec!["fp16", "kivi:bits=2", "kivi:bits=4", "asymkv", "qjl", "decoquant:bits=4,chunk=256"].into_iter().map(String::from).collect()
+                vec![
+                    "fp16",
+                    "kivi:bits=2",
+                    "kivi:bits=4",
+                    "asymkv",
+                    "qjl",
+                    "decoquant:bits=4,chunk=256",
+                ]
+                .into_iter()
+                .map(String::from)
+                .collect()
             } else {
                 kv
             };
@@ -359,7 +505,9 @@ fn run(cli: Cli) -> Result<()> {
                 let plan = KvPlan::parse(f, 1).with_context(|| format!("--kv {f}"))?;
                 let c = plan.build_caches(1, &rope)?;
                 let (k, v) = (c[0].keys().codec(), c[0].values().codec());
-                let bits = |c: &dyn kvq_formats::Codec| c.block_bytes() as f64 * 8.0 / (c.block_tokens() * head_dim) as f64;
+                let bits = |c: &dyn kvq_formats::Codec| {
+                    c.block_bytes() as f64 * 8.0 / (c.block_tokens() * head_dim) as f64
+                };
                 println!(
                     "| `{}` | {}, {} | {}, {} | {:.3} | {:.3} | {} |",
                     plan.describe(),
@@ -382,10 +530,24 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("selftest: pass --gpu (the CPU tests run with `cargo test --workspace`)");
             }
             let g = kvq::Gpu::new(0)?;
-            let res = kvq::check::parity(&g, &["fp16", "kivi:bits=2,window=0", "kivi:bits=2", "kivi:bits=4,window=0"])?;
-            let bad: Vec<_> = res.iter().filter(|r| r.rel_err >= kvq::check::PARITY_TOL || r.non_finite > 0).collect();
+            let res = kvq::check::parity(
+                &g,
+                &[
+                    "fp16",
+                    "kivi:bits=2,window=0",
+                    "kivi:bits=2",
+                    "kivi:bits=4,window=0",
+                ],
+            )?;
+            let bad: Vec<_> = res
+                .iter()
+                .filter(|r| r.rel_err >= kvq::check::PARITY_TOL || r.non_finite > 0)
+                .collect();
             for r in &bad {
-                eprintln!("FAIL {} rel_err {:.2e} non_finite {}", r.case, r.rel_err, r.non_finite);
+                eprintln!(
+                    "FAIL {} rel_err {:.2e} non_finite {}",
+                    r.case, r.rel_err, r.non_finite
+                );
             }
             println!("{} cases, {} failures", res.len(), bad.len());
             if !bad.is_empty() {

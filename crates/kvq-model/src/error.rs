@@ -10,7 +10,11 @@ pub enum ModelError {
     File { path: String, reason: String },
     /// A tensor missing or of the wrong shape.
     #[error("{path}: tensor '{name}': {reason}")]
-    Tensor { path: String, name: String, reason: String },
+    Tensor {
+        path: String,
+        name: String,
+        reason: String,
+    },
     /// An architecture kvq does not run.
     #[error("{path}: unsupported architecture '{arch}' (kvq runs llama-family models)")]
     Architecture { path: String, arch: String },
@@ -19,7 +23,11 @@ pub enum ModelError {
     Tokenizer(String),
     /// A context that does not fit the model or the cache.
     #[error("context of {tokens} tokens exceeds {limit} ({what})")]
-    Context { tokens: usize, limit: usize, what: String },
+    Context {
+        tokens: usize,
+        limit: usize,
+        what: String,
+    },
     /// Bad user input (flags, text).
     #[error("{0}")]
     Input(String),

@@ -35,12 +35,25 @@ pub struct PplResult {
 }
 
 /// Perplexity of `tokens` (the text, without bos) under `plan`; `progress(done, total)` per chunk.
-pub fn perplexity(model: &Model, plan: &KvPlan, tokens: &[u32], o: &PplOpts, progress: &mut dyn FnMut(usize, usize)) -> Result<PplResult> {
+pub fn perplexity(
+    model: &Model,
+    plan: &KvPlan,
+    tokens: &[u32],
+    o: &PplOpts,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PplResult> {
     if o.ctx < 4 || o.chunk == 0 {
-        return Err(ModelError::Input(format!("--ctx {} must be >= 4 and --chunk {} >= 1", o.ctx, o.chunk)));
+        return Err(ModelError::Input(format!(
+            "--ctx {} must be >= 4 and --chunk {} >= 1",
+            o.ctx, o.chunk
+        )));
     }
     if o.ctx > model.config.max_ctx {
-        return Err(ModelError::Context { tokens: o.ctx, limit: model.config.max_ctx, what: "the model's trained context (--ctx)".into() });
+        return Err(ModelError::Context {
+            tokens: o.ctx,
+            limit: model.config.max_ctx,
+            what: "the model's trained context (--ctx)".into(),
+        });
     }
     let bos: Vec<u32> = model.config.bos.into_iter().collect();
     let body = o.ctx - bos.len();
@@ -49,7 +62,11 @@ pub fn perplexity(model: &Model, plan: &KvPlan, tokens: &[u32], o: &PplOpts, pro
         windows = windows.min(o.max_windows);
     }
     if windows == 0 {
-        return Err(ModelError::Input(format!("text has {} tokens, fewer than one window of {}", tokens.len(), o.ctx)));
+        return Err(ModelError::Input(format!(
+            "text has {} tokens, fewer than one window of {}",
+            tokens.len(),
+            o.ctx
+        )));
     }
     let chunks_per = o.ctx.div_ceil(o.chunk);
     let (mut nll, mut scored) = (0f64, 0usize);
@@ -68,7 +85,12 @@ pub fn perplexity(model: &Model, plan: &KvPlan, tokens: &[u32], o: &PplOpts, pro
                     continue;
                 }
                 let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let lse = m as f64 + row.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln();
+                let lse = m as f64
+                    + row
+                        .iter()
+                        .map(|&x| ((x - m) as f64).exp())
+                        .sum::<f64>()
+                        .ln();
                 nll += lse - row[ids[pos + 1] as usize] as f64;
                 scored += 1;
             }

@@ -62,7 +62,10 @@ pub struct Loaded {
 pub fn load(path: &str) -> Result<Loaded> {
     let p = Path::new(path);
     if !p.exists() {
-        return Err(ModelError::File { path: path.into(), reason: "no such file or directory".into() });
+        return Err(ModelError::File {
+            path: path.into(),
+            reason: "no such file or directory".into(),
+        });
     }
     if p.is_dir() {
         load_hf(path)
@@ -72,23 +75,40 @@ pub fn load(path: &str) -> Result<Loaded> {
 }
 
 fn meta_u(md: &HashMap<String, gguf_file::Value>, path: &str, key: &str) -> Result<usize> {
-    let v = md.get(key).ok_or_else(|| ModelError::File { path: path.into(), reason: format!("metadata '{key}' missing") })?;
+    let v = md.get(key).ok_or_else(|| ModelError::File {
+        path: path.into(),
+        reason: format!("metadata '{key}' missing"),
+    })?;
     v.to_u64()
         .map(|x| x as usize)
         .or_else(|_| v.to_u32().map(|x| x as usize))
         .or_else(|_| v.to_i32().map(|x| x as usize))
-        .map_err(|_| ModelError::File { path: path.into(), reason: format!("metadata '{key}' is not an integer") })
+        .map_err(|_| ModelError::File {
+            path: path.into(),
+            reason: format!("metadata '{key}' is not an integer"),
+        })
 }
 
 /// Loads a GGUF llama model.
 pub fn load_gguf(path: &str) -> Result<Loaded> {
-    let file_err = |reason: String| ModelError::File { path: path.into(), reason };
+    let file_err = |reason: String| ModelError::File {
+        path: path.into(),
+        reason,
+    };
     let mut f = std::fs::File::open(path).map_err(|e| file_err(e.to_string()))?;
-    let content = gguf_file::Content::read(&mut f).map_err(|e| file_err(format!("not a readable GGUF file: {e}")))?;
+    let content = gguf_file::Content::read(&mut f)
+        .map_err(|e| file_err(format!("not a readable GGUF file: {e}")))?;
     let md = &content.metadata;
-    let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
     if arch != "llama" {
-        return Err(ModelError::Architecture { path: path.into(), arch });
+        return Err(ModelError::Architecture {
+            path: path.into(),
+            arch,
+        });
     }
     let g = |k: &str| meta_u(md, path, &format!("llama.{k}"));
     let f32m = |k: &str, d: f32| md.get(k).and_then(|v| v.to_f32().ok()).unwrap_or(d);
@@ -102,7 +122,11 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
         n_layers: g("block_count")?,
         n_heads,
         n_kv_heads: g("attention.head_count_kv").unwrap_or(n_heads),
-        head_dim: md.get("llama.attention.key_length").and_then(|v| v.to_u32().ok()).map(|x| x as usize).unwrap_or(hidden / n_heads.max(1)),
+        head_dim: md
+            .get("llama.attention.key_length")
+            .and_then(|v| v.to_u32().ok())
+            .map(|x| x as usize)
+            .unwrap_or(hidden / n_heads.max(1)),
         rope_theta: f32m("llama.rope.freq_base", 10000.0),
         rope_scaling: None,
         rms_eps: f32m("llama.attention.layer_norm_rms_epsilon", 1e-5),
@@ -113,11 +137,13 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
     };
     config.validate(path)?;
     let mut get = |name: &str| -> Result<Tensor> {
-        let q = content.tensor(&mut f, name, &Device::Cpu).map_err(|e| ModelError::Tensor {
-            path: path.into(),
-            name: name.into(),
-            reason: e.to_string(),
-        })?;
+        let q = content
+            .tensor(&mut f, name, &Device::Cpu)
+            .map_err(|e| ModelError::Tensor {
+                path: path.into(),
+                name: name.into(),
+                reason: e.to_string(),
+            })?;
         Ok(q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
     };
     let embed = get("token_embd.weight")?;
@@ -137,10 +163,24 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
         });
     }
     let norm = get("output_norm.weight")?;
-    let lm_head = if content.tensor_infos.contains_key("output.weight") { get("output.weight")? } else { embed.clone() };
-    let weights = Weights { lm_head: lm_head.t()?.contiguous()?, embed, layers, norm };
+    let lm_head = if content.tensor_infos.contains_key("output.weight") {
+        get("output.weight")?
+    } else {
+        embed.clone()
+    };
+    let weights = Weights {
+        lm_head: lm_head.t()?.contiguous()?,
+        embed,
+        layers,
+        norm,
+    };
     check_shapes(&config, &weights, path)?;
-    Ok(Loaded { config, weights, tokenizer, path: path.into() })
+    Ok(Loaded {
+        config,
+        weights,
+        tokenizer,
+        path: path.into(),
+    })
 }
 
 /// Loads an HF directory: config.json, model.safetensors (or an index of shards), tokenizer.json.
@@ -148,12 +188,19 @@ pub fn load_hf(dir: &str) -> Result<Loaded> {
     let p = Path::new(dir);
     let read = |name: &str| {
         let f = p.join(name);
-        std::fs::read_to_string(&f).map_err(|e| ModelError::File { path: f.display().to_string(), reason: e.to_string() })
+        std::fs::read_to_string(&f).map_err(|e| ModelError::File {
+            path: f.display().to_string(),
+            reason: e.to_string(),
+        })
     };
     let cfg_path = p.join("config.json").display().to_string();
     let config = LlamaConfig::from_hf_json(&read("config.json")?, &cfg_path)?;
     let tok_path = p.join("tokenizer.json");
-    let tokenizer = Tok::from_file(&tok_path.display().to_string(), config.bos, config.eos.clone())?;
+    let tokenizer = Tok::from_file(
+        &tok_path.display().to_string(),
+        config.bos,
+        config.eos.clone(),
+    )?;
     if tokenizer.vocab_size() > config.vocab {
         return Err(ModelError::Tokenizer(format!(
             "{} has {} tokens but the model's vocab_size is {}: tokenizer and model do not match",
@@ -164,9 +211,18 @@ pub fn load_hf(dir: &str) -> Result<Loaded> {
     }
     let files: Vec<String> = if p.join("model.safetensors.index.json").exists() {
         let idx: serde_json::Value = serde_json::from_str(&read("model.safetensors.index.json")?)
-            .map_err(|e| ModelError::File { path: format!("{dir}/model.safetensors.index.json"), reason: e.to_string() })?;
-        let mut v: Vec<String> =
-            idx["weight_map"].as_object().map(|m| m.values().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default();
+            .map_err(|e| ModelError::File {
+            path: format!("{dir}/model.safetensors.index.json"),
+            reason: e.to_string(),
+        })?;
+        let mut v: Vec<String> = idx["weight_map"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
         v.sort();
         v.dedup();
         v
@@ -176,12 +232,19 @@ pub fn load_hf(dir: &str) -> Result<Loaded> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in &files {
         let fp = p.join(f);
-        let t = candle_core::safetensors::load(&fp, &Device::Cpu)
-            .map_err(|e| ModelError::File { path: fp.display().to_string(), reason: format!("not a readable safetensors file: {e}") })?;
+        let t =
+            candle_core::safetensors::load(&fp, &Device::Cpu).map_err(|e| ModelError::File {
+                path: fp.display().to_string(),
+                reason: format!("not a readable safetensors file: {e}"),
+            })?;
         tensors.extend(t);
     }
     let mut get = |name: &str| -> Result<Tensor> {
-        let t = tensors.remove(name).ok_or_else(|| ModelError::Tensor { path: dir.into(), name: name.into(), reason: "missing".into() })?;
+        let t = tensors.remove(name).ok_or_else(|| ModelError::Tensor {
+            path: dir.into(),
+            name: name.into(),
+            reason: "missing".into(),
+        })?;
         Ok(t.to_dtype(DType::F32)?)
     };
     let embed = get("model.embed_tokens.weight")?;
@@ -205,15 +268,29 @@ pub fn load_hf(dir: &str) -> Result<Loaded> {
         Ok(t) => t,
         Err(_) => embed.clone(),
     };
-    let weights = Weights { lm_head: lm_head.t()?.contiguous()?, embed, layers, norm };
+    let weights = Weights {
+        lm_head: lm_head.t()?.contiguous()?,
+        embed,
+        layers,
+        norm,
+    };
     check_shapes(&config, &weights, dir)?;
-    Ok(Loaded { config, weights, tokenizer, path: dir.into() })
+    Ok(Loaded {
+        config,
+        weights,
+        tokenizer,
+        path: dir.into(),
+    })
 }
 
 fn check_shapes(c: &LlamaConfig, w: &Weights, path: &str) -> Result<()> {
     let want = |name: &str, t: &Tensor, dims: &[usize]| -> Result<()> {
         if t.dims() != dims {
-            return Err(ModelError::Tensor { path: path.into(), name: name.into(), reason: format!("shape {:?}, expected {dims:?}", t.dims()) });
+            return Err(ModelError::Tensor {
+                path: path.into(),
+                name: name.into(),
+                reason: format!("shape {:?}, expected {dims:?}", t.dims()),
+            });
         }
         Ok(())
     };

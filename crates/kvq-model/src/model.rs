@@ -52,45 +52,78 @@ pub type Capture<'a> = &'a mut dyn FnMut(usize, &[f32], &[f32]);
 
 fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(1)?;
-    Ok(x.broadcast_div(&(ms + eps as f64)?.sqrt()?)?.broadcast_mul(w)?)
+    Ok(x.broadcast_div(&(ms + eps as f64)?.sqrt()?)?
+        .broadcast_mul(w)?)
 }
 
 impl Model {
     /// Loads a GGUF file or HF directory.
     pub fn load(path: &str) -> Result<Self> {
         let l = load(path)?;
-        Ok(Self { rope: l.config.rope(), config: l.config, weights: l.weights, tokenizer: l.tokenizer, path: l.path })
+        Ok(Self {
+            rope: l.config.rope(),
+            config: l.config,
+            weights: l.weights,
+            tokenizer: l.tokenizer,
+            path: l.path,
+        })
     }
 
     /// A new empty sequence with caches of `plan` for up to `capacity` tokens.
     pub fn new_sequence(&self, plan: &KvPlan, capacity: usize) -> Result<Sequence> {
         if capacity > self.config.max_ctx {
-            return Err(ModelError::Context { tokens: capacity, limit: self.config.max_ctx, what: "the model's trained context".into() });
+            return Err(ModelError::Context {
+                tokens: capacity,
+                limit: self.config.max_ctx,
+                what: "the model's trained context".into(),
+            });
         }
         if plan.n_layers() != self.config.n_layers {
-            return Err(ModelError::Input(format!("KV plan has {} layers, model {}", plan.n_layers(), self.config.n_layers)));
+            return Err(ModelError::Input(format!(
+                "KV plan has {} layers, model {}",
+                plan.n_layers(),
+                self.config.n_layers
+            )));
         }
-        Ok(Sequence { caches: plan.build_caches(self.config.n_kv_heads, &self.rope)?, capacity })
+        Ok(Sequence {
+            caches: plan.build_caches(self.config.n_kv_heads, &self.rope)?,
+            capacity,
+        })
     }
 
     /// Runs `ids` after the tokens already in `seq` (one chunk: all its K/V are encoded into the cache
     /// before its attention reads them). Returns logits [ids.len(), vocab].
-    pub fn forward(&self, seq: &mut Sequence, ids: &[u32], mut capture: Option<Capture>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        seq: &mut Sequence,
+        ids: &[u32],
+        mut capture: Option<Capture>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (n, pos0) = (ids.len(), seq.len());
         if n == 0 {
             return Err(ModelError::Input("empty input".into()));
         }
         if pos0 + n > seq.capacity {
-            return Err(ModelError::Context { tokens: pos0 + n, limit: seq.capacity, what: "the sequence's KV cache".into() });
+            return Err(ModelError::Context {
+                tokens: pos0 + n,
+                limit: seq.capacity,
+                what: "the sequence's KV cache".into(),
+            });
         }
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab) {
-            return Err(ModelError::Input(format!("token id {bad} outside the vocabulary ({})", c.vocab)));
+            return Err(ModelError::Input(format!(
+                "token id {bad} outside the vocabulary ({})",
+                c.vocab
+            )));
         }
         let (d, hq, hkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
         let idt = Tensor::from_vec(ids.to_vec(), n, &Device::Cpu)?;
         let mut x = self.weights.embed.index_select(&idt, 0)?;
-        let threads = std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1).min(n);
+        let threads = std::thread::available_parallelism()
+            .map(|p| p.get())
+            .unwrap_or(1)
+            .min(n);
         for (l, w) in self.weights.layers.iter().enumerate() {
             let h = rmsnorm(&x, &w.attn_norm, c.rms_eps)?;
             let mut q = h.matmul(&w.wq)?.flatten_all()?.to_vec1::<f32>()?;
@@ -116,7 +149,11 @@ impl Model {
                     .enumerate()
                     .map(|(j, (oc, qc))| {
                         s.spawn(move || -> Result<()> {
-                            for (i, (oi, qi)) in oc.chunks_exact_mut(hq * d).zip(qc.chunks_exact(hq * d)).enumerate() {
+                            for (i, (oi, qi)) in oc
+                                .chunks_exact_mut(hq * d)
+                                .zip(qc.chunks_exact(hq * d))
+                                .enumerate()
+                            {
                                 cache.attend(qi, pos0 + j * per + i + 1, oi)?;
                             }
                             Ok(())
@@ -124,7 +161,8 @@ impl Model {
                     })
                     .collect();
                 for j in jobs {
-                    j.join().map_err(|_| ModelError::Input("attention worker panicked".into()))??;
+                    j.join()
+                        .map_err(|_| ModelError::Input("attention worker panicked".into()))??;
                 }
                 Ok(())
             })?;

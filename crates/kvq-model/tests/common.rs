@@ -28,7 +28,10 @@ pub fn write_random_llama(tag: &str) -> PathBuf {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
             .map(|i| {
-                let x = ((i as u64 + 1).wrapping_mul(6364136223846793005).wrapping_add(seed * 1442695040888963407) >> 33) as f64;
+                let x = ((i as u64 + 1)
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(seed * 1442695040888963407)
+                    >> 33) as f64;
                 ((x / (1u64 << 31) as f64) * 2.0 - 1.0) as f32 * scale as f32
             })
             .collect();
@@ -40,21 +43,46 @@ pub fn write_random_llama(tag: &str) -> PathBuf {
     t.insert("model.norm.weight".into(), (rnd(&[h], 0.1) + 1.0).unwrap());
     for l in 0..layers {
         let p = format!("model.layers.{l}");
-        t.insert(format!("{p}.input_layernorm.weight"), (rnd(&[h], 0.1) + 1.0).unwrap());
-        t.insert(format!("{p}.post_attention_layernorm.weight"), (rnd(&[h], 0.1) + 1.0).unwrap());
-        t.insert(format!("{p}.self_attn.q_proj.weight"), rnd(&[heads * d, h], 0.3));
-        t.insert(format!("{p}.self_attn.k_proj.weight"), rnd(&[kv * d, h], 0.3));
-        t.insert(format!("{p}.self_attn.v_proj.weight"), rnd(&[kv * d, h], 0.3));
-        t.insert(format!("{p}.self_attn.o_proj.weight"), rnd(&[h, heads * d], 0.2));
+        t.insert(
+            format!("{p}.input_layernorm.weight"),
+            (rnd(&[h], 0.1) + 1.0).unwrap(),
+        );
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            (rnd(&[h], 0.1) + 1.0).unwrap(),
+        );
+        t.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            rnd(&[heads * d, h], 0.3),
+        );
+        t.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            rnd(&[kv * d, h], 0.3),
+        );
+        t.insert(
+            format!("{p}.self_attn.v_proj.weight"),
+            rnd(&[kv * d, h], 0.3),
+        );
+        t.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            rnd(&[h, heads * d], 0.2),
+        );
         t.insert(format!("{p}.mlp.gate_proj.weight"), rnd(&[inter, h], 0.2));
         t.insert(format!("{p}.mlp.up_proj.weight"), rnd(&[inter, h], 0.2));
         t.insert(format!("{p}.mlp.down_proj.weight"), rnd(&[h, inter], 0.2));
     }
-    let t: HashMap<String, Tensor> = t.into_iter().map(|(k, v)| (k, v.to_dtype(DType::F32).unwrap())).collect();
+    let t: HashMap<String, Tensor> = t
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F32).unwrap()))
+        .collect();
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
     // A word-level tokenizer over "t0".."t95".
     let vocab: HashMap<String, u32> = (0..VOCAB as u32).map(|i| (format!("t{i}"), i)).collect();
-    let wl = tokenizers::models::wordlevel::WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("t0".into()).build().unwrap();
+    let wl = tokenizers::models::wordlevel::WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("t0".into())
+        .build()
+        .unwrap();
     let mut tok = tokenizers::Tokenizer::new(wl);
     tok.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
     tok.save(dir.join("tokenizer.json"), false).unwrap();

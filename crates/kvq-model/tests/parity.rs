@@ -19,7 +19,14 @@ fn fp16_cache_matches_candle_llama() {
     let cfg_text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let cfg: cl::LlamaConfig = serde_json::from_str(&cfg_text).unwrap();
     let cfg = cfg.into_config(false);
-    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     let reference = cl::Llama::load(vb, &cfg).unwrap();
     let mut cache = cl::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
 
@@ -33,14 +40,44 @@ fn fp16_cache_matches_candle_llama() {
     let b = model.forward(&mut seq, &ids[4..6], None).unwrap();
     ours.push(b.to_vec2::<f32>().unwrap().pop().unwrap());
     for &t in &ids[6..] {
-        ours.push(model.forward(&mut seq, &[t], None).unwrap().to_vec2::<f32>().unwrap().pop().unwrap());
+        ours.push(
+            model
+                .forward(&mut seq, &[t], None)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+                .pop()
+                .unwrap(),
+        );
     }
     let mut theirs = Vec::new();
-    let x = Tensor::new(&ids[..6], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    theirs.push(reference.forward(&x, 0, &mut cache).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+    let x = Tensor::new(&ids[..6], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    theirs.push(
+        reference
+            .forward(&x, 0, &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+    );
     for (i, &t) in ids[6..].iter().enumerate() {
-        let x = Tensor::new(&[t], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        theirs.push(reference.forward(&x, 6 + i, &mut cache).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+        let x = Tensor::new(&[t], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        theirs.push(
+            reference
+                .forward(&x, 6 + i, &mut cache)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
     }
     for (step, (o, t)) in ours.iter().zip(&theirs).enumerate() {
         let e = rel(o, t);

@@ -352,7 +352,7 @@ impl Codec for KiviCodec {
 
     fn kernel(&self) -> Option<KernelSpec> {
         // kernels/formats/kivi.cu reads 32-token blocks with unpadded rows (d*bits a multiple of 32).
-        (self.group == 32 && (self.d * self.bits as usize) % 32 == 0).then_some(KernelSpec {
+        (self.group == 32 && (self.d * self.bits).is_multiple_of(32)).then_some(KernelSpec {
             module: "kivi",
             ints: [self.bits as i32, 32, 0, 0],
             tile_blocks: 4,
