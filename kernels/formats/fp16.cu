@@ -4,7 +4,7 @@
 template <int D>
 struct Fp16Policy {
     static constexpr int BT = 1;
-    static constexpr int TILE_BLOCKS = 64;
+    static constexpr int TILE_BLOCKS = 32;
     static constexpr int CPL = D / kvq::LANES_PER_TOKEN;
     static __device__ __forceinline__ void key_chunk(const uint8_t* blk, int, int c0, const KvqFmtArgs&, float* k) {
         kvq::WindowFmt<D>::chunk(blk, c0, k);
