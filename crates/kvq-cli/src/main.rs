@@ -120,6 +120,14 @@ enum Cmd {
         /// Head dimension.
         #[arg(long, default_value_t = 64)]
         head_dim: usize,
+        /// Measure each format's error on the model's real K/V over this text (first `--tokens`).
+        #[arg(long)]
+        text: Option<String>,
+        /// Tokens of `--text` to capture.
+        #[arg(long, default_value_t = 1024)]
+        tokens: usize,
+        #[command(flatten)]
+        m: ModelArgs,
     },
     /// Download and verify the default model into models/.
     FetchModel,
@@ -482,7 +490,36 @@ fn run(cli: Cli) -> Result<()> {
                 &groups,
             )?;
         }
-        Cmd::Inspect { kv, head_dim } => {
+        Cmd::Inspect {
+            kv,
+            text: Some(text),
+            tokens,
+            m,
+            ..
+        } => {
+            let model = load_model(&m)?;
+            let body = std::fs::read_to_string(&text).with_context(|| format!("--text {text}"))?;
+            let mut ids: Vec<u32> = model.config.bos.into_iter().collect();
+            ids.extend(model.tokenizer.encode(&body)?);
+            ids.truncate(tokens.min(model.config.max_ctx));
+            let plans = if kv.is_empty() {
+                vec!["fp16".to_string()]
+            } else {
+                kv
+            };
+            let rows = kvq_model::inspect::kv_errors(&model, &ids, &plans)?;
+            println!(
+                "| KV plan | bits/elem (window counted) | key rel. error | value rel. error |"
+            );
+            println!("|---|---|---|---|");
+            for r in rows {
+                println!(
+                    "| `{}` | {:.3} | {:.4} | {:.4} |",
+                    r.kv, r.bits_per_elem, r.key_err, r.value_err
+                );
+            }
+        }
+        Cmd::Inspect { kv, head_dim, .. } => {
             let list = if kv.is_empty() {
                 vec![
                     "fp16",

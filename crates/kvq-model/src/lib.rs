@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod fetch;
+pub mod inspect;
 pub mod load;
 pub mod model;
 pub mod sample;
