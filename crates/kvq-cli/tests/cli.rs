@@ -145,6 +145,8 @@ fn bad_input_gives_one_error_line() {
         "/nonexistent/c.txt",
         "--out",
         "x.st",
+        "--group",
+        "16",
     ]);
     assert!(e.contains("/nonexistent/c.txt"), "{e}");
     let e = fails(&["eval", "sweep"]);
@@ -183,7 +185,7 @@ fn generate_and_eval_run_on_a_small_model() {
             .unwrap()
     };
     let (bytes, tokens) = (num_before(" bytes ("), num_before(" tokens, "));
-    assert!(tokens >= 3 && tokens <= 3 + 5, "{line}");
+    assert!((3..=3 + 5).contains(&tokens), "{line}");
     assert_eq!(bytes, tokens * 2 * 2 * 16 * 2 * 2, "{line}");
     assert!(line.contains("16.000 bits/elem"), "{line}");
 

@@ -92,14 +92,17 @@ impl LlamaConfig {
             path: path.into(),
             reason,
         };
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return Err(bad(format!(
                 "{} query heads not a multiple of {} KV heads",
                 self.n_heads, self.n_kv_heads
             )));
         }
         if self.head_dim == 0
-            || self.head_dim % 2 != 0
+            || !self.head_dim.is_multiple_of(2)
             || self.n_layers == 0
             || self.vocab == 0
             || self.hidden == 0
@@ -129,8 +132,10 @@ impl LlamaConfig {
                 self.intermediate, self.max_ctx
             )));
         }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0)
-            || !(self.rms_eps.is_finite() && self.rms_eps >= 0.0)
+        if !(self.rope_theta.is_finite()
+            && self.rope_theta > 1.0
+            && self.rms_eps.is_finite()
+            && self.rms_eps >= 0.0)
         {
             return Err(bad(format!(
                 "implausible RoPE base {} or RMSNorm epsilon {}",

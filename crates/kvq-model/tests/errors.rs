@@ -13,7 +13,10 @@ fn err_of(path: &Path) -> String {
     }
 }
 
-fn set(md: &mut Vec<(String, Value)>, key: &str, v: Value) {
+/// GGUF metadata as `rewrite_gguf` hands it over.
+type Meta = Vec<(String, Value)>;
+
+fn set(md: &mut Meta, key: &str, v: Value) {
     md.retain(|(k, _)| k != key);
     md.push((key.to_string(), v));
 }
@@ -118,7 +121,7 @@ fn hostile_gguf_files() {
     let p = dir.join("text.gguf");
     std::fs::write(&p, b"hello, this is not a model").unwrap();
     assert!(err_of(&p).contains("GGUF"));
-    let variant = |name: &str, edit: &dyn Fn(&mut Vec<(String, Value)>)| {
+    let variant = |name: &str, edit: &dyn Fn(&mut Meta)| {
         let p = dir.join(name);
         rewrite_gguf(&good, &p, |md| edit(md)).unwrap();
         err_of(&p)
