@@ -29,7 +29,7 @@ struct ModelArgs {
     /// A .gguf file or an HF directory (config.json, *.safetensors, tokenizer.json); default: SmolLM2-135M-Instruct, fetched on first use.
     #[arg(long)]
     model: Option<String>,
-    /// Where to run: cpu, cuda or auto (cuda when a GPU is present).
+    /// Where to run: cpu, cuda or auto (auto picks cpu until the CUDA engine is built).
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -60,12 +60,23 @@ enum Cmd {
         /// Sampling seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Wrap the prompt in the model's chat template (ChatML).
+        /// Wrap the prompt in the model's chat template (ChatML), for instruct models.
         #[arg(long)]
         chat: bool,
+        /// System turn for --chat (default: the one the model's template inserts, if any).
+        #[arg(long)]
+        system: Option<String>,
         /// Tokens per prefill chunk.
         #[arg(long, default_value_t = 256)]
         chunk: usize,
+    },
+    /// Write a model (e.g. the default GGUF) as an HF directory: config.json, f32 model.safetensors, tokenizer.json.
+    Convert {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Output directory.
+        #[arg(long)]
+        out: String,
     },
     /// Evaluate quality: `eval ppl --text FILE --kv A --kv B`.
     Eval {
@@ -154,7 +165,11 @@ enum EvalCmd {
         /// Window length in tokens.
         #[arg(long, default_value_t = 1024)]
         ctx: usize,
-        /// Tokens per forward chunk (encoded before the chunk's attention reads them).
+        /// Tokens between window starts and tokens scored per window (default ctx/2: every scored token
+        /// sees at least ctx/2 tokens of context).
+        #[arg(long)]
+        stride: Option<usize>,
+        /// Tokens per forward chunk: each chunk's K/V are encoded into the cache before its attention reads them.
         #[arg(long, default_value_t = 128)]
         chunk: usize,
         /// Windows to score at most (0 = the whole text).
@@ -164,11 +179,20 @@ enum EvalCmd {
         #[arg(long)]
         json: Option<String>,
     },
+    /// Quality sweep over formats and settings (not built yet).
+    Sweep,
 }
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("kvq: {e:#}");
+        // One line: the chain of causes joined, any newline inside a cause (pip's stderr) flattened.
+        let msg = format!("{e:#}");
+        let line: Vec<&str> = msg
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        eprintln!("kvq: error: {}", line.join(" "));
         std::process::exit(1);
     }
 }
@@ -176,7 +200,7 @@ fn main() {
 fn load_model(m: &ModelArgs) -> Result<Model> {
     match m.device.as_str() {
         "cpu" | "auto" => {}
-        "cuda" => bail!("--device cuda: the CUDA engine (full forward on the GPU) is not built yet; use --device cpu"),
+        "cuda" => bail!("--device cuda: the CUDA engine is not built yet (the GPU runs the attention kernels alone: kvq bench, kvq selftest --gpu); use --device cpu"),
         other => bail!("--device {other}: expected cpu, cuda or auto"),
     }
     let path = match &m.model {
@@ -185,7 +209,21 @@ fn load_model(m: &ModelArgs) -> Result<Model> {
             .display()
             .to_string(),
     };
-    Model::load(&path).with_context(|| format!("loading --model {path}"))
+    let t0 = Instant::now();
+    let model = Model::load(&path).with_context(|| format!("loading --model {path}"))?;
+    let c = &model.config;
+    eprintln!(
+        "kvq: {} ({} layers, {} heads / {} KV heads x {}, vocab {}, context {}) loaded in {:.1}s on cpu",
+        path,
+        c.n_layers,
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        c.vocab,
+        c.max_ctx,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(model)
 }
 
 fn bar(total: usize, what: &str) -> ProgressBar {
@@ -223,8 +261,7 @@ fn calibrate(
         );
     }
     let body = std::fs::read_to_string(text).with_context(|| format!("--text {text}"))?;
-    let mut ids: Vec<u32> = c.bos.into_iter().collect();
-    ids.extend(model.tokenizer.encode(&body)?);
+    let ids = model.tokenizer.encode_prompt(&body)?;
     let ctx = c.max_ctx.min(2048);
     let n = ids.len().min(tokens);
     if n < 64 {
@@ -304,76 +341,73 @@ fn run(cli: Cli) -> Result<()> {
             top_p,
             seed,
             chat,
+            system,
             chunk,
         } => {
+            if !(temperature.is_finite() && temperature >= 0.0) {
+                bail!("--temperature {temperature}: expected a number >= 0 (0 = greedy)");
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                bail!("--top-p {top_p}: expected a number in (0, 1]");
+            }
+            if max_tokens == 0 {
+                bail!("--max-tokens 0: nothing to generate");
+            }
             let model = load_model(&m)?;
-            let plan = KvPlan::parse(&kv, model.config.n_layers).context("--kv")?;
+            let plan =
+                KvPlan::parse(&kv, model.config.n_layers).with_context(|| format!("--kv {kv}"))?;
             let text = if chat {
-                model.tokenizer.chat_prompt(&prompt)?
+                model.tokenizer.chat_prompt(&prompt, system.as_deref())?
             } else {
+                if system.is_some() {
+                    bail!("--system needs --chat");
+                }
                 prompt
             };
-            let mut ids: Vec<u32> = model.config.bos.into_iter().collect();
-            ids.extend(model.tokenizer.encode(&text)?);
-            let cap = (ids.len() + max_tokens).min(model.config.max_ctx);
-            if ids.len() >= cap {
-                bail!(
-                    "prompt of {} tokens leaves no room under the model's context of {}",
-                    ids.len(),
-                    model.config.max_ctx
-                );
-            }
-            let mut seq = model.new_sequence(&plan, cap)?;
-            let t0 = Instant::now();
-            let mut logits = None;
-            for ch in ids.chunks(chunk.max(1)) {
-                logits = Some(model.forward(&mut seq, ch, None)?);
-            }
-            let prefill = t0.elapsed();
+            let ids = model.tokenizer.encode_prompt(&text)?;
             let mut sampler = Sampler::new(temperature, top_k, top_p, seed);
-            let mut out: Vec<u32> = Vec::new();
-            let mut printed = 0;
-            let t1 = Instant::now();
-            let mut last = logits
-                .context("no prompt")?
-                .to_vec2::<f32>()?
-                .pop()
-                .context("no logits")?;
-            while out.len() < max_tokens && seq.len() < cap {
-                let next = sampler.sample(&last);
-                if model.config.eos.contains(&next) {
-                    break;
-                }
-                out.push(next);
-                let s = model.tokenizer.decode(&out)?;
-                if s.len() > printed && s.is_char_boundary(printed) {
-                    print!("{}", &s[printed..]);
-                    std::io::stdout().flush().ok();
-                    printed = s.len();
-                }
-                if seq.len() >= cap {
-                    break;
-                }
-                last = model
-                    .forward(&mut seq, &[next], None)?
-                    .to_vec2::<f32>()?
-                    .pop()
-                    .context("no logits")?;
-            }
+            let mut stdout = std::io::stdout();
+            let (_, st) = kvq_model::generate::generate(
+                &model,
+                &plan,
+                &ids,
+                max_tokens,
+                chunk,
+                &mut sampler,
+                &mut |t| {
+                    print!("{t}");
+                    stdout.flush().ok();
+                },
+            )?;
             println!();
-            let dt = t1.elapsed().as_secs_f64();
-            let b = seq.bytes();
+            let b = st.kv;
             eprintln!(
-                "kvq: {} prompt tokens in {:.2}s, {} generated at {:.1} tok/s (cpu); KV {} ({} bytes, {:.3} bits/elem incl. window; fixed {} bytes)",
-                ids.len(),
-                prefill.as_secs_f64(),
-                out.len(),
-                out.len() as f64 / dt.max(1e-9),
+                "kvq: {} prompt tokens in {:.2}s; {} generated in {:.2}s = {:.1} tok/s (cpu, stop: {:?}); KV {}: {} bytes ({} packed + {} full-precision window) for {} tokens, {:.3} bits/elem{}",
+                st.prompt_tokens,
+                st.prefill_s,
+                st.generated,
+                st.decode_s,
+                st.tokens_per_s(),
+                st.stop,
                 plan.describe(),
                 b.packed + b.window,
+                b.packed,
+                b.window,
+                b.tokens,
                 b.bits_per_elem(),
-                b.fixed
+                if b.fixed > 0 { format!(" (+{} fixed bytes)", b.fixed) } else { String::new() }
             );
+        }
+        Cmd::Convert { m, out } => {
+            let model = load_model(&m)?;
+            kvq_model::convert::write_hf(&model, std::path::Path::new(&out))
+                .with_context(|| format!("--out {out}"))?;
+            println!("{out}");
+        }
+        Cmd::Eval {
+            what: EvalCmd::Sweep,
+        } => {
+            bail!("eval sweep: not built yet (it needs the tuned format grid; run `eval ppl` with several --kv)")
         }
         Cmd::Eval {
             what:
@@ -382,32 +416,45 @@ fn run(cli: Cli) -> Result<()> {
                     m,
                     kv,
                     ctx,
+                    stride,
                     chunk,
                     max_windows,
                     json,
                 },
         } => {
-            let model = load_model(&m)?;
             let body = std::fs::read_to_string(&text).with_context(|| format!("--text {text}"))?;
+            let model = load_model(&m)?;
+            let plans = kv
+                .iter()
+                .map(|k| {
+                    KvPlan::parse(k, model.config.n_layers).with_context(|| format!("--kv {k}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let tokens = model.tokenizer.encode(&body)?;
             let o = PplOpts {
                 ctx,
+                stride: stride.unwrap_or(ctx / 2),
                 chunk,
                 max_windows,
             };
+            let (n_windows, _) = kvq_model::eval::windows(&model, tokens.len(), &o)?;
+            eprintln!(
+                "kvq: {text}: {} tokens; {n_windows} windows of {ctx} tokens every {} tokens, last {} of each scored, chunks of {chunk}",
+                tokens.len(),
+                o.stride,
+                o.stride
+            );
             let mut results = Vec::new();
-            for k in &kv {
-                let plan =
-                    KvPlan::parse(k, model.config.n_layers).with_context(|| format!("--kv {k}"))?;
+            for plan in &plans {
                 let pb = bar(1, &plan.describe());
-                let r = perplexity(&model, &plan, &tokens, &o, &mut |d, t| {
+                let r = perplexity(&model, plan, &tokens, &o, &mut |d, t| {
                     pb.set_length(t as u64);
                     pb.set_position(d as u64);
                 })?;
                 pb.finish_and_clear();
                 eprintln!(
-                    "{:<50} ppl {:.4}  bits/elem {:.3}",
-                    r.kv, r.ppl, r.bits_per_elem
+                    "kvq: {:<40} ppl {:.4}  bits/elem {:.3}  ({:.0}s)",
+                    r.kv, r.ppl, r.bits_per_elem, r.seconds
                 );
                 results.push(r);
             }
@@ -416,7 +463,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("|---|---|---|---|---|");
             for r in &results {
                 let rel = base
-                    .map(|b| format!("{:.4}", r.ppl / b))
+                    .map(|b| format!("{:+.2}%", (r.ppl / b - 1.0) * 100.0))
                     .unwrap_or_else(|| "-".into());
                 println!(
                     "| `{}` | {:.3} | {:.4} | {} | {} |",
@@ -424,7 +471,10 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             if let Some(j) = json {
-                let doc = serde_json::json!({"model": model.path, "text": text, "opts": o, "results": results});
+                let doc = serde_json::json!({
+                    "model": model.path, "text": text, "text_tokens": tokens.len(), "opts": o,
+                    "add_bos": model.tokenizer.add_bos, "results": results
+                });
                 std::fs::write(&j, serde_json::to_string_pretty(&doc)?)
                     .with_context(|| format!("--json {j}"))?;
             }

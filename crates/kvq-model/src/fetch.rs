@@ -18,7 +18,7 @@ pub fn models_dir() -> PathBuf {
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
     if repo.is_dir() {
-        return repo;
+        return repo.canonicalize().unwrap_or(repo);
     }
     PathBuf::from("models")
 }

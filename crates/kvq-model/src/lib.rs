@@ -4,13 +4,16 @@
 //! cache of `kvq-formats`, sampling, generation and perplexity.
 
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod eval;
 pub mod fetch;
+pub mod generate;
 pub mod inspect;
 pub mod load;
 pub mod model;
 pub mod sample;
+pub mod testutil;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;

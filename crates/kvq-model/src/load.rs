@@ -3,7 +3,7 @@
 //! tokenizer.json). Both give the same [`Weights`] in HF conventions except the RoPE pair order,
 //! which the config records (GGUF llama q/k weights are permuted for interleaved pairs).
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::tokenizer::Tok;
 use candle_core::quantized::gguf_file;
@@ -44,6 +44,8 @@ pub struct Weights {
     pub norm: Tensor,
     /// Output head (transposed, [hidden, vocab]); tied models reuse the embeddings.
     pub lm_head: Tensor,
+    /// The output head is the embedding matrix (no separate tensor in the file).
+    pub tied: bool,
 }
 
 /// A loaded model: config, weights, tokenizer and where it came from.
@@ -79,17 +81,31 @@ fn meta_u(md: &HashMap<String, gguf_file::Value>, path: &str, key: &str) -> Resu
         path: path.into(),
         reason: format!("metadata '{key}' missing"),
     })?;
-    v.to_u64()
-        .map(|x| x as usize)
-        .or_else(|_| v.to_u32().map(|x| x as usize))
-        .or_else(|_| v.to_i32().map(|x| x as usize))
+    let x = v
+        .to_u64()
+        .or_else(|_| v.to_u32().map(u64::from))
+        .or_else(|_| {
+            v.to_i64().and_then(|x| {
+                u64::try_from(x).map_err(|_| candle_core::Error::Msg("negative".into()))
+            })
+        })
+        .or_else(|_| {
+            v.to_i32().and_then(|x| {
+                u64::try_from(x).map_err(|_| candle_core::Error::Msg("negative".into()))
+            })
+        })
         .map_err(|_| ModelError::File {
             path: path.into(),
-            reason: format!("metadata '{key}' is not an integer"),
-        })
+            reason: format!("metadata '{key}' is not a non-negative integer"),
+        })?;
+    usize::try_from(x).map_err(|_| ModelError::File {
+        path: path.into(),
+        reason: format!("metadata '{key}' = {x} is too large"),
+    })
 }
 
-/// Loads a GGUF llama model.
+/// Loads a GGUF llama model: architecture and tokenizer from the metadata, every tensor's shape
+/// checked against the architecture before it is read, quantized weights dequantized to f32.
 pub fn load_gguf(path: &str) -> Result<Loaded> {
     let file_err = |reason: String| ModelError::File {
         path: path.into(),
@@ -115,27 +131,103 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
     let hidden = g("embedding_length")?;
     let n_heads = g("attention.head_count")?;
     let tokenizer = Tok::from_gguf(md)?;
-    let config = LlamaConfig {
+    let rope_scaling = match md
+        .get("llama.rope.scaling.type")
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
+    {
+        None | Some("none") => None,
+        Some("linear") => Some(RopeScaling::Linear {
+            factor: f32m("llama.rope.scaling.factor", 1.0),
+        }),
+        Some(other) => {
+            return Err(file_err(format!(
+                "RoPE scaling '{other}' is not supported (linear, or a rope_freqs tensor)"
+            )))
+        }
+    };
+    let mut config = LlamaConfig {
         vocab: tokenizer.vocab_size(),
         hidden,
         intermediate: g("feed_forward_length")?,
         n_layers: g("block_count")?,
         n_heads,
-        n_kv_heads: g("attention.head_count_kv").unwrap_or(n_heads),
-        head_dim: md
-            .get("llama.attention.key_length")
-            .and_then(|v| v.to_u32().ok())
-            .map(|x| x as usize)
-            .unwrap_or(hidden / n_heads.max(1)),
+        n_kv_heads: if md.contains_key("llama.attention.head_count_kv") {
+            g("attention.head_count_kv")?
+        } else {
+            n_heads
+        },
+        head_dim: if md.contains_key("llama.attention.key_length") {
+            g("attention.key_length")?
+        } else {
+            hidden / n_heads.max(1)
+        },
         rope_theta: f32m("llama.rope.freq_base", 10000.0),
-        rope_scaling: None,
+        rope_scaling,
         rms_eps: f32m("llama.attention.layer_norm_rms_epsilon", 1e-5),
-        max_ctx: g("context_length").unwrap_or(4096),
+        max_ctx: if md.contains_key("llama.context_length") {
+            g("context_length")?
+        } else {
+            4096
+        },
         rope_style: RopeStyle::Interleaved,
         bos: tokenizer.bos,
         eos: tokenizer.eos.clone(),
     };
     config.validate(path)?;
+    // Shapes first: a corrupt header must not make us allocate or read what the model cannot use.
+    let c = &config;
+    let (h, q, kv) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let mut want: Vec<(String, Vec<usize>)> = vec![
+        ("token_embd.weight".into(), vec![c.vocab, h]),
+        ("output_norm.weight".into(), vec![h]),
+    ];
+    for i in 0..c.n_layers {
+        for (n, dims) in [
+            ("attn_norm", vec![h]),
+            ("attn_q", vec![q, h]),
+            ("attn_k", vec![kv, h]),
+            ("attn_v", vec![kv, h]),
+            ("attn_output", vec![h, q]),
+            ("ffn_norm", vec![h]),
+            ("ffn_gate", vec![c.intermediate, h]),
+            ("ffn_up", vec![c.intermediate, h]),
+            ("ffn_down", vec![h, c.intermediate]),
+        ] {
+            want.push((format!("blk.{i}.{n}.weight"), dims));
+        }
+    }
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    if !tied {
+        want.push(("output.weight".into(), vec![c.vocab, h]));
+    }
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        want.push(("rope_freqs.weight".into(), vec![c.head_dim / 2]));
+    }
+    for (name, dims) in &want {
+        let info = content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::Tensor {
+                path: path.into(),
+                name: name.clone(),
+                reason: "missing".into(),
+            })?;
+        if info.shape.dims() != dims.as_slice() {
+            if name == "token_embd.weight" && info.shape.dims().get(1) == Some(&h) {
+                return Err(ModelError::Tokenizer(format!(
+                    "{path}: the tokenizer has {} tokens but token_embd has {} rows: tokenizer and model do not match",
+                    c.vocab,
+                    info.shape.dims()[0]
+                )));
+            }
+            return Err(ModelError::Tensor {
+                path: path.into(),
+                name: name.clone(),
+                reason: format!("shape {:?}, expected {dims:?}", info.shape.dims()),
+            });
+        }
+    }
     let mut get = |name: &str| -> Result<Tensor> {
         let q = content
             .tensor(&mut f, name, &Device::Cpu)
@@ -146,6 +238,12 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
             })?;
         Ok(q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
     };
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        config.rope_scaling = Some(RopeScaling::PerPair(
+            get("rope_freqs.weight")?.to_vec1::<f32>()?,
+        ));
+        config.validate(path)?;
+    }
     let embed = get("token_embd.weight")?;
     let mut layers = Vec::with_capacity(config.n_layers);
     for i in 0..config.n_layers {
@@ -163,16 +261,17 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
         });
     }
     let norm = get("output_norm.weight")?;
-    let lm_head = if content.tensor_infos.contains_key("output.weight") {
-        get("output.weight")?
-    } else {
+    let lm_head = if tied {
         embed.clone()
+    } else {
+        get("output.weight")?
     };
     let weights = Weights {
         lm_head: lm_head.t()?.contiguous()?,
         embed,
         layers,
         norm,
+        tied,
     };
     check_shapes(&config, &weights, path)?;
     Ok(Loaded {
@@ -264,15 +363,17 @@ pub fn load_hf(dir: &str) -> Result<Loaded> {
         });
     }
     let norm = get("model.norm.weight")?;
-    let lm_head = match get("lm_head.weight") {
-        Ok(t) => t,
-        Err(_) => embed.clone(),
+    // Tied when the file has no output head (tie_word_embeddings), as transformers does.
+    let (lm_head, tied) = match get("lm_head.weight") {
+        Ok(t) => (t, false),
+        Err(_) => (embed.clone(), true),
     };
     let weights = Weights {
         lm_head: lm_head.t()?.contiguous()?,
         embed,
         layers,
         norm,
+        tied,
     };
     check_shapes(&config, &weights, dir)?;
     Ok(Loaded {

@@ -97,6 +97,19 @@ impl Model {
         &self,
         seq: &mut Sequence,
         ids: &[u32],
+        capture: Option<Capture>,
+    ) -> Result<Tensor> {
+        Ok(self
+            .forward_hidden(seq, ids, capture)?
+            .matmul(&self.weights.lm_head)?)
+    }
+
+    /// [`Model::forward`] without the output head: the final-normed hidden states [ids.len(), hidden].
+    /// Perplexity uses it for chunks whose predictions are not scored (the cache still fills).
+    pub fn forward_hidden(
+        &self,
+        seq: &mut Sequence,
+        ids: &[u32],
         mut capture: Option<Capture>,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -117,7 +130,7 @@ impl Model {
                 c.vocab
             )));
         }
-        let (d, hq, hkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
+        let (d, hq) = (c.head_dim, c.n_heads);
         let idt = Tensor::from_vec(ids.to_vec(), n, &Device::Cpu)?;
         let mut x = self.weights.embed.index_select(&idt, 0)?;
         let threads = std::thread::available_parallelism()
@@ -166,14 +179,12 @@ impl Model {
                 }
                 Ok(())
             })?;
-            let _ = hkv;
             let o = Tensor::from_vec(o, (n, hq * d), &Device::Cpu)?;
             x = (x + o.matmul(&w.wo)?)?;
             let h = rmsnorm(&x, &w.ffn_norm, c.rms_eps)?;
             let a = (h.matmul(&w.w_gate)?.silu()? * h.matmul(&w.w_up)?)?;
             x = (x + a.matmul(&w.w_down)?)?;
         }
-        let x = rmsnorm(&x, &self.weights.norm, c.rms_eps)?;
-        Ok(x.matmul(&self.weights.lm_head)?)
+        rmsnorm(&x, &self.weights.norm, c.rms_eps)
     }
 }

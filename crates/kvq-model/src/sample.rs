@@ -27,10 +27,12 @@ impl Sampler {
 
     /// Picks the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        // NaN logits never win (total_cmp would rank a NaN above +inf).
         let argmax = || {
             logits
                 .iter()
                 .enumerate()
+                .filter(|(_, x)| !x.is_nan())
                 .max_by(|a, b| a.1.total_cmp(b.1))
                 .map(|(i, _)| i as u32)
                 .unwrap_or(0)

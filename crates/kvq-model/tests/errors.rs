@@ -1,30 +1,36 @@
 //! Bad input gives one clear error naming what was wrong, never a panic.
-mod common;
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::GgmlDType;
 use kvq_formats::KvPlan;
+use kvq_model::testutil::{hf_to_gguf, rewrite_gguf, temp_dir, write_random_llama, TinySpec};
 use kvq_model::{Model, ModelError};
+use std::path::Path;
 
-fn err_of(path: &str) -> String {
-    match Model::load(path) {
-        Ok(_) => panic!("{path} loaded"),
+fn err_of(path: &Path) -> String {
+    match Model::load(path.to_str().unwrap()) {
+        Ok(_) => panic!("{} loaded", path.display()),
         Err(e) => e.to_string(),
     }
 }
 
+/// GGUF metadata as `rewrite_gguf` hands it over.
+type Meta = Vec<(String, Value)>;
+
+fn set(md: &mut Meta, key: &str, v: Value) {
+    md.retain(|(k, _)| k != key);
+    md.push((key.to_string(), v));
+}
+
 #[test]
-fn hostile_models_and_contexts() {
-    let dir = common::write_random_llama("errors");
-    let d = dir.to_str().unwrap();
+fn hostile_hf_directories() {
+    let dir = temp_dir("errors-hf").unwrap();
+    write_random_llama(&dir, &TinySpec::default()).unwrap();
     // Missing model.
-    assert!(err_of("/nonexistent/model.gguf").contains("/nonexistent/model.gguf"));
-    // Truncated GGUF.
-    let g = dir.join("bad.gguf");
-    std::fs::write(&g, b"GGUF\x03\x00\x00\x00").unwrap();
-    let e = err_of(g.to_str().unwrap());
-    assert!(e.contains("bad.gguf") && e.contains("GGUF"), "{e}");
+    assert!(err_of(Path::new("/nonexistent/model.gguf")).contains("/nonexistent/model.gguf"));
     // Truncated safetensors.
     let st = std::fs::read(dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("model.safetensors"), &st[..st.len() / 2]).unwrap();
-    let e = err_of(d);
+    let e = err_of(&dir);
     assert!(e.contains("model.safetensors"), "{e}");
     std::fs::write(dir.join("model.safetensors"), &st).unwrap();
     // Unknown architecture.
@@ -35,22 +41,38 @@ fn hostile_models_and_contexts() {
             .replace("\"llama\"", "\"gpt_neox\""),
     )
     .unwrap();
-    let e = err_of(d);
+    let e = err_of(&dir);
     assert!(
         e.contains("GPTNeoXForCausalLM") && e.contains("config.json"),
         "{e}"
     );
+    // Unsupported RoPE scaling.
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace(
+            "\"rope_scaling\":null",
+            "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4.0}",
+        ),
+    )
+    .unwrap();
+    let e = err_of(&dir);
+    assert!(e.contains("yarn"), "{e}");
     // Tokenizer larger than the model's vocabulary: they do not match.
     std::fs::write(
         dir.join("config.json"),
         cfg.replace("\"vocab_size\":96", "\"vocab_size\":50"),
     )
     .unwrap();
-    let e = err_of(d);
+    let e = err_of(&dir);
     assert!(e.contains("tokenizer") && e.contains("do not match"), "{e}");
+    // No tokenizer at all.
     std::fs::write(dir.join("config.json"), &cfg).unwrap();
+    std::fs::rename(dir.join("tokenizer.json"), dir.join("tok.bak")).unwrap();
+    let e = err_of(&dir);
+    assert!(e.contains("tokenizer.json"), "{e}");
+    std::fs::rename(dir.join("tok.bak"), dir.join("tokenizer.json")).unwrap();
     // Contexts longer than the model or the cache.
-    let m = Model::load(d).unwrap();
+    let m = Model::load(dir.to_str().unwrap()).unwrap();
     let plan = KvPlan::parse("fp16", m.config.n_layers).unwrap();
     assert!(matches!(
         m.new_sequence(&plan, 100_000),
@@ -69,9 +91,78 @@ fn hostile_models_and_contexts() {
         ),
         "{e}"
     );
-    // Token ids outside the vocabulary, an unparsable --kv.
+    // Token ids outside the vocabulary, an unparsable --kv, a plan for another depth.
     assert!(m.forward(&mut seq, &[4000], None).is_err());
     let e = KvPlan::parse("kivi:bits=7", 2).unwrap_err().to_string();
     assert!(e.contains("kivi:bits=7"), "{e}");
+    assert!(KvPlan::parse("nonsense", 2).is_err());
+    let other = KvPlan::parse("fp16", 3).unwrap();
+    assert!(m.new_sequence(&other, 8).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn hostile_gguf_files() {
+    let dir = temp_dir("errors-gguf").unwrap();
+    let spec = TinySpec::default();
+    write_random_llama(&dir, &spec).unwrap();
+    let good = dir.join("good.gguf");
+    hf_to_gguf(&dir, &good, &spec, GgmlDType::Q8_0).unwrap();
+    assert!(Model::load(good.to_str().unwrap()).is_ok());
+    let bytes = std::fs::read(&good).unwrap();
+    // Truncated at several points: header, metadata, tensor data.
+    for cut in [8, 100, bytes.len() / 3, bytes.len() - 10] {
+        let p = dir.join("cut.gguf");
+        std::fs::write(&p, &bytes[..cut]).unwrap();
+        let e = err_of(&p);
+        assert!(e.contains("cut.gguf"), "cut at {cut}: {e}");
+    }
+    // Not a GGUF at all.
+    let p = dir.join("text.gguf");
+    std::fs::write(&p, b"hello, this is not a model").unwrap();
+    assert!(err_of(&p).contains("GGUF"));
+    let variant = |name: &str, edit: &dyn Fn(&mut Meta)| {
+        let p = dir.join(name);
+        rewrite_gguf(&good, &p, |md| edit(md)).unwrap();
+        err_of(&p)
+    };
+    // Unknown architecture.
+    let e = variant("arch.gguf", &|md| {
+        set(md, "general.architecture", Value::String("mamba".into()))
+    });
+    assert!(e.contains("mamba") && e.contains("architecture"), "{e}");
+    // Wrong tokenizer: a SentencePiece vocabulary, an unknown pre-tokenizer, fewer tokens than the embeddings.
+    let e = variant("spm.gguf", &|md| {
+        set(md, "tokenizer.ggml.model", Value::String("llama".into()))
+    });
+    assert!(e.contains("tokenizer") && e.contains("llama"), "{e}");
+    let e = variant("pre.gguf", &|md| {
+        set(md, "tokenizer.ggml.pre", Value::String("klingon".into()))
+    });
+    assert!(e.contains("klingon"), "{e}");
+    let e = variant("vocab.gguf", &|md| {
+        let toks: Vec<Value> = (0..90).map(|i| Value::String(format!("t{i}"))).collect();
+        let types: Vec<Value> = (0..90).map(|_| Value::I32(1)).collect();
+        set(md, "tokenizer.ggml.tokens", Value::Array(toks));
+        set(md, "tokenizer.ggml.token_type", Value::Array(types));
+    });
+    assert!(e.contains("do not match") && e.contains("90"), "{e}");
+    // Shapes that disagree with the architecture, and absurd header numbers.
+    let e = variant("heads.gguf", &|md| {
+        set(md, "llama.attention.head_count_kv", Value::U32(3))
+    });
+    assert!(e.contains("KV heads"), "{e}");
+    let e = variant("layers.gguf", &|md| {
+        set(md, "llama.block_count", Value::U32(3))
+    });
+    assert!(e.contains("blk.2") && e.contains("missing"), "{e}");
+    let e = variant("huge.gguf", &|md| {
+        set(md, "llama.block_count", Value::U64(u64::MAX))
+    });
+    assert!(e.contains("block_count") || e.contains("layers"), "{e}");
+    let e = variant("neg.gguf", &|md| {
+        set(md, "llama.embedding_length", Value::I32(-64))
+    });
+    assert!(e.contains("embedding_length"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
