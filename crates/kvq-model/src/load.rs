@@ -247,18 +247,7 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
     let embed = get("token_embd.weight")?;
     let mut layers = Vec::with_capacity(config.n_layers);
     for i in 0..config.n_layers {
-        let mut t = |n: &str| get(&format!("blk.{i}.{n}.weight"));
-        layers.push(LayerWeights {
-            attn_norm: t("attn_norm")?,
-            wq: t("attn_q")?.t()?.contiguous()?,
-            wk: t("attn_k")?.t()?.contiguous()?,
-            wv: t("attn_v")?.t()?.contiguous()?,
-            wo: t("attn_output")?.t()?.contiguous()?,
-            ffn_norm: t("ffn_norm")?,
-            w_gate: t("ffn_gate")?.t()?.contiguous()?,
-            w_up: t("ffn_up")?.t()?.contiguous()?,
-            w_down: t("ffn_down")?.t()?.contiguous()?,
-        });
+        layers.push(layer_weights(&mut get, &format!("blk.{i}"), &GGUF_LAYER)?);
     }
     let norm = get("output_norm.weight")?;
     let lm_head = if tied {
@@ -349,18 +338,11 @@ pub fn load_hf(dir: &str) -> Result<Loaded> {
     let embed = get("model.embed_tokens.weight")?;
     let mut layers = Vec::with_capacity(config.n_layers);
     for i in 0..config.n_layers {
-        let mut t = |n: &str| get(&format!("model.layers.{i}.{n}.weight"));
-        layers.push(LayerWeights {
-            attn_norm: t("input_layernorm")?,
-            wq: t("self_attn.q_proj")?.t()?.contiguous()?,
-            wk: t("self_attn.k_proj")?.t()?.contiguous()?,
-            wv: t("self_attn.v_proj")?.t()?.contiguous()?,
-            wo: t("self_attn.o_proj")?.t()?.contiguous()?,
-            ffn_norm: t("post_attention_layernorm")?,
-            w_gate: t("mlp.gate_proj")?.t()?.contiguous()?,
-            w_up: t("mlp.up_proj")?.t()?.contiguous()?,
-            w_down: t("mlp.down_proj")?.t()?.contiguous()?,
-        });
+        layers.push(layer_weights(
+            &mut get,
+            &format!("model.layers.{i}"),
+            &HF_LAYER,
+        )?);
     }
     let norm = get("model.norm.weight")?;
     // Tied when the file has no output head (tie_word_embeddings), as transformers does.
@@ -407,4 +389,49 @@ fn check_shapes(c: &LlamaConfig, w: &Weights, path: &str) -> Result<()> {
         want(&format!("layer {i} down"), &l.w_down, &[c.intermediate, h])?;
     }
     want("lm_head", &w.lm_head, &[h, c.vocab])
+}
+
+/// One layer's tensor names, in [`LayerWeights`] field order: GGUF's and HF's.
+const GGUF_LAYER: [&str; 9] = [
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+const HF_LAYER: [&str; 9] = [
+    "input_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "post_attention_layernorm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// Reads one layer (`{prefix}.{name}.weight` for each name), linear weights transposed to [in, out].
+fn layer_weights(
+    get: &mut dyn FnMut(&str) -> Result<Tensor>,
+    prefix: &str,
+    names: &[&str; 9],
+) -> Result<LayerWeights> {
+    let mut t = |i: usize| get(&format!("{prefix}.{}.weight", names[i]));
+    let tr = |x: Tensor| -> Result<Tensor> { Ok(x.t()?.contiguous()?) };
+    Ok(LayerWeights {
+        attn_norm: t(0)?,
+        wq: tr(t(1)?)?,
+        wk: tr(t(2)?)?,
+        wv: tr(t(3)?)?,
+        wo: tr(t(4)?)?,
+        ffn_norm: t(5)?,
+        w_gate: tr(t(6)?)?,
+        w_up: tr(t(7)?)?,
+        w_down: tr(t(8)?)?,
+    })
 }

@@ -233,12 +233,7 @@ impl Codec for DecoCodec {
     fn validate(&self, block: &[u8]) -> Result<()> {
         crate::formats::check_len("decoquant", block, self.block_bytes())?;
         let n = self.ts_bytes() / 2 + self.f.chunk;
-        if (0..n).any(|i| !bits::f16_at(block, 2 * i).is_finite()) {
-            return Err(FormatError::Corrupt {
-                format: "decoquant".into(),
-                reason: "non-finite T_S or scale".into(),
-            });
-        }
+        crate::formats::check_finite_f16("decoquant", block, 0, n, "T_S or scale")?;
         Ok(())
     }
 

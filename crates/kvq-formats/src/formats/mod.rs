@@ -68,3 +68,20 @@ pub fn check_len(format: &str, block: &[u8], want: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Checks that the `n` little-endian f16s at byte `off` (scales, norms) are finite.
+pub fn check_finite_f16(
+    format: &str,
+    block: &[u8],
+    off: usize,
+    n: usize,
+    what: &str,
+) -> Result<()> {
+    if (0..n).any(|i| !crate::bits::f16_at(block, off + 2 * i).is_finite()) {
+        return Err(FormatError::Corrupt {
+            format: format.to_string(),
+            reason: format!("non-finite {what}"),
+        });
+    }
+    Ok(())
+}

@@ -247,12 +247,7 @@ impl Codec for RvqCodec {
 
     fn validate(&self, block: &[u8]) -> Result<()> {
         crate::formats::check_len("rvq", block, self.block_bytes())?;
-        if (0..BLOCK).any(|t| !bits::f16_at(block, 2 * t).is_finite()) {
-            return Err(FormatError::Corrupt {
-                format: "rvq".into(),
-                reason: "non-finite scale".into(),
-            });
-        }
+        crate::formats::check_finite_f16("rvq", block, 0, BLOCK, "scale")?;
         let n = BLOCK * self.token_bits() / self.cbits as usize;
         if let Some(i) = (0..n)
             .find(|&i| bits::get(&block[self.codes_off()..], self.cbits, i) as usize >= self.codes)
