@@ -549,8 +549,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let model = load_model(&m)?;
             let body = std::fs::read_to_string(&text).with_context(|| format!("--text {text}"))?;
-            let mut ids: Vec<u32> = model.config.bos.into_iter().collect();
-            ids.extend(model.tokenizer.encode(&body)?);
+            let mut ids = model.tokenizer.encode_prompt(&body)?;
             ids.truncate(tokens.min(model.config.max_ctx));
             let plans = if kv.is_empty() {
                 vec!["fp16".to_string()]
