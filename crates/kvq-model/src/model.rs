@@ -8,7 +8,7 @@ use crate::load::{load, Weights};
 use crate::tokenizer::Tok;
 use candle_core::{Device, Tensor};
 use kvq_formats::plan::total_bytes;
-use kvq_formats::{CacheBytes, KvPlan, LayerCache, Rope};
+use kvq_formats::{CacheBytes, KvPlan, LayerCache, Rope, Stream};
 
 /// A loaded model ready to run on the CPU.
 pub struct Model {
@@ -49,12 +49,6 @@ impl Sequence {
 
 /// Receives a layer's pre-RoPE keys and values ([token][kv head][d]) during a forward (calibration).
 pub type Capture<'a> = &'a mut dyn FnMut(usize, &[f32], &[f32]);
-
-fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(1)?;
-    Ok(x.broadcast_div(&(ms + eps as f64)?.sqrt()?)?
-        .broadcast_mul(w)?)
-}
 
 impl Model {
     /// Loads a GGUF file or HF directory.
@@ -130,18 +124,24 @@ impl Model {
                 c.vocab
             )));
         }
-        let (d, hq) = (c.head_dim, c.n_heads);
+        let (d, hq, hid) = (c.head_dim, c.n_heads, c.hidden);
         let idt = Tensor::from_vec(ids.to_vec(), n, &Device::Cpu)?;
-        let mut x = self.weights.embed.index_select(&idt, 0)?;
-        let threads = std::thread::available_parallelism()
-            .map(|p| p.get())
-            .unwrap_or(1)
-            .min(n);
+        let mut x = self
+            .weights
+            .embed
+            .index_select(&idt, 0)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        // Elementwise work stays in plain Rust; candle runs the matmuls (gemm).
+        let mm = |a: &[f32], cols: usize, w: &Tensor| -> Result<Vec<f32>> {
+            let t = Tensor::from_slice(a, (a.len() / cols, cols), &Device::Cpu)?;
+            Ok(t.matmul(w)?.flatten_all()?.to_vec1::<f32>()?)
+        };
         for (l, w) in self.weights.layers.iter().enumerate() {
-            let h = rmsnorm(&x, &w.attn_norm, c.rms_eps)?;
-            let mut q = h.matmul(&w.wq)?.flatten_all()?.to_vec1::<f32>()?;
-            let k = h.matmul(&w.wk)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = h.matmul(&w.wv)?.flatten_all()?.to_vec1::<f32>()?;
+            let h = rmsnorm_rows(&x, hid, &w.attn_norm.to_vec1::<f32>()?, c.rms_eps);
+            let mut q = mm(&h, hid, &w.wq)?;
+            let k = mm(&h, hid, &w.wk)?;
+            let v = mm(&h, hid, &w.wv)?;
             for (i, qi) in q.chunks_exact_mut(hq * d).enumerate() {
                 for head in qi.chunks_exact_mut(d) {
                     self.rope.rotate(head, pos0 + i, 1.0);
@@ -150,41 +150,96 @@ impl Model {
             if let Some(cb) = capture.as_mut() {
                 cb(l, &k, &v);
             }
-            let cache = &mut seq.caches[l];
-            cache.append(&k, &v, n)?;
-            let mut o = vec![0f32; n * hq * d];
-            let cache = &seq.caches[l];
-            let per = n.div_ceil(threads);
-            std::thread::scope(|s| -> Result<()> {
-                let jobs: Vec<_> = o
-                    .chunks_mut(per * hq * d)
-                    .zip(q.chunks(per * hq * d))
-                    .enumerate()
-                    .map(|(j, (oc, qc))| {
-                        s.spawn(move || -> Result<()> {
-                            for (i, (oi, qi)) in oc
-                                .chunks_exact_mut(hq * d)
-                                .zip(qc.chunks_exact(hq * d))
-                                .enumerate()
-                            {
-                                cache.attend(qi, pos0 + j * per + i + 1, oi)?;
-                            }
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                for j in jobs {
-                    j.join()
-                        .map_err(|_| ModelError::Input("attention worker panicked".into()))??;
-                }
-                Ok(())
-            })?;
-            let o = Tensor::from_vec(o, (n, hq * d), &Device::Cpu)?;
-            x = (x + o.matmul(&w.wo)?)?;
-            let h = rmsnorm(&x, &w.ffn_norm, c.rms_eps)?;
-            let a = (h.matmul(&w.w_gate)?.silu()? * h.matmul(&w.w_up)?)?;
-            x = (x + a.matmul(&w.w_down)?)?;
+            seq.caches[l].append(&k, &v, n)?;
+            let o = attend_chunk(&seq.caches[l], &q, pos0, n, (hq, c.n_kv_heads, d))?;
+            for (xi, oi) in x.iter_mut().zip(mm(&o, hq * d, &w.wo)?) {
+                *xi += oi;
+            }
+            let h = rmsnorm_rows(&x, hid, &w.ffn_norm.to_vec1::<f32>()?, c.rms_eps);
+            let mut a = mm(&h, hid, &w.w_gate)?;
+            for (ai, ui) in a.iter_mut().zip(mm(&h, hid, &w.w_up)?) {
+                *ai = *ai / (1.0 + (-*ai).exp()) * ui;
+            }
+            for (xi, di) in x.iter_mut().zip(mm(&a, c.intermediate, &w.w_down)?) {
+                *xi += di;
+            }
         }
-        rmsnorm(&x, &self.weights.norm, c.rms_eps)
+        let x = rmsnorm_rows(&x, hid, &self.weights.norm.to_vec1::<f32>()?, c.rms_eps);
+        Ok(Tensor::from_vec(x, (n, hid), &Device::Cpu)?)
     }
+}
+
+/// RMSNorm of each `cols`-wide row of `x`, times `w`.
+fn rmsnorm_rows(x: &[f32], cols: usize, w: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (o, r) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+        let ms = r.iter().map(|v| v * v).sum::<f32>() / cols as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((oi, ri), wi) in o.iter_mut().zip(r).zip(w) {
+            *oi = ri * inv * wi;
+        }
+    }
+    out
+}
+
+/// Attention of the chunk's `n` rotated queries ([token][query head][d], positions `pos0..pos0+n`)
+/// over the layer cache, causal. One query (decoding) goes through [`LayerCache::attend`]; a chunk
+/// reads the same decoded mirror (`LayerCache::decoded`, what `attend` reads) with matrix products,
+/// one per KV head for all its query heads and tokens, so prefill and perplexity run at gemm speed.
+/// Tests hold the two paths equal.
+pub fn attend_chunk(
+    cache: &LayerCache,
+    q: &[f32],
+    pos0: usize,
+    n: usize,
+    (hq, hkv, d): (usize, usize, usize),
+) -> Result<Vec<f32>> {
+    let mut o = vec![0f32; n * hq * d];
+    if n == 1 {
+        cache.attend(q, pos0 + 1, &mut o)?;
+        return Ok(o);
+    }
+    let g = hq / hkv;
+    let t = pos0 + n;
+    let scale = 1.0 / (d as f32).sqrt();
+    for kv in 0..hkv {
+        let keys = cache.decoded(Stream::Key, kv);
+        let vals = cache.decoded(Stream::Value, kv);
+        if keys.len() < t * d || vals.len() < t * d {
+            return Err(ModelError::Input(format!(
+                "cache holds {} tokens, attention needs {t}",
+                keys.len() / d
+            )));
+        }
+        // Rows (token i, head j of the group).
+        let mut qg = Vec::with_capacity(n * g * d);
+        for i in 0..n {
+            qg.extend_from_slice(&q[(i * hq + kv * g) * d..(i * hq + kv * g + g) * d]);
+        }
+        let qt = Tensor::from_vec(qg, (n * g, d), &Device::Cpu)?;
+        let kt = Tensor::from_slice(&keys[..t * d], (t, d), &Device::Cpu)?;
+        let mut s = qt.matmul(&kt.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        for (r, row) in s.chunks_exact_mut(t).enumerate() {
+            let visible = pos0 + r / g + 1;
+            let m = row[..visible]
+                .iter()
+                .fold(f32::NEG_INFINITY, |a, &b| a.max(b * scale));
+            let mut sum = 0f32;
+            for x in row[..visible].iter_mut() {
+                *x = (*x * scale - m).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row[..visible].iter_mut().for_each(|x| *x *= inv);
+            row[visible..].iter_mut().for_each(|x| *x = 0.0);
+        }
+        let pt = Tensor::from_vec(s, (n * g, t), &Device::Cpu)?;
+        let vt = Tensor::from_slice(&vals[..t * d], (t, d), &Device::Cpu)?;
+        let og = pt.matmul(&vt)?.flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..n {
+            o[(i * hq + kv * g) * d..(i * hq + kv * g + g) * d]
+                .copy_from_slice(&og[i * g * d..(i + 1) * g * d]);
+        }
+    }
+    Ok(o)
 }
