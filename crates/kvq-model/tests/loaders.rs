@@ -78,3 +78,49 @@ fn safetensors_and_gguf_agree() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[test]
+fn sharded_safetensors_load_like_one_file() {
+    let spec = TinySpec {
+        seed: 4,
+        ..TinySpec::default()
+    };
+    let dir = temp_dir("loaders-sharded").unwrap();
+    write_random_llama(&dir, &spec).unwrap();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 17 + 1) % 96).collect();
+    let one = logits(&Model::load(dir.to_str().unwrap()).unwrap(), &ids);
+    // Split the tensors over two shards with an index, as transformers saves large models.
+    let all =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (s, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", s + 1);
+        let shard: std::collections::HashMap<String, candle_core::Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, dir.join(&file)).unwrap();
+        for n in part {
+            map.insert((*n).clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let sharded = logits(&Model::load(dir.to_str().unwrap()).unwrap(), &ids);
+    assert_eq!(
+        one, sharded,
+        "the same tensors must give bit-identical logits"
+    );
+    // A shard named by the index but missing is an error naming it.
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = Model::load(dir.to_str().unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
