@@ -294,6 +294,17 @@ struct QjlKeys {
 }
 
 impl QjlKeys {
+    /// sqrt(pi/2)/m and sqrt(pi/2)/mo: the estimator's scales of the inlier and outlier terms.
+    fn estimator_scales(&self) -> (f32, f32) {
+        let a_in = (SQRT_HALF_PI / self.m as f64) as f32;
+        let a_out = if self.mo > 0 {
+            (SQRT_HALF_PI / self.mo as f64) as f32
+        } else {
+            0.0
+        };
+        (a_in, a_out)
+    }
+
     fn new(
         m: usize,
         mo: usize,
@@ -481,12 +492,7 @@ impl Codec for QjlKeys {
         }
         let idx = self.indices(block);
         let (rb, orb) = (self.m / 8, self.mo / 8);
-        let a_in = (SQRT_HALF_PI / self.m as f64) as f32;
-        let a_out = if self.mo > 0 {
-            (SQRT_HALF_PI / self.mo as f64) as f32
-        } else {
-            0.0
-        };
+        let (a_in, a_out) = self.estimator_scales();
         let mut acc = vec![0f32; d];
         for (t, o) in out.chunks_exact_mut(d).enumerate() {
             let (n_in, n_out) = self.norms(block, t);
@@ -554,12 +560,7 @@ impl Codec for QjlKeys {
         let sq_in: Vec<f32> = prep.iter().zip(&gq).map(|(p, g)| p - g).collect();
         let sq_out = &gq[..self.mo];
         let (rb, orb) = (self.m / 8, self.mo / 8);
-        let a_in = (SQRT_HALF_PI / self.m as f64) as f32;
-        let a_out = if self.mo > 0 {
-            (SQRT_HALF_PI / self.mo as f64) as f32
-        } else {
-            0.0
-        };
+        let (a_in, a_out) = self.estimator_scales();
         for (t, s) in scores.iter_mut().enumerate().take(self.group) {
             let (n_in, n_out) = self.norms(block, t);
             let row = &block[self.off_bits + t * rb..self.off_bits + (t + 1) * rb];
