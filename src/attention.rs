@@ -11,14 +11,14 @@ use kvq_formats::{KernelSpec, LayerCache, Stream};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-/// SMs of an H100 SXM; used only to size the split count (any GPU works, a little less evenly).
-const TARGET_CTAS: usize = 132 * 4;
+/// Warps per decode CTA (kernels/include/kvq_decode.cuh's WARPS).
+const WARPS: usize = 4;
 
 /// One layer's K/V of a batch of sequences, resident on the GPU in the kernels' layout.
 pub struct GpuBatch {
     k_pages: CudaSlice<u8>,
     v_pages: CudaSlice<u8>,
-    block_table: CudaSlice<i32>,
+    page_table: CudaSlice<i32>,
     k_win: CudaSlice<u16>,
     v_win: CudaSlice<u16>,
     n_sealed: CudaSlice<i32>,
@@ -32,7 +32,11 @@ pub struct GpuBatch {
     k_block_bytes: usize,
     v_block_bytes: usize,
     block_tokens: usize,
-    max_blocks: usize,
+    page_blocks: usize,
+    stages: usize,
+    max_pages: usize,
+    splits: usize,
+    pages_per_split: usize,
     win_cap: usize,
     k_spec: KernelSpec,
     v_spec: KernelSpec,
@@ -69,34 +73,53 @@ impl GpuBatch {
         let d = first.decoded(Stream::Key, 0).len() / first.len().max(1);
         let hkv = first.bytes().elems / (2 * first.len().max(1) * d.max(1));
         let batch = caches.len();
+        let (page_blocks, max_stages) = gpu.layout(k_spec.module)?;
+        // As many pipeline stages as fit (large blocks, e.g. 8-bit codes, get fewer), 1 KiB kept for
+        // the kernel's static shared memory.
+        let per_stage = WARPS * page_blocks * (kbb + vbb);
+        let limit = gpu.max_smem_per_block()?.saturating_sub(1024);
+        let stages = max_stages.min(4).min(limit / per_stage);
+        if stages == 0 {
+            return Err(GpuError::Shape(format!(
+                "{} / {}: one page stage needs {per_stage} bytes of shared memory, the GPU allows {limit}",
+                kc.describe(),
+                vc.describe()
+            )));
+        }
         let nblk: Vec<usize> = caches
             .iter()
             .map(|c| c.keys().sealed() / bt * repeat)
             .collect();
-        let max_blocks = nblk.iter().copied().max().unwrap_or(0).max(1);
-        let total_blocks: usize = nblk.iter().sum();
+        let npages: Vec<usize> = nblk.iter().map(|n| n.div_ceil(page_blocks)).collect();
+        let max_pages = npages.iter().copied().max().unwrap_or(0).max(1);
+        let total_pages: usize = npages.iter().sum::<usize>().max(1);
         let win: Vec<usize> = caches.iter().map(|c| c.len() - c.keys().sealed()).collect();
         let win_cap = win.iter().copied().max().unwrap_or(0).max(1);
 
-        // Pages: a shuffled permutation of all logical blocks.
-        let mut pages: Vec<usize> = (0..total_blocks.max(1)).collect();
-        pages.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-        let mut table = vec![0i32; batch * max_blocks];
-        let mut kp = vec![0u8; total_blocks.max(1) * hkv * kbb];
-        let mut vp = vec![0u8; total_blocks.max(1) * hkv * vbb];
+        // Pages: a shuffled permutation; page p holds, per head, `page_blocks` consecutive blocks.
+        let mut order: Vec<usize> = (0..total_pages).collect();
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        let mut table = vec![0i32; batch * max_pages];
+        let (kpb, vpb) = (page_blocks * kbb, page_blocks * vbb);
+        let mut kp = vec![0u8; total_pages * hkv * kpb];
+        let mut vp = vec![0u8; total_pages * hkv * vpb];
         let mut next = 0;
         for (b, c) in caches.iter().enumerate() {
             let own = c.keys().sealed() / bt;
-            for i in 0..nblk[b] {
-                let page = pages[next];
+            for pg in 0..npages[b] {
+                let page = order[next];
                 next += 1;
-                table[b * max_blocks + i] = page as i32;
-                let src = i % own.max(1);
-                for h in 0..hkv {
-                    let ks = &c.keys().packed(h)[src * kbb..(src + 1) * kbb];
-                    let vs = &c.values().packed(h)[src * vbb..(src + 1) * vbb];
-                    kp[(page * hkv + h) * kbb..(page * hkv + h + 1) * kbb].copy_from_slice(ks);
-                    vp[(page * hkv + h) * vbb..(page * hkv + h + 1) * vbb].copy_from_slice(vs);
+                table[b * max_pages + pg] = page as i32;
+                for i in pg * page_blocks..((pg + 1) * page_blocks).min(nblk[b]) {
+                    let (src, slot) = (i % own.max(1), i - pg * page_blocks);
+                    for h in 0..hkv {
+                        let ks = &c.keys().packed(h)[src * kbb..(src + 1) * kbb];
+                        let vs = &c.values().packed(h)[src * vbb..(src + 1) * vbb];
+                        let ko = (page * hkv + h) * kpb + slot * kbb;
+                        let vo = (page * hkv + h) * vpb + slot * vbb;
+                        kp[ko..ko + kbb].copy_from_slice(ks);
+                        vp[vo..vo + vbb].copy_from_slice(vs);
+                    }
                 }
             }
         }
@@ -131,10 +154,18 @@ impl GpuBatch {
         let n_win: Vec<i32> = win.iter().map(|&w| w as i32).collect();
         let bytes_read: usize = nblk.iter().sum::<usize>() * hkv * (kbb + vbb)
             + win.iter().sum::<usize>() * hkv * d * 4;
+        let smem = Self::smem(page_blocks, stages, kbb, vbb, d);
+        let decode = gpu.function(k_spec.module, &Self::decode_name(&k_spec, &v_spec, d))?;
+        let per_sm = decode
+            .occupancy_max_active_blocks_per_multiprocessor(128, smem, None)
+            .map_err(drv("querying the decode kernel's occupancy"))?
+            .max(1) as usize;
+        let (splits, pages_per_split) =
+            Self::split_count(gpu.sm_count()? * per_sm, batch * hkv, max_pages);
         Ok(Self {
             k_pages: st.clone_htod(&kp).map_err(up("K pages"))?,
             v_pages: st.clone_htod(&vp).map_err(up("V pages"))?,
-            block_table: st.clone_htod(&table).map_err(up("block table"))?,
+            page_table: st.clone_htod(&table).map_err(up("page table"))?,
             k_win: st.clone_htod(&kw).map_err(up("K window"))?,
             v_win: st.clone_htod(&vw).map_err(up("V window"))?,
             n_sealed: st.clone_htod(&n_sealed).map_err(up("lengths"))?,
@@ -145,7 +176,11 @@ impl GpuBatch {
             k_block_bytes: kbb,
             v_block_bytes: vbb,
             block_tokens: bt,
-            max_blocks,
+            page_blocks,
+            stages,
+            max_pages,
+            splits,
+            pages_per_split,
             win_cap,
             k_spec,
             v_spec,
@@ -155,9 +190,8 @@ impl GpuBatch {
 
     /// Buffers for one attention call of `hq` query heads (queries, partials, output).
     pub fn workspace(&self, gpu: &Gpu, hq: usize) -> Result<Workspace> {
-        let (splits, bps) = self.splits();
         let st = gpu.stream();
-        let rows = self.batch * hq * (splits + 1);
+        let rows = self.batch * hq * (self.splits + 1);
         let a = |what: &str| drv(format!("allocating {what}"));
         Ok(Workspace {
             q: st
@@ -171,19 +205,37 @@ impl GpuBatch {
                 .alloc_zeros::<f32>(self.batch * hq * self.d)
                 .map_err(a("output"))?,
             hq,
-            splits,
-            bps,
         })
     }
 
-    /// (number of splits over sealed blocks, blocks per split): about one wave of CTAs, the window
-    /// CTA of each (sequence, head) included, so no second partial wave doubles the time.
-    fn splits(&self) -> (usize, usize) {
-        let want = (TARGET_CTAS / (self.batch * self.hkv))
-            .saturating_sub(1)
-            .max(1);
-        let bps = self.max_blocks.div_ceil(want).max(1);
-        (self.max_blocks.div_ceil(bps), bps)
+    /// The decode kernel's name: `decode`, or `decode_{key tag}{value tag}` for tagged variants.
+    fn decode_name(k: &KernelSpec, v: &KernelSpec, d: usize) -> String {
+        let op = if k.tag.is_empty() && v.tag.is_empty() {
+            "decode".to_string()
+        } else {
+            format!("decode_{}{}", k.tag, v.tag)
+        };
+        kernel_name(k.module, &op, "f16", d)
+    }
+
+    /// Dynamic shared memory of the decode kernel: the warps' page stages, the window's one stage of
+    /// 16 f16 tokens per warp, and the merge scratch ([WARPS][8][D] f32), whichever is largest.
+    fn smem(page_blocks: usize, stages: usize, kbb: usize, vbb: usize, d: usize) -> usize {
+        let pages = WARPS * stages * page_blocks * (kbb + vbb);
+        let window = WARPS * 2 * 16 * 2 * d;
+        let merge = WARPS * 8 * d * 4;
+        pages.max(window).max(merge)
+    }
+
+    /// (splits over sealed pages, pages per split) for `slots` resident CTAs: about one wave in all,
+    /// the window CTA of each (sequence, head) aside, pages per split a multiple of the warps.
+    fn split_count(slots: usize, heads: usize, max_pages: usize) -> (usize, usize) {
+        let want = (slots / heads.max(1)).max(1);
+        let mut pps = max_pages.div_ceil(want).max(1);
+        if pps > WARPS {
+            pps = pps.next_multiple_of(WARPS);
+        }
+        (max_pages.div_ceil(pps), pps)
     }
 
     /// Launches decode attention on the queries in `ws.q`, result in `ws.out` (asynchronous).
@@ -195,11 +247,10 @@ impl GpuBatch {
                 ws.hq, self.hkv
             )));
         }
-        let gm = if g <= 4 { 4 } else { 8 };
         let module = self.k_spec.module;
         let decode = gpu.function(
             module,
-            &kernel_name(module, &format!("decode_g{gm}"), "f16", self.d),
+            &Self::decode_name(&self.k_spec, &self.v_spec, self.d),
         )?;
         let merge = gpu.function(module, &kernel_name(module, "merge", "f16", self.d))?;
         let st = gpu.stream();
@@ -210,7 +261,7 @@ impl GpuBatch {
         let p = KvqDecodeParams {
             k_pages: ptr(&|s| self.k_pages.device_ptr(s).0),
             v_pages: ptr(&|s| self.v_pages.device_ptr(s).0),
-            block_table: ptr(&|s| self.block_table.device_ptr(s).0),
+            page_table: ptr(&|s| self.page_table.device_ptr(s).0),
             k_win: ptr(&|s| self.k_win.device_ptr(s).0),
             v_win: ptr(&|s| self.v_win.device_ptr(s).0),
             n_sealed: ptr(&|s| self.n_sealed.device_ptr(s).0),
@@ -224,22 +275,28 @@ impl GpuBatch {
             batch: self.batch as i32,
             hkv: self.hkv as i32,
             group: g as i32,
-            max_blocks: self.max_blocks as i32,
-            blocks_per_split: ws.bps as i32,
-            n_splits: ws.splits as i32,
+            max_pages: self.max_pages as i32,
+            pages_per_split: self.pages_per_split as i32,
+            n_splits: self.splits as i32,
             win_cap: self.win_cap as i32,
             scale: 1.0 / (self.d as f32).sqrt(),
+            page_blocks: self.page_blocks as i32,
+            stages: self.stages as i32,
             fmt: KvqFmtArgs { i: ints, p: [0; 4] },
         };
-        let tile = 2 * self.k_spec.tile_blocks * (self.k_block_bytes + self.v_block_bytes);
-        let red = 8 * gm * self.d * 4;
-        let smem = tile.max(red);
+        let smem = Self::smem(
+            self.page_blocks,
+            self.stages,
+            self.k_block_bytes,
+            self.v_block_bytes,
+            self.d,
+        );
         launch::decode(
             gpu,
             &decode,
             &merge,
             &p,
-            (ws.splits + 1, self.hkv, self.batch),
+            (self.splits + 1, self.hkv, self.batch),
             (ws.hq, self.d),
             smem,
         )
@@ -280,6 +337,4 @@ pub struct Workspace {
     /// Output [B][Hq][D].
     pub out: CudaSlice<f32>,
     hq: usize,
-    splits: usize,
-    bps: usize,
 }

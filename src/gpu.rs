@@ -75,32 +75,77 @@ impl Gpu {
         format!("{name} ({cc})")
     }
 
+    /// The embedded module `module`, loaded on first use.
+    fn module(&self, module: &'static str) -> Result<Arc<CudaModule>> {
+        let mut mods = self
+            .modules
+            .lock()
+            .map_err(|_| GpuError::Shape("module cache poisoned".into()))?;
+        if let Some(m) = mods.get(module) {
+            return Ok(m.clone());
+        }
+        let image = embedded::MODULES
+            .iter()
+            .find(|m| m.0 == module)
+            .ok_or_else(|| GpuError::MissingKernel(format!("{module} (module)")))?
+            .1;
+        let m = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
+            .map_err(drv(format!("loading kernel module {module}")))?;
+        mods.insert(module, m.clone());
+        Ok(m)
+    }
+
     /// Looks up kernel `name` in embedded module `module` (loaded once).
     pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
-        let m = {
-            let mut mods = self
-                .modules
-                .lock()
-                .map_err(|_| GpuError::Shape("module cache poisoned".into()))?;
-            match mods.get(module) {
-                Some(m) => m.clone(),
-                None => {
-                    let image = embedded::MODULES
-                        .iter()
-                        .find(|m| m.0 == module)
-                        .ok_or_else(|| GpuError::MissingKernel(format!("{module} (module)")))?
-                        .1;
-                    let m = self
-                        .ctx
-                        .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
-                        .map_err(drv(format!("loading kernel module {module}")))?;
-                    mods.insert(module, m.clone());
-                    m
-                }
-            }
-        };
-        m.load_function(name)
+        self.module(module)?
+            .load_function(name)
             .map_err(|_| GpuError::MissingKernel(name.to_string()))
+    }
+
+    /// A format module's page layout `(blocks per page, pipeline stages)`, read from the module's
+    /// `kvq_layout` global so the kernel's constants are stated once, in the .cu file.
+    pub fn layout(&self, module: &'static str) -> Result<(usize, usize)> {
+        let m = self.module(module)?;
+        let sym = m
+            .get_global("kvq_layout", &self.stream)
+            .map_err(|_| GpuError::MissingKernel(format!("kvq_layout in module {module}")))?;
+        let b = self
+            .stream
+            .clone_dtoh(&sym)
+            .map_err(drv(format!("reading {module}'s layout")))?;
+        let int = |i: usize| -> Result<usize> {
+            let v = b
+                .get(4 * i..4 * i + 4)
+                .map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+                .ok_or_else(|| {
+                    GpuError::Shape(format!("{module}'s kvq_layout is {} bytes", b.len()))
+                })?;
+            usize::try_from(v)
+                .ok()
+                .filter(|&v| v > 0)
+                .ok_or_else(|| GpuError::Shape(format!("{module}'s kvq_layout holds {v}")))
+        };
+        Ok((int(0)?, int(1)?))
+    }
+
+    /// Largest dynamic shared memory one CTA may opt into (bytes).
+    pub fn max_smem_per_block(&self) -> Result<usize> {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+        self.ctx
+            .attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map(|n| n.max(0) as usize)
+            .map_err(drv("querying the shared memory limit"))
+    }
+
+    /// Streaming multiprocessors of the device (sizes the split count to one wave).
+    pub fn sm_count(&self) -> Result<usize> {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+        self.ctx
+            .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map(|n| n.max(1) as usize)
+            .map_err(drv("querying the SM count"))
     }
 
     /// Free and total device memory in bytes.

@@ -16,7 +16,7 @@ pub struct KvqFmtArgs {
 pub struct KvqDecodeParams {
     pub k_pages: u64,
     pub v_pages: u64,
-    pub block_table: u64,
+    pub page_table: u64,
     pub k_win: u64,
     pub v_win: u64,
     pub n_sealed: u64,
@@ -30,17 +30,19 @@ pub struct KvqDecodeParams {
     pub batch: i32,
     pub hkv: i32,
     pub group: i32,
-    pub max_blocks: i32,
-    pub blocks_per_split: i32,
+    pub max_pages: i32,
+    pub pages_per_split: i32,
     pub n_splits: i32,
     pub win_cap: i32,
     pub scale: f32,
+    pub page_blocks: i32,
+    pub stages: i32,
     pub fmt: KvqFmtArgs,
 }
 
 const _: () = assert!(std::mem::size_of::<KvqFmtArgs>() == 64);
-const _: () = assert!(std::mem::size_of::<KvqDecodeParams>() == 200);
-const _: () = assert!(std::mem::offset_of!(KvqDecodeParams, fmt) == 136);
+const _: () = assert!(std::mem::size_of::<KvqDecodeParams>() == 208);
+const _: () = assert!(std::mem::offset_of!(KvqDecodeParams, fmt) == 144);
 
 // SAFETY: plain-old-data, #[repr(C)], layout asserted equal to the CUDA struct above and in the header.
 unsafe impl cudarc::driver::DeviceRepr for KvqDecodeParams {}

@@ -1,40 +1,193 @@
 // KIVI / AsymKV (crates/kvq-formats/src/formats/asymkv.rs): per-channel keys, per-token values, min-max
-// b-bit codes, f16 scale and zero. fmt.i = {k_bits, group, -, -, v_bits, group, -, -}. Both K and V blocks are
-//   [scale f16; n][zero f16; n][codes token-major, d*b bits per token]
-// with n = D for keys (per channel) and n = group * D/group for values (per token and channel group).
+// b-bit codes, f16 scale and zero. fmt.i = {k_bits, 32, -, -, v_bits, v_group, -, -}. K and V blocks are
+//   [scale f16; D][zero f16; D][codes token-major, D*b bits per token]
+// (keys: pair i = channel i; values: pair i = token i/(D/g), channel group i%(D/g)).
+// Pages of 2 blocks (64 tokens), up to three cp.async stages per warp. Kernels kvq_kivi_decode_k{KB}v{VB}:
+// KB, VB in {1, 2, 4} decode with a few bit operations per code pair; 0 is any width (3, 8), slower.
+//
+// Keys: the block's scales are folded into the query once per block (A = q*s as f16 hi + lo), codes go
+// to the tensor cores as exact small integers and sum_c q_c z_c is added per head:
+//   q.k_t = sum_c (q_c s_c) code_{t,c} + sum_c q_c z_c.
+// Code pairs become f16 with the 0x6400 trick ({1024 + a, 1024 + b} minus 1024, exact). The MMA's k
+// order is free as long as A and B agree: lane q's B pairs are channels (2q, 2q+8) and (2q+1, 2q+9),
+// which sit 8 codes apart in the packed row, so one mask extracts both.
+// Values (O^T = V^T P^T): lane r owns channels [r D/8, (r+1) D/8) of every token (one code word per
+// token, one scale group) as its rows of V^T, so output channels are permuted (out_chan); each pair of
+// tokens decodes with one shift, one mask, one subtract and one fused multiply-add in half2.
 #include "kvq_decode.cuh"
 
-template <int D>
+namespace kvq {
+
+constexpr uint32_t MAGIC = 0x64006400u;  // half2 {1024, 1024}
+
+__device__ __forceinline__ uint32_t unbias(uint32_t h) {
+    const __half2 x = *reinterpret_cast<const __half2*>(&h), m = __float2half2_rn(1024.f);
+    return h2_bits(__hsub2(x, m));
+}
+__device__ __forceinline__ uint32_t halves(uint32_t a, uint32_t b) {
+    return h2_bits(__halves2half2(__uint2half_rn(a), __uint2half_rn(b)));
+}
+
+// Key codes of one token for k-step kb: b0 = {c(2q), c(2q+8)}, b1 = {c(2q+1), c(2q+9)} (channels of the
+// k-step), exact in f16. `row` is the token's packed codes.
+template <int B>
+__device__ __forceinline__ void key_codes(const uint8_t* row, int kb, int q, int bits, uint32_t& b0,
+                                          uint32_t& b1) {
+    if constexpr (B == 2) {
+        const uint32_t w = reinterpret_cast<const uint32_t*>(row)[kb];
+        b0 = unbias(((w >> (4 * q)) & 0x00030003u) | MAGIC);
+        b1 = unbias(((w >> (4 * q + 2)) & 0x00030003u) | MAGIC);
+    } else if constexpr (B == 4) {
+        const uint2 w = reinterpret_cast<const uint2*>(row)[kb];
+        const uint32_t u = __byte_perm(w.x, w.y, 0x4400u + 0x1111u * q);
+        b0 = unbias((u & 0x000F000Fu) | MAGIC);
+        b1 = unbias(((u >> 4) & 0x000F000Fu) | MAGIC);
+    } else if constexpr (B == 1) {
+        const uint32_t u = (uint32_t)reinterpret_cast<const uint16_t*>(row)[kb] >> (2 * q);
+        const uint32_t v = u | (u << 8);
+        b0 = unbias((v & 0x00010001u) | MAGIC);
+        b1 = unbias(((v >> 1) & 0x00010001u) | MAGIC);
+    } else {
+        const int c = 16 * kb + 2 * q;
+        b0 = halves(bits_at(row, c * bits, bits), bits_at(row, (c + 8) * bits, bits));
+        b1 = halves(bits_at(row, (c + 1) * bits, bits), bits_at(row, (c + 9) * bits, bits));
+    }
+}
+
+// Value codes of lane r for one token: its D/8 channels' codes as one word (B * D/8 <= 64 bits).
+template <int B, int D>
+__device__ __forceinline__ uint64_t val_word(const uint8_t* row, int r) {
+    constexpr int W = B * D / 8;
+    if constexpr (W == 8) return row[r];
+    else if constexpr (W == 16) return reinterpret_cast<const uint16_t*>(row)[r];
+    else if constexpr (W == 32) return reinterpret_cast<const uint32_t*>(row)[r];
+    else return reinterpret_cast<const uint64_t*>(row)[r];
+}
+
+// {code of token a, code of token b} at lane-channel nb, as {1024 + a, 1024 + b} before unbias.
+template <int B>
+__device__ __forceinline__ uint32_t val_pair(uint64_t wa, uint64_t wb, int nb) {
+    constexpr uint32_t M = (1u << B) - 1u;
+    const int bit = nb * B, k = bit / 16, o = bit % 16;
+    const uint32_t u = ((uint32_t)(wa >> (16 * k)) & 0xFFFFu) | ((uint32_t)(wb >> (16 * k)) << 16);
+    return ((u >> o) & (M | (M << 16))) | MAGIC;
+}
+
+template <int D, int KB, int VB>
 struct KiviPolicy {
-    static constexpr int BT = 32;  // group = 32 (checked by the launcher)
-    static constexpr int TILE_BLOCKS = 4;
-    static constexpr int CPL = D / kvq::LANES_PER_TOKEN;
-    static __device__ __forceinline__ void key_chunk(const uint8_t* blk, int t, int c0, const KvqFmtArgs& fa,
-                                                     float* k) {
-        const int bits = fa.i[0];
-        const uint64_t w = kvq::bits64_at(blk + 4 * D, (t * D + c0) * bits, CPL * bits);
-        const uint32_t mask = (1u << bits) - 1u;
-        const __half2* s2 = reinterpret_cast<const __half2*>(blk + 2 * c0);
-        const __half2* z2 = reinterpret_cast<const __half2*>(blk + 2 * (D + c0));
+    static constexpr int BT = 32;
+    static constexpr int PAGE_BLOCKS = 2;
+    static constexpr int STAGES = 3;
+    static __device__ __forceinline__ int stage_off(int byte) { return byte; }
+    static __device__ __forceinline__ int out_chan(int mb, int row) {
+        return (D / 8) * (row & 7) + (D / 16) * (row >> 3) + mb;
+    }
+
+    static __device__ __forceinline__ void scores(const uint8_t* ks, const Ctx<D>& cx, float (*s)[2]) {
+        const int bits = KB ? KB : cx.fa->i[0];
+        const int kbb = (int)cx.k_block_bytes, row_bytes = D * bits / 8;
+        const int r = cx.lane >> 2, q = cx.lane & 3;
 #pragma unroll
-        for (int i = 0; i < CPL; i += 2) {
-            const float2 s = __half22float2(s2[i / 2]), z = __half22float2(z2[i / 2]);
-            k[i] = fmaf(s.x, (float)((w >> (i * bits)) & mask), z.x);
-            k[i + 1] = fmaf(s.y, (float)((w >> ((i + 1) * bits)) & mask), z.y);
+        for (int blk = 0; blk < PAGE_BLOCKS; blk++) {
+            const uint8_t* kb = ks + blk * kbb;
+            const uint8_t* codes = kb + 4 * D;
+            // Independent MMA chains, one per token block of 8; A rows 8..15 carry the lo halves.
+            float c[BT / 8][4];
+#pragma unroll
+            for (int j = 0; j < BT / 8; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+            float bias = 0.f;
+#pragma unroll
+            for (int kbi = 0; kbi < D / 16; kbi++) {
+                const int ch = 16 * kbi + 2 * q;
+                const float2 s01 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * ch));
+                const float2 s89 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * (ch + 8)));
+                const float2 z01 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * (D + ch)));
+                const float2 z89 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * (D + ch + 8)));
+                const float* x = cx.x[kbi];  // channels ch, ch+1, ch+8, ch+9
+                uint32_t ahi0, alo0, ahi1, alo1;
+                split2(x[0] * s01.x, x[2] * s89.x, ahi0, alo0);
+                split2(x[1] * s01.y, x[3] * s89.y, ahi1, alo1);
+                bias = fmaf(x[0], z01.x, fmaf(x[1], z01.y, fmaf(x[2], z89.x, fmaf(x[3], z89.y, bias))));
+#pragma unroll
+                for (int j = 0; j < BT / 8; j++) {
+                    uint32_t b0, b1;
+                    key_codes<KB>(codes + (8 * j + r) * row_bytes, kbi, q, bits, b0, b1);
+                    mma(c[j], ahi0, alo0, ahi1, alo1, b0, b1);
+                }
+            }
+            bias += __shfl_xor_sync(0xffffffffu, bias, 1);
+            bias += __shfl_xor_sync(0xffffffffu, bias, 2);
+#pragma unroll
+            for (int j = 0; j < BT / 8; j++) {
+                s[blk * (BT / 8) + j][0] = c[j][0] + c[j][2] + bias;
+                s[blk * (BT / 8) + j][1] = c[j][1] + c[j][3] + bias;
+            }
         }
     }
-    static __device__ __forceinline__ void val_chunk(const uint8_t* blk, int t, int c0, const KvqFmtArgs& fa,
-                                                     float* v) {
-        const int bits = fa.i[4], group = fa.i[5];
-        const int n = BT * (D / group);
-        const int pi = t * (D / group) + c0 / group;  // CPL <= group: one (scale, zero) per chunk
-        const float s = kvq::f16_at(blk + 2 * pi), z = kvq::f16_at(blk + 2 * (n + pi));
-        const uint64_t w = kvq::bits64_at(blk + 4 * n, (t * D + c0) * bits, CPL * bits);
-        const uint32_t mask = (1u << bits) - 1u;
+
+    // O^T += V^T P^T: lane r's rows of m-block mb are its channels mb (row r) and D/16 + mb (row r+8).
+    static __device__ __forceinline__ void pv(const uint8_t* vs, const Ctx<D>& cx, const uint32_t (*pa)[2],
+                                              float (*acc)[4]) {
+        const int bits = VB ? VB : cx.fa->i[4], group = cx.fa->i[5];
+        const int vbb = (int)cx.v_block_bytes, row_bytes = D * bits / 8;
+        const int gpt = D / group;
+        const int r = cx.lane >> 2, q = cx.lane & 3;
+        const int g = (D / 8) * r / group;  // lane r's channels lie in one scale group
 #pragma unroll
-        for (int i = 0; i < CPL; i++) v[i] = fmaf(s, (float)((w >> (i * bits)) & mask), z);
+        for (int kk = 0; kk < PAGE_BLOCKS * BT / 16; kk++) {
+            const uint8_t* vb = vs + (kk / 2) * vbb;
+            const uint8_t* codes = vb + 4 * D;
+            const int t0 = 16 * (kk % 2) + 2 * q;
+            const int ts[4] = {t0, t0 + 1, t0 + 8, t0 + 9};
+            __half sc[4], z[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                sc[e] = *reinterpret_cast<const __half*>(vb + 2 * (ts[e] * gpt + g));
+                z[e] = *reinterpret_cast<const __half*>(vb + 2 * (D + ts[e] * gpt + g));
+            }
+            const __half2 s01 = __halves2half2(sc[0], sc[1]), s89 = __halves2half2(sc[2], sc[3]);
+            const __half2 z01 = __halves2half2(z[0], z[1]), z89 = __halves2half2(z[2], z[3]);
+            // v01[i] / v89[i]: tokens (t0, t0+1) / (t0+8, t0+9) at lane channel i, as half2.
+            auto pair = [&](int i, uint32_t& v01, uint32_t& v89) {
+                if constexpr (VB != 0) {
+                    const uint64_t w0 = val_word<VB, D>(codes + ts[0] * row_bytes, r);
+                    const uint64_t w1 = val_word<VB, D>(codes + ts[1] * row_bytes, r);
+                    const uint64_t w8 = val_word<VB, D>(codes + ts[2] * row_bytes, r);
+                    const uint64_t w9 = val_word<VB, D>(codes + ts[3] * row_bytes, r);
+                    const uint32_t u01 = unbias(val_pair<VB>(w0, w1, i)), u89 = unbias(val_pair<VB>(w8, w9, i));
+                    v01 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u01), s01, z01));
+                    v89 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u89), s89, z89));
+                } else {
+                    const int c = (D / 8) * r + i;
+                    float v[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        v[e] = fmaf(__half2float(sc[e]), (float)bits_at(codes + ts[e] * row_bytes, c * bits, bits),
+                                    __half2float(z[e]));
+                    v01 = pack2(v[0], v[1]);
+                    v89 = pack2(v[2], v[3]);
+                }
+            };
+#pragma unroll
+            for (int mb = 0; mb < D / 16; mb++) {
+                uint32_t a0, a1, a2, a3;
+                pair(mb, a0, a2);           // row r:     channel mb of the lane
+                pair(D / 16 + mb, a1, a3);  // row r + 8: channel D/16 + mb
+                mma(acc[mb], a0, a1, a2, a3, pa[kk][0], pa[kk][1]);
+            }
+        }
     }
 };
 
-KVQ_DECODE_KERNELS(kivi, KiviPolicy<64>, 64)
-KVQ_DECODE_KERNELS(kivi, KiviPolicy<128>, 128)
+}  // namespace kvq
+
+#define KIVI_K(D, KB, VB) \
+    using Kivi_##D##_##KB##_##VB = kvq::KiviPolicy<D, KB, VB>; \
+    KVQ_DECODE_KERNEL(kivi, decode_k##KB##v##VB, Kivi_##D##_##KB##_##VB, D)
+#define KIVI_V(D, KB) KIVI_K(D, KB, 0) KIVI_K(D, KB, 1) KIVI_K(D, KB, 2) KIVI_K(D, KB, 4)
+#define KIVI_D(D) KIVI_V(D, 0) KIVI_V(D, 1) KIVI_V(D, 2) KIVI_V(D, 4) KVQ_MERGE_KERNEL(kivi, D)
+
+using KiviLayout = kvq::KiviPolicy<128, 2, 2>;
+KVQ_LAYOUT(KiviLayout)
+KIVI_D(64)
+KIVI_D(128)

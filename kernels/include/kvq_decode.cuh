@@ -1,14 +1,31 @@
-// The decode-attention skeleton every format shares: split over the sequence (flash-decoding), GQA (one
-// pass over a KV head serves its G query heads), online softmax, the f16 window, the merge of splits.
+// The decode-attention skeleton every format shares: split over the sequence (flash-decoding), GQA on
+// tensor cores (the G <= 8 query heads of one KV head are the rows of an m16n8k16 MMA, so one pass over
+// a KV head serves all of them), online softmax per warp, the f16 window, the merge of splits.
+//
+// Work split: grid = (n_splits + 1, Hkv, B). A CTA of WARPS warps owns `pages_per_split` pages of one
+// (sequence, KV head); its warps take pages round-robin and run independently (own cp.async pipeline of
+// F::STAGES stages, own softmax state), meeting only once at the end to merge. No CTA barrier per tile.
 //
 // A format is a policy struct `F` (see formats/*.cu) with:
-//   static constexpr int BT;                      tokens per format block
-//   static constexpr int TILE_BLOCKS;             blocks staged in shared memory per step
-//   static __device__ void key_chunk(const uint8_t* blk, int t, int c0, const KvqFmtArgs&, float k[CPL]);
-//   static __device__ void val_chunk(const uint8_t* blk, int t, int c0, const KvqFmtArgs&, float v[CPL]);
-// which decode channels [c0, c0+CPL) of token t of one staged block into registers. Raw block bytes are
-// staged into shared memory with 16-byte loads by the skeleton, so the format's layout never decides
-// how well global memory is read; nothing dequantized is ever written to global memory.
+//   BT, PAGE_BLOCKS, STAGES                   tokens per block, blocks per page (= one warp tile), most
+//                                              stages (the host may run fewer when pages are large)
+//   stage_off(byte)                            where staged byte `byte` of a page goes in shared memory
+//   scores(ks, cx, s)                          S = Q K^T for the page's tokens (C fragments, see below)
+//   pv(vs, cx, pa, acc)                        acc += P V for the page's tokens
+//   out_chan(mb, row)                          the channel of row `row` of V^T m-block `mb`
+// reading the page's raw bytes from shared memory, so nothing dequantized ever touches global memory.
+//
+// Fragment conventions (PTX m16n8k16, lane l, r = l / 4, q = l % 4).
+// Scores S = Q K^T: A rows 0..7 are the query heads' f16 "hi" parts, rows 8..15 the "lo" residuals of
+// the same heads (q = hi + lo to ~2^-22), so one MMA gives c0 + c2 = S exactly as f32 would.
+// Values O^T = V^T P^T: A = V^T (16 channels x 16 tokens), B = P^T (16 tokens x 8 heads), so all
+// 8 columns are heads and no MMA row is padding. A thread holds
+//   Q:   x[kb][0..1] = q[r][16kb + 2q + {0,1}],  x[kb][2..3] = q[r][16kb + 2q + 8 + {0,1}]
+//   S:   s[j][e]     = S[r][8j + 2q + e]            (token 8j + 2q + e of the page)
+//   P:   pa[kk][0]   = half2 P[r][16kk + 2q + {0,1}],  pa[kk][1] = half2 P[r][16kk + 2q + 8 + {0,1}]
+//        (exactly the B fragment of P^T for k-step kk)
+//   acc: acc[mb][e]  = O[head 2q + (e & 1)][out_chan(mb, r + 8 * (e >> 1))]
+// (a policy may permute channels: the MMA's k order in S and the row order of V^T are free).
 #pragma once
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -16,262 +33,360 @@
 
 namespace kvq {
 
-constexpr int THREADS = 128;  // 4 warps per CTA
-constexpr int LANES_PER_TOKEN = 16;
-constexpr int MAX_G = 8;      // query heads per KV head handled by one CTA
+constexpr int WARPS = 4;
+constexpr int THREADS = WARPS * 32;
+constexpr int MAX_G = 8;
+constexpr float LOG2E = 1.4426950408889634f;
 
-__device__ __forceinline__ float half_bits_to_float(uint16_t h) {
-    return __half2float(__ushort_as_half(h));
-}
-
+__device__ __forceinline__ float half_bits_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 __device__ __forceinline__ float f16_at(const uint8_t* p) {
     return half_bits_to_float(*reinterpret_cast<const uint16_t*>(p));
 }
+__device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ uint32_t pack2(float a, float b) { return h2_bits(__floats2half2_rn(a, b)); }
 
-// Reads `n` (<= 25) bits starting at bit `pos` of a little-endian bit stream.
+// `n` (<= 16) bits at bit `pos` of a 4-byte aligned little-endian bit stream.
 __device__ __forceinline__ uint32_t bits_at(const uint8_t* p, int pos, int n) {
-    const uint8_t* b = p + (pos >> 3);
-    uint32_t w = (uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16) | ((uint32_t)b[3] << 24);
-    return (w >> (pos & 7)) & ((1u << n) - 1u);
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(p);
+    const int i = pos >> 5, o = pos & 31;
+    uint32_t v = w[i] >> o;
+    if (o + n > 32) v |= w[i + 1] << (32 - o);
+    return v & ((1u << n) - 1u);
 }
 
-// Reads up to 57 bits starting at bit `pos` (whole code chunks at once: one read, then shifts).
-__device__ __forceinline__ uint64_t bits64_at(const uint8_t* p, int pos, int nbits) {
-    const uint8_t* b = p + (pos >> 3);
-    const int nbytes = ((pos & 7) + nbits + 7) >> 3;
-    uint64_t w = 0;
-    for (int i = 0; i < nbytes; i++) w |= (uint64_t)b[i] << (8 * i);
-    return w >> (pos & 7);
+// C += A B on tensor cores (m16n8k16, f16 inputs, f32 accumulate).
+__device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                    uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// 16-byte asynchronous global -> shared copy (bypasses L1; the cache is read once).
-__device__ __forceinline__ void cp_async16(uint8_t* dst, const uint8_t* src) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const uint8_t* p) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const uint8_t* p) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// 16-byte asynchronous global -> shared copy (L2 only: the cache is read once); `valid` false writes
+// zeros instead (tokens past the end of a page), so no uninitialized bytes are ever decoded.
+__device__ __forceinline__ void cp_async16(uint8_t* dst, const uint8_t* src, bool valid) {
     const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// Issues the copies of `nb` blocks (pages from the block table) of one head's K and V into shared
-// memory, every thread copying independent 16-byte pieces so all loads are in flight at once.
-__device__ __forceinline__ void stage_tile(uint8_t* kdst, uint8_t* vdst, const KvqDecodeParams& P, int b, int h,
-                                           int blk, int nb) {
-    const int kch = (int)(P.k_block_bytes / 16), vch = (int)(P.v_block_bytes / 16);
-    const int32_t* table = P.block_table + (int64_t)b * P.max_blocks + blk;
-    for (int idx = threadIdx.x; idx < nb * kch; idx += THREADS) {
-        const int i = idx / kch, j = idx - i * kch;
-        const int64_t page = table[i];
-        cp_async16(kdst + (int64_t)idx * 16, P.k_pages + (page * P.hkv + h) * P.k_block_bytes + j * 16);
+// Waits until at most `n` (0..3) groups are pending.
+__device__ __forceinline__ void cp_async_wait_n(int n) {
+    switch (n) {
+        case 0: cp_async_wait<0>(); break;
+        case 1: cp_async_wait<1>(); break;
+        case 2: cp_async_wait<2>(); break;
+        default: cp_async_wait<3>(); break;
     }
-    for (int idx = threadIdx.x; idx < nb * vch; idx += THREADS) {
-        const int i = idx / vch, j = idx - i * vch;
-        const int64_t page = table[i];
-        cp_async16(vdst + (int64_t)idx * 16, P.v_pages + (page * P.hkv + h) * P.v_block_bytes + j * 16);
-    }
-    cp_async_commit();
 }
 
-// The f16 window viewed as a format: one token per block, D halves.
+// What a policy sees of the query: the thread's f32 channels (for formats that fold per-block scales
+// into it) and the same split into f16 hi + lo parts (two MMAs give ~f32 accuracy on exact f16 keys).
 template <int D>
-struct WindowFmt {
+struct Ctx {
+    float x[D / 16][4];
+    uint32_t hi[D / 16][2], lo[D / 16][2];
+    int lane;
+    const KvqFmtArgs* fa;
+    int64_t k_block_bytes, v_block_bytes;
+};
+
+// Splits f32 values into hi + lo f16 pairs: a = {x0, x1}.
+__device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+    const __half2 h = __floats2half2_rn(x0, x1);
+    const float2 hf = __half22float2(h);
+    hi = h2_bits(h);
+    lo = pack2(x0 - hf.x, x1 - hf.y);
+}
+
+// Exact f16 keys (fp16 pages, the window): S += Q K^T with K B-fragments loaded by ldmatrix from rows
+// of D halves stored with 16-byte chunks XOR-swizzled by (token & 7) (conflict-free).
+template <int D>
+__device__ __forceinline__ int swz(int tok, int chunk) {
+    return tok * (2 * D) + ((chunk ^ (tok & 7)) << 4);
+}
+template <int D, int TT>
+__device__ __forceinline__ void scores_f16rows(const uint8_t* ks, const Ctx<D>& cx, float (*s)[2]) {
+    const int l = cx.lane;
+    float c[TT / 8][4];  // one MMA chain per token block of 8
+#pragma unroll
+    for (int j = 0; j < TT / 8; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+#pragma unroll
+    for (int p = 0; p < D / 32; p++) {
+#pragma unroll
+        for (int j = 0; j < TT / 8; j++) {
+            uint32_t b[4];
+            ldmatrix_x4(b, ks + swz<D>(8 * j + (l & 7), 4 * p + (l >> 3)));
+            mma(c[j], cx.hi[2 * p][0], cx.lo[2 * p][0], cx.hi[2 * p][1], cx.lo[2 * p][1], b[0], b[1]);
+            mma(c[j], cx.hi[2 * p + 1][0], cx.lo[2 * p + 1][0], cx.hi[2 * p + 1][1], cx.lo[2 * p + 1][1], b[2], b[3]);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < TT / 8; j++) {
+        s[j][0] = c[j][0] + c[j][2];
+        s[j][1] = c[j][1] + c[j][3];
+    }
+}
+template <int D, int TT>
+__device__ __forceinline__ void pv_f16rows(const uint8_t* vs, const Ctx<D>& cx, const uint32_t (*pa)[2],
+                                           float (*acc)[4]) {
+    const int l = cx.lane, m = l >> 3;
+#pragma unroll
+    for (int kk = 0; kk < TT / 16; kk++) {
+#pragma unroll
+        for (int mb = 0; mb < D / 16; mb++) {
+            uint32_t a[4];  // V^T: (ch 0-7, tok 0-7), (ch 8-15, tok 0-7), (ch 0-7, tok 8-15), (ch 8-15, tok 8-15)
+            ldmatrix_x4_trans(a, vs + swz<D>(16 * kk + 8 * (m >> 1) + (l & 7), 2 * mb + (m & 1)));
+            mma(acc[mb], a[0], a[1], a[2], a[3], pa[kk][0], pa[kk][1]);
+        }
+    }
+}
+
+// The f16 window (and the fp16 format) as a policy: one token per block, TT tokens per tile.
+template <int D, int TT, int NSTAGES>
+struct F16Rows {
     static constexpr int BT = 1;
-    static constexpr int CPL = D / LANES_PER_TOKEN;
-    static __device__ __forceinline__ void chunk(const uint8_t* blk, int c0, float* x) {
-        const __half* h = reinterpret_cast<const __half*>(blk) + c0;
-#pragma unroll
-        for (int i = 0; i < CPL; i++) x[i] = __half2float(h[i]);
+    static constexpr int PAGE_BLOCKS = TT;
+    static constexpr int STAGES = NSTAGES;
+    static __device__ __forceinline__ int out_chan(int mb, int row) { return 16 * mb + row; }
+    static __device__ __forceinline__ int stage_off(int byte) {
+        const int tok = byte / (2 * D), chunk = (byte % (2 * D)) >> 4;
+        return swz<D>(tok, chunk);
+    }
+    static __device__ __forceinline__ void scores(const uint8_t* ks, const Ctx<D>& cx, float (*s)[2]) {
+        scores_f16rows<D, TT>(ks, cx, s);
+    }
+    static __device__ __forceinline__ void pv(const uint8_t* vs, const Ctx<D>& cx, const uint32_t (*pa)[2],
+                                              float (*acc)[4]) {
+        pv_f16rows<D, TT>(vs, cx, pa, acc);
     }
 };
 
-// Running online-softmax state of one CTA: each thread owns channels [c0, c0+CPL) of token lane r.
-template <int D, int GM>
-struct State {
-    static constexpr int CPL = D / LANES_PER_TOKEN;
-    float acc[GM][CPL];
+// One warp's online-softmax state: m (log2 units, identical over a quad) and l (partial per thread,
+// summed over the quad at the end) of head r = lane / 4; acc in the O^T layout above.
+template <int D>
+struct WarpState {
+    float m, l;
+    float acc[D / 16][4];
 };
 
-// Processes `n_tok` tokens staged in shared memory (`ks`, `vs` point at the staged K/V of block 0 of
-// the tile; block i at +i*bytes), updating m/l in shared memory and acc in registers.
-template <int D, int GM, class KF, class VF>
-__device__ void attend_tile(const uint8_t* ks, int64_t kbb, const uint8_t* vs, int64_t vbb, int bt, int n_tok,
-                            const float (*qreg)[D / LANES_PER_TOKEN], int G, float scale, const KvqFmtArgs& fa,
-                            float* s_sh, float* m_sh, float* l_sh, float* corr_sh, State<D, GM>& st) {
-    constexpr int CPL = D / LANES_PER_TOKEN;
-    const int lane16 = threadIdx.x % LANES_PER_TOKEN;
-    const int tok_lane = threadIdx.x / LANES_PER_TOKEN;  // 0..7
-    constexpr int TOK_LANES = THREADS / LANES_PER_TOKEN;
-    const int c0 = lane16 * CPL;
-    // 1. scores s[g][t] = scale * q_g . k_t
-    // Warp-uniform trip count: the 16-lane shuffles below need both half-warps present.
-    for (int t0 = 0; t0 < n_tok; t0 += TOK_LANES) {
-        const int t = t0 + tok_lane;
-        const bool valid = t < n_tok;
-        float k[CPL];
-        if (valid) {
-            KF::key_chunk(ks + (t / bt) * kbb, t % bt, c0, fa, k);
-        } else {
-#pragma unroll
-            for (int i = 0; i < CPL; i++) k[i] = 0.f;
-        }
-#pragma unroll
-        for (int g = 0; g < GM; g++) {
-            if (g >= G) break;
-            float s = 0.f;
-#pragma unroll
-            for (int i = 0; i < CPL; i++) s = fmaf(qreg[g][i], k[i], s);
-#pragma unroll
-            for (int o = LANES_PER_TOKEN / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (lane16 == 0 && valid) s_sh[g * 128 + t] = s * scale;
-        }
-    }
-    __syncthreads();
-    // 2. online softmax update, one warp per query head.
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int g = warp; g < G; g += THREADS / 32) {
-        float mx = -INFINITY;
-        for (int t = lane; t < n_tok; t += 32) mx = fmaxf(mx, s_sh[g * 128 + t]);
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        float m_old = m_sh[g];
-        float m_new = fmaxf(m_old, mx);
-        float sum = 0.f;
-        for (int t = lane; t < n_tok; t += 32) {
-            float p = __expf(s_sh[g * 128 + t] - m_new);
-            s_sh[g * 128 + t] = p;
-            sum += p;
-        }
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        __syncwarp();  // every lane has read m_sh[g] before lane 0 replaces it
-        if (lane == 0) {
-            float corr = (m_old == -INFINITY) ? 0.f : __expf(m_old - m_new);
-            corr_sh[g] = corr;
-            l_sh[g] = l_sh[g] * corr + sum;
-            m_sh[g] = m_new;
-        }
-    }
-    __syncthreads();
-    // 3. acc[g] = acc[g] * corr[g] + sum_t p[g][t] v_t (this thread's tokens and channels)
-#pragma unroll
-    for (int g = 0; g < GM; g++) {
-        float c = g < G ? corr_sh[g] : 0.f;
-#pragma unroll
-        for (int i = 0; i < CPL; i++) st.acc[g][i] *= c;
-    }
-    for (int t = tok_lane; t < n_tok; t += TOK_LANES) {
-        float v[CPL];
-        VF::val_chunk(vs + (t / bt) * vbb, t % bt, c0, fa, v);
-#pragma unroll
-        for (int g = 0; g < GM; g++) {
-            if (g >= G) break;
-            float p = s_sh[g * 128 + t];
-#pragma unroll
-            for (int i = 0; i < CPL; i++) st.acc[g][i] = fmaf(p, v[i], st.acc[g][i]);
-        }
-    }
-    __syncthreads();
+// Copies `bytes` (a multiple of 16) from `src` into the staging buffer at the policy's positions;
+// bytes at or past `valid` become zeros.
+template <class F>
+__device__ __forceinline__ void stage(uint8_t* dst, const uint8_t* src, int bytes, int valid, int lane) {
+    for (int o = lane * 16; o < bytes; o += 32 * 16) cp_async16(dst + F::stage_off(o), src + o, o < valid);
 }
 
-template <int D>
-struct WindowPolicy {
-    static constexpr int CPL = D / LANES_PER_TOKEN;
-    static __device__ __forceinline__ void key_chunk(const uint8_t* blk, int, int c0, const KvqFmtArgs&, float* k) {
-        WindowFmt<D>::chunk(blk, c0, k);
+// One warp runs its tiles: tile i's K/V sources and valid token count come from `tile(i, k, v, n)`.
+template <int D, class F, class TileFn>
+__device__ __forceinline__ void warp_run(int n_tiles, const TileFn& tile, uint8_t* wsm, int kbytes, int vbytes,
+                                         int kbb, int vbb, int S, float scale_log2, const Ctx<D>& cx,
+                                         WarpState<D>& st) {
+    constexpr int TT = F::PAGE_BLOCKS * F::BT;
+    const int lane = cx.lane, q4 = lane & 3;
+    const int stage_bytes = kbytes + vbytes;
+    auto load = [&](int i) {
+        const uint8_t *k, *v;
+        int n;
+        tile(i, k, v, n);
+        uint8_t* buf = wsm + (i % S) * stage_bytes;
+        const int nblk = (n + F::BT - 1) / F::BT;
+        stage<F>(buf, k, kbytes, nblk * kbb, lane);
+        stage<F>(buf + kbytes, v, vbytes, nblk * vbb, lane);
+    };
+#pragma unroll 1
+    for (int i = 0; i < S - 1; i++) {
+        if (i < n_tiles) load(i);
+        cp_async_commit();
     }
-    static __device__ __forceinline__ void val_chunk(const uint8_t* blk, int, int c0, const KvqFmtArgs&, float* v) {
-        WindowFmt<D>::chunk(blk, c0, v);
+#pragma unroll 1
+    for (int i = 0; i < n_tiles; i++) {
+        if (i + S - 1 < n_tiles) load(i + S - 1);
+        cp_async_commit();
+        cp_async_wait_n(S - 1);
+        __syncwarp();
+        const uint8_t *k_, *v_;
+        int n;
+        tile(i, k_, v_, n);
+        const uint8_t* buf = wsm + (i % S) * stage_bytes;
+        float s[TT / 8][2];
+        F::scores(buf, cx, s);
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < TT / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int t = 8 * j + 2 * q4 + e;
+                s[j][e] = t < n ? s[j][e] * scale_log2 : -INFINITY;
+                mx = fmaxf(mx, s[j][e]);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(st.m, mx);  // finite: every tile holds >= 1 valid token
+        const float corr = exp2f(st.m - m_new);  // 0 when st.m = -inf
+        float sum = 0.f;
+        uint32_t pa[TT / 16][2];
+#pragma unroll
+        for (int j = 0; j < TT / 8; j += 2) {
+            const float p0 = exp2f(s[j][0] - m_new), p1 = exp2f(s[j][1] - m_new);
+            const float p2 = exp2f(s[j + 1][0] - m_new), p3 = exp2f(s[j + 1][1] - m_new);
+            sum += (p0 + p1) + (p2 + p3);
+            pa[j / 2][0] = pack2(p0, p1);
+            pa[j / 2][1] = pack2(p2, p3);
+        }
+        st.l = st.l * corr + sum;
+        st.m = m_new;
+        // acc columns are heads 2q and 2q+1: their corrections live on lanes 8q and 8q + 4.
+        const float corr0 = __shfl_sync(0xffffffffu, corr, 8 * q4);
+        const float corr1 = __shfl_sync(0xffffffffu, corr, 8 * q4 + 4);
+#pragma unroll
+        for (int mb = 0; mb < D / 16; mb++) {
+            st.acc[mb][0] *= corr0;
+            st.acc[mb][1] *= corr1;
+            st.acc[mb][2] *= corr0;
+            st.acc[mb][3] *= corr1;
+        }
+        F::pv(buf + kbytes, cx, pa, st.acc);
+        __syncwarp();  // every lane is done with this stage before it is refilled
     }
-};
+    cp_async_wait<0>();
+}
 
-// grid = (n_splits + 1, Hkv, B); block = THREADS; dynamic smem = max(2 K+V tiles, 8*GM*D*4 bytes).
-// Tiles hold at most 128 tokens (s_sh rows are 128 long).
-template <int D, int GM, class F>
+// grid = (n_splits + 1, Hkv, B), block = THREADS.
+// Dynamic shared memory: max(WARPS * P.stages * page bytes (K+V), WARPS * window stage, merge scratch).
+template <int D, class F>
 __device__ void decode_kernel(const KvqDecodeParams& P) {
-    constexpr int CPL = D / LANES_PER_TOKEN;
-    extern __shared__ __align__(16) uint8_t smem[];
-    __shared__ float s_sh[MAX_G * 128];
-    __shared__ float m_sh[MAX_G], l_sh[MAX_G], corr_sh[MAX_G];
+    using W = F16Rows<D, 16, 1>;  // the f16 window: contiguous rows, tiles of 16 tokens, one stage
+    extern __shared__ __align__(128) uint8_t smem[];
+    __shared__ float ml_sh[WARPS][MAX_G][2];
+    if (P.page_blocks != F::PAGE_BLOCKS || P.stages < 1 || P.stages > F::STAGES || P.stages > 4 || P.group > MAX_G)
+        __trap();
 
     const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int G = P.group;
-    const int lane16 = threadIdx.x % LANES_PER_TOKEN;
-    const int c0 = lane16 * CPL;
+    const int G = P.group, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r = lane >> 2, q4 = lane & 3;
 
-    // Query of the G heads: this thread's CPL channels, in registers.
-    float qreg[GM][CPL];
+    Ctx<D> cx;
+    cx.lane = lane;
+    cx.fa = &P.fmt;
+    cx.k_block_bytes = P.k_block_bytes;
+    cx.v_block_bytes = P.v_block_bytes;
+    {
+        const float* qp = P.q + ((int64_t)b * P.hkv * G + (int64_t)h * G + min(r, G - 1)) * D;
+        const bool live = r < G;
 #pragma unroll
-    for (int g = 0; g < GM; g++) {
-        if (g >= G) break;
-        const float* qp = P.q + ((int64_t)b * P.hkv * G + (int64_t)h * G + g) * D + c0;
-#pragma unroll
-        for (int i = 0; i < CPL; i++) qreg[g][i] = qp[i];
+        for (int kb = 0; kb < D / 16; kb++) {
+            const float2 a = *reinterpret_cast<const float2*>(qp + 16 * kb + 2 * q4);
+            const float2 c = *reinterpret_cast<const float2*>(qp + 16 * kb + 2 * q4 + 8);
+            cx.x[kb][0] = live ? a.x : 0.f;
+            cx.x[kb][1] = live ? a.y : 0.f;
+            cx.x[kb][2] = live ? c.x : 0.f;
+            cx.x[kb][3] = live ? c.y : 0.f;
+            split2(cx.x[kb][0], cx.x[kb][1], cx.hi[kb][0], cx.lo[kb][0]);
+            split2(cx.x[kb][2], cx.x[kb][3], cx.hi[kb][1], cx.lo[kb][1]);
+        }
     }
-    if (threadIdx.x < MAX_G) {
-        m_sh[threadIdx.x] = -INFINITY;
-        l_sh[threadIdx.x] = 0.f;
-    }
-    State<D, GM> st;
+    WarpState<D> st;
+    st.m = -INFINITY;
+    st.l = 0.f;
 #pragma unroll
-    for (int g = 0; g < GM; g++)
-#pragma unroll
-        for (int i = 0; i < CPL; i++) st.acc[g][i] = 0.f;
-    __syncthreads();
+    for (int mb = 0; mb < D / 16; mb++) st.acc[mb][0] = st.acc[mb][1] = st.acc[mb][2] = st.acc[mb][3] = 0.f;
+    const float scale_log2 = P.scale * LOG2E;
 
     if (split < P.n_splits) {
-        const int nblk = P.n_sealed[b] / F::BT;
-        const int lo = split * P.blocks_per_split;
-        const int hi = min(nblk, lo + P.blocks_per_split);
-        // Two tile buffers: the next tile's copies are in flight while this one is computed.
-        const int64_t tile_bytes = F::TILE_BLOCKS * (P.k_block_bytes + P.v_block_bytes);
-        if (lo < hi) stage_tile(smem, smem + F::TILE_BLOCKS * P.k_block_bytes, P, b, h, lo, min(F::TILE_BLOCKS, hi - lo));
-        for (int blk = lo, buf = 0; blk < hi; blk += F::TILE_BLOCKS, buf ^= 1) {
-            const int nb = min(F::TILE_BLOCKS, hi - blk);
-            uint8_t* ktile = smem + buf * tile_bytes;
-            uint8_t* vtile = ktile + F::TILE_BLOCKS * P.k_block_bytes;
-            const int next = blk + F::TILE_BLOCKS;
-            if (next < hi) {
-                uint8_t* kn = smem + (buf ^ 1) * tile_bytes;
-                stage_tile(kn, kn + F::TILE_BLOCKS * P.k_block_bytes, P, b, h, next, min(F::TILE_BLOCKS, hi - next));
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
-            __syncthreads();
-            attend_tile<D, GM, F, F>(ktile, P.k_block_bytes, vtile, P.v_block_bytes, F::BT, nb * F::BT, qreg, G,
-                                     P.scale, P.fmt, s_sh, m_sh, l_sh, corr_sh, st);
-        }
+        constexpr int TT = F::PAGE_BLOCKS * F::BT;
+        const int kbb = (int)P.k_block_bytes, vbb = (int)P.v_block_bytes;
+        const int kbytes = F::PAGE_BLOCKS * kbb, vbytes = F::PAGE_BLOCKS * vbb;
+        const int ns = P.n_sealed[b];
+        const int npages = (ns + TT - 1) / TT;
+        const int lo = split * P.pages_per_split;
+        const int hi = min(npages, lo + P.pages_per_split);
+        const int n_tiles = hi > lo + warp ? (hi - lo - warp + WARPS - 1) / WARPS : 0;
+        const int32_t* table = P.page_table + (int64_t)b * P.max_pages;
+        auto tile = [&](int i, const uint8_t*& k, const uint8_t*& v, int& n) {
+            const int pg = lo + warp + i * WARPS;
+            const int64_t page = table[pg];
+            k = P.k_pages + (page * P.hkv + h) * kbytes;
+            v = P.v_pages + (page * P.hkv + h) * vbytes;
+            n = min(TT, ns - pg * TT);
+        };
+        warp_run<D, F>(n_tiles, tile, smem + warp * P.stages * (kbytes + vbytes), kbytes, vbytes, kbb, vbb,
+                       P.stages, scale_log2, cx, st);
     } else {
-        // The f16 window, read in tiles of 64 tokens straight from global memory.
+        // The f16 window: contiguous rows, tiles of 16 tokens, one stage per warp.
         const int nw = P.n_win[b];
         const int64_t base = ((int64_t)b * P.hkv + h) * P.win_cap * D;
         const uint8_t* kw = reinterpret_cast<const uint8_t*>(P.k_win + base);
         const uint8_t* vw = reinterpret_cast<const uint8_t*>(P.v_win + base);
-        for (int t0 = 0; t0 < nw; t0 += 64) {
-            const int n = min(64, nw - t0);
-            attend_tile<D, GM, WindowPolicy<D>, WindowPolicy<D>>(kw + (int64_t)t0 * D * 2, D * 2, vw + (int64_t)t0 * D * 2,
-                                                             D * 2, 1, n, qreg, G, P.scale, P.fmt, s_sh, m_sh, l_sh,
-                                                             corr_sh, st);
-        }
+        const int ntiles_all = (nw + 15) / 16;
+        const int n_tiles = ntiles_all > warp ? (ntiles_all - warp + WARPS - 1) / WARPS : 0;
+        constexpr int RB = 2 * D;
+        auto tile = [&](int i, const uint8_t*& k, const uint8_t*& v, int& n) {
+            const int t0 = (warp + i * WARPS) * 16;
+            k = kw + (int64_t)t0 * RB;
+            v = vw + (int64_t)t0 * RB;
+            n = min(16, nw - t0);
+        };
+        warp_run<D, W>(n_tiles, tile, smem + warp * 2 * 16 * RB, 16 * RB, 16 * RB, RB, RB, 1, scale_log2, cx, st);
     }
 
-    // Reduce acc over the token lanes (in the dynamic shared memory, free again), write the partial.
-    const int tok_lane = threadIdx.x / LANES_PER_TOKEN;
-    float* red = reinterpret_cast<float*>(smem);  // [token lane][GM][D]
+    // Merge the warps: (m, l) per row through ml_sh, acc through the (now free) dynamic shared memory.
+    float l = st.l;
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    __syncthreads();  // all warps are done with their staging buffers
+    float* red = reinterpret_cast<float*>(smem);  // [WARPS][MAX_G][D]
+    if (r < G && q4 == 0) {
+        ml_sh[warp][r][0] = st.m;
+        ml_sh[warp][r][1] = l;
+    }
+    const bool win = split >= P.n_splits;
 #pragma unroll
-    for (int g = 0; g < GM; g++)
+    for (int mb = 0; mb < D / 16; mb++)
 #pragma unroll
-        for (int i = 0; i < CPL; i++)
-            if (g < G) red[(tok_lane * GM + g) * D + c0 + i] = st.acc[g][i];
+        for (int e = 0; e < 4; e++) {
+            const int g = 2 * q4 + (e & 1), row = r + 8 * (e >> 1);
+            const int c = win ? W::out_chan(mb, row) : F::out_chan(mb, row);
+            if (g < G) red[(warp * MAX_G + g) * D + c] = st.acc[mb][e];
+        }
     __syncthreads();
     const int S = P.n_splits + 1;
     for (int idx = threadIdx.x; idx < G * D; idx += THREADS) {
         const int g = idx / D, c = idx % D;
-        float a = 0.f;
-        for (int r = 0; r < THREADS / LANES_PER_TOKEN; r++) a += red[(r * GM + g) * D + c];
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) M = fmaxf(M, ml_sh[w][g][0]);
+        float a = 0.f, L = 0.f;
+        if (M != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < WARPS; w++) {
+                const float f = exp2f(ml_sh[w][g][0] - M);
+                a += f * red[(w * MAX_G + g) * D + c];
+                L += f * ml_sh[w][g][1];
+            }
+        }
         const int64_t row = ((int64_t)b * P.hkv * G + (int64_t)h * G + g) * S + split;
         P.part_acc[row * D + c] = a;
         if (c == 0) {
-            P.part_ml[row * 2] = m_sh[g];
-            P.part_ml[row * 2 + 1] = l_sh[g];
+            P.part_ml[row * 2] = M;
+            P.part_ml[row * 2 + 1] = L;
         }
     }
 }
@@ -288,7 +403,7 @@ __device__ void merge_kernel(const KvqDecodeParams& P) {
     for (int s = 0; s < S; s++) {
         const float ms = P.part_ml[(row0 + s) * 2];
         if (ms == -INFINITY) continue;
-        const float w = __expf(ms - m);
+        const float w = exp2f(ms - m);
         l += w * P.part_ml[(row0 + s) * 2 + 1];
         a += w * P.part_acc[(row0 + s) * D + c];
     }
@@ -297,17 +412,17 @@ __device__ void merge_kernel(const KvqDecodeParams& P) {
 
 }  // namespace kvq
 
-// Instantiates the decode kernels (up to 4 and up to 8 query heads per KV head) and the merge kernel of
-// format policy F for head_dim D under derived names.
-#define KVQ_DECODE_KERNELS(fmt, F, D)                                                        \
-    extern "C" __global__ void __launch_bounds__(kvq::THREADS)                               \
-        KVQ_NAME(fmt, decode_g4, f16, D)(const KvqDecodeParams P) {                          \
-        kvq::decode_kernel<D, 4, F>(P);                                                      \
-    }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(kvq::THREADS)                               \
-        KVQ_NAME(fmt, decode_g8, f16, D)(const KvqDecodeParams P) {                          \
-        kvq::decode_kernel<D, 8, F>(P);                                                      \
-    }                                                                                        \
-    extern "C" __global__ void KVQ_NAME(fmt, merge, f16, D)(const KvqDecodeParams P) {       \
-        kvq::merge_kernel<D>(P);                                                             \
+// The module's page layout (blocks per page, most stages), read by the host (Gpu::layout) so these
+// constants are stated once, here.
+#define KVQ_LAYOUT(F) extern "C" __device__ const int kvq_layout[2] = {F::PAGE_BLOCKS, F::STAGES};
+
+// Instantiates decode kernel `op` of format policy F for head_dim D, and the split merge, under derived
+// names (kvq_{fmt}_{op}_f16_hd{D}, kvq_{fmt}_merge_f16_hd{D}).
+#define KVQ_DECODE_KERNEL(fmt, op, F, D)                                                       \
+    extern "C" __global__ void __launch_bounds__(kvq::THREADS)                                 \
+        KVQ_NAME(fmt, op, f16, D)(const KvqDecodeParams P) {                                   \
+        kvq::decode_kernel<D, F>(P);                                                           \
     }
+#define KVQ_MERGE_KERNEL(fmt, D) \
+    extern "C" __global__ void KVQ_NAME(fmt, merge, f16, D)(const KvqDecodeParams P) { kvq::merge_kernel<D>(P); }
+#define KVQ_DECODE_KERNELS(fmt, F, D) KVQ_DECODE_KERNEL(fmt, decode, F, D) KVQ_MERGE_KERNEL(fmt, D)

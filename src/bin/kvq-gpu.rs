@@ -10,7 +10,12 @@ const FORMATS: &[&str] = &[
     "kivi:bits=2,window=0",
     "kivi:bits=2",
     "kivi:bits=4,window=0",
+    "kivi:bits=1,window=0",
+    "kivi:bits=3,window=0",
+    "kivi:bits=8",
     "asymkv:lk=1,lv=0,window=0",
+    "asymkv:lk=1,lv=0,hi=4,lo=2",
+    "asymkv:lk=1,lv=0,hi=3,lo=4,window=0",
 ];
 
 fn main() {

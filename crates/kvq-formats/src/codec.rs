@@ -51,15 +51,16 @@ pub type FormatRef = Arc<dyn Format>;
 
 /// Which CUDA kernel reads a codec's blocks: `kernels/formats/<module>.cu`, kernels named
 /// `kvq_<module>_<op>_f16_hd<D>`, with up to four format integers (the key codec's go to
-/// `KvqFmtArgs.i[0..4]`, the value codec's to `i[4..8]`) and the blocks staged per step.
+/// `KvqFmtArgs.i[0..4]`, the value codec's to `i[4..8]`); the page size is the kernel module's own (`kvq_layout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelSpec {
     /// Kernel module (and name prefix).
     pub module: &'static str,
     /// Format integers the kernel's policy reads.
     pub ints: [i32; 4],
-    /// Blocks staged in shared memory per step (the policy's TILE_BLOCKS).
-    pub tile_blocks: usize,
+    /// This codec's part of the decode kernel's variant name (`decode_{key tag}{value tag}`, e.g.
+    /// `k2`, `v1`), so bit widths known at compile time get their own fast kernel; "" for none.
+    pub tag: &'static str,
 }
 
 /// One layer's K or V codec: encodes and reads whole blocks of one KV head.

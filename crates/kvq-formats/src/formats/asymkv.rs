@@ -351,11 +351,22 @@ impl Codec for KiviCodec {
     }
 
     fn kernel(&self) -> Option<KernelSpec> {
-        // kernels/formats/kivi.cu reads 32-token blocks with unpadded rows (d*bits a multiple of 32).
+        // kernels/formats/kivi.cu reads 32-token blocks with unpadded rows (d*bits a multiple of 32);
+        // 1, 2 and 4 bits have specialised kernels, other widths the generic one ("k0"/"v0").
+        let tag = match (self.stream, self.bits) {
+            (Stream::Key, 1) => "k1",
+            (Stream::Key, 2) => "k2",
+            (Stream::Key, 4) => "k4",
+            (Stream::Key, _) => "k0",
+            (Stream::Value, 1) => "v1",
+            (Stream::Value, 2) => "v2",
+            (Stream::Value, 4) => "v4",
+            (Stream::Value, _) => "v0",
+        };
         (self.group == 32 && (self.d * self.bits).is_multiple_of(32)).then_some(KernelSpec {
             module: "kivi",
             ints: [self.bits as i32, 32, 0, 0],
-            tile_blocks: 4,
+            tag,
         })
     }
 

@@ -55,7 +55,7 @@ impl Codec for Fp16Codec {
         Some(KernelSpec {
             module: "fp16",
             ints: [0; 4],
-            tile_blocks: 32,
+            tag: "",
         })
     }
     fn encode(&self, x: &[f32], out: &mut [u8]) {
