@@ -31,3 +31,20 @@ for b in (1, 8):
                 print(json.dumps({"format": name, "batch": b, "context": t, "ms": round(ms, 4), "bytes": by, "gbps": round(by / ms / 1e6, 1)}), flush=True)
             except Exception as ex:  # a backend that refuses the shape is reported, not hidden
                 print(json.dumps({"format": name, "batch": b, "context": t, "error": str(ex)[:200]}), flush=True)
+
+# The bandwidth wall in the same run: device-to-device copy of 2 GiB (read + write bytes / time).
+x = torch.empty(1 << 30, dtype=torch.float16, device="cuda")
+y = torch.empty_like(x)
+for _ in range(3):
+    y.copy_(x)
+times = []
+for _ in range(20):
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    y.copy_(x)
+    e.record()
+    e.synchronize()
+    times.append(s.elapsed_time(e))
+times.sort()
+ms = times[len(times) // 2]
+print(json.dumps({"copy_gbps": round(2 * x.numel() * 2 / ms / 1e6, 1), "copy_ms": round(ms, 4)}), flush=True)

@@ -1,59 +1,68 @@
-//! Fused decode attention over compressed caches on the GPU: a batch of sequences' packed blocks is
-//! uploaded into a page pool with a block table, and one launch (plus the split merge) computes one
-//! query token per sequence and query head directly from the packed bytes.
+//! Fused decode attention over compressed caches on the GPU. [`DeviceKv`] is one layer's K/V in the
+//! kernels' layout (page pools, page table, f16 window rings, lengths); one launch (plus the split
+//! merge) computes one query token per batch row and query head directly from the packed bytes.
+//! [`GpuBatch::upload`] fills a `DeviceKv` from CPU caches (tests, benchmarks); the engine's cache
+//! (`crate::cache::GpuLayerCache`) fills it with the GPU encode kernels.
 
 use crate::error::{drv, GpuError, Result};
 use crate::gpu::{kernel_name, Gpu};
 use crate::launch;
 use crate::params::{KvqDecodeParams, KvqFmtArgs};
 use cudarc::driver::{CudaSlice, DevicePtr};
-use kvq_formats::{KernelSpec, LayerCache, Stream};
+use kvq_formats::{Codec, KernelSpec, LayerCache, Stream};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 /// Warps per decode CTA (kernels/include/kvq_decode.cuh's WARPS).
 const WARPS: usize = 4;
 
-/// One layer's K/V of a batch of sequences, resident on the GPU in the kernels' layout.
-pub struct GpuBatch {
-    k_pages: CudaSlice<u8>,
-    v_pages: CudaSlice<u8>,
-    page_table: CudaSlice<i32>,
-    k_win: CudaSlice<u16>,
-    v_win: CudaSlice<u16>,
-    n_sealed: CudaSlice<i32>,
-    n_win: CudaSlice<i32>,
-    /// Sequences.
-    pub batch: usize,
+/// The shape of a [`DeviceKv`]: how many cache slots, pages and window rows it holds.
+#[derive(Debug, Clone, Copy)]
+pub struct KvShape {
+    /// Sequences (cache slots).
+    pub slots: usize,
     /// KV heads.
     pub hkv: usize,
     /// Channels per head.
     pub d: usize,
-    k_block_bytes: usize,
-    v_block_bytes: usize,
-    block_tokens: usize,
-    page_blocks: usize,
-    stages: usize,
-    max_pages: usize,
-    splits: usize,
-    pages_per_split: usize,
-    win_cap: usize,
-    k_spec: KernelSpec,
-    v_spec: KernelSpec,
-    /// Bytes one attention call reads from the cache (packed blocks + window), all sequences.
-    pub bytes_read: usize,
+    /// Page table row length (most pages one sequence may use).
+    pub max_pages: usize,
+    /// Pages in the pool, all slots together.
+    pub pool_pages: usize,
+    /// Rows of each (slot, head) window ring.
+    pub win_cap: usize,
 }
 
-impl GpuBatch {
-    /// Uploads the packed blocks and f16 windows of `caches` (one per sequence, same plan), placing
-    /// logical blocks in pages in a shuffled order (`seed`) so tests exercise the block table.
-    /// `repeat` tiles each sequence's sealed blocks that many times (benchmarks build long contexts
-    /// from a few thousand really encoded tokens); tests use 1.
-    pub fn upload(gpu: &Gpu, caches: &[&LayerCache], repeat: usize, seed: u64) -> Result<Self> {
-        let first = caches
-            .first()
-            .ok_or_else(|| GpuError::Shape("empty batch".into()))?;
-        let (kc, vc) = (first.keys().codec(), first.values().codec());
+/// One layer's K/V of several sequences, resident on the GPU in the kernels' layout.
+pub struct DeviceKv {
+    pub(crate) k_pages: CudaSlice<u8>,
+    pub(crate) v_pages: CudaSlice<u8>,
+    pub(crate) page_table: CudaSlice<i32>,
+    pub(crate) k_win: CudaSlice<u16>,
+    pub(crate) v_win: CudaSlice<u16>,
+    pub(crate) n_sealed: CudaSlice<i32>,
+    pub(crate) n_win: CudaSlice<i32>,
+    /// Host copy of the sealed token counts (sizes the split count).
+    pub(crate) host_sealed: Vec<usize>,
+    /// Host copy of the window token counts.
+    pub(crate) host_win: Vec<usize>,
+    /// Slots, heads, pages, ring rows.
+    pub shape: KvShape,
+    pub(crate) k_block_bytes: usize,
+    pub(crate) v_block_bytes: usize,
+    pub(crate) block_tokens: usize,
+    pub(crate) page_blocks: usize,
+    pub(crate) stages: usize,
+    pub(crate) k_spec: KernelSpec,
+    pub(crate) v_spec: KernelSpec,
+    /// Decode CTAs resident at once on the whole GPU (sizes the split count to one wave).
+    cta_slots: usize,
+}
+
+impl DeviceKv {
+    /// Allocates an empty cache (zeroed pools, lengths 0) for codecs `kc` / `vc`; errors when they have
+    /// no CUDA kernel, disagree on kernel or block size, or do not fit the GPU's memory.
+    pub fn new(gpu: &Gpu, kc: &dyn Codec, vc: &dyn Codec, shape: KvShape) -> Result<Self> {
         let what = |s: &str| GpuError::Shape(format!("{s} has no CUDA kernel yet"));
         let k_spec = kc.kernel().ok_or_else(|| what(&kc.describe()))?;
         let v_spec = vc.kernel().ok_or_else(|| what(&vc.describe()))?;
@@ -65,20 +74,23 @@ impl GpuBatch {
             )));
         }
         let (kbb, vbb, bt) = (kc.block_bytes(), vc.block_bytes(), kc.block_tokens());
-        if kbb % 16 != 0 || vbb % 16 != 0 {
+        if !kbb.is_multiple_of(16) || !vbb.is_multiple_of(16) {
             return Err(GpuError::Shape(format!(
                 "block bytes {kbb}/{vbb} not a multiple of 16"
             )));
         }
-        let d = first.decoded(Stream::Key, 0).len() / first.len().max(1);
-        let hkv = first.bytes().elems / (2 * first.len().max(1) * d.max(1));
-        let batch = caches.len();
         let (page_blocks, max_stages) = gpu.layout(k_spec.module)?;
         // As many pipeline stages as fit (large blocks, e.g. 8-bit codes, get fewer), 1 KiB kept for
-        // the kernel's static shared memory.
+        // the kernel's static shared memory. KVQ_STAGES lowers it (tuning experiments).
         let per_stage = WARPS * page_blocks * (kbb + vbb);
         let limit = gpu.max_smem_per_block()?.saturating_sub(1024);
-        let stages = max_stages.min(4).min(limit / per_stage);
+        let mut stages = max_stages.min(4).min(limit / per_stage);
+        if let Some(s) = std::env::var("KVQ_STAGES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            stages = stages.min(s);
+        }
         if stages == 0 {
             return Err(GpuError::Shape(format!(
                 "{} / {}: one page stage needs {per_stage} bytes of shared memory, the GPU allows {limit}",
@@ -86,20 +98,333 @@ impl GpuBatch {
                 vc.describe()
             )));
         }
+        let s = shape;
+        let pool = s.pool_pages.max(1) * s.hkv * page_blocks;
+        let ring = s.slots * s.hkv * s.win_cap.max(1) * s.d;
+        let need = pool * (kbb + vbb) + 4 * ring + 4 * s.slots * (s.max_pages + 2);
+        let (free, _) = gpu.mem_info()?;
+        if need > free {
+            return Err(GpuError::OutOfMemory {
+                what: format!(
+                    "a KV cache of {} pages x {} heads ({} / {})",
+                    s.pool_pages,
+                    s.hkv,
+                    kc.describe(),
+                    vc.describe()
+                ),
+                need,
+                free,
+            });
+        }
+        let smem = Self::smem(page_blocks, stages, kbb, vbb, s.d);
+        let decode = gpu.function(k_spec.module, &Self::decode_name(&k_spec, &v_spec, s.d))?;
+        let per_sm = decode
+            .occupancy_max_active_blocks_per_multiprocessor(128, smem, None)
+            .map_err(drv("querying the decode kernel's occupancy"))?
+            .max(1) as usize;
+        let st = gpu.stream();
+        let a = |what: &str| drv(format!("allocating {what}"));
+        Ok(Self {
+            k_pages: st.alloc_zeros(pool * kbb).map_err(a("the K page pool"))?,
+            v_pages: st.alloc_zeros(pool * vbb).map_err(a("the V page pool"))?,
+            page_table: st
+                .alloc_zeros(s.slots * s.max_pages.max(1))
+                .map_err(a("the page table"))?,
+            k_win: st.alloc_zeros(ring).map_err(a("the K window"))?,
+            v_win: st.alloc_zeros(ring).map_err(a("the V window"))?,
+            n_sealed: st.alloc_zeros(s.slots).map_err(a("lengths"))?,
+            n_win: st.alloc_zeros(s.slots).map_err(a("lengths"))?,
+            host_sealed: vec![0; s.slots],
+            host_win: vec![0; s.slots],
+            shape: KvShape {
+                win_cap: s.win_cap.max(1),
+                max_pages: s.max_pages.max(1),
+                ..s
+            },
+            k_block_bytes: kbb,
+            v_block_bytes: vbb,
+            block_tokens: bt,
+            page_blocks,
+            stages,
+            k_spec,
+            v_spec,
+            cta_slots: gpu.sm_count()? * per_sm,
+        })
+    }
+
+    /// Tokens per format block.
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
+    /// Format blocks per page (the kernel module's constant).
+    pub fn page_blocks(&self) -> usize {
+        self.page_blocks
+    }
+
+    /// Uploads the host copies of the lengths to the device.
+    pub(crate) fn sync_lengths(&mut self, gpu: &Gpu) -> Result<()> {
+        let st = gpu.stream();
+        let ns: Vec<i32> = self.host_sealed.iter().map(|&n| n as i32).collect();
+        let nw: Vec<i32> = self.host_win.iter().map(|&n| n as i32).collect();
+        st.memcpy_htod(&ns, &mut self.n_sealed)
+            .map_err(drv("uploading lengths"))?;
+        st.memcpy_htod(&nw, &mut self.n_win)
+            .map_err(drv("uploading lengths"))
+    }
+
+    /// Bytes one attention call reads for `rows` (slot, visible tokens): packed pages + window.
+    pub fn bytes_read(&self, rows: &[(usize, usize)]) -> usize {
+        let (kbb, vbb, bt) = (self.k_block_bytes, self.v_block_bytes, self.block_tokens);
+        rows.iter()
+            .map(|&(s, len)| {
+                let sealed = self.host_sealed[s].min(len);
+                let win = len
+                    .saturating_sub(self.host_sealed[s])
+                    .min(self.host_win[s]);
+                self.shape.hkv * (sealed / bt * (kbb + vbb) + win * self.shape.d * 4)
+            })
+            .sum()
+    }
+
+    /// Buffers for one attention call over `rows` (slot, visible tokens) with `hq` query heads.
+    pub fn workspace(&self, gpu: &Gpu, rows: &[(usize, usize)], hq: usize) -> Result<Workspace> {
+        let n = rows.len().max(1);
+        if let Some(&(s, _)) = rows.iter().find(|r| r.0 >= self.shape.slots) {
+            return Err(GpuError::Shape(format!(
+                "slot {s} of {} slots",
+                self.shape.slots
+            )));
+        }
+        let most = (self.cta_slots / (n * self.shape.hkv)).max(1) + 1;
+        let st = gpu.stream();
+        let a = |what: &str| drv(format!("allocating {what}"));
+        let slots: Vec<i32> = rows.iter().map(|r| r.0 as i32).collect();
+        let lens: Vec<i32> = rows.iter().map(|r| r.1 as i32).collect();
+        Ok(Workspace {
+            q: st
+                .alloc_zeros(n * hq * self.shape.d)
+                .map_err(a("queries"))?,
+            part_acc: st
+                .alloc_zeros(n * hq * most * self.shape.d)
+                .map_err(a("partials"))?,
+            part_ml: st.alloc_zeros(n * hq * most * 2).map_err(a("partials"))?,
+            out: st.alloc_zeros(n * hq * self.shape.d).map_err(a("output"))?,
+            seq_slot: st.clone_htod(&slots).map_err(a("row slots"))?,
+            row_len: st.clone_htod(&lens).map_err(a("row lengths"))?,
+            rows: rows.to_vec(),
+            hq,
+            most_splits: most - 1,
+        })
+    }
+
+    /// Points `ws` at new rows (same count): uploads their slots and visible lengths.
+    pub fn set_rows(&self, gpu: &Gpu, ws: &mut Workspace, rows: &[(usize, usize)]) -> Result<()> {
+        if rows.len() != ws.rows.len() || rows.iter().any(|r| r.0 >= self.shape.slots) {
+            return Err(GpuError::Shape(format!(
+                "{} rows for a workspace of {} (slots < {})",
+                rows.len(),
+                ws.rows.len(),
+                self.shape.slots
+            )));
+        }
+        let st = gpu.stream();
+        let slots: Vec<i32> = rows.iter().map(|r| r.0 as i32).collect();
+        let lens: Vec<i32> = rows.iter().map(|r| r.1 as i32).collect();
+        st.memcpy_htod(&slots, &mut ws.seq_slot)
+            .map_err(drv("uploading row slots"))?;
+        st.memcpy_htod(&lens, &mut ws.row_len)
+            .map_err(drv("uploading row lengths"))?;
+        ws.rows = rows.to_vec();
+        Ok(())
+    }
+
+    /// The decode kernel's name: `decode`, or `decode_{key tag}{value tag}` for tagged variants.
+    fn decode_name(k: &KernelSpec, v: &KernelSpec, d: usize) -> String {
+        let op = if k.tag.is_empty() && v.tag.is_empty() {
+            "decode".to_string()
+        } else {
+            format!("decode_{}{}", k.tag, v.tag)
+        };
+        kernel_name(k.module, &op, "f16", d)
+    }
+
+    /// Dynamic shared memory of the decode kernel: the warps' page stages, the window's one stage of
+    /// 16 f16 tokens per warp, and the merge scratch ([WARPS][8][D] f32), whichever is largest.
+    fn smem(page_blocks: usize, stages: usize, kbb: usize, vbb: usize, d: usize) -> usize {
+        let pages = WARPS * stages * page_blocks * (kbb + vbb);
+        let window = WARPS * 2 * 16 * 2 * d;
+        let merge = WARPS * 8 * d * 4;
+        pages.max(window).max(merge)
+    }
+
+    /// (splits over sealed pages, pages per split) for `slots` resident CTAs: about one wave in all,
+    /// the window CTA of each (row, head) aside, pages per split a multiple of the warps.
+    fn split_count(slots: usize, heads: usize, max_pages: usize) -> (usize, usize) {
+        let want = (slots / heads.max(1)).max(1);
+        let mut pps = max_pages.div_ceil(want).max(1);
+        if pps > WARPS {
+            pps = pps.next_multiple_of(WARPS);
+        }
+        (max_pages.div_ceil(pps), pps)
+    }
+
+    /// Launches decode attention for the rows of `ws` on the queries in `ws.q`, result in `ws.out`
+    /// (asynchronous).
+    pub fn launch(&self, gpu: &Gpu, ws: &mut Workspace) -> Result<()> {
+        let (hkv, d) = (self.shape.hkv, self.shape.d);
+        let g = ws.hq / hkv;
+        if g == 0 || !ws.hq.is_multiple_of(hkv) || g > 8 {
+            return Err(GpuError::Shape(format!(
+                "{} query heads over {hkv} KV heads (G <= 8)",
+                ws.hq
+            )));
+        }
+        let page_tokens = self.page_blocks * self.block_tokens;
+        let max_pages = ws
+            .rows
+            .iter()
+            .map(|&(s, len)| self.host_sealed[s].min(len).div_ceil(page_tokens))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let (splits, pps) = Self::split_count(self.cta_slots, ws.rows.len() * hkv, max_pages);
+        let splits = splits.min(ws.most_splits);
+        let pps = pps.max(max_pages.div_ceil(splits));
+        let module = self.k_spec.module;
+        let decode = gpu.function(module, &Self::decode_name(&self.k_spec, &self.v_spec, d))?;
+        let merge = gpu.function(module, &kernel_name(module, "merge", "f16", d))?;
+        let st = gpu.stream();
+        let ptr = |s: &dyn Fn(&cudarc::driver::CudaStream) -> u64| s(st);
+        let mut ints = [0i32; 8];
+        ints[..4].copy_from_slice(&self.k_spec.ints);
+        ints[4..].copy_from_slice(&self.v_spec.ints);
+        let p = KvqDecodeParams {
+            k_pages: ptr(&|s| self.k_pages.device_ptr(s).0),
+            v_pages: ptr(&|s| self.v_pages.device_ptr(s).0),
+            page_table: ptr(&|s| self.page_table.device_ptr(s).0),
+            k_win: ptr(&|s| self.k_win.device_ptr(s).0),
+            v_win: ptr(&|s| self.v_win.device_ptr(s).0),
+            n_sealed: ptr(&|s| self.n_sealed.device_ptr(s).0),
+            n_win: ptr(&|s| self.n_win.device_ptr(s).0),
+            seq_slot: ptr(&|s| ws.seq_slot.device_ptr(s).0),
+            row_len: ptr(&|s| ws.row_len.device_ptr(s).0),
+            q: ptr(&|s| ws.q.device_ptr(s).0),
+            part_acc: ptr(&|s| ws.part_acc.device_ptr(s).0),
+            part_ml: ptr(&|s| ws.part_ml.device_ptr(s).0),
+            out: ptr(&|s| ws.out.device_ptr(s).0),
+            k_block_bytes: self.k_block_bytes as i64,
+            v_block_bytes: self.v_block_bytes as i64,
+            batch: ws.rows.len() as i32,
+            hkv: hkv as i32,
+            group: g as i32,
+            max_pages: self.shape.max_pages as i32,
+            pages_per_split: pps as i32,
+            n_splits: splits as i32,
+            win_cap: self.shape.win_cap as i32,
+            scale: 1.0 / (d as f32).sqrt(),
+            page_blocks: self.page_blocks as i32,
+            stages: self.stages as i32,
+            fmt: KvqFmtArgs { i: ints, p: [0; 4] },
+        };
+        let smem = Self::smem(
+            self.page_blocks,
+            self.stages,
+            self.k_block_bytes,
+            self.v_block_bytes,
+            d,
+        );
+        launch::decode(
+            gpu,
+            &decode,
+            &merge,
+            &p,
+            (splits + 1, hkv, ws.rows.len()),
+            (ws.hq, d),
+            smem,
+        )
+    }
+
+    /// Runs one attention call for `rows`: uploads `q` ([rows][Hq][D], rotated), returns [rows][Hq][D].
+    pub fn attend(
+        &self,
+        gpu: &Gpu,
+        rows: &[(usize, usize)],
+        q: &[f32],
+        hq: usize,
+    ) -> Result<Vec<f32>> {
+        let mut ws = self.workspace(gpu, rows, hq)?;
+        if q.len() != rows.len() * hq * self.shape.d {
+            return Err(GpuError::Shape(format!(
+                "query has {} values, expected {}",
+                q.len(),
+                rows.len() * hq * self.shape.d
+            )));
+        }
+        let st = gpu.stream();
+        st.memcpy_htod(q, &mut ws.q)
+            .map_err(drv("uploading queries"))?;
+        // Poison the output: every element must be written by the kernels.
+        st.memcpy_htod(&vec![f32::NAN; q.len()], &mut ws.out)
+            .map_err(drv("poisoning output"))?;
+        self.launch(gpu, &mut ws)?;
+        st.clone_dtoh(&ws.out).map_err(drv("reading the output"))
+    }
+}
+
+/// One layer's K/V of a batch of CPU-encoded sequences uploaded to the GPU (slot b = sequence b).
+pub struct GpuBatch {
+    /// The device cache.
+    pub kv: DeviceKv,
+    /// (slot, length) of every sequence: the rows of a full decode step.
+    pub rows: Vec<(usize, usize)>,
+    /// Bytes one attention call over `rows` reads from the cache (packed blocks + window).
+    pub bytes_read: usize,
+}
+
+impl GpuBatch {
+    /// Uploads the packed blocks and f16 windows of `caches` (one per sequence, same plan), placing
+    /// pages in a shuffled order (`seed`) so tests exercise the page table. `repeat` tiles each
+    /// sequence's sealed blocks that many times (benchmarks build long contexts from a few thousand
+    /// really encoded tokens); tests use 1.
+    pub fn upload(gpu: &Gpu, caches: &[&LayerCache], repeat: usize, seed: u64) -> Result<Self> {
+        let first = caches
+            .first()
+            .ok_or_else(|| GpuError::Shape("empty batch".into()))?;
+        let (kc, vc) = (first.keys().codec(), first.values().codec());
+        let bt = kc.block_tokens();
+        let d = first.decoded(Stream::Key, 0).len() / first.len().max(1);
+        let hkv = first.bytes().elems / (2 * first.len().max(1) * d.max(1));
+        let (page_blocks, _) = gpu.layout(
+            kc.kernel()
+                .ok_or_else(|| {
+                    GpuError::Shape(format!("{} has no CUDA kernel yet", kc.describe()))
+                })?
+                .module,
+        )?;
         let nblk: Vec<usize> = caches
             .iter()
             .map(|c| c.keys().sealed() / bt * repeat)
             .collect();
         let npages: Vec<usize> = nblk.iter().map(|n| n.div_ceil(page_blocks)).collect();
-        let max_pages = npages.iter().copied().max().unwrap_or(0).max(1);
-        let total_pages: usize = npages.iter().sum::<usize>().max(1);
         let win: Vec<usize> = caches.iter().map(|c| c.len() - c.keys().sealed()).collect();
-        let win_cap = win.iter().copied().max().unwrap_or(0).max(1);
+        let shape = KvShape {
+            slots: caches.len(),
+            hkv,
+            d,
+            max_pages: npages.iter().copied().max().unwrap_or(0),
+            pool_pages: npages.iter().sum(),
+            win_cap: win.iter().copied().max().unwrap_or(0),
+        };
+        let mut kv = DeviceKv::new(gpu, kc, vc, shape)?;
+        let (kbb, vbb) = (kv.k_block_bytes, kv.v_block_bytes);
+        let (max_pages, win_cap) = (kv.shape.max_pages, kv.shape.win_cap);
 
         // Pages: a shuffled permutation; page p holds, per head, `page_blocks` consecutive blocks.
+        let total_pages = shape.pool_pages.max(1);
         let mut order: Vec<usize> = (0..total_pages).collect();
         order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-        let mut table = vec![0i32; batch * max_pages];
+        let mut table = vec![0i32; caches.len() * max_pages];
         let (kpb, vpb) = (page_blocks * kbb, page_blocks * vbb);
         let mut kp = vec![0u8; total_pages * hkv * kpb];
         let mut vp = vec![0u8; total_pages * hkv * vpb];
@@ -123,16 +448,18 @@ impl GpuBatch {
                 }
             }
         }
-        // Windows: the f16 tokens after the sealed ones (keys rotated, as the mirror holds them).
-        let mut kw = vec![0u16; batch * hkv * win_cap * d];
-        let mut vw = vec![0u16; batch * hkv * win_cap * d];
+        // Windows: the f16 tokens after the sealed ones (keys rotated, as the mirror holds them), in
+        // ring rows (absolute token index mod win_cap) as the GPU cache keeps them.
+        let mut kw = vec![0u16; caches.len() * hkv * win_cap * d];
+        let mut vw = vec![0u16; caches.len() * hkv * win_cap * d];
         for (b, c) in caches.iter().enumerate() {
             let s = c.keys().sealed();
             for h in 0..hkv {
                 let (kd, vd) = (c.decoded(Stream::Key, h), c.decoded(Stream::Value, h));
                 for t in 0..win[b] {
+                    let row = (nblk[b] * bt + t) % win_cap;
                     for ch in 0..d {
-                        let o = ((b * hkv + h) * win_cap + t) * d + ch;
+                        let o = ((b * hkv + h) * win_cap + row) * d + ch;
                         kw[o] = half::f16::from_f32(kd[(s + t) * d + ch]).to_bits();
                         vw[o] = half::f16::from_f32(vd[(s + t) * d + ch]).to_bits();
                     }
@@ -140,201 +467,61 @@ impl GpuBatch {
             }
         }
         let st = gpu.stream();
-        let need = kp.len() + vp.len() + 4 * (kw.len() + vw.len());
-        let (free, _) = gpu.mem_info()?;
-        if need > free {
-            return Err(GpuError::OutOfMemory {
-                what: "the KV cache upload".into(),
-                need,
-                free,
-            });
-        }
         let up = |what: &str| drv(format!("uploading {what}"));
-        let n_sealed: Vec<i32> = nblk.iter().map(|&n| (n * bt) as i32).collect();
-        let n_win: Vec<i32> = win.iter().map(|&w| w as i32).collect();
-        let bytes_read: usize = nblk.iter().sum::<usize>() * hkv * (kbb + vbb)
-            + win.iter().sum::<usize>() * hkv * d * 4;
-        let smem = Self::smem(page_blocks, stages, kbb, vbb, d);
-        let decode = gpu.function(k_spec.module, &Self::decode_name(&k_spec, &v_spec, d))?;
-        let per_sm = decode
-            .occupancy_max_active_blocks_per_multiprocessor(128, smem, None)
-            .map_err(drv("querying the decode kernel's occupancy"))?
-            .max(1) as usize;
-        let (splits, pages_per_split) =
-            Self::split_count(gpu.sm_count()? * per_sm, batch * hkv, max_pages);
+        st.memcpy_htod(&kp, &mut kv.k_pages)
+            .map_err(up("K pages"))?;
+        st.memcpy_htod(&vp, &mut kv.v_pages)
+            .map_err(up("V pages"))?;
+        st.memcpy_htod(&table, &mut kv.page_table)
+            .map_err(up("page table"))?;
+        st.memcpy_htod(&kw, &mut kv.k_win).map_err(up("K window"))?;
+        st.memcpy_htod(&vw, &mut kv.v_win).map_err(up("V window"))?;
+        kv.host_sealed = nblk.iter().map(|&n| n * bt).collect();
+        kv.host_win = win.clone();
+        kv.sync_lengths(gpu)?;
+        let rows: Vec<(usize, usize)> = (0..caches.len())
+            .map(|b| (b, kv.host_sealed[b] + win[b]))
+            .collect();
+        let bytes_read = kv.bytes_read(&rows);
         Ok(Self {
-            k_pages: st.clone_htod(&kp).map_err(up("K pages"))?,
-            v_pages: st.clone_htod(&vp).map_err(up("V pages"))?,
-            page_table: st.clone_htod(&table).map_err(up("page table"))?,
-            k_win: st.clone_htod(&kw).map_err(up("K window"))?,
-            v_win: st.clone_htod(&vw).map_err(up("V window"))?,
-            n_sealed: st.clone_htod(&n_sealed).map_err(up("lengths"))?,
-            n_win: st.clone_htod(&n_win).map_err(up("lengths"))?,
-            batch,
-            hkv,
-            d,
-            k_block_bytes: kbb,
-            v_block_bytes: vbb,
-            block_tokens: bt,
-            page_blocks,
-            stages,
-            max_pages,
-            splits,
-            pages_per_split,
-            win_cap,
-            k_spec,
-            v_spec,
+            kv,
+            rows,
             bytes_read,
         })
     }
 
-    /// Buffers for one attention call of `hq` query heads (queries, partials, output).
+    /// Buffers for one full decode step (every sequence, all its tokens) of `hq` query heads.
     pub fn workspace(&self, gpu: &Gpu, hq: usize) -> Result<Workspace> {
-        let st = gpu.stream();
-        let rows = self.batch * hq * (self.splits + 1);
-        let a = |what: &str| drv(format!("allocating {what}"));
-        Ok(Workspace {
-            q: st
-                .alloc_zeros::<f32>(self.batch * hq * self.d)
-                .map_err(a("queries"))?,
-            part_acc: st
-                .alloc_zeros::<f32>(rows * self.d)
-                .map_err(a("partials"))?,
-            part_ml: st.alloc_zeros::<f32>(rows * 2).map_err(a("partials"))?,
-            out: st
-                .alloc_zeros::<f32>(self.batch * hq * self.d)
-                .map_err(a("output"))?,
-            hq,
-        })
-    }
-
-    /// The decode kernel's name: `decode`, or `decode_{key tag}{value tag}` for tagged variants.
-    fn decode_name(k: &KernelSpec, v: &KernelSpec, d: usize) -> String {
-        let op = if k.tag.is_empty() && v.tag.is_empty() {
-            "decode".to_string()
-        } else {
-            format!("decode_{}{}", k.tag, v.tag)
-        };
-        kernel_name(k.module, &op, "f16", d)
-    }
-
-    /// Dynamic shared memory of the decode kernel: the warps' page stages, the window's one stage of
-    /// 16 f16 tokens per warp, and the merge scratch ([WARPS][8][D] f32), whichever is largest.
-    fn smem(page_blocks: usize, stages: usize, kbb: usize, vbb: usize, d: usize) -> usize {
-        let pages = WARPS * stages * page_blocks * (kbb + vbb);
-        let window = WARPS * 2 * 16 * 2 * d;
-        let merge = WARPS * 8 * d * 4;
-        pages.max(window).max(merge)
-    }
-
-    /// (splits over sealed pages, pages per split) for `slots` resident CTAs: about one wave in all,
-    /// the window CTA of each (sequence, head) aside, pages per split a multiple of the warps.
-    fn split_count(slots: usize, heads: usize, max_pages: usize) -> (usize, usize) {
-        let want = (slots / heads.max(1)).max(1);
-        let mut pps = max_pages.div_ceil(want).max(1);
-        if pps > WARPS {
-            pps = pps.next_multiple_of(WARPS);
-        }
-        (max_pages.div_ceil(pps), pps)
+        self.kv.workspace(gpu, &self.rows, hq)
     }
 
     /// Launches decode attention on the queries in `ws.q`, result in `ws.out` (asynchronous).
     pub fn launch(&self, gpu: &Gpu, ws: &mut Workspace) -> Result<()> {
-        let g = ws.hq / self.hkv;
-        if g == 0 || !ws.hq.is_multiple_of(self.hkv) || g > 8 {
-            return Err(GpuError::Shape(format!(
-                "{} query heads over {} KV heads (G <= 8)",
-                ws.hq, self.hkv
-            )));
-        }
-        let module = self.k_spec.module;
-        let decode = gpu.function(
-            module,
-            &Self::decode_name(&self.k_spec, &self.v_spec, self.d),
-        )?;
-        let merge = gpu.function(module, &kernel_name(module, "merge", "f16", self.d))?;
-        let st = gpu.stream();
-        let ptr = |s: &dyn Fn(&cudarc::driver::CudaStream) -> u64| s(st);
-        let mut ints = [0i32; 8];
-        ints[..4].copy_from_slice(&self.k_spec.ints);
-        ints[4..].copy_from_slice(&self.v_spec.ints);
-        let p = KvqDecodeParams {
-            k_pages: ptr(&|s| self.k_pages.device_ptr(s).0),
-            v_pages: ptr(&|s| self.v_pages.device_ptr(s).0),
-            page_table: ptr(&|s| self.page_table.device_ptr(s).0),
-            k_win: ptr(&|s| self.k_win.device_ptr(s).0),
-            v_win: ptr(&|s| self.v_win.device_ptr(s).0),
-            n_sealed: ptr(&|s| self.n_sealed.device_ptr(s).0),
-            n_win: ptr(&|s| self.n_win.device_ptr(s).0),
-            q: ptr(&|s| ws.q.device_ptr(s).0),
-            part_acc: ptr(&|s| ws.part_acc.device_ptr(s).0),
-            part_ml: ptr(&|s| ws.part_ml.device_ptr(s).0),
-            out: ptr(&|s| ws.out.device_ptr(s).0),
-            k_block_bytes: self.k_block_bytes as i64,
-            v_block_bytes: self.v_block_bytes as i64,
-            batch: self.batch as i32,
-            hkv: self.hkv as i32,
-            group: g as i32,
-            max_pages: self.max_pages as i32,
-            pages_per_split: self.pages_per_split as i32,
-            n_splits: self.splits as i32,
-            win_cap: self.win_cap as i32,
-            scale: 1.0 / (self.d as f32).sqrt(),
-            page_blocks: self.page_blocks as i32,
-            stages: self.stages as i32,
-            fmt: KvqFmtArgs { i: ints, p: [0; 4] },
-        };
-        let smem = Self::smem(
-            self.page_blocks,
-            self.stages,
-            self.k_block_bytes,
-            self.v_block_bytes,
-            self.d,
-        );
-        launch::decode(
-            gpu,
-            &decode,
-            &merge,
-            &p,
-            (self.splits + 1, self.hkv, self.batch),
-            (ws.hq, self.d),
-            smem,
-        )
+        self.kv.launch(gpu, ws)
     }
 
     /// Runs one attention call: uploads `q` ([B][Hq][D], rotated), returns [B][Hq][D].
     pub fn attend(&self, gpu: &Gpu, q: &[f32], hq: usize) -> Result<Vec<f32>> {
-        let mut ws = self.workspace(gpu, hq)?;
-        if q.len() != self.batch * hq * self.d {
-            return Err(GpuError::Shape(format!(
-                "query has {} values, expected {}",
-                q.len(),
-                self.batch * hq * self.d
-            )));
-        }
-        let st = gpu.stream();
-        st.memcpy_htod(q, &mut ws.q)
-            .map_err(drv("uploading queries"))?;
-        // Poison the output: every element must be written by the kernels.
-        st.memcpy_htod(&vec![f32::NAN; q.len()], &mut ws.out)
-            .map_err(drv("poisoning output"))?;
-        self.launch(gpu, &mut ws)?;
-        st.clone_dtoh(&ws.out).map_err(drv("reading the output"))
+        self.kv.attend(gpu, &self.rows, q, hq)
     }
 
     /// Tokens per block of this batch's format.
     pub fn block_tokens(&self) -> usize {
-        self.block_tokens
+        self.kv.block_tokens
     }
 }
 
-/// Per-call device buffers of [`GpuBatch::launch`].
+/// Per-call device buffers of [`DeviceKv::launch`].
 pub struct Workspace {
-    /// Queries [B][Hq][D] (f32, rotated).
+    /// Queries [rows][Hq][D] (f32, rotated).
     pub q: CudaSlice<f32>,
     part_acc: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
-    /// Output [B][Hq][D].
+    /// Output [rows][Hq][D].
     pub out: CudaSlice<f32>,
+    seq_slot: CudaSlice<i32>,
+    row_len: CudaSlice<i32>,
+    rows: Vec<(usize, usize)>,
     hq: usize,
+    most_splits: usize,
 }

@@ -147,3 +147,144 @@ pub fn bench(
         bytes: gb.bytes_read,
     })
 }
+
+/// Encoder parity: tokens appended through the GPU cache (window rings + CUDA encoders, several slots,
+/// uneven chunks) must give the CPU reference's bytes in every sealed block, and attention over the
+/// GPU-written cache (full rows and causal prefixes) must match `attend_fused` on the CPU cache.
+/// `rel_err` is the attention error; `non_finite` counts mismatched block bytes plus bad outputs.
+pub fn encode_parity(gpu: &Gpu, formats: &[&str]) -> Result<Vec<ParityResult>> {
+    use crate::cache::{CacheConfig, GpuLayerCache};
+    let mut out = Vec::new();
+    for fmt in formats {
+        for d in [64usize, 128] {
+            let (hq, hkv) = (8usize, 2usize);
+            let case = format!("encode {fmt} d={d} hq={hq} hkv={hkv}");
+            if let Ok(f) = std::env::var("KVQ_CHECK_FILTER") {
+                if !case.contains(&f) {
+                    continue;
+                }
+            }
+            let rope = Rope::new(d, 10000.0, RopeStyle::Interleaved);
+            let plan = KvPlan::parse(fmt, 1)?;
+            let lens = [37usize, 700, 1333];
+            let mut cpu: Vec<LayerCache> = (0..lens.len())
+                .map(|_| Ok(plan.build_caches(hkv, &rope)?.remove(0)))
+                .collect::<Result<_>>()?;
+            let mut gc = GpuLayerCache::new(
+                gpu,
+                cpu[0].keys().codec(),
+                cpu[0].values().codec(),
+                CacheConfig {
+                    slots: lens.len(),
+                    hkv,
+                    d,
+                    max_tokens: 2048,
+                    pool_pages: None,
+                    max_append: 256,
+                },
+            )?;
+            // Appends in rounds: every slot that still has tokens takes a chunk (1 token in some
+            // rounds, like decode steps).
+            let data: Vec<(Vec<f32>, Vec<f32>)> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| {
+                    (
+                        gaussian_with_outliers(t * hkv, d, 2, 1000 + i as u64),
+                        gaussian_with_outliers(t * hkv, d, 0, 2000 + i as u64),
+                    )
+                })
+                .collect();
+            let mut done = vec![0usize; lens.len()];
+            let mut round = 0;
+            while done.iter().zip(&lens).any(|(a, b)| a < b) {
+                round += 1;
+                let mut counts = Vec::new();
+                let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+                for (i, &t) in lens.iter().enumerate() {
+                    let n = if round % 3 == 0 { 1 } else { 97 + 40 * i }.min(t - done[i]);
+                    if n == 0 {
+                        continue;
+                    }
+                    let (k, v) = &data[i];
+                    let (a, b) = (done[i] * hkv * d, (done[i] + n) * hkv * d);
+                    cpu[i].append(&k[a..b], &v[a..b], n)?;
+                    let mut kr = k[a..b].to_vec();
+                    for tt in 0..n {
+                        for h in 0..hkv {
+                            let o = (tt * hkv + h) * d;
+                            rope.rotate(&mut kr[o..o + d], done[i] + tt, 1.0);
+                        }
+                    }
+                    kbuf.extend_from_slice(&kr);
+                    vbuf.extend_from_slice(&v[a..b]);
+                    counts.push((i, n));
+                    done[i] += n;
+                }
+                let st = gpu.stream();
+                let kd = st.clone_htod(&kbuf).map_err(drv("uploading keys"))?;
+                let vd = st.clone_htod(&vbuf).map_err(drv("uploading values"))?;
+                gc.append(gpu, &counts, &kd, &vd)?;
+            }
+            // Block bytes.
+            let kv = gc.kv();
+            let st = gpu.stream();
+            let kp = st.clone_dtoh(&kv.k_pages).map_err(drv("reading K pages"))?;
+            let vp = st.clone_dtoh(&kv.v_pages).map_err(drv("reading V pages"))?;
+            let table = st
+                .clone_dtoh(&kv.page_table)
+                .map_err(drv("reading the page table"))?;
+            let (kbb, vbb, bt, pb) = (
+                kv.k_block_bytes,
+                kv.v_block_bytes,
+                kv.block_tokens,
+                kv.page_blocks,
+            );
+            let mut bad_bytes = 0usize;
+            for (i, c) in cpu.iter().enumerate() {
+                if c.keys().sealed() != kv.host_sealed[i] {
+                    bad_bytes += 1_000_000;
+                }
+                for blk in 0..c.keys().sealed() / bt {
+                    let page = table[i * kv.shape.max_pages + blk / pb] as usize;
+                    for h in 0..hkv {
+                        let ko = ((page * hkv + h) * pb + blk % pb) * kbb;
+                        let vo = ((page * hkv + h) * pb + blk % pb) * vbb;
+                        let (kc, vc) = (
+                            &c.keys().packed(h)[blk * kbb..(blk + 1) * kbb],
+                            &c.values().packed(h)[blk * vbb..(blk + 1) * vbb],
+                        );
+                        bad_bytes += kc
+                            .iter()
+                            .zip(&kp[ko..ko + kbb])
+                            .filter(|(a, b)| a != b)
+                            .count();
+                        bad_bytes += vc
+                            .iter()
+                            .zip(&vp[vo..vo + vbb])
+                            .filter(|(a, b)| a != b)
+                            .count();
+                    }
+                }
+            }
+            // Attention: every slot in full, then causal prefixes of the longest.
+            let mut rows: Vec<(usize, usize)> =
+                lens.iter().enumerate().map(|(i, &t)| (i, t)).collect();
+            rows.extend([(2usize, 1usize), (2, 31), (2, 640), (2, 1301)]);
+            let q = gaussian_with_outliers(rows.len() * hq, d, 0, 77);
+            let got = kv.attend(gpu, &rows, &q, hq)?;
+            let mut worst = 0f64;
+            for (r, &(slot, len)) in rows.iter().enumerate() {
+                let mut want = vec![0f32; hq * d];
+                cpu[slot].attend_fused(&q[r * hq * d..(r + 1) * hq * d], len, &mut want)?;
+                worst = worst.max(rel_err(&got[r * hq * d..(r + 1) * hq * d], &want));
+            }
+            out.push(ParityResult {
+                case,
+                rel_err: worst,
+                non_finite: bad_bytes + got.iter().filter(|x| !x.is_finite()).count(),
+            });
+        }
+    }
+    Ok(out)
+}

@@ -3,7 +3,7 @@
 
 use crate::error::{drv, Result};
 use crate::gpu::Gpu;
-use crate::params::KvqDecodeParams;
+use crate::params::{KvqDecodeParams, KvqEncodeParams};
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 /// Decode attention (grid = splits+1 x Hkv x B) then the merge of its splits ((Hq, D) per sequence).
@@ -45,4 +45,47 @@ pub(crate) fn decode(
     unsafe { st.launch_builder(merge).arg(p).launch(cfg) }
         .map_err(drv("launching the split merge"))?;
     Ok(())
+}
+
+/// Appends `rows` tokens to the window rings (grid rows x Hkv, D threads).
+pub(crate) fn append(gpu: &Gpu, f: &CudaFunction, p: &KvqEncodeParams, d: usize) -> Result<()> {
+    if p.rows == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (p.rows as u32, p.hkv as u32, 1),
+        block_dim: (d as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: (types/order) the kernel takes one `KvqEncodeParams` by value, layout asserted equal on
+    // both sides. (aliasing) it writes only k_win/v_win, which no concurrent launch touches (one
+    // stream). (bounds) GpuLayerCache allocated k_new/v_new as [rows][Hkv][D], row_slot/row_tok with
+    // `rows` entries, slots < its slot count and rings [slots][Hkv][win_cap][D]; rows index by
+    // blockIdx.x < rows, channels by threadIdx.x < D, ring rows by tok % win_cap.
+    unsafe { gpu.stream().launch_builder(f).arg(p).launch(cfg) }
+        .map(|_| ())
+        .map_err(drv("launching the window append"))
+}
+
+/// Seals `jobs` blocks from the rings into their pages (grid jobs x Hkv, 128 threads).
+pub(crate) fn encode(gpu: &Gpu, f: &CudaFunction, p: &KvqEncodeParams, smem: usize) -> Result<()> {
+    if p.jobs == 0 {
+        return Ok(());
+    }
+    use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .map_err(drv("setting the encode kernel's shared memory"))?;
+    let cfg = LaunchConfig {
+        grid_dim: (p.jobs as u32, p.hkv as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: (types/order) one `KvqEncodeParams` by value, layout asserted. (aliasing) writes only the
+    // pages named by its jobs, each (page, block, head) by exactly one CTA, and reads the rings, which
+    // no launch writes concurrently (one stream). (bounds) GpuLayerCache gives job pages < its pool
+    // size, blocks < page_blocks, tokens inside the ring's live window; shared memory holds the
+    // block's BT x D floats plus the format's scratch (`smem`, computed from the same constants).
+    unsafe { gpu.stream().launch_builder(f).arg(p).launch(cfg) }
+        .map(|_| ())
+        .map_err(drv("launching the block encoder"))
 }

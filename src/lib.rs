@@ -8,6 +8,7 @@
 //! | QJL, DecoQuant, RVQ | not yet (CPU reference only) |
 
 pub mod attention;
+pub mod cache;
 pub mod check;
 pub mod error;
 pub mod gpu;

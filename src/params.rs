@@ -21,6 +21,8 @@ pub struct KvqDecodeParams {
     pub v_win: u64,
     pub n_sealed: u64,
     pub n_win: u64,
+    pub seq_slot: u64,
+    pub row_len: u64,
     pub q: u64,
     pub part_acc: u64,
     pub part_ml: u64,
@@ -41,8 +43,41 @@ pub struct KvqDecodeParams {
 }
 
 const _: () = assert!(std::mem::size_of::<KvqFmtArgs>() == 64);
-const _: () = assert!(std::mem::size_of::<KvqDecodeParams>() == 208);
-const _: () = assert!(std::mem::offset_of!(KvqDecodeParams, fmt) == 144);
+const _: () = assert!(std::mem::size_of::<KvqDecodeParams>() == 224);
+const _: () = assert!(std::mem::offset_of!(KvqDecodeParams, fmt) == 160);
+
+/// Appending tokens to the window rings and sealing blocks (see the header for each field).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KvqEncodeParams {
+    pub k_pages: u64,
+    pub v_pages: u64,
+    pub k_win: u64,
+    pub v_win: u64,
+    pub k_new: u64,
+    pub v_new: u64,
+    pub row_slot: u64,
+    pub row_tok: u64,
+    pub job_slot: u64,
+    pub job_tok: u64,
+    pub job_page: u64,
+    pub job_blk: u64,
+    pub k_block_bytes: i64,
+    pub v_block_bytes: i64,
+    pub rows: i32,
+    pub jobs: i32,
+    pub hkv: i32,
+    pub win_cap: i32,
+    pub page_blocks: i32,
+    pub block_tokens: i32,
+    pub fmt: KvqFmtArgs,
+}
+
+const _: () = assert!(std::mem::size_of::<KvqEncodeParams>() == 200);
+const _: () = assert!(std::mem::offset_of!(KvqEncodeParams, fmt) == 136);
+
+// SAFETY: as for KvqDecodeParams: plain-old-data with the asserted C layout.
+unsafe impl cudarc::driver::DeviceRepr for KvqEncodeParams {}
 
 // SAFETY: plain-old-data, #[repr(C)], layout asserted equal to the CUDA struct above and in the header.
 unsafe impl cudarc::driver::DeviceRepr for KvqDecodeParams {}

@@ -7,6 +7,7 @@
 // F::STAGES stages, own softmax state), meeting only once at the end to merge. No CTA barrier per tile.
 //
 // A format is a policy struct `F` (see formats/*.cu) with:
+//   MIN_CTAS                                   CTAs per SM the registers must allow (launch bounds)
 //   BT, PAGE_BLOCKS, STAGES                   tokens per block, blocks per page (= one warp tile), most
 //                                              stages (the host may run fewer when pages are large)
 //   stage_off(byte)                            where staged byte `byte` of a page goes in shared memory
@@ -165,6 +166,7 @@ struct F16Rows {
     static constexpr int BT = 1;
     static constexpr int PAGE_BLOCKS = TT;
     static constexpr int STAGES = NSTAGES;
+    static constexpr int MIN_CTAS = 1;
     static __device__ __forceinline__ int out_chan(int mb, int row) { return 16 * mb + row; }
     static __device__ __forceinline__ int stage_off(int byte) {
         const int tok = byte / (2 * D), chunk = (byte % (2 * D)) >> 4;
@@ -194,22 +196,18 @@ __device__ __forceinline__ void stage(uint8_t* dst, const uint8_t* src, int byte
     for (int o = lane * 16; o < bytes; o += 32 * 16) cp_async16(dst + F::stage_off(o), src + o, o < valid);
 }
 
-// One warp runs its tiles: tile i's K/V sources and valid token count come from `tile(i, k, v, n)`.
-template <int D, class F, class TileFn>
-__device__ __forceinline__ void warp_run(int n_tiles, const TileFn& tile, uint8_t* wsm, int kbytes, int vbytes,
-                                         int kbb, int vbb, int S, float scale_log2, const Ctx<D>& cx,
+// One warp runs its tiles: `count(i)` is tile i's valid token count, `fill(i, kbuf, vbuf)` issues the
+// cp.async copies of its K and V bytes into a stage (tokens past the count zero-filled).
+template <int D, class F, class CountFn, class FillFn>
+__device__ __forceinline__ void warp_run(int n_tiles, const CountFn& count, const FillFn& fill, uint8_t* wsm,
+                                         int kbytes, int vbytes, int S, float scale_log2, const Ctx<D>& cx,
                                          WarpState<D>& st) {
     constexpr int TT = F::PAGE_BLOCKS * F::BT;
     const int lane = cx.lane, q4 = lane & 3;
     const int stage_bytes = kbytes + vbytes;
     auto load = [&](int i) {
-        const uint8_t *k, *v;
-        int n;
-        tile(i, k, v, n);
         uint8_t* buf = wsm + (i % S) * stage_bytes;
-        const int nblk = (n + F::BT - 1) / F::BT;
-        stage<F>(buf, k, kbytes, nblk * kbb, lane);
-        stage<F>(buf + kbytes, v, vbytes, nblk * vbb, lane);
+        fill(i, buf, buf + kbytes);
     };
 #pragma unroll 1
     for (int i = 0; i < S - 1; i++) {
@@ -222,9 +220,7 @@ __device__ __forceinline__ void warp_run(int n_tiles, const TileFn& tile, uint8_
         cp_async_commit();
         cp_async_wait_n(S - 1);
         __syncwarp();
-        const uint8_t *k_, *v_;
-        int n;
-        tile(i, k_, v_, n);
+        const int n = count(i);
         const uint8_t* buf = wsm + (i % S) * stage_bytes;
         float s[TT / 8][2];
         F::scores(buf, cx, s);
@@ -280,6 +276,10 @@ __device__ void decode_kernel(const KvqDecodeParams& P) {
         __trap();
 
     const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int slot = P.seq_slot[b], len = P.row_len[b];
+    // Row b sees tokens [0, len) of its slot: a prefix of the sealed blocks, then of the window.
+    const int ns = min(P.n_sealed[slot], len);
+    const int nw = max(0, min(P.n_win[slot], len - P.n_sealed[slot]));
     const int G = P.group, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = lane >> 2, q4 = lane & 3;
 
@@ -314,37 +314,41 @@ __device__ void decode_kernel(const KvqDecodeParams& P) {
         constexpr int TT = F::PAGE_BLOCKS * F::BT;
         const int kbb = (int)P.k_block_bytes, vbb = (int)P.v_block_bytes;
         const int kbytes = F::PAGE_BLOCKS * kbb, vbytes = F::PAGE_BLOCKS * vbb;
-        const int ns = P.n_sealed[b];
         const int npages = (ns + TT - 1) / TT;
         const int lo = split * P.pages_per_split;
         const int hi = min(npages, lo + P.pages_per_split);
         const int n_tiles = hi > lo + warp ? (hi - lo - warp + WARPS - 1) / WARPS : 0;
-        const int32_t* table = P.page_table + (int64_t)b * P.max_pages;
-        auto tile = [&](int i, const uint8_t*& k, const uint8_t*& v, int& n) {
-            const int pg = lo + warp + i * WARPS;
-            const int64_t page = table[pg];
-            k = P.k_pages + (page * P.hkv + h) * kbytes;
-            v = P.v_pages + (page * P.hkv + h) * vbytes;
-            n = min(TT, ns - pg * TT);
+        const int32_t* table = P.page_table + (int64_t)slot * P.max_pages;
+        auto count = [&](int i) { return min(TT, ns - (lo + warp + i * WARPS) * TT); };
+        auto fill = [&](int i, uint8_t* kb, uint8_t* vb) {
+            const int64_t page = table[lo + warp + i * WARPS];
+            const int nblk = (count(i) + F::BT - 1) / F::BT;
+            stage<F>(kb, P.k_pages + (page * P.hkv + h) * kbytes, kbytes, nblk * kbb, lane);
+            stage<F>(vb, P.v_pages + (page * P.hkv + h) * vbytes, vbytes, nblk * vbb, lane);
         };
-        warp_run<D, F>(n_tiles, tile, smem + warp * P.stages * (kbytes + vbytes), kbytes, vbytes, kbb, vbb,
-                       P.stages, scale_log2, cx, st);
+        warp_run<D, F>(n_tiles, count, fill, smem + warp * P.stages * (kbytes + vbytes), kbytes, vbytes, P.stages,
+                       scale_log2, cx, st);
     } else {
-        // The f16 window: contiguous rows, tiles of 16 tokens, one stage per warp.
-        const int nw = P.n_win[b];
-        const int64_t base = ((int64_t)b * P.hkv + h) * P.win_cap * D;
+        // The f16 window: a ring of win_cap rows per (sequence, head); token t (absolute index) sits in
+        // row t % win_cap. Tiles of 16 tokens, one stage per warp.
+        const int t_first = P.n_sealed[slot];
+        const int64_t base = ((int64_t)slot * P.hkv + h) * P.win_cap * D;
         const uint8_t* kw = reinterpret_cast<const uint8_t*>(P.k_win + base);
         const uint8_t* vw = reinterpret_cast<const uint8_t*>(P.v_win + base);
         const int ntiles_all = (nw + 15) / 16;
         const int n_tiles = ntiles_all > warp ? (ntiles_all - warp + WARPS - 1) / WARPS : 0;
-        constexpr int RB = 2 * D;
-        auto tile = [&](int i, const uint8_t*& k, const uint8_t*& v, int& n) {
-            const int t0 = (warp + i * WARPS) * 16;
-            k = kw + (int64_t)t0 * RB;
-            v = vw + (int64_t)t0 * RB;
-            n = min(16, nw - t0);
+        constexpr int RB = 2 * D, CH = RB / 16;
+        auto count = [&](int i) { return min(16, nw - (warp + i * WARPS) * 16); };
+        auto fill = [&](int i, uint8_t* kb, uint8_t* vb) {
+            const int t0 = (warp + i * WARPS) * 16, n = count(i);
+            for (int c = lane; c < 16 * CH; c += 32) {
+                const int tok = c / CH, chunk = c % CH;
+                const int64_t row = (int64_t)((t_first + t0 + min(tok, n - 1)) % P.win_cap) * RB + chunk * 16;
+                cp_async16(kb + swz<D>(tok, chunk), kw + row, tok < n);
+                cp_async16(vb + swz<D>(tok, chunk), vw + row, tok < n);
+            }
         };
-        warp_run<D, W>(n_tiles, tile, smem + warp * 2 * 16 * RB, 16 * RB, 16 * RB, RB, RB, 1, scale_log2, cx, st);
+        warp_run<D, W>(n_tiles, count, fill, smem + warp * 2 * 16 * RB, 16 * RB, 16 * RB, 1, scale_log2, cx, st);
     }
 
     // Merge the warps: (m, l) per row through ml_sh, acc through the (now free) dynamic shared memory.
@@ -419,7 +423,7 @@ __device__ void merge_kernel(const KvqDecodeParams& P) {
 // Instantiates decode kernel `op` of format policy F for head_dim D, and the split merge, under derived
 // names (kvq_{fmt}_{op}_f16_hd{D}, kvq_{fmt}_merge_f16_hd{D}).
 #define KVQ_DECODE_KERNEL(fmt, op, F, D)                                                       \
-    extern "C" __global__ void __launch_bounds__(kvq::THREADS)                                 \
+    extern "C" __global__ void __launch_bounds__(kvq::THREADS, F::MIN_CTAS)                    \
         KVQ_NAME(fmt, op, f16, D)(const KvqDecodeParams P) {                                   \
         kvq::decode_kernel<D, F>(P);                                                           \
     }

@@ -14,15 +14,18 @@ struct KvqFmtArgs {
 // One decode-attention launch: B sequences, Hkv KV heads, Hq = Hkv * G query heads, one query token each.
 // Sealed tokens live in pages: page p holds, for each KV head h, `page_blocks` consecutive format blocks
 // of that head, contiguous ((p * Hkv + h) * page_blocks * block_bytes). The newest unsealed tokens sit
-// in an f16 window buffer [B][Hkv][win_cap][D] (keys already rotated).
+// in an f16 window ring [B][Hkv][win_cap][D] (keys already rotated): token t (absolute index in its
+// sequence) in row t % win_cap.
 struct KvqDecodeParams {
     const uint8_t* k_pages;     // K page pool
     const uint8_t* v_pages;     // V page pool
-    const int32_t* page_table;  // [B][max_pages] page ids
-    const uint16_t* k_win;      // f16 window keys   [B][Hkv][win_cap][D]
-    const uint16_t* v_win;      // f16 window values [B][Hkv][win_cap][D]
-    const int32_t* n_sealed;    // [B] tokens in sealed blocks (a multiple of the block's tokens)
-    const int32_t* n_win;       // [B] tokens in the window
+    const int32_t* page_table;  // [slots][max_pages] page ids
+    const uint16_t* k_win;      // f16 window ring, keys   [slots][Hkv][win_cap][D]
+    const uint16_t* v_win;      // f16 window ring, values [slots][Hkv][win_cap][D]
+    const int32_t* n_sealed;    // [slots] tokens in sealed blocks (a multiple of the block's tokens)
+    const int32_t* n_win;       // [slots] tokens in the window
+    const int32_t* seq_slot;    // [B] cache slot of batch row b (page table row, lengths, window ring)
+    const int32_t* row_len;     // [B] tokens row b sees (a prefix of its slot's tokens: causal prefill)
     const float* q;             // [B][Hq][D] rotated queries
     float* part_acc;            // [B][Hq][n_splits+1][D] unnormalized partial outputs
     float* part_ml;             // [B][Hq][n_splits+1][2] partial (max, sum), max in log2 units
@@ -42,7 +45,33 @@ struct KvqDecodeParams {
     KvqFmtArgs fmt;
 };
 
+// Appending tokens to the window rings and sealing blocks (kernels/include/kvq_encode.cuh).
+struct KvqEncodeParams {
+    uint8_t* k_pages;           // K page pool (layout as in KvqDecodeParams)
+    uint8_t* v_pages;           // V page pool
+    uint16_t* k_win;            // window rings [slots][Hkv][win_cap][D]
+    uint16_t* v_win;
+    const float* k_new;         // appended tokens [rows][Hkv][D] (keys rotated)
+    const float* v_new;
+    const int32_t* row_slot;    // [rows] cache slot of each appended token
+    const int32_t* row_tok;     // [rows] its absolute index in the sequence
+    const int32_t* job_slot;    // [jobs] blocks to seal: slot,
+    const int32_t* job_tok;     //        first token (a multiple of the block's tokens),
+    const int32_t* job_page;    //        page id,
+    const int32_t* job_blk;     //        block within the page
+    int64_t k_block_bytes;
+    int64_t v_block_bytes;
+    int32_t rows;
+    int32_t jobs;
+    int32_t hkv;
+    int32_t win_cap;
+    int32_t page_blocks;
+    int32_t block_tokens;
+    KvqFmtArgs fmt;
+};
+
 #ifdef __cplusplus
 static_assert(sizeof(KvqFmtArgs) == 64, "KvqFmtArgs layout");
-static_assert(sizeof(KvqDecodeParams) == 208, "KvqDecodeParams layout");
+static_assert(sizeof(KvqDecodeParams) == 224, "KvqDecodeParams layout");
+static_assert(sizeof(KvqEncodeParams) == 200, "KvqEncodeParams layout");
 #endif

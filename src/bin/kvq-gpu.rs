@@ -2,7 +2,7 @@
 //! `kvq-gpu check` : parity of every kernel against the CPU reference (exit 1 on any failure).
 //! `kvq-gpu bench` : decode attention timings as JSON lines on stdout.
 
-use kvq::check::{bench, parity, PARITY_TOL};
+use kvq::check::{bench, encode_parity, parity, PARITY_TOL};
 use kvq::Gpu;
 
 const FORMATS: &[&str] = &[
@@ -18,6 +18,16 @@ const FORMATS: &[&str] = &[
     "asymkv:lk=1,lv=0,hi=3,lo=4,window=0",
 ];
 
+/// Formats whose CUDA encoder is checked (GPU cache vs CPU cache, byte for byte).
+const ENCODE_FORMATS: &[&str] = &[
+    "fp16",
+    "kivi:bits=2",
+    "kivi:bits=4,window=0",
+    "kivi:bits=1,window=16",
+    "kivi:bits=3,window=0",
+    "asymkv:lk=1,lv=0",
+];
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("kvq-gpu: {e}");
@@ -31,7 +41,8 @@ fn run() -> kvq::Result<()> {
     eprintln!("GPU: {}", gpu.describe());
     match mode.as_str() {
         "check" => {
-            let res = parity(&gpu, FORMATS)?;
+            let mut res = parity(&gpu, FORMATS)?;
+            res.extend(encode_parity(&gpu, ENCODE_FORMATS)?);
             let mut bad = 0;
             for r in &res {
                 let ok = r.rel_err < PARITY_TOL && r.non_finite == 0;

@@ -1,0 +1,323 @@
+//! The GPU-resident compressed cache of one layer for many sequences: new tokens are appended to f16
+//! window rings on the device, and each block that leaves the window is packed by the format's CUDA
+//! encoder straight into a page taken from a shared pool. Nothing goes through the host but the
+//! bookkeeping (lengths, page ids). It keeps the CPU reference's rules (`kvq_formats::LayerCache`):
+//! a block is sealed once the window plus one whole block of tokens wait, so both hold the same bytes.
+
+use crate::attention::{DeviceKv, KvShape, Workspace};
+use crate::error::{drv, GpuError, Result};
+use crate::gpu::{kernel_name, Gpu};
+use crate::launch;
+use crate::params::{KvqEncodeParams, KvqFmtArgs};
+use cudarc::driver::{CudaSlice, DevicePtr};
+use kvq_formats::Codec;
+
+/// Sizes of a [`GpuLayerCache`].
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    /// Sequences held at once (slots).
+    pub slots: usize,
+    /// KV heads.
+    pub hkv: usize,
+    /// Channels per head.
+    pub d: usize,
+    /// Most tokens one sequence may hold.
+    pub max_tokens: usize,
+    /// Pages in the shared pool (all slots); `None` gives every slot room for `max_tokens`.
+    pub pool_pages: Option<usize>,
+    /// Most tokens one sequence appends in one call (a prefill chunk).
+    pub max_append: usize,
+}
+
+/// One layer's compressed K/V for `slots` sequences on the GPU.
+pub struct GpuLayerCache {
+    kv: DeviceKv,
+    window: usize,
+    max_tokens: usize,
+    max_append: usize,
+    /// Pages of each slot, in order.
+    pages: Vec<Vec<i32>>,
+    free: Vec<i32>,
+    /// Tokens of each slot.
+    len: Vec<usize>,
+    k_ints: [i32; 4],
+    v_ints: [i32; 4],
+}
+
+/// Host-built index arrays of one append, uploaded as one buffer.
+struct AppendPlan {
+    row_slot: Vec<i32>,
+    row_tok: Vec<i32>,
+    job_slot: Vec<i32>,
+    job_tok: Vec<i32>,
+    job_page: Vec<i32>,
+    job_blk: Vec<i32>,
+}
+
+impl GpuLayerCache {
+    /// An empty cache for codecs `kc` / `vc` (one layer of a KV plan).
+    pub fn new(gpu: &Gpu, kc: &dyn Codec, vc: &dyn Codec, cfg: CacheConfig) -> Result<Self> {
+        if kc.window() != vc.window() {
+            return Err(GpuError::Shape(format!(
+                "K ({}) and V ({}) windows differ",
+                kc.describe(),
+                vc.describe()
+            )));
+        }
+        if kc.pre_rope() {
+            return Err(GpuError::Shape(format!(
+                "{} stores keys before RoPE: not on the GPU yet",
+                kc.describe()
+            )));
+        }
+        let bt = kc.block_tokens();
+        let (page_blocks, _) = gpu.layout(
+            kc.kernel()
+                .ok_or_else(|| {
+                    GpuError::Shape(format!("{} has no CUDA kernel yet", kc.describe()))
+                })?
+                .module,
+        )?;
+        let page_tokens = page_blocks * bt;
+        let max_pages = cfg.max_tokens.div_ceil(page_tokens).max(1);
+        let pool_pages = cfg.pool_pages.unwrap_or(max_pages * cfg.slots);
+        let win_cap = kc.window() + bt + cfg.max_append.max(1);
+        let kv = DeviceKv::new(
+            gpu,
+            kc,
+            vc,
+            KvShape {
+                slots: cfg.slots,
+                hkv: cfg.hkv,
+                d: cfg.d,
+                max_pages,
+                pool_pages,
+                win_cap,
+            },
+        )?;
+        let ints = |c: &dyn Codec| c.kernel().map(|s| s.ints).unwrap_or_default();
+        Ok(Self {
+            kv,
+            window: kc.window(),
+            max_tokens: cfg.max_tokens,
+            max_append: cfg.max_append.max(1),
+            pages: vec![Vec::new(); cfg.slots],
+            free: (0..pool_pages as i32).rev().collect(),
+            len: vec![0; cfg.slots],
+            k_ints: ints(kc),
+            v_ints: ints(vc),
+        })
+    }
+
+    /// The device cache the decode kernel reads.
+    pub fn kv(&self) -> &DeviceKv {
+        &self.kv
+    }
+
+    /// Tokens held by `slot`.
+    pub fn len(&self, slot: usize) -> usize {
+        self.len.get(slot).copied().unwrap_or(0)
+    }
+
+    /// Pages still free in the pool.
+    pub fn free_pages(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Empties `slot` and returns its pages to the pool.
+    pub fn free_slot(&mut self, slot: usize) -> Result<()> {
+        let pages = self
+            .pages
+            .get_mut(slot)
+            .ok_or_else(|| GpuError::Shape(format!("no slot {slot}")))?;
+        self.free.append(pages);
+        self.len[slot] = 0;
+        self.kv.host_sealed[slot] = 0;
+        self.kv.host_win[slot] = 0;
+        Ok(())
+    }
+
+    /// Appends tokens: `counts[i]` = (slot, n) in the order of the rows of `k` / `v` ([rows][Hkv][D],
+    /// f32, keys already rotated), then seals every block that has left the window. Checks lengths and
+    /// pool space before touching anything.
+    pub fn append(
+        &mut self,
+        gpu: &Gpu,
+        counts: &[(usize, usize)],
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let (hkv, d) = (self.kv.shape.hkv, self.kv.shape.d);
+        let rows: usize = counts.iter().map(|c| c.1).sum();
+        if k.len() < rows * hkv * d || v.len() < rows * hkv * d {
+            return Err(GpuError::Shape(format!(
+                "append of {rows} tokens needs {} values in K and V, got {} and {}",
+                rows * hkv * d,
+                k.len(),
+                v.len()
+            )));
+        }
+        let plan = self.plan(counts)?;
+        let st = gpu.stream();
+        let idx: Vec<i32> = [
+            &plan.row_slot,
+            &plan.row_tok,
+            &plan.job_slot,
+            &plan.job_tok,
+            &plan.job_page,
+            &plan.job_blk,
+        ]
+        .iter()
+        .flat_map(|v| v.iter().copied())
+        .chain(std::iter::once(0))
+        .collect();
+        let idx_d = st
+            .clone_htod(&idx)
+            .map_err(drv("uploading the append plan"))?;
+        let base = idx_d.device_ptr(st).0;
+        let jobs = plan.job_slot.len();
+        let at = |i: usize| base + 4 * i as u64;
+        let mut ints = [0i32; 8];
+        ints[..4].copy_from_slice(&self.k_ints);
+        ints[4..].copy_from_slice(&self.v_ints);
+        let kv = &self.kv;
+        let p = KvqEncodeParams {
+            k_pages: kv.k_pages.device_ptr(st).0,
+            v_pages: kv.v_pages.device_ptr(st).0,
+            k_win: kv.k_win.device_ptr(st).0,
+            v_win: kv.v_win.device_ptr(st).0,
+            k_new: k.device_ptr(st).0,
+            v_new: v.device_ptr(st).0,
+            row_slot: at(0),
+            row_tok: at(rows),
+            job_slot: at(2 * rows),
+            job_tok: at(2 * rows + jobs),
+            job_page: at(2 * rows + 2 * jobs),
+            job_blk: at(2 * rows + 3 * jobs),
+            k_block_bytes: kv.k_block_bytes as i64,
+            v_block_bytes: kv.v_block_bytes as i64,
+            rows: rows as i32,
+            jobs: jobs as i32,
+            hkv: hkv as i32,
+            win_cap: kv.shape.win_cap as i32,
+            page_blocks: kv.page_blocks as i32,
+            block_tokens: kv.block_tokens as i32,
+            fmt: KvqFmtArgs { i: ints, p: [0; 4] },
+        };
+        let append = gpu.function("cache", &kernel_name("cache", "append", "f32", d))?;
+        launch::append(gpu, &append, &p, d)?;
+        let module = kv.k_spec.module;
+        let encode = gpu.function(module, &kernel_name(module, "encode", "f16", d))?;
+        // Block values as f32, then the format's scratch: 2*D f32 pairs and BT*D u8 codes at most.
+        let bt = kv.block_tokens;
+        let smem = bt * d * 4 + 8 * d + bt * d;
+        launch::encode(gpu, &encode, &p, smem)?;
+        // The index buffer must live until both kernels ran: they are queued on the one stream, and
+        // cudarc frees device memory stream-ordered, after them.
+        drop(idx_d);
+        // Commit the bookkeeping: pages were taken in `plan`; lengths now.
+        for &(slot, n) in counts {
+            self.len[slot] += n;
+        }
+        for (slot, l) in self.len.iter().enumerate() {
+            let sealed = Self::sealed_for(*l, self.window, bt);
+            self.kv.host_sealed[slot] = sealed;
+            self.kv.host_win[slot] = l - sealed;
+        }
+        self.kv.sync_lengths(gpu)?;
+        // Page table rows of the slots that grew.
+        for &(slot, _) in counts {
+            let row: Vec<i32> = self.pages[slot].clone();
+            if row.is_empty() {
+                continue;
+            }
+            let off = slot * self.kv.shape.max_pages;
+            let mut view = self.kv.page_table.slice_mut(off..off + row.len());
+            st.memcpy_htod(&row, &mut view)
+                .map_err(drv("updating the page table"))?;
+        }
+        Ok(())
+    }
+
+    /// Tokens sealed into blocks for a sequence of `len` tokens (LayerCache's rule).
+    fn sealed_for(len: usize, window: usize, bt: usize) -> usize {
+        if len < window + bt {
+            0
+        } else {
+            (len - window) / bt * bt
+        }
+    }
+
+    /// Rows and seal jobs of an append; takes the pages it needs from the pool (all or none).
+    fn plan(&mut self, counts: &[(usize, usize)]) -> Result<AppendPlan> {
+        let bt = self.kv.block_tokens;
+        let pb = self.kv.page_blocks;
+        let mut seen = vec![false; self.len.len()];
+        let mut plan = AppendPlan {
+            row_slot: vec![],
+            row_tok: vec![],
+            job_slot: vec![],
+            job_tok: vec![],
+            job_page: vec![],
+            job_blk: vec![],
+        };
+        let mut need_pages = 0;
+        for &(slot, n) in counts {
+            if slot >= self.len.len() || std::mem::replace(&mut seen[slot], true) {
+                return Err(GpuError::Shape(format!(
+                    "append: slot {slot} unknown or listed twice ({} slots)",
+                    self.len.len()
+                )));
+            }
+            let l = self.len[slot];
+            if n > self.max_append || l + n > self.max_tokens {
+                return Err(GpuError::Shape(format!(
+                    "append of {n} tokens to a sequence of {l}: at most {} per call and {} in all",
+                    self.max_append, self.max_tokens
+                )));
+            }
+            let (s0, s1) = (
+                Self::sealed_for(l, self.window, bt),
+                Self::sealed_for(l + n, self.window, bt),
+            );
+            need_pages += (s1 / bt).div_ceil(pb) - (s0 / bt).div_ceil(pb);
+        }
+        if need_pages > self.free.len() {
+            return Err(GpuError::OutOfMemory {
+                what: format!("{need_pages} more KV cache pages"),
+                need: need_pages,
+                free: self.free.len(),
+            });
+        }
+        for &(slot, n) in counts {
+            let l = self.len[slot];
+            for t in l..l + n {
+                plan.row_slot.push(slot as i32);
+                plan.row_tok.push(t as i32);
+            }
+            let (s0, s1) = (
+                Self::sealed_for(l, self.window, bt),
+                Self::sealed_for(l + n, self.window, bt),
+            );
+            for blk in s0 / bt..s1 / bt {
+                if blk % pb == 0 {
+                    let page = self
+                        .free
+                        .pop()
+                        .ok_or_else(|| GpuError::Shape("page pool accounting broke".into()))?;
+                    self.pages[slot].push(page);
+                }
+                plan.job_slot.push(slot as i32);
+                plan.job_tok.push((blk * bt) as i32);
+                plan.job_page.push(self.pages[slot][blk / pb]);
+                plan.job_blk.push((blk % pb) as i32);
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Buffers for attention over `rows` (slot, visible tokens).
+    pub fn workspace(&self, gpu: &Gpu, rows: &[(usize, usize)], hq: usize) -> Result<Workspace> {
+        self.kv.workspace(gpu, rows, hq)
+    }
+}
