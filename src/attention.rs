@@ -53,6 +53,10 @@ pub struct DeviceKv {
     pub(crate) block_tokens: usize,
     pub(crate) page_blocks: usize,
     pub(crate) stages: usize,
+    /// Shared memory of one pipeline stage, all warps.
+    stage_bytes: usize,
+    /// Tokens per unit the kernel splits a sequence in (a page, or the format's work unit).
+    split_tokens: usize,
     pub(crate) k_spec: KernelSpec,
     pub(crate) v_spec: KernelSpec,
     /// Decode CTAs resident at once on the whole GPU (sizes the split count to one wave).
@@ -79,11 +83,17 @@ impl DeviceKv {
                 "block bytes {kbb}/{vbb} not a multiple of 16"
             )));
         }
-        let (page_blocks, max_stages) = gpu.layout(k_spec.module)?;
-        // As many pipeline stages as fit (large blocks, e.g. 8-bit codes, get fewer), 1 KiB kept for
-        // the kernel's static shared memory. KVQ_STAGES lowers it (tuning experiments).
-        let per_stage = WARPS * page_blocks * (kbb + vbb);
-        let limit = gpu.max_smem_per_block()?.saturating_sub(1024);
+        let (page_blocks, max_stages, tile_tokens) = gpu.layout(k_spec.module)?;
+        // As many pipeline stages as fit (large blocks, e.g. 8-bit codes, get fewer), 6 KiB kept for
+        // the kernels' static shared memory. KVQ_STAGES lowers it (tuning experiments).
+        let per_stage = WARPS
+            * if tile_tokens == 0 {
+                page_blocks * (kbb + vbb)
+            } else {
+                let tile = |t: (usize, usize, usize)| t.0 + tile_tokens * t.1;
+                tile(k_spec.tile) + tile(v_spec.tile)
+            };
+        let limit = gpu.max_smem_per_block()?.saturating_sub(6 << 10);
         let mut stages = max_stages.min(4).min(limit / per_stage);
         if let Some(s) = std::env::var("KVQ_STAGES")
             .ok()
@@ -116,7 +126,7 @@ impl DeviceKv {
                 free,
             });
         }
-        let smem = Self::smem(page_blocks, stages, kbb, vbb, s.d);
+        let smem = Self::smem(stages * per_stage, s.d);
         let decode = gpu.function(k_spec.module, &Self::decode_name(&k_spec, &v_spec, s.d))?;
         let per_sm = decode
             .occupancy_max_active_blocks_per_multiprocessor(128, smem, None)
@@ -146,6 +156,12 @@ impl DeviceKv {
             block_tokens: bt,
             page_blocks,
             stages,
+            stage_bytes: per_stage,
+            split_tokens: if k_spec.tile.2 > 0 {
+                k_spec.tile.2
+            } else {
+                page_blocks * bt
+            },
             k_spec,
             v_spec,
             cta_slots: gpu.sm_count()? * per_sm,
@@ -251,8 +267,7 @@ impl DeviceKv {
 
     /// Dynamic shared memory of the decode kernel: the warps' page stages, the window's one stage of
     /// 16 f16 tokens per warp, and the merge scratch ([WARPS][8][D] f32), whichever is largest.
-    fn smem(page_blocks: usize, stages: usize, kbb: usize, vbb: usize, d: usize) -> usize {
-        let pages = WARPS * stages * page_blocks * (kbb + vbb);
+    fn smem(pages: usize, d: usize) -> usize {
         let window = WARPS * 2 * 16 * 2 * d;
         let merge = WARPS * 8 * d * 4;
         pages.max(window).max(merge)
@@ -280,7 +295,7 @@ impl DeviceKv {
                 ws.hq
             )));
         }
-        let page_tokens = self.page_blocks * self.block_tokens;
+        let page_tokens = self.split_tokens;
         let max_pages = ws
             .rows
             .iter()
@@ -327,13 +342,7 @@ impl DeviceKv {
             stages: self.stages as i32,
             fmt: KvqFmtArgs { i: ints, p: [0; 4] },
         };
-        let smem = Self::smem(
-            self.page_blocks,
-            self.stages,
-            self.k_block_bytes,
-            self.v_block_bytes,
-            d,
-        );
+        let smem = Self::smem(self.stages * self.stage_bytes, d);
         launch::decode(
             gpu,
             &decode,
@@ -395,7 +404,7 @@ impl GpuBatch {
         let bt = kc.block_tokens();
         let d = first.decoded(Stream::Key, 0).len() / first.len().max(1);
         let hkv = first.bytes().elems / (2 * first.len().max(1) * d.max(1));
-        let (page_blocks, _) = gpu.layout(
+        let (page_blocks, _, _) = gpu.layout(
             kc.kernel()
                 .ok_or_else(|| {
                     GpuError::Shape(format!("{} has no CUDA kernel yet", kc.describe()))

@@ -71,13 +71,19 @@ impl GpuLayerCache {
             )));
         }
         let bt = kc.block_tokens();
-        let (page_blocks, _) = gpu.layout(
-            kc.kernel()
-                .ok_or_else(|| {
-                    GpuError::Shape(format!("{} has no CUDA kernel yet", kc.describe()))
-                })?
-                .module,
-        )?;
+        let module = kc
+            .kernel()
+            .ok_or_else(|| GpuError::Shape(format!("{} has no CUDA kernel yet", kc.describe())))?
+            .module;
+        let (page_blocks, _, _) = gpu.layout(module)?;
+        // The format needs its CUDA encoder (not every decode kernel has one yet).
+        gpu.function(module, &kernel_name(module, "encode", "f16", cfg.d))
+            .map_err(|_| {
+                GpuError::Shape(format!(
+                    "{} has no CUDA encoder yet: it can be read on the GPU but not written there",
+                    kc.describe()
+                ))
+            })?;
         let page_tokens = page_blocks * bt;
         let max_pages = cfg.max_tokens.div_ceil(page_tokens).max(1);
         let pool_pages = cfg.pool_pages.unwrap_or(max_pages * cfg.slots);

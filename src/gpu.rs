@@ -104,9 +104,10 @@ impl Gpu {
             .map_err(|_| GpuError::MissingKernel(name.to_string()))
     }
 
-    /// A format module's page layout `(blocks per page, pipeline stages)`, read from the module's
-    /// `kvq_layout` global so the kernel's constants are stated once, in the .cu file.
-    pub fn layout(&self, module: &'static str) -> Result<(usize, usize)> {
+    /// A format module's page layout `(blocks per page, most pipeline stages, tokens per tile or 0 when
+    /// a tile is a whole page)`, read from the module's `kvq_layout` global so the kernel's constants
+    /// are stated once, in the .cu file.
+    pub fn layout(&self, module: &'static str) -> Result<(usize, usize, usize)> {
         let m = self.module(module)?;
         let sym = m
             .get_global("kvq_layout", &self.stream)
@@ -115,7 +116,7 @@ impl Gpu {
             .stream
             .clone_dtoh(&sym)
             .map_err(drv(format!("reading {module}'s layout")))?;
-        let int = |i: usize| -> Result<usize> {
+        let int = |i: usize, zero_ok: bool| -> Result<usize> {
             let v = b
                 .get(4 * i..4 * i + 4)
                 .map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]]))
@@ -124,10 +125,10 @@ impl Gpu {
                 })?;
             usize::try_from(v)
                 .ok()
-                .filter(|&v| v > 0)
+                .filter(|&v| v > 0 || zero_ok)
                 .ok_or_else(|| GpuError::Shape(format!("{module}'s kvq_layout holds {v}")))
         };
-        Ok((int(0)?, int(1)?))
+        Ok((int(0, false)?, int(1, false)?, int(2, true)?))
     }
 
     /// Largest dynamic shared memory one CTA may opt into (bytes).

@@ -17,6 +17,7 @@
 // tokens decodes with one shift, one mask, one subtract and one fused multiply-add in half2.
 #include "kvq_decode.cuh"
 #include "kvq_encode.cuh"
+#include "kvq_codes.cuh"
 
 #ifndef KVQ_KIVI_MIN_CTAS
 #define KVQ_KIVI_MIN_CTAS 4
@@ -24,67 +25,13 @@
 
 namespace kvq {
 
-constexpr uint32_t MAGIC = 0x64006400u;  // half2 {1024, 1024}
-
-__device__ __forceinline__ uint32_t unbias(uint32_t h) {
-    const __half2 x = *reinterpret_cast<const __half2*>(&h), m = __float2half2_rn(1024.f);
-    return h2_bits(__hsub2(x, m));
-}
-__device__ __forceinline__ uint32_t halves(uint32_t a, uint32_t b) {
-    return h2_bits(__halves2half2(__uint2half_rn(a), __uint2half_rn(b)));
-}
-
-// Key codes of one token for k-step kb: b0 = {c(2q), c(2q+8)}, b1 = {c(2q+1), c(2q+9)} (channels of the
-// k-step), exact in f16. `row` is the token's packed codes.
-template <int B>
-__device__ __forceinline__ void key_codes(const uint8_t* row, int kb, int q, int bits, uint32_t& b0,
-                                          uint32_t& b1) {
-    if constexpr (B == 2) {
-        const uint32_t w = reinterpret_cast<const uint32_t*>(row)[kb];
-        b0 = unbias(((w >> (4 * q)) & 0x00030003u) | MAGIC);
-        b1 = unbias(((w >> (4 * q + 2)) & 0x00030003u) | MAGIC);
-    } else if constexpr (B == 4) {
-        const uint2 w = reinterpret_cast<const uint2*>(row)[kb];
-        const uint32_t u = __byte_perm(w.x, w.y, 0x4400u + 0x1111u * q);
-        b0 = unbias((u & 0x000F000Fu) | MAGIC);
-        b1 = unbias(((u >> 4) & 0x000F000Fu) | MAGIC);
-    } else if constexpr (B == 1) {
-        const uint32_t u = (uint32_t)reinterpret_cast<const uint16_t*>(row)[kb] >> (2 * q);
-        const uint32_t v = u | (u << 8);
-        b0 = unbias((v & 0x00010001u) | MAGIC);
-        b1 = unbias(((v >> 1) & 0x00010001u) | MAGIC);
-    } else {
-        const int c = 16 * kb + 2 * q;
-        b0 = halves(bits_at(row, c * bits, bits), bits_at(row, (c + 8) * bits, bits));
-        b1 = halves(bits_at(row, (c + 1) * bits, bits), bits_at(row, (c + 9) * bits, bits));
-    }
-}
-
-// Value codes of lane r for one token: its D/8 channels' codes as one word (B * D/8 <= 64 bits).
-template <int B, int D>
-__device__ __forceinline__ uint64_t val_word(const uint8_t* row, int r) {
-    constexpr int W = B * D / 8;
-    if constexpr (W == 8) return row[r];
-    else if constexpr (W == 16) return reinterpret_cast<const uint16_t*>(row)[r];
-    else if constexpr (W == 32) return reinterpret_cast<const uint32_t*>(row)[r];
-    else return reinterpret_cast<const uint64_t*>(row)[r];
-}
-
-// {code of token a, code of token b} at lane-channel nb, as {1024 + a, 1024 + b} before unbias.
-template <int B>
-__device__ __forceinline__ uint32_t val_pair(uint64_t wa, uint64_t wb, int nb) {
-    constexpr uint32_t M = (1u << B) - 1u;
-    const int bit = nb * B, k = bit / 16, o = bit % 16;
-    const uint32_t u = ((uint32_t)(wa >> (16 * k)) & 0xFFFFu) | ((uint32_t)(wb >> (16 * k)) << 16);
-    return ((u >> o) & (M | (M << 16))) | MAGIC;
-}
-
 template <int D, int KB, int VB>
 struct KiviPolicy {
     static constexpr int BT = 32;
     static constexpr int PAGE_BLOCKS = 2;
     static constexpr int STAGES = 2;
     static constexpr int MIN_CTAS = KVQ_KIVI_MIN_CTAS;
+    static constexpr bool CUSTOM_SEALED = false;
     static __device__ __forceinline__ int stage_off(int byte) { return byte; }
     static __device__ __forceinline__ int out_chan(int mb, int row) {
         return (D / 8) * (row & 7) + (D / 16) * (row >> 3) + mb;

@@ -8,6 +8,7 @@
 //
 // A format is a policy struct `F` (see formats/*.cu) with:
 //   MIN_CTAS                                   CTAs per SM the registers must allow (launch bounds)
+//   CUSTOM_SEALED                              true: the policy runs its sealed pages itself (run_sealed)
 //   BT, PAGE_BLOCKS, STAGES                   tokens per block, blocks per page (= one warp tile), most
 //                                              stages (the host may run fewer when pages are large)
 //   stage_off(byte)                            where staged byte `byte` of a page goes in shared memory
@@ -167,6 +168,7 @@ struct F16Rows {
     static constexpr int PAGE_BLOCKS = TT;
     static constexpr int STAGES = NSTAGES;
     static constexpr int MIN_CTAS = 1;
+    static constexpr bool CUSTOM_SEALED = false;
     static __device__ __forceinline__ int out_chan(int mb, int row) { return 16 * mb + row; }
     static __device__ __forceinline__ int stage_off(int byte) {
         const int tok = byte / (2 * D), chunk = (byte % (2 * D)) >> 4;
@@ -196,14 +198,68 @@ __device__ __forceinline__ void stage(uint8_t* dst, const uint8_t* src, int byte
     for (int o = lane * 16; o < bytes; o += 32 * 16) cp_async16(dst + F::stage_off(o), src + o, o < valid);
 }
 
+// Online-softmax update of one tile: scales and masks the scores (tokens >= n), updates m and l, packs
+// P^T B-fragments into `pa` and rescales acc. Returns this lane's correction (head r); corr0/corr1 are
+// those of the acc columns (heads 2q, 2q+1), for policies that keep more accumulators.
+template <int D, int TT>
+__device__ __forceinline__ float softmax_tile(float (*s)[2], int n, float scale_log2, int q4, WarpState<D>& st,
+                                              uint32_t (*pa)[2], float& corr0, float& corr1) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < TT / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int t = 8 * j + 2 * q4 + e;
+            s[j][e] = t < n ? s[j][e] * scale_log2 : -INFINITY;
+            mx = fmaxf(mx, s[j][e]);
+        }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(st.m, mx);     // finite: every tile holds >= 1 valid token
+    const float corr = exp2f(st.m - m_new);  // 0 when st.m = -inf
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < TT / 8; j += 2) {
+        const float p0 = exp2f(s[j][0] - m_new), p1 = exp2f(s[j][1] - m_new);
+        const float p2 = exp2f(s[j + 1][0] - m_new), p3 = exp2f(s[j + 1][1] - m_new);
+        sum += (p0 + p1) + (p2 + p3);
+        pa[j / 2][0] = pack2(p0, p1);
+        pa[j / 2][1] = pack2(p2, p3);
+    }
+    st.l = st.l * corr + sum;
+    st.m = m_new;
+    // acc columns are heads 2q and 2q+1: their corrections live on lanes 8q and 8q + 4.
+    corr0 = __shfl_sync(0xffffffffu, corr, 8 * q4);
+    corr1 = __shfl_sync(0xffffffffu, corr, 8 * q4 + 4);
+#pragma unroll
+    for (int mb = 0; mb < D / 16; mb++) {
+        st.acc[mb][0] *= corr0;
+        st.acc[mb][1] *= corr1;
+        st.acc[mb][2] *= corr0;
+        st.acc[mb][3] *= corr1;
+    }
+    return corr;
+}
+
+// A policy's per-tile work seen by warp_run: scores, extra rescaling, values, end-of-tile hook.
+template <int D, class F>
+struct PagedBody {
+    const Ctx<D>& cx;
+    __device__ __forceinline__ void scores(const uint8_t* kb, int, float (*s)[2]) const { F::scores(kb, cx, s); }
+    __device__ __forceinline__ void rescale(float, float, float) const {}
+    __device__ __forceinline__ void pv(const uint8_t* vb, int, const uint32_t (*pa)[2], float (*acc)[4]) const {
+        F::pv(vb, cx, pa, acc);
+    }
+    __device__ __forceinline__ void done(const uint8_t*, int, int, float (*)[4]) const {}
+};
+
 // One warp runs its tiles: `count(i)` is tile i's valid token count, `fill(i, kbuf, vbuf)` issues the
 // cp.async copies of its K and V bytes into a stage (tokens past the count zero-filled).
-template <int D, class F, class CountFn, class FillFn>
-__device__ __forceinline__ void warp_run(int n_tiles, const CountFn& count, const FillFn& fill, uint8_t* wsm,
-                                         int kbytes, int vbytes, int S, float scale_log2, const Ctx<D>& cx,
+template <int D, int TT, class CountFn, class FillFn, class Body>
+__device__ __forceinline__ void warp_run(int n_tiles, const CountFn& count, const FillFn& fill, Body& body,
+                                         uint8_t* wsm, int kbytes, int vbytes, int S, float scale_log2, int lane,
                                          WarpState<D>& st) {
-    constexpr int TT = F::PAGE_BLOCKS * F::BT;
-    const int lane = cx.lane, q4 = lane & 3;
+    const int q4 = lane & 3;
     const int stage_bytes = kbytes + vbytes;
     auto load = [&](int i) {
         uint8_t* buf = wsm + (i % S) * stage_bytes;
@@ -223,46 +279,42 @@ __device__ __forceinline__ void warp_run(int n_tiles, const CountFn& count, cons
         const int n = count(i);
         const uint8_t* buf = wsm + (i % S) * stage_bytes;
         float s[TT / 8][2];
-        F::scores(buf, cx, s);
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < TT / 8; j++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int t = 8 * j + 2 * q4 + e;
-                s[j][e] = t < n ? s[j][e] * scale_log2 : -INFINITY;
-                mx = fmaxf(mx, s[j][e]);
-            }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(st.m, mx);  // finite: every tile holds >= 1 valid token
-        const float corr = exp2f(st.m - m_new);  // 0 when st.m = -inf
-        float sum = 0.f;
+        body.scores(buf, i, s);
         uint32_t pa[TT / 16][2];
-#pragma unroll
-        for (int j = 0; j < TT / 8; j += 2) {
-            const float p0 = exp2f(s[j][0] - m_new), p1 = exp2f(s[j][1] - m_new);
-            const float p2 = exp2f(s[j + 1][0] - m_new), p3 = exp2f(s[j + 1][1] - m_new);
-            sum += (p0 + p1) + (p2 + p3);
-            pa[j / 2][0] = pack2(p0, p1);
-            pa[j / 2][1] = pack2(p2, p3);
-        }
-        st.l = st.l * corr + sum;
-        st.m = m_new;
-        // acc columns are heads 2q and 2q+1: their corrections live on lanes 8q and 8q + 4.
-        const float corr0 = __shfl_sync(0xffffffffu, corr, 8 * q4);
-        const float corr1 = __shfl_sync(0xffffffffu, corr, 8 * q4 + 4);
-#pragma unroll
-        for (int mb = 0; mb < D / 16; mb++) {
-            st.acc[mb][0] *= corr0;
-            st.acc[mb][1] *= corr1;
-            st.acc[mb][2] *= corr0;
-            st.acc[mb][3] *= corr1;
-        }
-        F::pv(buf + kbytes, cx, pa, st.acc);
+        float corr0, corr1;
+        const float corr = softmax_tile<D, TT>(s, n, scale_log2, q4, st, pa, corr0, corr1);
+        body.rescale(corr, corr0, corr1);
+        body.pv(buf + kbytes, i, pa, st.acc);
+        body.done(buf, i, n_tiles, st.acc);
         __syncwarp();  // every lane is done with this stage before it is refilled
     }
     cp_async_wait<0>();
+}
+
+// The sealed pages of one CTA, for policies whose pages are single tiles (fp16, KIVI): warps take pages
+// round-robin; `ns` tokens of the row are sealed and visible.
+template <int D, class F>
+__device__ __forceinline__ void run_pages(const KvqDecodeParams& P, int slot, int h, int split, int warp, int lane,
+                                          int ns, uint8_t* smem, float scale_log2, const Ctx<D>& cx,
+                                          WarpState<D>& st) {
+    constexpr int TT = F::PAGE_BLOCKS * F::BT;
+    const int kbb = (int)P.k_block_bytes, vbb = (int)P.v_block_bytes;
+    const int kbytes = F::PAGE_BLOCKS * kbb, vbytes = F::PAGE_BLOCKS * vbb;
+    const int npages = (ns + TT - 1) / TT;
+    const int lo = split * P.pages_per_split;
+    const int hi = min(npages, lo + P.pages_per_split);
+    const int n_tiles = hi > lo + warp ? (hi - lo - warp + WARPS - 1) / WARPS : 0;
+    const int32_t* table = P.page_table + (int64_t)slot * P.max_pages;
+    auto count = [&](int i) { return min(TT, ns - (lo + warp + i * WARPS) * TT); };
+    auto fill = [&](int i, uint8_t* kb, uint8_t* vb) {
+        const int64_t page = table[lo + warp + i * WARPS];
+        const int nblk = (count(i) + F::BT - 1) / F::BT;
+        stage<F>(kb, P.k_pages + (page * P.hkv + h) * kbytes, kbytes, nblk * kbb, lane);
+        stage<F>(vb, P.v_pages + (page * P.hkv + h) * vbytes, vbytes, nblk * vbb, lane);
+    };
+    PagedBody<D, F> body{cx};
+    warp_run<D, TT>(n_tiles, count, fill, body, smem + warp * P.stages * (kbytes + vbytes), kbytes, vbytes,
+                    P.stages, scale_log2, lane, st);
 }
 
 // grid = (n_splits + 1, Hkv, B), block = THREADS.
@@ -311,23 +363,11 @@ __device__ void decode_kernel(const KvqDecodeParams& P) {
     const float scale_log2 = P.scale * LOG2E;
 
     if (split < P.n_splits) {
-        constexpr int TT = F::PAGE_BLOCKS * F::BT;
-        const int kbb = (int)P.k_block_bytes, vbb = (int)P.v_block_bytes;
-        const int kbytes = F::PAGE_BLOCKS * kbb, vbytes = F::PAGE_BLOCKS * vbb;
-        const int npages = (ns + TT - 1) / TT;
-        const int lo = split * P.pages_per_split;
-        const int hi = min(npages, lo + P.pages_per_split);
-        const int n_tiles = hi > lo + warp ? (hi - lo - warp + WARPS - 1) / WARPS : 0;
-        const int32_t* table = P.page_table + (int64_t)slot * P.max_pages;
-        auto count = [&](int i) { return min(TT, ns - (lo + warp + i * WARPS) * TT); };
-        auto fill = [&](int i, uint8_t* kb, uint8_t* vb) {
-            const int64_t page = table[lo + warp + i * WARPS];
-            const int nblk = (count(i) + F::BT - 1) / F::BT;
-            stage<F>(kb, P.k_pages + (page * P.hkv + h) * kbytes, kbytes, nblk * kbb, lane);
-            stage<F>(vb, P.v_pages + (page * P.hkv + h) * vbytes, vbytes, nblk * vbb, lane);
-        };
-        warp_run<D, F>(n_tiles, count, fill, smem + warp * P.stages * (kbytes + vbytes), kbytes, vbytes, P.stages,
-                       scale_log2, cx, st);
+        if constexpr (F::CUSTOM_SEALED) {
+            F::template run_sealed<D>(P, slot, h, split, warp, lane, ns, smem, scale_log2, cx, st);
+        } else {
+            run_pages<D, F>(P, slot, h, split, warp, lane, ns, smem, scale_log2, cx, st);
+        }
     } else {
         // The f16 window: a ring of win_cap rows per (sequence, head); token t (absolute index) sits in
         // row t % win_cap. Tiles of 16 tokens, one stage per warp.
@@ -348,7 +388,9 @@ __device__ void decode_kernel(const KvqDecodeParams& P) {
                 cp_async16(vb + swz<D>(tok, chunk), vw + row, tok < n);
             }
         };
-        warp_run<D, W>(n_tiles, count, fill, smem + warp * 2 * 16 * RB, 16 * RB, 16 * RB, 1, scale_log2, cx, st);
+        PagedBody<D, W> body{cx};
+        warp_run<D, 16>(n_tiles, count, fill, body, smem + warp * 2 * 16 * RB, 16 * RB, 16 * RB, 1, scale_log2, lane,
+                        st);
     }
 
     // Merge the warps: (m, l) per row through ml_sh, acc through the (now free) dynamic shared memory.
@@ -416,9 +458,9 @@ __device__ void merge_kernel(const KvqDecodeParams& P) {
 
 }  // namespace kvq
 
-// The module's page layout (blocks per page, most stages), read by the host (Gpu::layout) so these
-// constants are stated once, here.
-#define KVQ_LAYOUT(F) extern "C" __device__ const int kvq_layout[2] = {F::PAGE_BLOCKS, F::STAGES};
+// The module's page layout (blocks per page, most stages, tokens per tile or 0 when a tile is a whole
+// page), read by the host (Gpu::layout) so these constants are stated once, here.
+#define KVQ_LAYOUT(F) extern "C" __device__ const int kvq_layout[3] = {F::PAGE_BLOCKS, F::STAGES, 0};
 
 // Instantiates decode kernel `op` of format policy F for head_dim D, and the split merge, under derived
 // names (kvq_{fmt}_{op}_f16_hd{D}, kvq_{fmt}_merge_f16_hd{D}).

@@ -16,6 +16,12 @@ const FORMATS: &[&str] = &[
     "asymkv:lk=1,lv=0,window=0",
     "asymkv:lk=1,lv=0,hi=4,lo=2",
     "asymkv:lk=1,lv=0,hi=3,lo=4,window=0",
+    "decoquant:bits=4,chunk=256",
+    "decoquant:bits=2,chunk=64",
+    "decoquant:bits=8,chunk=128,svd=off",
+    "decoquant:bits=4,chunk=1024",
+    "decoquant:bits=4,chunk=192",
+    "k=decoquant:bits=4,chunk=256;v=decoquant:bits=2,chunk=256",
 ];
 
 /// Formats whose CUDA encoder is checked (GPU cache vs CPU cache, byte for byte).

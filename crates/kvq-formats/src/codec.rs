@@ -61,6 +61,10 @@ pub struct KernelSpec {
     /// This codec's part of the decode kernel's variant name (`decode_{key tag}{value tag}`, e.g.
     /// `k2`, `v1`), so bit widths known at compile time get their own fast kernel; "" for none.
     pub tag: &'static str,
+    /// For formats read in tiles smaller than a block (DecoQuant): (bytes staged once per tile, bytes
+    /// per token, tokens per work unit the sequence is split in); (0, 0, 0) when the kernel stages
+    /// whole pages and splits in pages.
+    pub tile: (usize, usize, usize),
 }
 
 /// One layer's K or V codec: encodes and reads whole blocks of one KV head.

@@ -367,6 +367,7 @@ impl Codec for KiviCodec {
             module: "kivi",
             ints: [self.bits as i32, 32, 0, 0],
             tag,
+            tile: (0, 0, 0),
         })
     }
 

@@ -21,7 +21,7 @@
 //! d=128, b=4: 4.25 at C=256, 4.16 at C=1024.
 
 use crate::bits;
-use crate::codec::{Codec, Format, FormatRef, StreamCtx};
+use crate::codec::{Codec, Format, FormatRef, KernelSpec, Stream, StreamCtx};
 use crate::config::Params;
 use crate::error::{FormatError, Result};
 use crate::linalg::sym_eigen;
@@ -90,6 +90,7 @@ impl Format for DecoQuant {
         Ok(Box::new(DecoCodec {
             f: self.clone(),
             d: ctx.head_dim,
+            stream: ctx.stream,
         }))
     }
 }
@@ -97,6 +98,7 @@ impl Format for DecoQuant {
 struct DecoCodec {
     f: DecoQuant,
     d: usize,
+    stream: crate::codec::Stream,
 }
 
 impl DecoCodec {
@@ -187,6 +189,32 @@ impl Codec for DecoCodec {
     }
     fn block_bytes(&self) -> usize {
         self.codes_off() + self.f.chunk * self.token_bytes()
+    }
+
+    fn kernel(&self) -> Option<KernelSpec> {
+        // kernels/formats/decoquant.cu: tiles of 64 tokens, pieces of 16 channels; the sequence is
+        // split in units of up to 256 tokens (a divisor of the block) so short contexts spread too.
+        let (b, d, c) = (self.f.bits, self.d, self.f.chunk);
+        let ok = c.is_multiple_of(64) && (d == 64 || d == 128) && self.f.sub == 16;
+        let unit = [256, 128, 64]
+            .into_iter()
+            .find(|u| c.is_multiple_of(*u))
+            .unwrap_or(64);
+        let tag = match (self.stream, b) {
+            (Stream::Key, 2) => "k2",
+            (Stream::Key, 4) => "k4",
+            (Stream::Key, 8) => "k8",
+            (Stream::Value, 2) => "v2",
+            (Stream::Value, 4) => "v4",
+            (Stream::Value, 8) => "v8",
+            _ => return None,
+        };
+        ok.then_some(KernelSpec {
+            module: "decoquant",
+            ints: [b as i32, c as i32, unit as i32, self.f.svd as i32],
+            tag,
+            tile: (self.ts_bytes(), 2 + self.token_bytes(), unit),
+        })
     }
 
     fn encode(&self, x: &[f32], out: &mut [u8]) {

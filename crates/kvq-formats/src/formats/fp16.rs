@@ -56,6 +56,7 @@ impl Codec for Fp16Codec {
             module: "fp16",
             ints: [0; 4],
             tag: "",
+            tile: (0, 0, 0),
         })
     }
     fn encode(&self, x: &[f32], out: &mut [u8]) {
