@@ -27,6 +27,15 @@ pub enum GpuError {
         need: usize,
         free: usize,
     },
+    /// A cuBLAS call failed.
+    #[error("cuBLAS error in {0}")]
+    Blas(String),
+    /// A model could not be loaded or run on the CPU side (files, tokenizer, shapes, context).
+    #[error(transparent)]
+    Model(#[from] kvq_model::ModelError),
+    /// A request the engine cannot serve (bad token ids, unknown sequences, empty input).
+    #[error("{0}")]
+    Input(String),
     /// A format error from the CPU side (encoding, plans).
     #[error(transparent)]
     Format(#[from] kvq_formats::FormatError),

@@ -6,14 +6,21 @@
 //! | fp16 | yes (`kernels/formats/fp16.cu`) |
 //! | KIVI / AsymKV (group 32) | yes (`kernels/formats/kivi.cu`) |
 //! | QJL, DecoQuant, RVQ | not yet (CPU reference only) |
+//!
+//! The GPU engine ([`engine`]) runs whole LLaMA-family models: f16 weights, cuBLAS GEMMs, the
+//! model-op kernels of kernels/model.cu, attention behind [`engine::AttentionBackend`].
 
 pub mod attention;
 pub mod cache;
 pub mod check;
+pub mod engine;
 pub mod error;
 pub mod gpu;
 mod launch;
+mod launch_model;
 pub mod params;
 
+pub use engine::Engine;
 pub use error::{GpuError, Result};
 pub use gpu::Gpu;
+pub use launch_model::{Blas, Indices, Linear, ModelOps};

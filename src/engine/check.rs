@@ -1,0 +1,604 @@
+//! The engine's GPU check (`kvq-gpu engine-check`, scripts/gpu-engine-check.sh): every model-op
+//! kernel and the GEMM against a CPU computation on random data, then greedy generation through the
+//! engine against kvq-model's CPU path on the same model, then a decode-speed line.
+
+use crate::engine::{argmax, Engine, SeqId};
+use crate::error::{drv, GpuError, Result};
+use crate::gpu::Gpu;
+use crate::launch_model::{Blas, Indices, Linear, ModelOps};
+use cudarc::driver::CudaSlice;
+use half::f16;
+use kvq_formats::testutil::gaussian_with_outliers;
+use kvq_formats::{KvPlan, Rope, RopeStyle};
+use kvq_model::Model;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One comparison's outcome.
+#[derive(Debug, Clone)]
+pub struct CheckResult {
+    /// What was compared.
+    pub name: String,
+    /// The measured error (its meaning is in `name`/`detail`).
+    pub err: f64,
+    /// The largest error that passes.
+    pub tol: f64,
+    /// Extra facts (tokens, margins).
+    pub detail: String,
+}
+
+impl CheckResult {
+    /// Within tolerance (NaN never passes).
+    pub fn pass(&self) -> bool {
+        self.err <= self.tol
+    }
+}
+
+/// max |a - b| / max(1, |b|), elementwise; NaN anywhere gives NaN.
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::NAN;
+    }
+    let mut m = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        let e = (*x as f64 - *y as f64).abs() / (*y as f64).abs().max(1.0);
+        if e.is_nan() {
+            return f64::NAN;
+        }
+        m = m.max(e);
+    }
+    m
+}
+
+fn up<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, v: &[T]) -> Result<CudaSlice<T>> {
+    gpu.stream()
+        .clone_htod(v)
+        .map_err(drv("uploading check data"))
+}
+
+fn down<T: cudarc::driver::DeviceRepr + Default + Clone>(
+    gpu: &Gpu,
+    x: &CudaSlice<T>,
+) -> Result<Vec<T>> {
+    gpu.stream()
+        .clone_dtoh(x)
+        .map_err(drv("downloading check results"))
+}
+
+fn to16(v: &[f32]) -> Vec<f16> {
+    v.iter().map(|&x| f16::from_f32(x)).collect()
+}
+
+fn from16(v: &[f16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// Compares every model-op kernel and the cuBLAS GEMM with a CPU computation on random, non-zero data
+/// (shapes not multiples of the block sizes, poisoned outputs where a kernel must write everything).
+pub fn op_checks(gpu: &Gpu) -> Result<Vec<CheckResult>> {
+    let ops = ModelOps::new(gpu)?;
+    let blas = Blas::new(gpu)?;
+    let st = gpu.stream().clone();
+    let mut out = Vec::new();
+    let push = |out: &mut Vec<CheckResult>, name: &str, err: f64, tol: f64| {
+        out.push(CheckResult {
+            name: name.into(),
+            err,
+            tol,
+            detail: String::new(),
+        })
+    };
+
+    // Embedding gather: exact.
+    let (vocab, hidden) = (1000usize, 72usize);
+    let table = to16(&gaussian_with_outliers(vocab, hidden, 2, 11));
+    let ids: Vec<u32> = (0..17u32).map(|i| (i * 397 + 5) % vocab as u32).collect();
+    let mut o = up(gpu, &vec![f32::NAN; ids.len() * hidden])?;
+    ops.embed(
+        &up(gpu, &table)?,
+        (vocab, hidden),
+        &Indices::upload(&st, &ids)?,
+        &mut o,
+    )?;
+    let want: Vec<f32> = ids
+        .iter()
+        .flat_map(|&i| from16(&table[i as usize * hidden..(i as usize + 1) * hidden]))
+        .collect();
+    push(
+        &mut out,
+        "embed (exact)",
+        max_rel(&down(gpu, &o)?, &want),
+        0.0,
+    );
+    // An id outside the table is refused before any launch.
+    let refused = ops
+        .embed(
+            &up(gpu, &table)?,
+            (vocab, hidden),
+            &Indices::upload(&st, &[vocab as u32])?,
+            &mut o,
+        )
+        .is_err();
+    push(
+        &mut out,
+        "embed refuses an id >= vocab",
+        if refused { 0.0 } else { 1.0 },
+        0.0,
+    );
+
+    // RMSNorm, with and without a row map; f16 output.
+    let (rows, cols, eps) = (5usize, 200usize, 1e-5f32);
+    let x = gaussian_with_outliers(rows, cols, 3, 12);
+    let w: Vec<f32> = gaussian_with_outliers(1, cols, 0, 13)
+        .iter()
+        .map(|v| 1.0 + 0.1 * v)
+        .collect();
+    let cpu_norm = |r: usize| -> Vec<f32> {
+        let row = &x[r * cols..(r + 1) * cols];
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        row.iter().zip(&w).map(|(a, b)| a * inv * b).collect()
+    };
+    let (xd, wd) = (up(gpu, &x)?, up(gpu, &w)?);
+    let mut o16 = up(gpu, &vec![f16::NAN; rows * cols])?;
+    ops.rmsnorm(&xd, rows, None, &wd, &mut o16, (rows, cols), eps)?;
+    let want: Vec<f32> = (0..rows).flat_map(cpu_norm).collect();
+    push(
+        &mut out,
+        "rmsnorm (f16 out, rel)",
+        max_rel(&from16(&down(gpu, &o16)?), &want),
+        2e-3,
+    );
+    let map = [4u32, 0, 2];
+    let mut o16 = up(gpu, &vec![f16::NAN; map.len() * cols])?;
+    ops.rmsnorm(
+        &xd,
+        rows,
+        Some(&Indices::upload(&st, &map)?),
+        &wd,
+        &mut o16,
+        (map.len(), cols),
+        eps,
+    )?;
+    let want: Vec<f32> = map.iter().flat_map(|&r| cpu_norm(r as usize)).collect();
+    push(
+        &mut out,
+        "rmsnorm with row map (f16 out, rel)",
+        max_rel(&from16(&down(gpu, &o16)?), &want),
+        2e-3,
+    );
+
+    // RoPE, both channel layouts, per-row positions up to 1e5, rows with padding left untouched.
+    for style in [RopeStyle::Interleaved, RopeStyle::Half] {
+        let (n, heads, d, pad) = (7usize, 3usize, 64usize, 16usize);
+        let stride = heads * d + pad;
+        let rope = Rope::new(d, 10000.0, style);
+        let x = gaussian_with_outliers(n, stride, 0, 14);
+        let pos: Vec<u32> = (0..n as u32).map(|i| i * i * 2011 + i).collect();
+        let mut xd = up(gpu, &x)?;
+        ops.rope(
+            &mut xd,
+            stride,
+            &Indices::upload(&st, &pos)?,
+            &up(gpu, &rope.inv_freq)?,
+            (n, heads, d),
+            style,
+        )?;
+        let mut want = x.clone();
+        for (r, &p) in pos.iter().enumerate() {
+            for h in 0..heads {
+                let o = r * stride + h * d;
+                rope.rotate(&mut want[o..o + d], p as usize, 1.0);
+            }
+        }
+        push(
+            &mut out,
+            &format!("rope {style:?} (positions to {}, rel)", pos[n - 1]),
+            max_rel(&down(gpu, &xd)?, &want),
+            1e-4,
+        );
+    }
+
+    // QKV split: rotated q, unrotated k and v.
+    for style in [RopeStyle::Interleaved, RopeStyle::Half] {
+        let (n, hq, hkv, d) = (4usize, 6usize, 2usize, 64usize);
+        let wd = (hq + 2 * hkv) * d;
+        let rope = Rope::new(d, 100000.0, style);
+        let qkv = gaussian_with_outliers(n, wd, 2, 15);
+        let pos: Vec<u32> = vec![0, 1, 77, 4099];
+        let (mut q, mut k, mut v) = (
+            up(gpu, &vec![f32::NAN; n * hq * d])?,
+            up(gpu, &vec![f32::NAN; n * hkv * d])?,
+            up(gpu, &vec![f32::NAN; n * hkv * d])?,
+        );
+        ops.qkv_split(
+            &up(gpu, &qkv)?,
+            &Indices::upload(&st, &pos)?,
+            &up(gpu, &rope.inv_freq)?,
+            &mut q,
+            &mut k,
+            &mut v,
+            (n, hq, hkv, d),
+            style,
+        )?;
+        let (mut wq, mut wk, mut wv) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..n {
+            let row = &qkv[r * wd..(r + 1) * wd];
+            for h in 0..hq {
+                let mut x = row[h * d..(h + 1) * d].to_vec();
+                rope.rotate(&mut x, pos[r] as usize, 1.0);
+                wq.extend(x);
+            }
+            wk.extend_from_slice(&row[hq * d..(hq + hkv) * d]);
+            wv.extend_from_slice(&row[(hq + hkv) * d..]);
+        }
+        let err = max_rel(&down(gpu, &q)?, &wq)
+            .max(max_rel(&down(gpu, &k)?, &wk))
+            .max(max_rel(&down(gpu, &v)?, &wv));
+        push(
+            &mut out,
+            &format!("qkv split + rope {style:?} (rel)"),
+            err,
+            1e-4,
+        );
+    }
+
+    // SwiGLU: f16 out.
+    let (n, inter) = (3usize, 300usize);
+    let gu = gaussian_with_outliers(n, 2 * inter, 0, 16);
+    let mut o16 = up(gpu, &vec![f16::NAN; n * inter])?;
+    ops.swiglu(&up(gpu, &gu)?, &mut o16, (n, inter))?;
+    let want: Vec<f32> = (0..n * inter)
+        .map(|e| {
+            let (r, i) = (e / inter, e % inter);
+            let (g, u) = (gu[r * 2 * inter + i], gu[r * 2 * inter + inter + i]);
+            g / (1.0 + (-g).exp()) * u
+        })
+        .collect();
+    push(
+        &mut out,
+        "swiglu (f16 out, rel)",
+        max_rel(&from16(&down(gpu, &o16)?), &want),
+        2e-3,
+    );
+
+    // Residual add and casts: exact.
+    let a = gaussian_with_outliers(1, 1234, 0, 17);
+    let b = gaussian_with_outliers(1, 1234, 0, 18);
+    let mut ad = up(gpu, &a)?;
+    ops.add(&mut ad, &up(gpu, &b)?, a.len())?;
+    let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+    push(
+        &mut out,
+        "add (exact)",
+        max_rel(&down(gpu, &ad)?, &want),
+        0.0,
+    );
+    let mut h16 = up(gpu, &vec![f16::NAN; a.len()])?;
+    ops.f32_to_f16(&up(gpu, &a)?, &mut h16, a.len())?;
+    let got16 = down(gpu, &h16)?;
+    let exact16 = got16
+        .iter()
+        .zip(&a)
+        .all(|(g, x)| g.to_bits() == f16::from_f32(*x).to_bits());
+    push(
+        &mut out,
+        "f32 -> f16 (bit-exact)",
+        if exact16 { 0.0 } else { 1.0 },
+        0.0,
+    );
+    let mut f32s = up(gpu, &vec![f32::NAN; a.len()])?;
+    ops.f16_to_f32(&h16, &mut f32s, a.len())?;
+    push(
+        &mut out,
+        "f16 -> f32 (exact)",
+        max_rel(&down(gpu, &f32s)?, &from16(&got16)),
+        0.0,
+    );
+
+    // Greedy argmax: random rows, NaNs and a tie (the last maximum wins), an all-NaN row (0), an
+    // all -inf row (the last index), as kvq_model's sampler picks.
+    let vocab = 5003usize;
+    let mut l = gaussian_with_outliers(5, vocab, 0, 19);
+    for i in (0..vocab).step_by(7) {
+        l[vocab + i] = f32::NAN;
+    }
+    l[vocab + 100] = 50.0;
+    l[vocab + 4000] = 50.0;
+    l[2 * vocab..3 * vocab].fill(f32::NAN);
+    l[3 * vocab..4 * vocab].fill(f32::NEG_INFINITY);
+    let mut picks = up(gpu, &[-7i32; 5])?;
+    ops.argmax(&up(gpu, &l)?, (5, vocab), &mut picks)?;
+    let got = down(gpu, &picks)?;
+    let want: Vec<i32> = l.chunks(vocab).map(|r| argmax(r) as i32).collect();
+    let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+    out.push(CheckResult {
+        name: "argmax (rows mismatching the CPU pick)".into(),
+        err: bad as f64,
+        tol: 0.0,
+        detail: format!("gpu {got:?} cpu {want:?}"),
+    });
+
+    // GEMM: f16 inputs, f32 accumulation, overwrite and accumulate.
+    let (n, inp, outf) = (5usize, 99usize, 70usize);
+    let x = to16(&gaussian_with_outliers(n, inp, 0, 20));
+    let wv = to16(&gaussian_with_outliers(inp, outf, 0, 21));
+    let y0 = gaussian_with_outliers(n, outf, 0, 22);
+    let lin = Linear {
+        w: up(gpu, &wv)?,
+        inp,
+        out: outf,
+    };
+    let xd = up(gpu, &x)?;
+    let mut want = vec![0f32; n * outf];
+    for r in 0..n {
+        for c in 0..outf {
+            let mut s = 0f64;
+            for i in 0..inp {
+                s += x[r * inp + i].to_f64() * wv[i * outf + c].to_f64();
+            }
+            want[r * outf + c] = s as f32;
+        }
+    }
+    let mut yd = up(gpu, &vec![f32::NAN; n * outf])?;
+    blas.matmul(&xd, &lin, &mut yd, n, false)?;
+    push(
+        &mut out,
+        "gemm f16 x f16 -> f32 (rel)",
+        max_rel(&down(gpu, &yd)?, &want),
+        1e-4,
+    );
+    let mut yd = up(gpu, &y0)?;
+    blas.matmul(&xd, &lin, &mut yd, n, true)?;
+    let want_acc: Vec<f32> = want.iter().zip(&y0).map(|(a, b)| a + b).collect();
+    push(
+        &mut out,
+        "gemm accumulate y += x W (rel)",
+        max_rel(&down(gpu, &yd)?, &want_acc),
+        1e-4,
+    );
+    st.synchronize().map_err(drv("finishing the op checks"))?;
+    Ok(out)
+}
+
+/// The CPU reference of one prompt: greedy tokens and the logits before each of them.
+struct CpuRun {
+    tokens: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+}
+
+fn cpu_greedy(model: &Model, plan: &KvPlan, prompt: &[u32], steps: usize) -> Result<CpuRun> {
+    let mut seq = model.new_sequence(plan, prompt.len() + steps)?;
+    let rows = |t: candle_core::Tensor| -> Result<Vec<f32>> {
+        let n = t.dim(0).map_err(kvq_model::ModelError::from)?;
+        Ok(t.narrow(0, n - 1, 1)
+            .and_then(|x| x.flatten_all())
+            .and_then(|x| x.to_vec1::<f32>())
+            .map_err(kvq_model::ModelError::from)?)
+    };
+    let mut l = rows(model.forward(&mut seq, prompt, None)?)?;
+    let mut run = CpuRun {
+        tokens: Vec::new(),
+        logits: Vec::new(),
+    };
+    for i in 0..steps {
+        let t = argmax(&l);
+        run.tokens.push(t);
+        let next = if i + 1 < steps {
+            rows(model.forward(&mut seq, &[t], None)?)?
+        } else {
+            Vec::new()
+        };
+        run.logits.push(std::mem::replace(&mut l, next));
+    }
+    Ok(run)
+}
+
+/// Largest minus second-largest logit: how close a greedy pick was to a tie.
+fn margin(l: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in l {
+        if x > a {
+            b = a;
+            a = x;
+        } else if x > b {
+            b = x;
+        }
+    }
+    a - b
+}
+
+/// Greedy generation through the engine vs kvq-model's CPU path on `model` with `plan`, for several
+/// prompts decoded as one batch. Two comparisons:
+/// - teacher-forced: the engine is fed the CPU's tokens; per-step logits must agree within
+///   `LOGIT_TOL` x the step's largest |logit|;
+/// - free-running: the engine's own greedy tokens must equal the CPU's, or first differ at a step
+///   whose CPU top-2 margin is below twice the measured logit difference (a near tie, not a bug).
+///
+/// `chunk` is the engine's prefill chunk (small values exercise chunked prefill).
+pub fn generation_check(
+    gpu: Arc<Gpu>,
+    model: &Model,
+    plan: &str,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    chunk: usize,
+    label: &str,
+) -> Result<Vec<CheckResult>> {
+    let kv = KvPlan::parse(plan, model.config.n_layers)?;
+    let cpu: Vec<CpuRun> = prompts
+        .iter()
+        .map(|p| cpu_greedy(model, &kv, p, steps))
+        .collect::<Result<_>>()?;
+    let mut engine = Engine::from_model(gpu, model, kv)?;
+    eprintln!("  engine: {}", engine.describe());
+    let mut res = Vec::new();
+
+    // Teacher-forced, all prompts in one batch.
+    let seqs: Vec<SeqId> = prompts
+        .iter()
+        .map(|p| engine.new_sequence(p.len() + steps))
+        .collect::<Result<_>>()?;
+    let mut logits: Vec<Vec<f32>> = seqs
+        .iter()
+        .zip(prompts)
+        .map(|(&s, p)| engine.prefill(s, p, chunk))
+        .collect::<Result<_>>()?;
+    let (mut worst, mut worst_rel, mut disagree, mut near_ties) = (0f64, 0f64, 0usize, 0usize);
+    let mut per_step = vec![0f64; steps];
+    for i in 0..steps {
+        for (b, run) in cpu.iter().enumerate() {
+            let want = &run.logits[i];
+            let got = &logits[b];
+            let diff = got
+                .iter()
+                .zip(want)
+                .map(|(a, c)| (*a as f64 - *c as f64).abs())
+                .fold(0f64, |m, x| {
+                    if x.is_nan() || m.is_nan() {
+                        f64::NAN
+                    } else {
+                        m.max(x)
+                    }
+                });
+            let scale = want.iter().map(|x| x.abs() as f64).fold(1f64, f64::max);
+            per_step[i] = per_step[i].max(diff);
+            worst = if diff.is_nan() {
+                f64::NAN
+            } else {
+                worst.max(diff)
+            };
+            worst_rel = if diff.is_nan() {
+                f64::NAN
+            } else {
+                worst_rel.max(diff / scale)
+            };
+            if argmax(got) != run.tokens[i] {
+                if (margin(want) as f64) < 2.0 * diff {
+                    near_ties += 1;
+                } else {
+                    disagree += 1;
+                }
+            }
+        }
+        if i + 1 < steps {
+            let batch: Vec<(SeqId, u32)> = seqs
+                .iter()
+                .zip(&cpu)
+                .map(|(&s, r)| (s, r.tokens[i]))
+                .collect();
+            logits = engine.step(&batch)?;
+        }
+    }
+    for s in seqs {
+        engine.free(s);
+    }
+    let steps_line: Vec<String> = per_step.iter().map(|x| format!("{x:.3}")).collect();
+    res.push(CheckResult {
+        name: format!("{label}: teacher-forced logits, max |gpu - cpu| / max |cpu logit| ({} prompts x {steps} steps, batched)", prompts.len()),
+        err: worst_rel,
+        tol: LOGIT_TOL,
+        detail: format!("max abs diff {worst:.4}; per step: [{}]", steps_line.join(" ")),
+    });
+    res.push(CheckResult {
+        name: format!(
+            "{label}: teacher-forced greedy picks differing from the CPU's (near ties excluded)"
+        ),
+        err: disagree as f64,
+        tol: 0.0,
+        detail: format!("{near_ties} near ties"),
+    });
+
+    // Free-running greedy, batched, picks on the GPU.
+    let seqs: Vec<SeqId> = prompts
+        .iter()
+        .map(|p| engine.new_sequence(p.len() + steps))
+        .collect::<Result<_>>()?;
+    let mut toks: Vec<Vec<u32>> = Vec::new();
+    for (&s, p) in seqs.iter().zip(prompts) {
+        toks.push(vec![argmax(&engine.prefill(s, p, chunk)?)]);
+    }
+    for _ in 1..steps {
+        let batch: Vec<(SeqId, u32)> = seqs
+            .iter()
+            .zip(&toks)
+            .map(|(&s, t)| (s, t[t.len() - 1]))
+            .collect();
+        for (t, n) in toks.iter_mut().zip(engine.step_greedy(&batch)?) {
+            t.push(n);
+        }
+    }
+    let mut bad = 0usize;
+    let mut detail = Vec::new();
+    for (b, (g, run)) in toks.iter().zip(&cpu).enumerate() {
+        match g.iter().zip(&run.tokens).position(|(a, c)| a != c) {
+            None => detail.push(format!("prompt {b}: {steps}/{steps} equal")),
+            Some(i) => {
+                let m = margin(&run.logits[i]) as f64;
+                let ok = m < 2.0 * per_step[i].max(1e-6);
+                bad += usize::from(!ok);
+                detail.push(format!(
+                    "prompt {b}: first difference at step {i} (gpu {} cpu {}, cpu top-2 margin {m:.4}, logit diff {:.4}: {})",
+                    g[i],
+                    run.tokens[i],
+                    per_step[i],
+                    if ok { "near tie" } else { "NOT a near tie" }
+                ));
+            }
+        }
+    }
+    for s in seqs {
+        engine.free(s);
+    }
+    res.push(CheckResult {
+        name: format!(
+            "{label}: free-running greedy tokens differing from the CPU's (beyond near ties)"
+        ),
+        err: bad as f64,
+        tol: 0.0,
+        detail: detail.join("; "),
+    });
+    Ok(res)
+}
+
+/// Teacher-forced logits may differ from the f32 CPU path by this fraction of the step's largest
+/// |logit|: weights and GEMM inputs are f16 on the GPU (about 3 significant digits), f32 on the CPU.
+pub const LOGIT_TOL: f64 = 2e-2;
+
+/// Decode speed of the engine: `batch` sequences after a `prompt_len`-token prompt, `steps` greedy
+/// steps timed (tokens/s counts all sequences' tokens).
+pub fn decode_speed(
+    gpu: Arc<Gpu>,
+    model: &Model,
+    plan: &str,
+    batch: usize,
+    prompt_len: usize,
+    steps: usize,
+) -> Result<(f64, String)> {
+    let kv = KvPlan::parse(plan, model.config.n_layers)?;
+    let mut engine = Engine::from_model(gpu.clone(), model, kv)?;
+    let vocab = model.config.vocab as u32;
+    let prompt: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let mut seqs = Vec::new();
+    let mut last = Vec::new();
+    for _ in 0..batch {
+        let s = engine.new_sequence(prompt_len + steps + 1)?;
+        last.push(argmax(&engine.prefill(s, &prompt, 256)?));
+        seqs.push(s);
+    }
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        let b: Vec<(SeqId, u32)> = seqs.iter().copied().zip(last.iter().copied()).collect();
+        last = engine.step_greedy(&b)?;
+    }
+    gpu.stream()
+        .synchronize()
+        .map_err(drv("finishing the timed steps"))?;
+    let s = t0.elapsed().as_secs_f64();
+    if s <= 0.0 {
+        return Err(GpuError::Input("no time measured".into()));
+    }
+    Ok(((batch * steps) as f64 / s, engine.describe()))
+}

@@ -1,0 +1,533 @@
+//! The GPU inference engine and its embeddable API: load a LLaMA-family model onto the GPU (f16
+//! weights, cuBLAS GEMMs, the model-op kernels of kernels/model.cu), choose a KV plan, create
+//! sequences, prefill prompts in chunks, decode batches of sequences step by step, read logits or
+//! greedy tokens, free sequences.
+//!
+//! Attention sits behind [`AttentionBackend`]; the engine never branches on the cache format. The
+//! backend built today is [`HostCacheBackend`], a *reference* that round-trips K/V through the host
+//! and encodes them on the CPU (correct, slow); a GPU-resident backend plugs in through
+//! [`Engine::with_backend`].
+//!
+//! ```no_run
+//! use kvq::engine::Engine;
+//! # fn main() -> kvq::Result<()> {
+//! let mut engine = Engine::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", "fp16")?;
+//! let prompt = engine.tokenizer()?.encode_prompt("The capital of France is")?;
+//! let seq = engine.new_sequence(prompt.len() + 16)?;
+//! let logits = engine.prefill(seq, &prompt, 256)?;
+//! let mut next = kvq::engine::argmax(&logits);
+//! for _ in 0..16 {
+//!     next = engine.step_greedy(&[(seq, next)])?[0];
+//! }
+//! engine.free(seq);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod backend;
+pub mod check;
+pub mod weights;
+
+pub use backend::{AttentionBackend, Heads, HostCacheBackend, SeqId, SeqRows};
+
+use crate::error::{drv, GpuError, Result};
+use crate::gpu::Gpu;
+use crate::launch_model::{Blas, Indices, ModelOps};
+use cudarc::driver::CudaSlice;
+use half::f16;
+use kvq_formats::{CacheBytes, KvPlan, RopeStyle};
+use kvq_model::generate::{GenStats, Stop};
+use kvq_model::sample::Sampler;
+use kvq_model::tokenizer::Tok;
+use kvq_model::{LlamaConfig, Model};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+use weights::GpuWeights;
+
+/// Per-forward device buffers, grown on demand (rows = tokens of one forward).
+struct Scratch {
+    rows: usize,
+    logit_rows: usize,
+    x: CudaSlice<f32>,
+    hn: CudaSlice<f16>,
+    qkv: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    att16: CudaSlice<f16>,
+    gu: CudaSlice<f32>,
+    act16: CudaSlice<f16>,
+    last16: CudaSlice<f16>,
+    logits: CudaSlice<f32>,
+    picks: CudaSlice<i32>,
+}
+
+impl Scratch {
+    fn new(gpu: &Gpu, c: &LlamaConfig, rows: usize, logit_rows: usize) -> Result<Self> {
+        let st = gpu.stream();
+        let (h, d) = (c.hidden, c.head_dim);
+        let (wq, wkv) = (c.n_heads * d, c.n_kv_heads * d);
+        let a = |what: &str| drv(format!("allocating {what} for {rows} rows"));
+        let rows1 = rows.max(1);
+        let lr = logit_rows.max(1);
+        Ok(Self {
+            rows,
+            logit_rows,
+            x: st
+                .alloc_zeros(rows1 * h)
+                .map_err(a("the residual stream"))?,
+            hn: st
+                .alloc_zeros(rows1 * h.max(wq))
+                .map_err(a("normed activations"))?,
+            qkv: st.alloc_zeros(rows1 * (wq + 2 * wkv)).map_err(a("QKV"))?,
+            q: st.alloc_zeros(rows1 * wq).map_err(a("queries"))?,
+            k: st.alloc_zeros(rows1 * wkv).map_err(a("keys"))?,
+            v: st.alloc_zeros(rows1 * wkv).map_err(a("values"))?,
+            att: st.alloc_zeros(rows1 * wq).map_err(a("attention output"))?,
+            att16: st.alloc_zeros(rows1 * wq).map_err(a("attention output"))?,
+            gu: st
+                .alloc_zeros(rows1 * 2 * c.intermediate)
+                .map_err(a("gate/up"))?,
+            act16: st
+                .alloc_zeros(rows1 * c.intermediate)
+                .map_err(a("MLP activations"))?,
+            last16: st.alloc_zeros(lr * h).map_err(a("final norm"))?,
+            logits: st.alloc_zeros(lr * c.vocab).map_err(a("logits"))?,
+            picks: st.alloc_zeros(lr).map_err(a("token picks"))?,
+        })
+    }
+}
+
+/// Where a sequence stands.
+struct SeqState {
+    len: usize,
+    capacity: usize,
+}
+
+/// Index of the largest logit (NaN never wins; the last maximum on ties), as greedy sampling picks.
+pub fn argmax(logits: &[f32]) -> u32 {
+    Sampler::new(0.0, 0, 1.0, 0).sample(logits)
+}
+
+/// A model on the GPU with its sequences: the embeddable entry point of kvq.
+pub struct Engine {
+    gpu: Arc<Gpu>,
+    ops: ModelOps,
+    blas: Blas,
+    config: LlamaConfig,
+    rope_style: RopeStyle,
+    weights: GpuWeights,
+    backend: Box<dyn AttentionBackend>,
+    tokenizer: Option<Tok>,
+    seqs: HashMap<SeqId, SeqState>,
+    next_id: u64,
+    scratch: Option<Scratch>,
+    plan: String,
+}
+
+impl Engine {
+    /// Loads a `.gguf` file or HF directory onto GPU 0 with KV plan `kv` (a format such as `fp16` or
+    /// `kivi:bits=2`, a mixed plan, or a JSON plan file) and the host-cache reference backend.
+    pub fn load(path: &str, kv: &str) -> Result<Self> {
+        let gpu = Arc::new(Gpu::new(0)?);
+        let model = Model::load(path)?;
+        let plan = KvPlan::parse(kv, model.config.n_layers)?;
+        let mut e = Self::from_model(gpu, &model, plan)?;
+        e.tokenizer = Some(model.tokenizer);
+        Ok(e)
+    }
+
+    /// Uploads an already loaded CPU model (kept by the caller, e.g. to compare with) with `plan`
+    /// and the host-cache reference backend. The engine has no tokenizer then.
+    pub fn from_model(gpu: Arc<Gpu>, model: &Model, plan: KvPlan) -> Result<Self> {
+        let c = &model.config;
+        let heads = Heads {
+            layers: c.n_layers,
+            hq: c.n_heads,
+            hkv: c.n_kv_heads,
+            d: c.head_dim,
+        };
+        let desc = plan.describe();
+        let backend = HostCacheBackend::new(plan, model.rope.clone(), heads)?;
+        let mut e = Self::with_backend(gpu, model, Box::new(backend))?;
+        e.plan = desc;
+        Ok(e)
+    }
+
+    /// Uploads `model` and serves attention with `backend` (which owns the KV caches and their plan).
+    pub fn with_backend(
+        gpu: Arc<Gpu>,
+        model: &Model,
+        backend: Box<dyn AttentionBackend>,
+    ) -> Result<Self> {
+        let ops = ModelOps::new(&gpu)?;
+        let blas = Blas::new(&gpu)?;
+        let weights =
+            GpuWeights::upload(&gpu, &model.config, &model.weights, &model.rope.inv_freq)?;
+        Ok(Self {
+            gpu,
+            ops,
+            blas,
+            config: model.config.clone(),
+            rope_style: model.rope.style,
+            weights,
+            backend,
+            tokenizer: None,
+            seqs: HashMap::new(),
+            next_id: 0,
+            scratch: None,
+            plan: String::new(),
+        })
+    }
+
+    /// The model's architecture.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The GPU the engine runs on.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// The tokenizer (engines made by [`Engine::load`] have one).
+    pub fn tokenizer(&self) -> Result<&Tok> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            GpuError::Input("this engine was built from a borrowed model and holds no tokenizer; use the model's".into())
+        })
+    }
+
+    /// One line on what runs where (device, weights, attention backend), for logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: f16 weights ({:.1} MB), cuBLAS GEMMs; attention: {}",
+            self.gpu.describe(),
+            self.weights.bytes as f64 / 1e6,
+            self.backend.describe()
+        )
+    }
+
+    /// The KV plan's description (empty for engines built with a custom backend).
+    pub fn plan(&self) -> &str {
+        &self.plan
+    }
+
+    /// Creates an empty sequence that may hold up to `capacity` tokens (the model's context at most).
+    pub fn new_sequence(&mut self, capacity: usize) -> Result<SeqId> {
+        if capacity == 0 || capacity > self.config.max_ctx {
+            return Err(GpuError::Input(format!(
+                "sequence capacity {capacity}: expected 1..={} (the model's trained context)",
+                self.config.max_ctx
+            )));
+        }
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.backend.add_sequence(id, capacity)?;
+        self.seqs.insert(id, SeqState { len: 0, capacity });
+        Ok(id)
+    }
+
+    /// Frees a sequence and its caches (unknown ids are ignored).
+    pub fn free(&mut self, id: SeqId) {
+        self.seqs.remove(&id);
+        self.backend.remove_sequence(id);
+    }
+
+    /// Tokens a sequence holds.
+    pub fn len(&self, id: SeqId) -> Result<usize> {
+        self.state(id).map(|s| s.len)
+    }
+
+    /// Cache memory of a sequence, all layers.
+    pub fn kv_bytes(&self, id: SeqId) -> Result<CacheBytes> {
+        self.backend
+            .kv_bytes(id)
+            .ok_or_else(|| GpuError::Input(format!("unknown sequence {id:?}")))
+    }
+
+    fn state(&self, id: SeqId) -> Result<&SeqState> {
+        self.seqs.get(&id).ok_or_else(|| {
+            GpuError::Input(format!(
+                "unknown sequence {id:?} (freed, or from another engine)"
+            ))
+        })
+    }
+
+    /// Runs `tokens` through `seq` in chunks of `chunk` tokens (each chunk's K/V enter the cache before
+    /// its attention reads them) and returns the logits after the last token (vocab values).
+    pub fn prefill(&mut self, seq: SeqId, tokens: &[u32], chunk: usize) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(GpuError::Input("prefill of an empty prompt".into()));
+        }
+        let mut last = Vec::new();
+        for ch in tokens.chunks(chunk.max(1)) {
+            let pos = self.state(seq)?.len;
+            self.forward(
+                &[SeqRows {
+                    id: seq,
+                    pos,
+                    n: ch.len(),
+                }],
+                ch,
+            )?;
+            last = self.read_logits(1)?;
+        }
+        Ok(last)
+    }
+
+    /// One decode step: appends one token to each listed sequence (each at most once) and returns
+    /// each one's next-token logits, in order.
+    pub fn step(&mut self, batch: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
+        self.step_rows(batch)?;
+        let flat = self.read_logits(batch.len())?;
+        Ok(flat
+            .chunks_exact(self.config.vocab)
+            .map(|r| r.to_vec())
+            .collect())
+    }
+
+    /// [`Engine::step`] with greedy picks made on the GPU: only the chosen token ids come back.
+    pub fn step_greedy(&mut self, batch: &[(SeqId, u32)]) -> Result<Vec<u32>> {
+        self.step_rows(batch)?;
+        let s = self.scratch.as_mut().ok_or_else(no_forward)?;
+        let n = batch.len();
+        self.ops
+            .argmax(&s.logits, (n, self.config.vocab), &mut s.picks)?;
+        let mut h = vec![0i32; n];
+        self.gpu
+            .stream()
+            .memcpy_dtoh(&s.picks.slice(0..n), &mut h)
+            .map_err(drv("reading the picked tokens"))?;
+        Ok(h.into_iter().map(|x| x as u32).collect())
+    }
+
+    fn step_rows(&mut self, batch: &[(SeqId, u32)]) -> Result<()> {
+        if batch.is_empty() {
+            return Err(GpuError::Input("decode step of an empty batch".into()));
+        }
+        let mut rows = Vec::with_capacity(batch.len());
+        for (i, &(id, _)) in batch.iter().enumerate() {
+            if batch[..i].iter().any(|(o, _)| *o == id) {
+                return Err(GpuError::Input(format!(
+                    "sequence {id:?} appears twice in one decode step"
+                )));
+            }
+            rows.push(SeqRows {
+                id,
+                pos: self.state(id)?.len,
+                n: 1,
+            });
+        }
+        let ids: Vec<u32> = batch.iter().map(|b| b.1).collect();
+        self.forward(&rows, &ids)
+    }
+
+    /// Downloads the logits of the last forward's first `n` logit rows.
+    fn read_logits(&self, n: usize) -> Result<Vec<f32>> {
+        let s = self.scratch.as_ref().ok_or_else(no_forward)?;
+        let len = n * self.config.vocab;
+        let mut h = vec![0f32; len];
+        self.gpu
+            .stream()
+            .memcpy_dtoh(&s.logits.slice(0..len), &mut h)
+            .map_err(drv("reading logits"))?;
+        Ok(h)
+    }
+
+    /// The forward over `rows` (token `ids` back to back); leaves the logits of each group's last row
+    /// in the scratch's logit rows (one per group, in order).
+    fn forward(&mut self, rows: &[SeqRows], ids: &[u32]) -> Result<()> {
+        let c = self.config.clone();
+        let n: usize = rows.iter().map(|r| r.n).sum();
+        if n != ids.len() || n == 0 {
+            return Err(GpuError::Input(format!(
+                "{} token ids for {n} rows",
+                ids.len()
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab) {
+            return Err(GpuError::Input(format!(
+                "token id {bad} outside the vocabulary ({})",
+                c.vocab
+            )));
+        }
+        for r in rows {
+            let s = self.state(r.id)?;
+            if r.pos != s.len || s.len + r.n > s.capacity {
+                return Err(GpuError::Input(format!(
+                    "sequence {:?}: {} tokens after {} exceed its capacity {}",
+                    r.id, r.n, s.len, s.capacity
+                )));
+            }
+        }
+        let m = rows.len();
+        let grow = match &self.scratch {
+            Some(s) => s.rows < n || s.logit_rows < m,
+            None => true,
+        };
+        if grow {
+            let (r0, l0) = self
+                .scratch
+                .as_ref()
+                .map(|s| (s.rows, s.logit_rows))
+                .unwrap_or((0, 0));
+            self.scratch = None; // free before allocating the larger set
+            self.scratch = Some(Scratch::new(&self.gpu, &c, n.max(r0), m.max(l0))?);
+        }
+        let st = self.gpu.stream().clone();
+        let ids_dev = Indices::upload(&st, ids)?;
+        let pos: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| (r.pos..r.pos + r.n).map(|p| p as u32))
+            .collect();
+        let pos_dev = Indices::upload(&st, &pos)?;
+        let mut last = Vec::with_capacity(m);
+        let mut off = 0u32;
+        for r in rows {
+            off += r.n as u32;
+            last.push(off - 1);
+        }
+        let last_dev = Indices::upload(&st, &last)?;
+        let (h, d, hq, hkv) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
+        let (ops, blas, w) = (&self.ops, &self.blas, &self.weights);
+        let s = self.scratch.as_mut().ok_or_else(no_forward)?;
+        ops.embed(&w.embed, (c.vocab, h), &ids_dev, &mut s.x)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            ops.rmsnorm(&s.x, n, None, &lw.attn_norm, &mut s.hn, (n, h), c.rms_eps)?;
+            blas.matmul(&s.hn, &lw.wqkv, &mut s.qkv, n, false)?;
+            ops.qkv_split(
+                &s.qkv,
+                &pos_dev,
+                &w.inv_freq,
+                &mut s.q,
+                &mut s.k,
+                &mut s.v,
+                (n, hq, hkv, d),
+                self.rope_style,
+            )?;
+            self.backend
+                .append_and_attend(&self.gpu, l, rows, &s.q, &s.k, &s.v, &mut s.att)?;
+            ops.f32_to_f16(&s.att, &mut s.att16, n * hq * d)?;
+            blas.matmul(&s.att16, &lw.wo, &mut s.x, n, true)?;
+            ops.rmsnorm(&s.x, n, None, &lw.ffn_norm, &mut s.hn, (n, h), c.rms_eps)?;
+            blas.matmul(&s.hn, &lw.wgu, &mut s.gu, n, false)?;
+            ops.swiglu(&s.gu, &mut s.act16, (n, c.intermediate))?;
+            blas.matmul(&s.act16, &lw.wdown, &mut s.x, n, true)?;
+        }
+        ops.rmsnorm(
+            &s.x,
+            n,
+            Some(&last_dev),
+            &w.norm,
+            &mut s.last16,
+            (m, h),
+            c.rms_eps,
+        )?;
+        blas.matmul(&s.last16, &w.lm_head, &mut s.logits, m, false)?;
+        for r in rows {
+            if let Some(state) = self.seqs.get_mut(&r.id) {
+                state.len += r.n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Generates after `prompt` in a new sequence (freed at the end), calling `on_text` with each new
+    /// piece of text: greedy picks on the GPU when `sampler` is greedy, else sampling on the host.
+    /// Mirrors `kvq_model::generate::generate` (same stopping rules and statistics).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        chunk: usize,
+        sampler: &mut Sampler,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(Vec<u32>, GenStats)> {
+        if prompt.is_empty() {
+            return Err(GpuError::Input("empty prompt".into()));
+        }
+        let max_ctx = self.config.max_ctx;
+        if prompt.len() >= max_ctx {
+            return Err(GpuError::Input(format!(
+                "a prompt of {} tokens leaves no room in the model's context of {max_ctx}",
+                prompt.len()
+            )));
+        }
+        let cap = (prompt.len() + max_tokens).min(max_ctx);
+        let seq = self.new_sequence(cap)?;
+        let r = self.generate_in(seq, prompt, max_tokens, chunk, sampler, on_text);
+        self.free(seq);
+        r
+    }
+
+    fn generate_in(
+        &mut self,
+        seq: SeqId,
+        prompt: &[u32],
+        max_tokens: usize,
+        chunk: usize,
+        sampler: &mut Sampler,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(Vec<u32>, GenStats)> {
+        let cap = self.state(seq)?.capacity;
+        let greedy = sampler.temperature <= 0.0;
+        let t0 = Instant::now();
+        let logits = self.prefill(seq, prompt, chunk)?;
+        let mut next = sampler.sample(&logits);
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut out: Vec<u32> = Vec::new();
+        let mut printed = 0usize;
+        let eos = self.config.eos.clone();
+        let stop = loop {
+            if out.len() >= max_tokens {
+                break Stop::MaxTokens;
+            }
+            if eos.contains(&next) {
+                break Stop::Eos;
+            }
+            out.push(next);
+            if let Some(tok) = &self.tokenizer {
+                let text = tok.decode(&out)?;
+                let ready = text.trim_end_matches('\u{FFFD}');
+                if ready.len() > printed && ready.is_char_boundary(printed) {
+                    on_text(&ready[printed..]);
+                    printed = ready.len();
+                }
+            }
+            if out.len() >= max_tokens {
+                break Stop::MaxTokens;
+            }
+            if self.state(seq)?.len >= cap {
+                break Stop::Context;
+            }
+            next = if greedy {
+                self.step_greedy(&[(seq, next)])?[0]
+            } else {
+                let l = self.step(&[(seq, next)])?;
+                sampler.sample(&l[0])
+            };
+        };
+        if let Some(tok) = &self.tokenizer {
+            let text = tok.decode(&out)?;
+            if text.len() > printed && text.is_char_boundary(printed) {
+                on_text(&text[printed..]);
+            }
+        }
+        let stats = GenStats {
+            prompt_tokens: prompt.len(),
+            generated: out.len(),
+            prefill_s,
+            decode_s: t1.elapsed().as_secs_f64(),
+            kv: self.kv_bytes(seq)?,
+            stop,
+        };
+        Ok((out, stats))
+    }
+}
+
+fn no_forward() -> GpuError {
+    GpuError::Input("no forward has run yet".into())
+}

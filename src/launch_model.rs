@@ -1,0 +1,577 @@
+//! Every `unsafe` call of the GPU engine's model ops (kernels/model.cu) and GEMMs (cuBLAS), each behind
+//! a typed safe wrapper that checks buffer sizes first. The SAFETY comments discharge cudarc's launch
+//! obligations: argument types and order match the kernel, no aliasing of mutable buffers, in bounds.
+//!
+//! Device indices that address memory (token ids, row maps) only enter kernels as [`Indices`], whose
+//! upper bound was measured on the host, so no wrapper can be handed an out-of-range gather.
+
+use crate::error::{drv, GpuError, Result};
+use crate::gpu::Gpu;
+use cudarc::cublas::{result as cublas, sys as cublas_sys, CudaBlas};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use half::f16;
+use std::sync::Arc;
+
+/// The embedded module holding kernels/model.cu.
+const MODULE: &str = "model";
+/// Threads per block of the row kernels (a multiple of 32, as `block_sum` needs).
+const THREADS: u32 = 256;
+
+/// Integers uploaded to the GPU with their bound measured on the host: the only way token ids and
+/// row maps reach a kernel, so gathers are checked against the table they index.
+pub struct Indices {
+    dev: CudaSlice<i32>,
+    len: usize,
+    upper: usize,
+}
+
+impl Indices {
+    /// Uploads `host`; fails when a value does not fit an `i32`.
+    pub fn upload(stream: &Arc<CudaStream>, host: &[u32]) -> Result<Self> {
+        let v: Vec<i32> = host
+            .iter()
+            .map(|&x| {
+                i32::try_from(x).map_err(|_| GpuError::Shape(format!("index {x} exceeds i32")))
+            })
+            .collect::<Result<_>>()?;
+        let upper = host.iter().map(|&x| x as usize + 1).max().unwrap_or(0);
+        // A zero-length allocation is not allowed: keep one slot.
+        let dev = if v.is_empty() {
+            stream.alloc_zeros::<i32>(1)
+        } else {
+            stream.clone_htod(&v)
+        }
+        .map_err(drv("uploading indices"))?;
+        Ok(Self {
+            dev,
+            len: host.len(),
+            upper,
+        })
+    }
+
+    /// Number of indices.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// One more than the largest value (0 when empty): the table size a gather needs.
+    pub fn upper(&self) -> usize {
+        self.upper
+    }
+}
+
+fn need(what: &str, have: usize, want: usize) -> Result<()> {
+    if have < want {
+        return Err(GpuError::Shape(format!(
+            "{what}: buffer of {have} elements, the launch needs {want}"
+        )));
+    }
+    Ok(())
+}
+
+fn to_i32(what: &str, x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| GpuError::Shape(format!("{what} = {x} exceeds i32")))
+}
+
+/// Grid-stride launch configuration over `n` elements.
+fn stride_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 8192) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// RoPE channel layouts as the kernels number them.
+fn style_code(style: kvq_formats::RopeStyle) -> i32 {
+    match style {
+        kvq_formats::RopeStyle::Interleaved => 0,
+        kvq_formats::RopeStyle::Half => 1,
+    }
+}
+
+/// The model-op kernels of kernels/model.cu, loaded once, with typed launchers (asynchronous, on the
+/// GPU's one stream).
+pub struct ModelOps {
+    stream: Arc<CudaStream>,
+    embed: CudaFunction,
+    rmsnorm: CudaFunction,
+    rope: CudaFunction,
+    qkv_split: CudaFunction,
+    swiglu: CudaFunction,
+    add: CudaFunction,
+    f32_to_f16: CudaFunction,
+    f16_to_f32: CudaFunction,
+    argmax: CudaFunction,
+}
+
+impl ModelOps {
+    /// Loads the kernels; errors name the missing one.
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let f = |n: &str| gpu.function(MODULE, &format!("kvq_model_{n}"));
+        Ok(Self {
+            stream: gpu.stream().clone(),
+            embed: f("embed")?,
+            rmsnorm: f("rmsnorm")?,
+            rope: f("rope")?,
+            qkv_split: f("qkv_split")?,
+            swiglu: f("swiglu")?,
+            add: f("add")?,
+            f32_to_f16: f("f32_to_f16")?,
+            f16_to_f32: f("f16_to_f32")?,
+            argmax: f("argmax")?,
+        })
+    }
+
+    /// out[r] = table[ids[r]] for the `ids.len()` rows: table f16 [vocab][hidden], out f32.
+    pub fn embed(
+        &self,
+        table: &CudaSlice<f16>,
+        (vocab, hidden): (usize, usize),
+        ids: &Indices,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = ids.len();
+        if ids.upper() > vocab {
+            return Err(GpuError::Shape(format!(
+                "token id {} outside the vocabulary ({vocab})",
+                ids.upper() - 1
+            )));
+        }
+        need("embedding table", table.len(), vocab * hidden)?;
+        need("embedding output", out.len(), n * hidden)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (n32, h32) = (to_i32("rows", n)?, to_i32("hidden", hidden)?);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (types/order) kvq_model_embed(const __half*, const int32_t*, float*, int, int) gets
+        // CudaSlice<f16>, CudaSlice<i32>, CudaSlice<f32>, i32, i32. (aliasing) `out` is a &mut borrow,
+        // distinct from the shared `table` and `ids`. (bounds) every id < upper <= vocab (measured at
+        // upload), table holds vocab x hidden, out n x hidden, and the grid has one block per row.
+        unsafe {
+            self.stream
+                .launch_builder(&self.embed)
+                .arg(table)
+                .arg(&ids.dev)
+                .arg(out)
+                .arg(&n32)
+                .arg(&h32)
+                .launch(cfg)
+        }
+        .map_err(drv("launching kvq_model_embed"))?;
+        Ok(())
+    }
+
+    /// RMSNorm of `n` rows of `cols` (row r reads x row `rows[r]`, or r), times `w`, written as f16.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm(
+        &self,
+        x: &CudaSlice<f32>,
+        x_rows: usize,
+        rows: Option<&Indices>,
+        w: &CudaSlice<f32>,
+        out: &mut CudaSlice<f16>,
+        (n, cols): (usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        if let Some(r) = rows {
+            if r.len() != n || r.upper() > x_rows {
+                return Err(GpuError::Shape(format!(
+                    "row map of {} rows up to {} for {n} output rows over {x_rows} input rows",
+                    r.len(),
+                    r.upper()
+                )));
+            }
+        } else if n > x_rows {
+            return Err(GpuError::Shape(format!(
+                "{n} output rows from {x_rows} input rows"
+            )));
+        }
+        need("rmsnorm input", x.len(), x_rows * cols)?;
+        need("rmsnorm weight", w.len(), cols)?;
+        need("rmsnorm output", out.len(), n * cols)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (n32, c32) = (to_i32("rows", n)?, to_i32("cols", cols)?);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let null = 0u64;
+        let b = self.stream.launch_builder(&self.rmsnorm);
+        let mut b = b;
+        b.arg(x);
+        match rows {
+            Some(r) => b.arg(&r.dev),
+            None => b.arg(&null),
+        };
+        b.arg(w).arg(out).arg(&n32).arg(&c32).arg(&eps);
+        // SAFETY: (types/order) kvq_model_rmsnorm(const float*, const int32_t* (nullable), const
+        // float*, __half*, int, int, float) gets CudaSlice<f32>, CudaSlice<i32> or a null u64 (both
+        // 8-byte device pointers), CudaSlice<f32>, CudaSlice<f16>, i32, i32, f32. (aliasing) `out` is a
+        // &mut borrow of another type than every input. (bounds) rows < x_rows (measured at upload) or
+        // r < n <= x_rows, x holds x_rows x cols, w cols, out n x cols; one block per output row and
+        // 256 threads, a multiple of 32 as the block reduction needs.
+        unsafe { b.launch(cfg) }.map_err(drv("launching kvq_model_rmsnorm"))?;
+        Ok(())
+    }
+
+    /// In-place RoPE of `heads` heads of `d` channels in each of `n` rows of `row_stride` floats, row r
+    /// rotated to position `pos[r]` with the per-pair inverse frequencies `inv_freq` (d/2 of them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        row_stride: usize,
+        pos: &Indices,
+        inv_freq: &CudaSlice<f32>,
+        (n, heads, d): (usize, usize, usize),
+        style: kvq_formats::RopeStyle,
+    ) -> Result<()> {
+        if pos.len() != n || d % 2 != 0 || heads * d > row_stride {
+            return Err(GpuError::Shape(format!(
+                "rope of {n} rows x {heads} heads x {d} (row stride {row_stride}) with {} positions",
+                pos.len()
+            )));
+        }
+        need("rope input", x.len(), n * row_stride)?;
+        need("rope frequencies", inv_freq.len(), d / 2)?;
+        if n == 0 || heads == 0 {
+            return Ok(());
+        }
+        let (n32, h32, d32) = (to_i32("rows", n)?, to_i32("heads", heads)?, to_i32("d", d)?);
+        let stride = row_stride as i64;
+        let st = style_code(style);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, heads as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (types/order) kvq_model_rope(float*, int64_t, const int32_t*, const float*, int, int,
+        // int, int) gets CudaSlice<f32>, i64, CudaSlice<i32>, CudaSlice<f32>, i32 x 4. (aliasing) `x` is
+        // the only buffer written, a &mut borrow distinct from pos and inv_freq. (bounds) rows < n and
+        // heads * d <= row_stride, so every access is below n x row_stride <= x.len(); pair indices
+        // < d/2 <= inv_freq.len(); positions are only multiplied, never used as addresses.
+        unsafe {
+            self.stream
+                .launch_builder(&self.rope)
+                .arg(x)
+                .arg(&stride)
+                .arg(&pos.dev)
+                .arg(inv_freq)
+                .arg(&n32)
+                .arg(&h32)
+                .arg(&d32)
+                .arg(&st)
+                .launch(cfg)
+        }
+        .map_err(drv("launching kvq_model_rope"))?;
+        Ok(())
+    }
+
+    /// Splits the fused QKV GEMM output [n][(hq + 2 hkv) d] into q [n][hq][d] (rotated to `pos`) and
+    /// k, v [n][hkv][d] (unrotated: caches take keys before RoPE).
+    #[allow(clippy::too_many_arguments)]
+    pub fn qkv_split(
+        &self,
+        qkv: &CudaSlice<f32>,
+        pos: &Indices,
+        inv_freq: &CudaSlice<f32>,
+        q: &mut CudaSlice<f32>,
+        k: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        (n, hq, hkv, d): (usize, usize, usize, usize),
+        style: kvq_formats::RopeStyle,
+    ) -> Result<()> {
+        if pos.len() != n || d % 2 != 0 {
+            return Err(GpuError::Shape(format!(
+                "qkv split of {n} rows (d = {d}) with {} positions",
+                pos.len()
+            )));
+        }
+        need("qkv input", qkv.len(), n * (hq + 2 * hkv) * d)?;
+        need("q output", q.len(), n * hq * d)?;
+        need("k output", k.len(), n * hkv * d)?;
+        need("v output", v.len(), n * hkv * d)?;
+        need("rope frequencies", inv_freq.len(), d / 2)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let ints = [
+            to_i32("rows", n)?,
+            to_i32("hq", hq)?,
+            to_i32("hkv", hkv)?,
+            to_i32("d", d)?,
+            style_code(style),
+        ];
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, (hq + 2 * hkv) as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (types/order) kvq_model_qkv_split(const float*, const int32_t*, const float*, float*,
+        // float*, float*, int, int, int, int, int) gets CudaSlice<f32>, CudaSlice<i32>, CudaSlice<f32>,
+        // three CudaSlice<f32> and five i32. (aliasing) q, k, v are three distinct &mut borrows, none of
+        // them an input. (bounds) checked above: qkv holds n x (hq + 2 hkv) x d, q n x hq x d, k and v
+        // n x hkv x d; the grid is exactly n x (hq + 2 hkv); pair indices < d/2 <= inv_freq.len().
+        unsafe {
+            self.stream
+                .launch_builder(&self.qkv_split)
+                .arg(qkv)
+                .arg(&pos.dev)
+                .arg(inv_freq)
+                .arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(&ints[0])
+                .arg(&ints[1])
+                .arg(&ints[2])
+                .arg(&ints[3])
+                .arg(&ints[4])
+                .launch(cfg)
+        }
+        .map_err(drv("launching kvq_model_qkv_split"))?;
+        Ok(())
+    }
+
+    /// out[r][i] = silu(gu[r][i]) * gu[r][inter + i] (gate then up halves of one GEMM output), f16.
+    pub fn swiglu(
+        &self,
+        gu: &CudaSlice<f32>,
+        out: &mut CudaSlice<f16>,
+        (n, inter): (usize, usize),
+    ) -> Result<()> {
+        need("swiglu input", gu.len(), n * 2 * inter)?;
+        need("swiglu output", out.len(), n * inter)?;
+        if n * inter == 0 {
+            return Ok(());
+        }
+        let (n32, i32_) = (to_i32("rows", n)?, to_i32("inter", inter)?);
+        // SAFETY: (types/order) kvq_model_swiglu(const float*, __half*, int, int) gets CudaSlice<f32>,
+        // CudaSlice<f16>, i32, i32. (aliasing) `out` is a &mut borrow of another type than `gu`.
+        // (bounds) the grid-stride loop stops at n x inter (64-bit); reads are below n x 2 inter.
+        unsafe {
+            self.stream
+                .launch_builder(&self.swiglu)
+                .arg(gu)
+                .arg(out)
+                .arg(&n32)
+                .arg(&i32_)
+                .launch(stride_cfg(n * inter))
+        }
+        .map_err(drv("launching kvq_model_swiglu"))?;
+        Ok(())
+    }
+
+    /// x[..n] += y[..n].
+    pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<()> {
+        need("add target", x.len(), n)?;
+        need("add input", y.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as i64;
+        // SAFETY: (types/order) kvq_model_add(float*, const float*, int64_t) gets CudaSlice<f32>,
+        // CudaSlice<f32>, i64. (aliasing) `x` is a &mut borrow, so `y` is another allocation. (bounds)
+        // the grid-stride loop stops at n <= both lengths.
+        unsafe {
+            self.stream
+                .launch_builder(&self.add)
+                .arg(x)
+                .arg(y)
+                .arg(&n64)
+                .launch(stride_cfg(n))
+        }
+        .map_err(drv("launching kvq_model_add"))?;
+        Ok(())
+    }
+
+    /// y[..n] = f16(x[..n]).
+    pub fn f32_to_f16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f16>, n: usize) -> Result<()> {
+        need("cast input", x.len(), n)?;
+        need("cast output", y.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as i64;
+        // SAFETY: (types/order) kvq_model_f32_to_f16(const float*, __half*, int64_t) gets
+        // CudaSlice<f32>, CudaSlice<f16>, i64. (aliasing) `y` is a &mut borrow of another type.
+        // (bounds) the grid-stride loop stops at n <= both lengths.
+        unsafe {
+            self.stream
+                .launch_builder(&self.f32_to_f16)
+                .arg(x)
+                .arg(y)
+                .arg(&n64)
+                .launch(stride_cfg(n))
+        }
+        .map_err(drv("launching kvq_model_f32_to_f16"))?;
+        Ok(())
+    }
+
+    /// y[..n] = f32(x[..n]).
+    pub fn f16_to_f32(&self, x: &CudaSlice<f16>, y: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        need("cast input", x.len(), n)?;
+        need("cast output", y.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as i64;
+        // SAFETY: (types/order) kvq_model_f16_to_f32(const __half*, float*, int64_t) gets
+        // CudaSlice<f16>, CudaSlice<f32>, i64. (aliasing) `y` is a &mut borrow of another type.
+        // (bounds) the grid-stride loop stops at n <= both lengths.
+        unsafe {
+            self.stream
+                .launch_builder(&self.f16_to_f32)
+                .arg(x)
+                .arg(y)
+                .arg(&n64)
+                .launch(stride_cfg(n))
+        }
+        .map_err(drv("launching kvq_model_f16_to_f32"))?;
+        Ok(())
+    }
+
+    /// out[r] = argmax of logits row r (NaN never wins; the last maximum on ties), `rows` rows.
+    pub fn argmax(
+        &self,
+        logits: &CudaSlice<f32>,
+        (rows, vocab): (usize, usize),
+        out: &mut CudaSlice<i32>,
+    ) -> Result<()> {
+        need("argmax input", logits.len(), rows * vocab)?;
+        need("argmax output", out.len(), rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let v32 = to_i32("vocab", vocab)?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (types/order) kvq_model_argmax(const float*, int, int32_t*) gets CudaSlice<f32>, i32,
+        // CudaSlice<i32>. (aliasing) `out` is a &mut borrow of another type than `logits`. (bounds) one
+        // block per row r < rows reads row r's vocab values (rows x vocab <= logits.len()) and writes
+        // out[r]; the kernel's static shared arrays are sized for its 1024 threads.
+        unsafe {
+            self.stream
+                .launch_builder(&self.argmax)
+                .arg(logits)
+                .arg(&v32)
+                .arg(out)
+                .launch(cfg)
+        }
+        .map_err(drv("launching kvq_model_argmax"))?;
+        Ok(())
+    }
+}
+
+/// A linear layer's weight on the GPU: f16, row-major [inp][out] (y = x W), as kvq_model stores its
+/// transposed weights.
+pub struct Linear {
+    /// The weight, inp x out halves.
+    pub w: CudaSlice<f16>,
+    /// Input features.
+    pub inp: usize,
+    /// Output features.
+    pub out: usize,
+}
+
+/// cuBLAS on the GPU's stream: f16 inputs, f32 accumulation and f32 outputs.
+pub struct Blas {
+    handle: CudaBlas,
+    stream: Arc<CudaStream>,
+}
+
+impl Blas {
+    /// Creates the handle on `gpu`'s stream; a missing libcublas is an error, not a panic.
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let stream = gpu.stream().clone();
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let s2 = stream.clone();
+        let h = std::panic::catch_unwind(move || CudaBlas::new(s2));
+        std::panic::set_hook(hook);
+        let handle = h
+            .map_err(|_| {
+                GpuError::NoGpu("the cuBLAS library (libcublas.so) could not be loaded".into())
+            })?
+            .map_err(|e| GpuError::Blas(format!("creating the cuBLAS handle: {e:?}")))?;
+        Ok(Self { handle, stream })
+    }
+
+    /// y[n][out] = x[n][inp] · W (or y += x · W when `accumulate`): x f16, W f16, y f32.
+    pub fn matmul(
+        &self,
+        x: &CudaSlice<f16>,
+        w: &Linear,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        need("gemm input", x.len(), n * w.inp)?;
+        need("gemm weight", w.w.len(), w.inp * w.out)?;
+        need("gemm output", y.len(), n * w.out)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (m, nn, k) = (
+            to_i32("gemm out", w.out)?,
+            to_i32("gemm rows", n)?,
+            to_i32("gemm in", w.inp)?,
+        );
+        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+        let stream = &self.stream;
+        let (a, _ga) = w.w.device_ptr(stream);
+        let (b, _gb) = x.device_ptr(stream);
+        let (c, _gc) = y.device_ptr_mut(stream);
+        // Row-major y[n][out] = x[n][inp] W[inp][out] is, column-major, y^T (out x n, ld out) =
+        // W^T (out x inp, ld out) x^T (inp x n, ld inp): no transposes.
+        // SAFETY: (types) A and B are CUDA_R_16F (CudaSlice<f16>), C is CUDA_R_32F (CudaSlice<f32>),
+        // alpha/beta are f32 host scalars as CUBLAS_COMPUTE_32F requires in the default host pointer
+        // mode. (aliasing) `y` is a &mut borrow, distinct from `x` and `w`. (bounds) A reads out x inp
+        // = w.len() halves, B inp x n <= x.len(), C writes out x n <= y.len() (checked above).
+        // (stream) the handle was bound to the GPU's one stream at creation, so the GEMM is ordered
+        // after the launches that wrote x and before those that read y.
+        unsafe {
+            cublas::gemm_ex(
+                *self.handle.handle(),
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m,
+                nn,
+                k,
+                (&alpha) as *const f32 as *const _,
+                a as *const _,
+                cublas_sys::cudaDataType_t::CUDA_R_16F,
+                m,
+                b as *const _,
+                cublas_sys::cudaDataType_t::CUDA_R_16F,
+                k,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                cublas_sys::cudaDataType_t::CUDA_R_32F,
+                m,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| GpuError::Blas(format!("GEMM {n}x{}x{}: {e:?}", w.inp, w.out)))
+    }
+}
