@@ -173,6 +173,11 @@ impl DeviceKv {
         self.block_tokens
     }
 
+    /// Tokens of `slot` sealed into blocks (0 for an unknown slot).
+    pub fn sealed(&self, slot: usize) -> usize {
+        self.host_sealed.get(slot).copied().unwrap_or(0)
+    }
+
     /// Format blocks per page (the kernel module's constant).
     pub fn page_blocks(&self) -> usize {
         self.page_blocks

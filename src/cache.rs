@@ -80,8 +80,9 @@ impl GpuLayerCache {
         gpu.function(module, &kernel_name(module, "encode", "f16", cfg.d))
             .map_err(|_| {
                 GpuError::Shape(format!(
-                    "{} has no CUDA encoder yet: it can be read on the GPU but not written there",
-                    kc.describe()
+                    "{} has no CUDA encoder for head_dim {} (encoders: fp16, KIVI/AsymKV at 64, 128)",
+                    kc.describe(),
+                    cfg.d
                 ))
             })?;
         let page_tokens = page_blocks * bt;

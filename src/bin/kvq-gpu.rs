@@ -86,10 +86,133 @@ fn run() -> kvq::Result<()> {
                 }
             }
         }
+        "resident-check" => {
+            if !resident_check(gpu)? {
+                std::process::exit(1);
+            }
+        }
         other => {
-            eprintln!("kvq-gpu: unknown mode '{other}' (check | bench)");
+            eprintln!("kvq-gpu: unknown mode '{other}' (check | bench | resident-check)");
             std::process::exit(2);
         }
     }
     Ok(())
+}
+
+/// The GPU-resident backend (caches written by the CUDA encoders, read by the fused kernels) against
+/// the CPU path: greedy generation on a tiny random model (and the real model when present) for every
+/// format with CUDA kernels, then decode tokens/s of both backends. True when everything passed.
+fn resident_check(gpu: kvq::Gpu) -> kvq::Result<bool> {
+    use kvq::engine::check::{decode_speed_on, generation_check_on, BackendChoice};
+    use kvq_model::testutil::{temp_dir, write_random_llama, TinySpec};
+    use std::sync::Arc;
+    let gpu = Arc::new(gpu);
+    let (mut n, mut bad) = (0usize, 0usize);
+    let mut tally = |rs: &[kvq::engine::check::CheckResult]| {
+        for r in rs {
+            n += 1;
+            let ok = r.pass();
+            bad += usize::from(!ok);
+            println!(
+                "{} {}: {:.3e} (tolerance {:.1e}) [{}]",
+                if ok { "PASS" } else { "FAIL" },
+                r.name,
+                r.err,
+                r.tol,
+                r.detail
+            );
+        }
+    };
+    let dir = temp_dir("resident-check")?;
+    let spec = TinySpec {
+        vocab: 300,
+        hidden: 256,
+        intermediate: 512,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        max_pos: 2048,
+        seed: 11,
+        ..TinySpec::default()
+    };
+    let hf = dir.join("hf");
+    write_random_llama(&hf, &spec)?;
+    let tiny = kvq_model::Model::load(&hf.display().to_string())?;
+    let prompts: Vec<Vec<u32>> = [5usize, 70, 300]
+        .iter()
+        .enumerate()
+        .map(|(p, &len)| {
+            (0..len as u32)
+                .map(|i| 3 + (i * 31 + p as u32 * 101 + 7) % (spec.vocab as u32 - 3))
+                .collect()
+        })
+        .collect();
+    let plans = [
+        "fp16",
+        "kivi:bits=4,window=0",
+        "kivi:bits=2,window=16",
+        "asymkv:lk=1,lv=0,window=32",
+        "kivi:bits=3,window=0",
+    ];
+    println!("== tiny random model: GPU-resident backend vs kvq-model CPU path");
+    for plan in plans {
+        let label = format!("tiny, {plan}, resident");
+        tally(&generation_check_on(
+            gpu.clone(),
+            &tiny,
+            plan,
+            &prompts,
+            (32, 64),
+            &label,
+            BackendChoice::Resident,
+        )?);
+    }
+    if std::env::var("KVQ_HOST_TOO").is_ok() {
+        for plan in &plans[1..3] {
+            let label = format!("tiny, {plan}, host");
+            tally(&generation_check_on(
+                gpu.clone(),
+                &tiny,
+                plan,
+                &prompts,
+                (32, 64),
+                &label,
+                BackendChoice::Host,
+            )?);
+        }
+    }
+    let path = std::env::var("KVQ_MODEL")
+        .unwrap_or_else(|_| format!("models/{}", kvq_model::fetch::DEFAULT_MODEL));
+    if std::path::Path::new(&path).exists() {
+        println!("== real model {path}: GPU-resident backend vs kvq-model CPU path");
+        let m = kvq_model::Model::load(&path)?;
+        let prompts: Vec<Vec<u32>> = ["The capital of France is", "def fibonacci(n):"]
+            .iter()
+            .map(|t| m.tokenizer.encode_prompt(t))
+            .collect::<kvq_model::Result<_>>()?;
+        for plan in ["fp16", "kivi:bits=4", "kivi:bits=2"] {
+            let label = format!("real model, {plan}, resident");
+            tally(&generation_check_on(
+                gpu.clone(),
+                &m,
+                plan,
+                &prompts,
+                (32, 8),
+                &label,
+                BackendChoice::Resident,
+            )?);
+        }
+    } else {
+        println!("SKIPPED real model: {path} not found (set KVQ_MODEL)");
+    }
+    println!("== decode speed, tiny model, batch 8 after 1024 prompt tokens, 64 steps");
+    for plan in ["fp16", "kivi:bits=2"] {
+        for choice in [BackendChoice::Host, BackendChoice::Resident] {
+            let (tps, _) = decode_speed_on(gpu.clone(), &tiny, plan, (8, 1024, 64), choice)?;
+            println!("decode {plan} {choice:?}: {tps:.1} tokens/s");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("resident-check: {n} checks, {bad} failures");
+    Ok(bad == 0)
 }

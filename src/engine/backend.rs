@@ -48,6 +48,11 @@ pub struct Heads {
 pub trait AttentionBackend {
     /// What runs where (logged by the engine: nothing falls back silently).
     fn describe(&self) -> String;
+    /// True when `append_and_attend` wants keys already rotated by RoPE (GPU-resident caches store
+    /// them so); false (the default) hands keys before RoPE, as the CPU caches take them.
+    fn wants_rotated_keys(&self) -> bool {
+        false
+    }
     /// Creates the caches of a new sequence holding up to `capacity` tokens.
     fn add_sequence(&mut self, id: SeqId, capacity: usize) -> Result<()>;
     /// Frees a sequence's caches (unknown ids are ignored).

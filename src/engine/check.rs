@@ -425,12 +425,73 @@ pub fn generation_check(
     chunk: usize,
     label: &str,
 ) -> Result<Vec<CheckResult>> {
+    generation_check_on(
+        gpu,
+        model,
+        plan,
+        prompts,
+        (steps, chunk),
+        label,
+        BackendChoice::Host,
+    )
+}
+
+/// Which attention backend an engine check builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The host-cache reference backend.
+    Host,
+    /// The GPU-resident backend (formats with CUDA encoders and decoders).
+    Resident,
+}
+
+/// An engine on `model` with `kv` and the chosen backend, sized for `slots` sequences of up to
+/// `max_tokens` tokens appended in chunks of at most `chunk`.
+pub fn build_engine(
+    gpu: Arc<Gpu>,
+    model: &Model,
+    kv: KvPlan,
+    choice: BackendChoice,
+    (slots, max_tokens, chunk): (usize, usize, usize),
+) -> Result<Engine> {
+    match choice {
+        BackendChoice::Host => Engine::from_model(gpu, model, kv),
+        BackendChoice::Resident => Engine::from_model_resident(
+            gpu,
+            model,
+            kv,
+            crate::engine::ResidentLimits {
+                slots,
+                max_tokens,
+                max_chunk: chunk,
+            },
+        ),
+    }
+}
+
+/// [`generation_check`] with a chosen backend; `(steps, chunk)` as there.
+pub fn generation_check_on(
+    gpu: Arc<Gpu>,
+    model: &Model,
+    plan: &str,
+    prompts: &[Vec<u32>],
+    (steps, chunk): (usize, usize),
+    label: &str,
+    choice: BackendChoice,
+) -> Result<Vec<CheckResult>> {
     let kv = KvPlan::parse(plan, model.config.n_layers)?;
     let cpu: Vec<CpuRun> = prompts
         .iter()
         .map(|p| cpu_greedy(model, &kv, p, steps))
         .collect::<Result<_>>()?;
-    let mut engine = Engine::from_model(gpu, model, kv)?;
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0) + steps + 1;
+    let mut engine = build_engine(
+        gpu,
+        model,
+        kv,
+        choice,
+        (2 * prompts.len().max(1), longest, chunk.max(1)),
+    )?;
     eprintln!("  engine: {}", engine.describe());
     let mut res = Vec::new();
 
@@ -575,8 +636,31 @@ pub fn decode_speed(
     prompt_len: usize,
     steps: usize,
 ) -> Result<(f64, String)> {
+    decode_speed_on(
+        gpu,
+        model,
+        plan,
+        (batch, prompt_len, steps),
+        BackendChoice::Host,
+    )
+}
+
+/// [`decode_speed`] with a chosen backend; `(batch, prompt_len, steps)` as there.
+pub fn decode_speed_on(
+    gpu: Arc<Gpu>,
+    model: &Model,
+    plan: &str,
+    (batch, prompt_len, steps): (usize, usize, usize),
+    choice: BackendChoice,
+) -> Result<(f64, String)> {
     let kv = KvPlan::parse(plan, model.config.n_layers)?;
-    let mut engine = Engine::from_model(gpu.clone(), model, kv)?;
+    let mut engine = build_engine(
+        gpu.clone(),
+        model,
+        kv,
+        choice,
+        (batch, prompt_len + steps + 1, 256),
+    )?;
     let vocab = model.config.vocab as u32;
     let prompt: Vec<u32> = (0..prompt_len as u32)
         .map(|i| (i * 7919 + 13) % vocab)

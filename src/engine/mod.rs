@@ -26,9 +26,11 @@
 
 pub mod backend;
 pub mod check;
+pub mod resident;
 pub mod weights;
 
 pub use backend::{AttentionBackend, Heads, HostCacheBackend, SeqId, SeqRows};
+pub use resident::{ResidentBackend, ResidentLimits};
 
 use crate::error::{drv, GpuError, Result};
 use crate::gpu::Gpu;
@@ -153,6 +155,27 @@ impl Engine {
         let backend = HostCacheBackend::new(plan, model.rope.clone(), heads)?;
         let mut e = Self::with_backend(gpu, model, Box::new(backend))?;
         e.plan = desc;
+        Ok(e)
+    }
+
+    /// Uploads an already loaded CPU model with `plan` and the GPU-resident backend (every layer's
+    /// format needs CUDA kernels: fp16, KIVI/AsymKV), sized by `limits`.
+    pub fn from_model_resident(
+        gpu: Arc<Gpu>,
+        model: &Model,
+        plan: KvPlan,
+        limits: ResidentLimits,
+    ) -> Result<Self> {
+        let c = &model.config;
+        let heads = Heads {
+            layers: c.n_layers,
+            hq: c.n_heads,
+            hkv: c.n_kv_heads,
+            d: c.head_dim,
+        };
+        let backend = ResidentBackend::new(&gpu, &plan, &model.rope, heads, limits)?;
+        let mut e = Self::with_backend(gpu, model, Box::new(backend))?;
+        e.plan = plan.describe();
         Ok(e)
     }
 
@@ -407,6 +430,16 @@ impl Engine {
                 (n, hq, hkv, d),
                 self.rope_style,
             )?;
+            if self.backend.wants_rotated_keys() {
+                ops.rope(
+                    &mut s.k,
+                    hkv * d,
+                    &pos_dev,
+                    &w.inv_freq,
+                    (n, hkv, d),
+                    self.rope_style,
+                )?;
+            }
             self.backend
                 .append_and_attend(&self.gpu, l, rows, &s.q, &s.k, &s.v, &mut s.att)?;
             ops.f32_to_f16(&s.att, &mut s.att16, n * hq * d)?;

@@ -1,0 +1,209 @@
+//! The GPU-resident attention backend: every layer's compressed cache lives in device memory
+//! ([`GpuLayerCache`]: window rings, CUDA encoders, shared page pool); a forward appends the rotated
+//! keys and the values there and runs the fused decode kernel over one row per token (a prefill chunk
+//! is rows with growing visible prefixes, i.e. causal). Nothing crosses to the host but bookkeeping.
+//! It serves plans whose every layer has a CUDA encoder and decoder (fp16, KIVI/AsymKV today).
+
+use super::backend::{AttentionBackend, Heads, SeqId, SeqRows};
+use crate::attention::Workspace;
+use crate::cache::{CacheConfig, GpuLayerCache};
+use crate::error::{drv, GpuError, Result};
+use crate::gpu::Gpu;
+use cudarc::driver::CudaSlice;
+use kvq_formats::{CacheBytes, KvPlan, LayerCache, Rope};
+use std::collections::HashMap;
+
+/// Limits of a [`ResidentBackend`]: how many sequences, how long, and the largest prefill chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct ResidentLimits {
+    /// Sequences held at once.
+    pub slots: usize,
+    /// Most tokens per sequence.
+    pub max_tokens: usize,
+    /// Largest number of tokens one sequence appends in one forward (the prefill chunk).
+    pub max_chunk: usize,
+}
+
+/// Attention over GPU-resident compressed caches (see the module docs).
+pub struct ResidentBackend {
+    layers: Vec<GpuLayerCache>,
+    /// Per-layer (K, V) element bytes for accounting: (block bytes K+V per block, tokens per block).
+    acct: Vec<(usize, usize)>,
+    heads: Heads,
+    limits: ResidentLimits,
+    slots: HashMap<SeqId, usize>,
+    free: Vec<usize>,
+    /// Workspaces by (layer, rows), reused across steps.
+    ws: HashMap<(usize, usize), Workspace>,
+    plan: String,
+}
+
+impl ResidentBackend {
+    /// Allocates every layer's cache for `limits` on `gpu`; errors name the layer whose format has no
+    /// CUDA encoder/decoder, or the memory the pools need.
+    pub fn new(
+        gpu: &Gpu,
+        plan: &KvPlan,
+        rope: &Rope,
+        heads: Heads,
+        limits: ResidentLimits,
+    ) -> Result<Self> {
+        if plan.n_layers() != heads.layers {
+            return Err(GpuError::Input(format!(
+                "KV plan has {} layers, the model {}",
+                plan.n_layers(),
+                heads.layers
+            )));
+        }
+        let probe: Vec<LayerCache> = plan.build_caches(heads.hkv, rope)?;
+        let mut layers = Vec::with_capacity(heads.layers);
+        let mut acct = Vec::with_capacity(heads.layers);
+        for (l, c) in probe.iter().enumerate() {
+            let (kc, vc) = (c.keys().codec(), c.values().codec());
+            let cfg = CacheConfig {
+                slots: limits.slots,
+                hkv: heads.hkv,
+                d: heads.d,
+                max_tokens: limits.max_tokens,
+                pool_pages: None,
+                max_append: limits.max_chunk,
+            };
+            let gc = GpuLayerCache::new(gpu, kc, vc, cfg).map_err(|e| {
+                GpuError::Shape(format!(
+                    "layer {l} ({} / {}): {e}",
+                    kc.describe(),
+                    vc.describe()
+                ))
+            })?;
+            acct.push((kc.block_bytes() + vc.block_bytes(), kc.block_tokens()));
+            layers.push(gc);
+        }
+        Ok(Self {
+            layers,
+            acct,
+            heads,
+            limits,
+            slots: HashMap::new(),
+            free: (0..limits.slots).rev().collect(),
+            ws: HashMap::new(),
+            plan: plan.describe(),
+        })
+    }
+
+    fn slot(&self, id: SeqId) -> Result<usize> {
+        self.slots
+            .get(&id)
+            .copied()
+            .ok_or_else(|| GpuError::Input(format!("unknown sequence {id:?}")))
+    }
+}
+
+impl AttentionBackend for ResidentBackend {
+    fn describe(&self) -> String {
+        format!(
+            "GPU-resident compressed cache ({}; {} slots x {} tokens): CUDA encoders and fused decode kernels",
+            self.plan, self.limits.slots, self.limits.max_tokens
+        )
+    }
+
+    fn wants_rotated_keys(&self) -> bool {
+        true
+    }
+
+    fn add_sequence(&mut self, id: SeqId, capacity: usize) -> Result<()> {
+        if capacity > self.limits.max_tokens {
+            return Err(GpuError::Input(format!(
+                "a sequence of {capacity} tokens: this GPU cache holds at most {} per sequence",
+                self.limits.max_tokens
+            )));
+        }
+        let slot = self.free.pop().ok_or_else(|| {
+            GpuError::Input(format!(
+                "all {} sequence slots of the GPU cache are in use",
+                self.limits.slots
+            ))
+        })?;
+        self.slots.insert(id, slot);
+        Ok(())
+    }
+
+    fn remove_sequence(&mut self, id: SeqId) {
+        if let Some(slot) = self.slots.remove(&id) {
+            for l in &mut self.layers {
+                // A known slot always frees; nothing to report.
+                let _ = l.free_slot(slot);
+            }
+            self.free.push(slot);
+        }
+    }
+
+    fn append_and_attend(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        rows: &[SeqRows],
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let Heads { hq, d, .. } = self.heads;
+        let mut counts = Vec::with_capacity(rows.len());
+        let mut att_rows = Vec::new();
+        for r in rows {
+            let slot = self.slot(r.id)?;
+            let have = self.layers[layer].len(slot);
+            if have != r.pos {
+                return Err(GpuError::Input(format!(
+                    "sequence {:?} at position {} but its layer-{layer} cache holds {have} tokens",
+                    r.id, r.pos
+                )));
+            }
+            counts.push((slot, r.n));
+            att_rows.extend((1..=r.n).map(|i| (slot, r.pos + i)));
+        }
+        let gc = &mut self.layers[layer];
+        gc.append(gpu, &counts, k, v)?;
+        let n = att_rows.len();
+        let ws = match self.ws.entry((layer, n)) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let ws = e.into_mut();
+                gc.kv().set_rows(gpu, ws, &att_rows)?;
+                ws
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(gc.workspace(gpu, &att_rows, hq)?)
+            }
+        };
+        let st = gpu.stream();
+        let len = n * hq * d;
+        if q.len() < len || out.len() < len {
+            return Err(GpuError::Shape(format!(
+                "attention over {n} rows needs {len} query/output values, got {}/{}",
+                q.len(),
+                out.len()
+            )));
+        }
+        st.memcpy_dtod(&q.slice(..len), &mut ws.q.slice_mut(..len))
+            .map_err(drv("copying queries"))?;
+        gc.kv().launch(gpu, ws)?;
+        st.memcpy_dtod(&ws.out.slice(..len), &mut out.slice_mut(..len))
+            .map_err(drv("copying the attention output"))?;
+        Ok(())
+    }
+
+    fn kv_bytes(&self, id: SeqId) -> Option<CacheBytes> {
+        let slot = *self.slots.get(&id)?;
+        let Heads { hkv, d, .. } = self.heads;
+        let mut b = CacheBytes::default();
+        for (l, &(block_bytes, bt)) in self.layers.iter().zip(&self.acct) {
+            let len = l.len(slot);
+            let sealed = l.kv().sealed(slot);
+            b.tokens = len;
+            b.packed += sealed / bt.max(1) * block_bytes * hkv;
+            b.window += (len - sealed) * hkv * d * 2 * 2;
+            b.elems += len * hkv * d * 2;
+        }
+        Some(b)
+    }
+}
