@@ -507,7 +507,7 @@ pub fn generation_check_on(
         .collect::<Result<_>>()?;
     let (mut worst, mut worst_rel, mut disagree, mut near_ties) = (0f64, 0f64, 0usize, 0usize);
     let mut per_step = vec![0f64; steps];
-    for i in 0..steps {
+    for (i, step_diff) in per_step.iter_mut().enumerate() {
         for (b, run) in cpu.iter().enumerate() {
             let want = &run.logits[i];
             let got = &logits[b];
@@ -523,7 +523,7 @@ pub fn generation_check_on(
                     }
                 });
             let scale = want.iter().map(|x| x.abs() as f64).fold(1f64, f64::max);
-            per_step[i] = per_step[i].max(diff);
+            *step_diff = step_diff.max(diff);
             worst = if diff.is_nan() {
                 f64::NAN
             } else {
