@@ -202,6 +202,41 @@ fn resident_check(gpu: kvq::Gpu) -> kvq::Result<bool> {
                 BackendChoice::Resident,
             )?);
         }
+        if let Ok(text) = std::env::var("KVQ_PPL_TEXT") {
+            use kvq::engine::check::ppl_pair;
+            let body = std::fs::read_to_string(&text)
+                .map_err(|e| kvq::GpuError::Input(format!("reading KVQ_PPL_TEXT {text}: {e}")))?;
+            let tokens = m.tokenizer.encode(&body)?;
+            let windows: usize = std::env::var("KVQ_PPL_WINDOWS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(4);
+            println!("== perplexity, {text}, {windows} windows of 1024 (stride 512): GPU engine vs CPU path");
+            for plan in [
+                "fp16",
+                "kivi:bits=4",
+                "kivi:bits=2",
+                "kivi:bits=2,window=0",
+                "asymkv",
+                "decoquant:bits=4,chunk=256",
+                "qjl",
+            ] {
+                let p = ppl_pair(gpu.clone(), &m, plan, &tokens, (1024, windows, 256))?;
+                let rel = p.gpu / p.cpu - 1.0;
+                let ok = rel.abs() <= 0.01;
+                n += 1;
+                bad += usize::from(!ok);
+                println!(
+                    "{} ppl {plan} ({:?} backend): gpu {:.4} cpu {:.4} ({:+.2}%, tolerance 1%) over {} tokens",
+                    if ok { "PASS" } else { "FAIL" },
+                    p.backend,
+                    p.gpu,
+                    p.cpu,
+                    100.0 * rel,
+                    p.scored
+                );
+            }
+        }
     } else {
         println!("SKIPPED real model: {path} not found (set KVQ_MODEL)");
     }

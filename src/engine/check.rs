@@ -686,3 +686,90 @@ pub fn decode_speed_on(
     }
     Ok(((batch * steps) as f64 / s, engine.describe()))
 }
+
+/// One plan's perplexity through the GPU engine and through kvq-model's CPU path, same windows.
+#[derive(Debug, Clone)]
+pub struct PplPair {
+    /// The plan.
+    pub plan: String,
+    /// Which engine backend served it.
+    pub backend: BackendChoice,
+    /// Perplexity, GPU engine.
+    pub gpu: f64,
+    /// Perplexity, CPU path.
+    pub cpu: f64,
+    /// Tokens scored (each path).
+    pub scored: usize,
+}
+
+/// Perplexity of `plan` on `tokens` in `windows` windows of `ctx` tokens (stride ctx/2, the second half
+/// scored, as `kvq eval ppl`), through the GPU engine (resident backend when every layer has CUDA
+/// kernels, else the host-cache one) and through the CPU path.
+pub fn ppl_pair(
+    gpu: Arc<Gpu>,
+    model: &Model,
+    plan: &str,
+    tokens: &[u32],
+    (ctx, windows, chunk): (usize, usize, usize),
+) -> Result<PplPair> {
+    use kvq_model::eval::{perplexity, windows as count_windows, PplOpts};
+    let kv = KvPlan::parse(plan, model.config.n_layers)?;
+    let o = PplOpts {
+        ctx,
+        stride: ctx / 2,
+        chunk,
+        max_windows: windows,
+    };
+    let cpu = perplexity(model, &kv, tokens, &o, &mut |_, _| {})?;
+    let (n_windows, body) = count_windows(model, tokens.len(), &o)?;
+    let limits = (1, ctx, chunk);
+    let (mut engine, backend) = match build_engine(
+        gpu.clone(),
+        model,
+        kv.clone(),
+        BackendChoice::Resident,
+        limits,
+    ) {
+        Ok(e) => (e, BackendChoice::Resident),
+        Err(_) => (
+            build_engine(gpu, model, kv, BackendChoice::Host, limits)?,
+            BackendChoice::Host,
+        ),
+    };
+    let bos: Vec<u32> = model
+        .config
+        .bos
+        .filter(|_| model.tokenizer.add_bos)
+        .into_iter()
+        .collect();
+    let (mut nll, mut scored) = (0f64, 0usize);
+    for w in 0..n_windows {
+        let mut ids = bos.clone();
+        ids.extend_from_slice(&tokens[w * o.stride..w * o.stride + body]);
+        let first_scored = ids.len() - o.stride;
+        let seq = engine.new_sequence(ctx)?;
+        let logits = engine.prefill_all(seq, &ids, chunk)?;
+        engine.free(seq);
+        for (pos, row) in logits.iter().enumerate() {
+            if pos + 1 < first_scored || pos + 1 >= ids.len() {
+                continue;
+            }
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = m as f64
+                + row
+                    .iter()
+                    .map(|&x| ((x - m) as f64).exp())
+                    .sum::<f64>()
+                    .ln();
+            nll += lse - row[ids[pos + 1] as usize] as f64;
+            scored += 1;
+        }
+    }
+    Ok(PplPair {
+        plan: plan.to_string(),
+        backend,
+        gpu: (nll / scored.max(1) as f64).exp(),
+        cpu: cpu.ppl,
+        scored,
+    })
+}

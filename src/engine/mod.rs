@@ -300,6 +300,32 @@ impl Engine {
         Ok(last)
     }
 
+    /// Runs `tokens` through `seq` like [`Engine::prefill`] and returns the logits after every token
+    /// (one vocab-sized row per token): what perplexity needs.
+    pub fn prefill_all(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(tokens.len());
+        for ch in tokens.chunks(chunk.max(1)) {
+            let pos = self.state(seq)?.len;
+            self.forward_logits(
+                &[SeqRows {
+                    id: seq,
+                    pos,
+                    n: ch.len(),
+                }],
+                ch,
+                true,
+            )?;
+            let flat = self.read_logits(ch.len())?;
+            out.extend(flat.chunks_exact(self.config.vocab).map(|r| r.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// One decode step: appends one token to each listed sequence (each at most once) and returns
     /// each one's next-token logits, in order.
     pub fn step(&mut self, batch: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
@@ -362,6 +388,12 @@ impl Engine {
     /// The forward over `rows` (token `ids` back to back); leaves the logits of each group's last row
     /// in the scratch's logit rows (one per group, in order).
     fn forward(&mut self, rows: &[SeqRows], ids: &[u32]) -> Result<()> {
+        self.forward_logits(rows, ids, false)
+    }
+
+    /// [`Engine::forward`]; with `every_row` the logits of every row are kept (in row order), not only
+    /// each group's last.
+    fn forward_logits(&mut self, rows: &[SeqRows], ids: &[u32], every_row: bool) -> Result<()> {
         let c = self.config.clone();
         let n: usize = rows.iter().map(|r| r.n).sum();
         if n != ids.len() || n == 0 {
@@ -385,7 +417,7 @@ impl Engine {
                 )));
             }
         }
-        let m = rows.len();
+        let m = if every_row { n } else { rows.len() };
         let grow = match &self.scratch {
             Some(s) => s.rows < n || s.logit_rows < m,
             None => true,
@@ -409,8 +441,13 @@ impl Engine {
         let mut last = Vec::with_capacity(m);
         let mut off = 0u32;
         for r in rows {
+            if every_row {
+                last.extend(off..off + r.n as u32);
+            }
             off += r.n as u32;
-            last.push(off - 1);
+            if !every_row {
+                last.push(off - 1);
+            }
         }
         let last_dev = Indices::upload(&st, &last)?;
         let (h, d, hq, hkv) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
