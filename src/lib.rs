@@ -1,11 +1,12 @@
 //! kvq: the embeddable GPU backend. Device runtime over cudarc (driver loaded at run time), kernels
 //! compiled by build.rs and embedded, typed launchers, fused decode attention over compressed caches.
 //!
-//! | format | GPU decode attention |
-//! |---|---|
-//! | fp16 | yes (`kernels/formats/fp16.cu`) |
-//! | KIVI / AsymKV (group 32) | yes (`kernels/formats/kivi.cu`) |
-//! | QJL, DecoQuant, RVQ | not yet (CPU reference only) |
+//! | format | GPU decode attention | GPU encoder |
+//! |---|---|---|
+//! | fp16 | yes (`kernels/formats/fp16.cu`) | yes |
+//! | KIVI / AsymKV (group 32) | yes (`kernels/formats/kivi.cu`) | yes |
+//! | DecoQuant (sub 16, chunk a multiple of 64) | yes (`kernels/formats/decoquant.cu`) | not yet |
+//! | QJL, RVQ | not yet (CPU reference only) | not yet |
 //!
 //! The GPU engine ([`engine`]) runs whole LLaMA-family models: f16 weights, cuBLAS GEMMs, the
 //! model-op kernels of kernels/model.cu, attention behind [`engine::AttentionBackend`].
