@@ -328,3 +328,37 @@ impl GpuLayerCache {
         self.kv.workspace(gpu, rows, hq)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::GpuLayerCache;
+    use kvq_formats::{KvPlan, Rope, RopeStyle};
+
+    /// The GPU cache seals exactly when the CPU reference does, for every window, block size and length
+    /// (appends of uneven sizes), so both hold the same blocks.
+    #[test]
+    fn sealing_rule_matches_the_cpu_cache() {
+        let rope = Rope::new(64, 10000.0, RopeStyle::Interleaved);
+        for fmt in [
+            "fp16",
+            "kivi:bits=2",
+            "kivi:bits=4,window=0",
+            "kivi:bits=2,window=7,group=16",
+        ] {
+            let plan = KvPlan::parse(fmt, 1).unwrap();
+            let mut c = plan.build_caches(1, &rope).unwrap().remove(0);
+            let (w, bt) = (c.keys().codec().window(), c.keys().codec().block_tokens());
+            let mut len = 0;
+            for step in [1usize, 3, 31, 1, 64, 5, 200, 1, 1, 77] {
+                let x = vec![0.5f32; step * 64];
+                c.append(&x, &x, step).unwrap();
+                len += step;
+                assert_eq!(
+                    GpuLayerCache::sealed_for(len, w, bt),
+                    c.keys().sealed(),
+                    "{fmt} at {len} tokens"
+                );
+            }
+        }
+    }
+}
