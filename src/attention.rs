@@ -35,6 +35,8 @@ pub struct KvShape {
 
 /// One layer's K/V of several sequences, resident on the GPU in the kernels' layout.
 pub struct DeviceKv {
+    /// The key format's per-layer table (QJL's sketch), `KvqFmtArgs.p[0]`.
+    table: Option<CudaSlice<u8>>,
     pub(crate) k_pages: CudaSlice<u8>,
     pub(crate) v_pages: CudaSlice<u8>,
     pub(crate) page_table: CudaSlice<i32>,
@@ -48,7 +50,11 @@ pub struct DeviceKv {
     pub(crate) host_win: Vec<usize>,
     /// Slots, heads, pages, ring rows.
     pub shape: KvShape,
+    /// Block stride in the pools (the codec's block bytes padded to 16).
     pub(crate) k_block_bytes: usize,
+    /// The codecs' own block bytes (what is read and reported).
+    pub(crate) k_block_real: usize,
+    pub(crate) v_block_real: usize,
     pub(crate) v_block_bytes: usize,
     pub(crate) block_tokens: usize,
     pub(crate) page_blocks: usize,
@@ -70,22 +76,22 @@ impl DeviceKv {
         let what = |s: &str| GpuError::Shape(format!("{s} has no CUDA kernel yet"));
         let k_spec = kc.kernel().ok_or_else(|| what(&kc.describe()))?;
         let v_spec = vc.kernel().ok_or_else(|| what(&vc.describe()))?;
-        if k_spec.module != v_spec.module || kc.block_tokens() != vc.block_tokens() {
+        // The key codec's module holds the kernel; it must have a variant for the value codec's tag
+        // (checked when the kernel is looked up below), and both must share the block size.
+        let tiled = |t: (usize, usize, usize)| (t.1 > 0, t.2);
+        if kc.block_tokens() != vc.block_tokens() || tiled(v_spec.tile) != tiled(k_spec.tile) {
             return Err(GpuError::Shape(format!(
-                "K ({}) and V ({}) must share one kernel and block size",
+                "K ({}) and V ({}) must share the block size and tiling",
                 kc.describe(),
                 vc.describe()
             )));
         }
-        let (kbb, vbb, bt) = (kc.block_bytes(), vc.block_bytes(), kc.block_tokens());
-        if !kbb.is_multiple_of(16) || !vbb.is_multiple_of(16) {
-            return Err(GpuError::Shape(format!(
-                "block bytes {kbb}/{vbb} not a multiple of 16"
-            )));
-        }
+        // Blocks sit at a stride padded to 16 bytes (16-byte copies; QJL blocks are 4-byte multiples).
+        let (kreal, vreal, bt) = (kc.block_bytes(), vc.block_bytes(), kc.block_tokens());
+        let (kbb, vbb) = (kreal.next_multiple_of(16), vreal.next_multiple_of(16));
         let (page_blocks, max_stages, tile_tokens) = gpu.layout(k_spec.module)?;
-        // As many pipeline stages as fit (large blocks, e.g. 8-bit codes, get fewer), 6 KiB kept for
-        // the kernels' static shared memory. KVQ_STAGES lowers it (tuning experiments).
+        // As many pipeline stages as fit (large blocks, e.g. 8-bit codes, get fewer), 24 KiB kept for
+        // the kernels' static shared memory (QJL's S q and queries take 21 KiB). KVQ_STAGES lowers it (tuning experiments).
         let per_stage = WARPS
             * if tile_tokens == 0 {
                 page_blocks * (kbb + vbb)
@@ -93,7 +99,7 @@ impl DeviceKv {
                 let tile = |t: (usize, usize, usize)| t.0 + tile_tokens * t.1;
                 tile(k_spec.tile) + tile(v_spec.tile)
             };
-        let limit = gpu.max_smem_per_block()?.saturating_sub(6 << 10);
+        let limit = gpu.max_smem_per_block()?.saturating_sub(24 << 10);
         let mut stages = max_stages.min(4).min(limit / per_stage);
         if let Some(s) = std::env::var("KVQ_STAGES")
             .ok()
@@ -134,7 +140,12 @@ impl DeviceKv {
             .max(1) as usize;
         let st = gpu.stream();
         let a = |what: &str| drv(format!("allocating {what}"));
+        let table = match kc.kernel_table() {
+            Some(t) => Some(st.clone_htod(&t).map_err(a("the format's table"))?),
+            None => None,
+        };
         Ok(Self {
+            table,
             k_pages: st.alloc_zeros(pool * kbb).map_err(a("the K page pool"))?,
             v_pages: st.alloc_zeros(pool * vbb).map_err(a("the V page pool"))?,
             page_table: st
@@ -152,6 +163,8 @@ impl DeviceKv {
                 ..s
             },
             k_block_bytes: kbb,
+            k_block_real: kreal,
+            v_block_real: vreal,
             v_block_bytes: vbb,
             block_tokens: bt,
             page_blocks,
@@ -196,7 +209,7 @@ impl DeviceKv {
 
     /// Bytes one attention call reads for `rows` (slot, visible tokens): packed pages + window.
     pub fn bytes_read(&self, rows: &[(usize, usize)]) -> usize {
-        let (kbb, vbb, bt) = (self.k_block_bytes, self.v_block_bytes, self.block_tokens);
+        let (kbb, vbb, bt) = (self.k_block_real, self.v_block_real, self.block_tokens);
         rows.iter()
             .map(|&(s, len)| {
                 let sealed = self.host_sealed[s].min(len);
@@ -345,7 +358,15 @@ impl DeviceKv {
             scale: 1.0 / (d as f32).sqrt(),
             page_blocks: self.page_blocks as i32,
             stages: self.stages as i32,
-            fmt: KvqFmtArgs { i: ints, p: [0; 4] },
+            fmt: KvqFmtArgs {
+                i: ints,
+                p: [
+                    self.table.as_ref().map(|t| t.device_ptr(st).0).unwrap_or(0),
+                    0,
+                    0,
+                    0,
+                ],
+            },
         };
         let smem = Self::smem(self.stages * self.stage_bytes, d);
         launch::decode(
@@ -432,6 +453,7 @@ impl GpuBatch {
         };
         let mut kv = DeviceKv::new(gpu, kc, vc, shape)?;
         let (kbb, vbb) = (kv.k_block_bytes, kv.v_block_bytes);
+        let (kreal, vreal) = (kv.k_block_real, kv.v_block_real);
         let (max_pages, win_cap) = (kv.shape.max_pages, kv.shape.win_cap);
 
         // Pages: a shuffled permutation; page p holds, per head, `page_blocks` consecutive blocks.
@@ -452,12 +474,12 @@ impl GpuBatch {
                 for i in pg * page_blocks..((pg + 1) * page_blocks).min(nblk[b]) {
                     let (src, slot) = (i % own.max(1), i - pg * page_blocks);
                     for h in 0..hkv {
-                        let ks = &c.keys().packed(h)[src * kbb..(src + 1) * kbb];
-                        let vs = &c.values().packed(h)[src * vbb..(src + 1) * vbb];
+                        let ks = &c.keys().packed(h)[src * kreal..(src + 1) * kreal];
+                        let vs = &c.values().packed(h)[src * vreal..(src + 1) * vreal];
                         let ko = (page * hkv + h) * kpb + slot * kbb;
                         let vo = (page * hkv + h) * vpb + slot * vbb;
-                        kp[ko..ko + kbb].copy_from_slice(ks);
-                        vp[vo..vo + vbb].copy_from_slice(vs);
+                        kp[ko..ko + kreal].copy_from_slice(ks);
+                        vp[vo..vo + vreal].copy_from_slice(vs);
                     }
                 }
             }

@@ -250,9 +250,10 @@ pub fn encode_parity(gpu: &Gpu, formats: &[&str]) -> Result<Vec<ParityResult>> {
                     for h in 0..hkv {
                         let ko = ((page * hkv + h) * pb + blk % pb) * kbb;
                         let vo = ((page * hkv + h) * pb + blk % pb) * vbb;
+                        let (kr, vr) = (kv.k_block_real, kv.v_block_real);
                         let (kc, vc) = (
-                            &c.keys().packed(h)[blk * kbb..(blk + 1) * kbb],
-                            &c.values().packed(h)[blk * vbb..(blk + 1) * vbb],
+                            &c.keys().packed(h)[blk * kr..(blk + 1) * kr],
+                            &c.values().packed(h)[blk * vr..(blk + 1) * vr],
                         );
                         bad_bytes += kc
                             .iter()

@@ -22,6 +22,10 @@ const FORMATS: &[&str] = &[
     "decoquant:bits=4,chunk=1024",
     "decoquant:bits=4,chunk=192",
     "k=decoquant:bits=4,chunk=256;v=decoquant:bits=2,chunk=256",
+    "qjl:buffer=0",
+    "qjl:m=128,m0=128,mo=32,outliers=4,v=4",
+    "qjl:m=512,m0=512,mo=256,outliers=16,v=1,buffer=16",
+    "qjl:outliers=0,v=3,buffer=0",
 ];
 
 /// Formats whose CUDA encoder is checked (GPU cache vs CPU cache, byte for byte).

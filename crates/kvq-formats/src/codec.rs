@@ -102,6 +102,11 @@ pub trait Codec: Send + Sync {
     fn validate(&self, block: &[u8]) -> Result<()>;
     /// Reconstructs the block's vectors (pre-RoPE for pre-RoPE codecs); QJL gives its unbiased estimate.
     fn decode(&self, block: &[u8], out: &mut [f32]) -> Result<()>;
+    /// A per-layer table the CUDA kernel reads (QJL: the sketch S transposed, f16 [d][m]); uploaded once
+    /// by the GPU cache and passed as `KvqFmtArgs.p[0]`. Default: none.
+    fn kernel_table(&self) -> Option<Vec<u8>> {
+        None
+    }
     /// Per-query work done once per query head and step (QJL's S q). Default: the query itself.
     fn prep_query(&self, q: &[f32]) -> Vec<f32> {
         q.to_vec()

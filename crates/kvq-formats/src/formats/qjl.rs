@@ -61,7 +61,7 @@
 //! `2 m d` per layer (S_o is inside S).
 
 use crate::bits::{f16_at, put_f16};
-use crate::codec::{Codec, Format, FormatRef, Stream, StreamCtx};
+use crate::codec::{Codec, Format, FormatRef, KernelSpec, Stream, StreamCtx};
 use crate::config::Params;
 use crate::error::{parse_err, FormatError, Result};
 use crate::rope::Rope;
@@ -387,6 +387,34 @@ impl Codec for QjlKeys {
     }
     fn fixed_bytes(&self) -> usize {
         2 * self.m * self.d
+    }
+
+    fn kernel(&self) -> Option<KernelSpec> {
+        // kernels/formats/qjl.cu: sketch rows in k-steps of 16 (S q held in shared memory, m <= 512),
+        // outlier slots in one k-step, 32-token blocks; values are the kivi stream's.
+        let ok = matches!(self.d, 64 | 128)
+            && self.m.is_multiple_of(16)
+            && self.m <= 512
+            && self.mo.is_multiple_of(16)
+            && self.outliers <= 16
+            && self.group == 32;
+        ok.then_some(KernelSpec {
+            module: "qjl",
+            ints: [self.m as i32, self.mo as i32, self.outliers as i32, 0],
+            tag: "kq",
+            tile: (0, 0, 0),
+        })
+    }
+
+    fn kernel_table(&self) -> Option<Vec<u8>> {
+        let (m, d) = (self.m, self.d);
+        let mut out = Vec::with_capacity(2 * m * d);
+        for c in 0..d {
+            for j in 0..m {
+                out.extend_from_slice(&f16::from_f32(self.s[j * d + c]).to_le_bytes());
+            }
+        }
+        Some(out)
     }
 
     fn encode(&self, x: &[f32], out: &mut [u8]) {

@@ -1,0 +1,120 @@
+// The KIVI / AsymKV decode policy (see kernels/formats/kivi.cu for the format and the method), in a
+// header because QJL's kernel reads its values (a KIVI stream) with the same code.
+#pragma once
+#include "kvq_codes.cuh"
+
+#ifndef KVQ_KIVI_MIN_CTAS
+#define KVQ_KIVI_MIN_CTAS 4
+#endif
+
+namespace kvq {
+
+template <int D, int KB, int VB>
+struct KiviPolicy {
+    static constexpr int BT = 32;
+    static constexpr int PAGE_BLOCKS = 2;
+    static constexpr int STAGES = 2;
+    static constexpr int MIN_CTAS = KVQ_KIVI_MIN_CTAS;
+    static constexpr bool CUSTOM_SEALED = false;
+    static __device__ __forceinline__ int stage_off(int byte) { return byte; }
+    static __device__ __forceinline__ int out_chan(int mb, int row) {
+        return (D / 8) * (row & 7) + (D / 16) * (row >> 3) + mb;
+    }
+
+    static __device__ __forceinline__ void scores(const uint8_t* ks, const Ctx<D>& cx, float (*s)[2]) {
+        const int bits = KB ? KB : cx.fa->i[0];
+        const int kbb = (int)cx.k_block_bytes, row_bytes = D * bits / 8;
+        const int r = cx.lane >> 2, q = cx.lane & 3;
+#pragma unroll
+        for (int blk = 0; blk < PAGE_BLOCKS; blk++) {
+            const uint8_t* kb = ks + blk * kbb;
+            const uint8_t* codes = kb + 4 * D;
+            // Independent MMA chains, one per token block of 8; A rows 8..15 carry the lo halves.
+            float c[BT / 8][4];
+#pragma unroll
+            for (int j = 0; j < BT / 8; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+            float bias = 0.f;
+#pragma unroll
+            for (int kbi = 0; kbi < D / 16; kbi++) {
+                const int ch = 16 * kbi + 2 * q;
+                const float2 s01 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * ch));
+                const float2 s89 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * (ch + 8)));
+                const float2 z01 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * (D + ch)));
+                const float2 z89 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * (D + ch + 8)));
+                const float* x = cx.x[kbi];  // channels ch, ch+1, ch+8, ch+9
+                uint32_t ahi0, alo0, ahi1, alo1;
+                split2(x[0] * s01.x, x[2] * s89.x, ahi0, alo0);
+                split2(x[1] * s01.y, x[3] * s89.y, ahi1, alo1);
+                bias = fmaf(x[0], z01.x, fmaf(x[1], z01.y, fmaf(x[2], z89.x, fmaf(x[3], z89.y, bias))));
+#pragma unroll
+                for (int j = 0; j < BT / 8; j++) {
+                    uint32_t b0, b1;
+                    key_codes<KB>(codes + (8 * j + r) * row_bytes, kbi, q, bits, b0, b1);
+                    mma(c[j], ahi0, alo0, ahi1, alo1, b0, b1);
+                }
+            }
+            bias += __shfl_xor_sync(0xffffffffu, bias, 1);
+            bias += __shfl_xor_sync(0xffffffffu, bias, 2);
+#pragma unroll
+            for (int j = 0; j < BT / 8; j++) {
+                s[blk * (BT / 8) + j][0] = c[j][0] + c[j][2] + bias;
+                s[blk * (BT / 8) + j][1] = c[j][1] + c[j][3] + bias;
+            }
+        }
+    }
+
+    // O^T += V^T P^T: lane r's rows of m-block mb are its channels mb (row r) and D/16 + mb (row r+8).
+    static __device__ __forceinline__ void pv(const uint8_t* vs, const Ctx<D>& cx, const uint32_t (*pa)[2],
+                                              float (*acc)[4]) {
+        const int bits = VB ? VB : cx.fa->i[4], group = cx.fa->i[5];
+        const int vbb = (int)cx.v_block_bytes, row_bytes = D * bits / 8;
+        const int gpt = D / group;
+        const int r = cx.lane >> 2, q = cx.lane & 3;
+        const int g = (D / 8) * r / group;  // lane r's channels lie in one scale group
+#pragma unroll
+        for (int kk = 0; kk < PAGE_BLOCKS * BT / 16; kk++) {
+            const uint8_t* vb = vs + (kk / 2) * vbb;
+            const uint8_t* codes = vb + 4 * D;
+            const int t0 = 16 * (kk % 2) + 2 * q;
+            const int ts[4] = {t0, t0 + 1, t0 + 8, t0 + 9};
+            __half sc[4], z[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                sc[e] = *reinterpret_cast<const __half*>(vb + 2 * (ts[e] * gpt + g));
+                z[e] = *reinterpret_cast<const __half*>(vb + 2 * (D + ts[e] * gpt + g));
+            }
+            const __half2 s01 = __halves2half2(sc[0], sc[1]), s89 = __halves2half2(sc[2], sc[3]);
+            const __half2 z01 = __halves2half2(z[0], z[1]), z89 = __halves2half2(z[2], z[3]);
+            // v01[i] / v89[i]: tokens (t0, t0+1) / (t0+8, t0+9) at lane channel i, as half2.
+            auto pair = [&](int i, uint32_t& v01, uint32_t& v89) {
+                if constexpr (VB != 0) {
+                    const uint64_t w0 = val_word<VB, D>(codes + ts[0] * row_bytes, r);
+                    const uint64_t w1 = val_word<VB, D>(codes + ts[1] * row_bytes, r);
+                    const uint64_t w8 = val_word<VB, D>(codes + ts[2] * row_bytes, r);
+                    const uint64_t w9 = val_word<VB, D>(codes + ts[3] * row_bytes, r);
+                    const uint32_t u01 = unbias(val_pair<VB>(w0, w1, i)), u89 = unbias(val_pair<VB>(w8, w9, i));
+                    v01 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u01), s01, z01));
+                    v89 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u89), s89, z89));
+                } else {
+                    const int c = (D / 8) * r + i;
+                    float v[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        v[e] = fmaf(__half2float(sc[e]), (float)bits_at(codes + ts[e] * row_bytes, c * bits, bits),
+                                    __half2float(z[e]));
+                    v01 = pack2(v[0], v[1]);
+                    v89 = pack2(v[2], v[3]);
+                }
+            };
+#pragma unroll
+            for (int mb = 0; mb < D / 16; mb++) {
+                uint32_t a0, a1, a2, a3;
+                pair(mb, a0, a2);           // row r:     channel mb of the lane
+                pair(D / 16 + mb, a1, a3);  // row r + 8: channel D/16 + mb
+                mma(acc[mb], a0, a1, a2, a3, pa[kk][0], pa[kk][1]);
+            }
+        }
+    }
+};
+
+}  // namespace kvq
