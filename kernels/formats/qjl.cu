@@ -65,18 +65,30 @@ struct QjlPolicy {
                     for (int e = 0; e < 4; e++) ci[j][e] = co[j][e] = 0.f;
                 const uint8_t* sg = kb + off_bits;
                 const uint8_t* osg = kb + off_obits;
-                for (int kbi = 0; kbi < m / 16; kbi++) {
-                    // g for sketch rows 16 kbi + (0..7) and + (8..15): C fragments = A fragments below.
-                    float g[2][4];
+                // S^T entries of the next k-step are loaded one step ahead (their latency hides behind
+                // this step's MMAs).
+                auto load_b = [&](int kbi, uint32_t (&bb)[2][2]) {
+                    const __half z = __float2half(0.f);
 #pragma unroll
                     for (int h2 = 0; h2 < 2; h2++) {
                         const int j = 16 * kbi + 8 * h2 + r;  // B column (sketch row) this lane loads
-                        const __half z = __float2half(0.f);
                         const __half b00 = oc[0] >= 0 ? st[oc[0] * m + j] : z, b01 = oc[1] >= 0 ? st[oc[1] * m + j] : z;
                         const __half b10 = oc[2] >= 0 ? st[oc[2] * m + j] : z, b11 = oc[3] >= 0 ? st[oc[3] * m + j] : z;
+                        bb[h2][0] = h2_bits(__halves2half2(b00, b01));
+                        bb[h2][1] = h2_bits(__halves2half2(b10, b11));
+                    }
+                };
+                uint32_t bnext[2][2];
+                load_b(0, bnext);
+                for (int kbi = 0; kbi < m / 16; kbi++) {
+                    // g for sketch rows 16 kbi + (0..7) and + (8..15): C fragments = A fragments below.
+                    uint32_t bcur[2][2] = {{bnext[0][0], bnext[0][1]}, {bnext[1][0], bnext[1][1]}};
+                    if (kbi + 1 < m / 16) load_b(kbi + 1, bnext);
+                    float g[2][4];
+#pragma unroll
+                    for (int h2 = 0; h2 < 2; h2++) {
                         g[h2][0] = g[h2][1] = g[h2][2] = g[h2][3] = 0.f;
-                        mma(g[h2], ga[0], ga[1], ga[2], ga[3], h2_bits(__halves2half2(b00, b01)),
-                            h2_bits(__halves2half2(b10, b11)));
+                        mma(g[h2], ga[0], ga[1], ga[2], ga[3], bcur[h2][0], bcur[h2][1]);
                     }
                     // g[r][16 kbi + 2q + {0,1}] = g[0][0..1] + g[0][2..3] (hi + lo rows); + 8: g[1].
                     const float g0 = g[0][0] + g[0][2], g1 = g[0][1] + g[0][3];
