@@ -746,24 +746,9 @@ pub fn ppl_pair(
     for w in 0..n_windows {
         let mut ids = bos.clone();
         ids.extend_from_slice(&tokens[w * o.stride..w * o.stride + body]);
-        let first_scored = ids.len() - o.stride;
-        let seq = engine.new_sequence(ctx)?;
-        let logits = engine.prefill_all(seq, &ids, chunk)?;
-        engine.free(seq);
-        for (pos, row) in logits.iter().enumerate() {
-            if pos + 1 < first_scored || pos + 1 >= ids.len() {
-                continue;
-            }
-            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let lse = m as f64
-                + row
-                    .iter()
-                    .map(|&x| ((x - m) as f64).exp())
-                    .sum::<f64>()
-                    .ln();
-            nll += lse - row[ids[pos + 1] as usize] as f64;
-            scored += 1;
-        }
+        let (n, s) = engine.window_nll(&ids, ids.len() - o.stride, chunk)?;
+        nll += n;
+        scored += s;
     }
     Ok(PplPair {
         plan: plan.to_string(),

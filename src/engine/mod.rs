@@ -326,6 +326,36 @@ impl Engine {
         Ok(out)
     }
 
+    /// Negative log-likelihood of window `ids` in a fresh sequence (freed after): the sum over the
+    /// tokens after position `first_scored - 1` of -log p(next token), and how many were scored. This is
+    /// `kvq eval ppl`'s per-window work (kvq_model::eval), every attention read through the GPU cache.
+    pub fn window_nll(
+        &mut self,
+        ids: &[u32],
+        first_scored: usize,
+        chunk: usize,
+    ) -> Result<(f64, usize)> {
+        let seq = self.new_sequence(ids.len())?;
+        let logits = self.prefill_all(seq, ids, chunk);
+        self.free(seq);
+        let (mut nll, mut scored) = (0f64, 0usize);
+        for (pos, row) in logits?.iter().enumerate() {
+            if pos + 1 < first_scored || pos + 1 >= ids.len() {
+                continue;
+            }
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = m as f64
+                + row
+                    .iter()
+                    .map(|&x| ((x - m) as f64).exp())
+                    .sum::<f64>()
+                    .ln();
+            nll += lse - row[ids[pos + 1] as usize] as f64;
+            scored += 1;
+        }
+        Ok((nll, scored))
+    }
+
     /// One decode step: appends one token to each listed sequence (each at most once) and returns
     /// each one's next-token logits, in order.
     pub fn step(&mut self, batch: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
