@@ -6,13 +6,12 @@
 // Per CTA, S q of its G heads goes to shared memory once. Per block, g comes from one tensor-core product
 // (A = the query's outlier channels, hi/lo rows; B = those columns of S^T), lands in C fragments that are
 // exactly the A fragments of the next product, and the sign bits become +-1 f16 B fragments, so both
-// estimator sums run on the tensor cores. Values: KIVI's policy. Kernels kvq_qjl_decode_kqv{VB}.
+// estimator sums run on the tensor cores. Values: KIVI's policy. Kernels kvq_qjl_decode_kq{M}v{VB},
+// M (sketch rows) in {128, 256, 512}.
 #include "kvq_decode.cuh"
 #include "kvq_kivi.cuh"
 
 namespace kvq {
-
-constexpr int QJL_MAX_M = 512;
 
 // {+-1, +-1} as half2 from two sign bits (bit set = +1).
 __device__ __forceinline__ uint32_t signs2(uint32_t two_bits) {
@@ -20,12 +19,12 @@ __device__ __forceinline__ uint32_t signs2(uint32_t two_bits) {
     return 0x3C003C00u | ((n & 1u) << 15) | ((n & 2u) << 30);
 }
 
-template <int D, int VB>
+template <int D, int M, int VB>
 struct QjlPolicy {
     static constexpr int BT = 32;
     static constexpr int PAGE_BLOCKS = 2;
     static constexpr int STAGES = 2;
-    static constexpr int MIN_CTAS = 2;
+    static constexpr int MIN_CTAS = 3;
     static constexpr bool CUSTOM_SEALED = true;
     using V = KiviPolicy<D, 2, VB>;
     static __device__ __forceinline__ int stage_off(int byte) { return byte; }
@@ -33,10 +32,11 @@ struct QjlPolicy {
 
     struct Body {
         const Ctx<D>& cx;
-        const float (*sq)[QJL_MAX_M];  // S q per head, shared memory
+        const float (*sq)[M];  // S q per head, shared memory
         const float (*qs)[D];          // the queries, shared memory
         const __half* st;              // S^T [D][m], global
-        int m, mo, outliers, kbb, off_norm, off_bits, off_obits;
+        int mo, outliers, kbb, off_norm, off_bits, off_obits;
+        static constexpr int m = M;
         float a_in, a_out;
 
         __device__ __forceinline__ void scores(const uint8_t* ks, int, float (*s)[2]) const {
@@ -80,6 +80,7 @@ struct QjlPolicy {
                 };
                 uint32_t bnext[2][2];
                 load_b(0, bnext);
+#pragma unroll 4
                 for (int kbi = 0; kbi < m / 16; kbi++) {
                     // g for sketch rows 16 kbi + (0..7) and + (8..15): C fragments = A fragments below.
                     uint32_t bcur[2][2] = {{bnext[0][0], bnext[0][1]}, {bnext[1][0], bnext[1][1]}};
@@ -137,10 +138,11 @@ struct QjlPolicy {
     static __device__ __forceinline__ void run_sealed(const KvqDecodeParams& P, int slot, int h, int split, int warp,
                                                       int lane, int ns, uint8_t* smem, float scale_log2,
                                                       const Ctx<D>& cx, WarpState<D>& st) {
-        __shared__ float sq_sh[MAX_G][QJL_MAX_M];
+        __shared__ float sq_sh[MAX_G][M];
         __shared__ float q_sh[MAX_G][D];
         const KvqFmtArgs& fa = P.fmt;
-        const int m = fa.i[0], mo = fa.i[1], outliers = fa.i[2];
+        constexpr int m = M;
+        const int mo = fa.i[1], outliers = fa.i[2];
         const __half* S = reinterpret_cast<const __half*>(fa.p[0]);
         const int G = P.group, b = blockIdx.z;
         for (int i = threadIdx.x; i < MAX_G * D; i += THREADS)
@@ -173,7 +175,7 @@ struct QjlPolicy {
         const int off_norm = (outliers + 3) / 4 * 4;
         const int off_bits = off_norm + 4 * BT;
         const int off_obits = off_bits + BT * m / 8;
-        Body body{cx, sq_sh, q_sh, S, m, mo, outliers, kbb, off_norm, off_bits, off_obits,
+        Body body{cx, sq_sh, q_sh, S, mo, outliers, kbb, off_norm, off_bits, off_obits,
                   1.2533141373155003f / m, mo > 0 ? 1.2533141373155003f / mo : 0.f};
         warp_run<D, TT>(n_tiles, count, fill, body, smem + warp * P.stages * (kbytes + vbytes), kbytes, vbytes,
                         P.stages, scale_log2, lane, st);
@@ -182,12 +184,13 @@ struct QjlPolicy {
 
 }  // namespace kvq
 
-#define QJL_K(D, VB) \
-    using Qjl_##D##_##VB = kvq::QjlPolicy<D, VB>; \
-    KVQ_DECODE_KERNEL(qjl, decode_kqv##VB, Qjl_##D##_##VB, D)
-#define QJL_D(D) QJL_K(D, 0) QJL_K(D, 1) QJL_K(D, 2) QJL_K(D, 4) KVQ_MERGE_KERNEL(qjl, D)
+#define QJL_K(D, M, VB) \
+    using Qjl_##D##_##M##_##VB = kvq::QjlPolicy<D, M, VB>; \
+    KVQ_DECODE_KERNEL(qjl, decode_kq##M##v##VB, Qjl_##D##_##M##_##VB, D)
+#define QJL_M(D, M) QJL_K(D, M, 0) QJL_K(D, M, 1) QJL_K(D, M, 2) QJL_K(D, M, 4)
+#define QJL_D(D) QJL_M(D, 128) QJL_M(D, 256) QJL_M(D, 512) KVQ_MERGE_KERNEL(qjl, D)
 
-using QjlLayout = kvq::QjlPolicy<128, 2>;
+using QjlLayout = kvq::QjlPolicy<128, 256, 2>;
 KVQ_LAYOUT(QjlLayout)
 QJL_D(64)
 QJL_D(128)

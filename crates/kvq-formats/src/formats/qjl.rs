@@ -390,18 +390,23 @@ impl Codec for QjlKeys {
     }
 
     fn kernel(&self) -> Option<KernelSpec> {
-        // kernels/formats/qjl.cu: sketch rows in k-steps of 16 (S q held in shared memory, m <= 512),
-        // outlier slots in one k-step, 32-token blocks; values are the kivi stream's.
+        // kernels/formats/qjl.cu: kernels for m in {128, 256, 512} (S q held in shared memory),
+        // m_o in k-steps of 16, outlier slots in one k-step, 32-token blocks; values are the kivi
+        // stream's.
+        let tag = match self.m {
+            128 => "kq128",
+            256 => "kq256",
+            512 => "kq512",
+            _ => return None,
+        };
         let ok = matches!(self.d, 64 | 128)
-            && self.m.is_multiple_of(16)
-            && self.m <= 512
             && self.mo.is_multiple_of(16)
             && self.outliers <= 16
             && self.group == 32;
         ok.then_some(KernelSpec {
             module: "qjl",
             ints: [self.m as i32, self.mo as i32, self.outliers as i32, 0],
-            tag: "kq",
+            tag,
             tile: (0, 0, 0),
         })
     }
