@@ -182,6 +182,12 @@ impl Engine {
         })
     }
 
+    /// Gives the engine a tokenizer (for [`Engine::generate`]'s text and [`Engine::tokenizer`]).
+    pub fn with_tokenizer(mut self, tok: Tok) -> Self {
+        self.tokenizer = Some(tok);
+        self
+    }
+
     /// The model's architecture.
     pub fn config(&self) -> &LlamaConfig {
         &self.config

@@ -29,7 +29,7 @@ struct ModelArgs {
     /// A .gguf file or an HF directory (config.json, *.safetensors, tokenizer.json); default: SmolLM2-135M-Instruct, fetched on first use.
     #[arg(long)]
     model: Option<String>,
-    /// Where to run: cpu, cuda or auto (auto picks cpu until the CUDA engine is built).
+    /// Where to run: cpu, cuda or auto (`generate` only: auto = the GPU engine when a CUDA GPU is usable, else cpu; other commands run on cpu).
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -197,11 +197,38 @@ fn main() {
     }
 }
 
+/// Loads the model on the CPU for commands that run there only (everything but `generate`).
 fn load_model(m: &ModelArgs) -> Result<Model> {
-    match m.device.as_str() {
-        "cpu" | "auto" => {}
-        "cuda" => bail!("--device cuda: the CUDA engine is not built yet (the GPU runs the attention kernels alone: kvq bench, kvq selftest --gpu); use --device cpu"),
+    if m.device == "cuda" {
+        bail!("--device cuda: only `generate` runs on the GPU engine; use --device cpu (or auto)");
+    }
+    load_cpu(m)
+}
+
+/// The GPU for `generate`: None for cpu; for cuda an error naming why no GPU can be used; for auto
+/// the GPU when one is usable, else None with a note saying why.
+fn pick_gpu(device: &str) -> Result<Option<kvq::Gpu>> {
+    match device {
+        "cpu" => Ok(None),
+        "cuda" => match kvq::Gpu::new(0) {
+            Ok(g) => Ok(Some(g)),
+            Err(e) => bail!("--device cuda: no CUDA GPU found: {e}; use --device cpu"),
+        },
+        "auto" => match kvq::Gpu::new(0) {
+            Ok(g) => Ok(Some(g)),
+            Err(e) => {
+                eprintln!("kvq: running on cpu ({e})");
+                Ok(None)
+            }
+        },
         other => bail!("--device {other}: expected cpu, cuda or auto"),
+    }
+}
+
+/// Loads the model's weights, tokenizer and config on the CPU (the GPU engine uploads from there).
+fn load_cpu(m: &ModelArgs) -> Result<Model> {
+    if !matches!(m.device.as_str(), "cpu" | "cuda" | "auto") {
+        bail!("--device {}: expected cpu, cuda or auto", m.device);
     }
     let path = match &m.model {
         Some(p) => p.clone(),
@@ -353,7 +380,8 @@ fn run(cli: Cli) -> Result<()> {
             if max_tokens == 0 {
                 bail!("--max-tokens 0: nothing to generate");
             }
-            let model = load_model(&m)?;
+            let gpu = pick_gpu(&m.device)?;
+            let model = load_cpu(&m)?;
             let plan =
                 KvPlan::parse(&kv, model.config.n_layers).with_context(|| format!("--kv {kv}"))?;
             let text = if chat {
@@ -367,22 +395,43 @@ fn run(cli: Cli) -> Result<()> {
             let ids = model.tokenizer.encode_prompt(&text)?;
             let mut sampler = Sampler::new(temperature, top_k, top_p, seed);
             let mut stdout = std::io::stdout();
-            let (_, st) = kvq_model::generate::generate(
-                &model,
-                &plan,
-                &ids,
-                max_tokens,
-                chunk,
-                &mut sampler,
-                &mut |t| {
-                    print!("{t}");
-                    stdout.flush().ok();
-                },
-            )?;
+            let mut on_text = |t: &str| {
+                print!("{t}");
+                stdout.flush().ok();
+            };
+            let (st, dev) = match gpu {
+                None => {
+                    let (_, st) = kvq_model::generate::generate(
+                        &model,
+                        &plan,
+                        &ids,
+                        max_tokens,
+                        chunk,
+                        &mut sampler,
+                        &mut on_text,
+                    )?;
+                    (st, "cpu")
+                }
+                Some(gpu) => {
+                    let t0 = Instant::now();
+                    let engine =
+                        kvq::Engine::from_model(std::sync::Arc::new(gpu), &model, plan.clone())
+                            .context("starting the GPU engine")?;
+                    let mut engine = engine.with_tokenizer(model.tokenizer);
+                    eprintln!(
+                        "kvq: GPU engine ready in {:.1}s: {}",
+                        t0.elapsed().as_secs_f64(),
+                        engine.describe()
+                    );
+                    let (_, st) =
+                        engine.generate(&ids, max_tokens, chunk, &mut sampler, &mut on_text)?;
+                    (st, "cuda")
+                }
+            };
             println!();
             let b = st.kv;
             eprintln!(
-                "kvq: {} prompt tokens in {:.2}s; {} generated in {:.2}s = {:.1} tok/s (cpu, stop: {:?}); KV {}: {} bytes ({} packed + {} full-precision window) for {} tokens, {:.3} bits/elem{}",
+                "kvq: {} prompt tokens in {:.2}s; {} generated in {:.2}s = {:.1} tok/s ({dev}, stop: {:?}); KV {}: {} bytes ({} packed + {} full-precision window) for {} tokens, {:.3} bits/elem{}",
                 st.prompt_tokens,
                 st.prefill_s,
                 st.generated,
