@@ -1,6 +1,9 @@
 //! GPU self-check and attention micro-benchmark, run on the GPU machine by scripts/gpu-check.sh.
 //! `kvq-gpu check` : parity of every kernel against the CPU reference (exit 1 on any failure).
 //! `kvq-gpu bench` : decode attention timings as JSON lines on stdout.
+//! `kvq-gpu engine-check [--model PATH]` : the GPU engine's op kernels vs CPU, greedy generation vs the
+//! CPU path on tiny random models and the real model, decode tokens/s (exit 1 on any failure).
+//! `kvq-gpu resident-check` : the GPU-resident cache backend vs the CPU path (generation, perplexity).
 
 use kvq::check::{bench, encode_parity, parity, PARITY_TOL};
 use kvq::Gpu;
@@ -90,13 +93,29 @@ fn run() -> kvq::Result<()> {
                 }
             }
         }
+        "engine-check" => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            let model = match args.as_slice() {
+                [] => None,
+                [flag, path] if flag == "--model" => Some(path.clone()),
+                _ => {
+                    eprintln!("kvq-gpu: usage: kvq-gpu engine-check [--model PATH]");
+                    std::process::exit(2);
+                }
+            };
+            if !engine_check(gpu, model)? {
+                std::process::exit(1);
+            }
+        }
         "resident-check" => {
             if !resident_check(gpu)? {
                 std::process::exit(1);
             }
         }
         other => {
-            eprintln!("kvq-gpu: unknown mode '{other}' (check | bench | resident-check)");
+            eprintln!(
+                "kvq-gpu: unknown mode '{other}' (check | bench | engine-check | resident-check)"
+            );
             std::process::exit(2);
         }
     }
@@ -115,16 +134,7 @@ fn resident_check(gpu: kvq::Gpu) -> kvq::Result<bool> {
     let mut tally = |rs: &[kvq::engine::check::CheckResult]| {
         for r in rs {
             n += 1;
-            let ok = r.pass();
-            bad += usize::from(!ok);
-            println!(
-                "{} {}: {:.3e} (tolerance {:.1e}) [{}]",
-                if ok { "PASS" } else { "FAIL" },
-                r.name,
-                r.err,
-                r.tol,
-                r.detail
-            );
+            bad += usize::from(!report(r));
         }
     };
     let dir = temp_dir("resident-check")?;
@@ -253,5 +263,136 @@ fn resident_check(gpu: kvq::Gpu) -> kvq::Result<bool> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!("resident-check: {n} checks, {bad} failures");
+    Ok(bad == 0)
+}
+
+/// Prints one check line; returns whether it passed.
+fn report(r: &kvq::engine::check::CheckResult) -> bool {
+    let ok = r.pass();
+    println!(
+        "{} {}: {:.3e} (tolerance {:.1e}){}",
+        if ok { "PASS" } else { "FAIL" },
+        r.name,
+        r.err,
+        r.tol,
+        if r.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", r.detail)
+        }
+    );
+    ok
+}
+
+/// The engine check; true when everything passed.
+fn engine_check(gpu: kvq::Gpu, model: Option<String>) -> kvq::Result<bool> {
+    use kvq::engine::check::{decode_speed, generation_check, op_checks};
+    use kvq_model::testutil::{hf_to_gguf, temp_dir, write_random_llama, TinySpec};
+    use std::sync::Arc;
+    let gpu = Arc::new(gpu);
+    let (mut n, mut bad) = (0usize, 0usize);
+    let mut tally = |rs: &[kvq::engine::check::CheckResult]| {
+        for r in rs {
+            n += 1;
+            bad += usize::from(!report(r));
+        }
+    };
+    println!("== model-op kernels vs CPU (random data)");
+    tally(&op_checks(&gpu)?);
+
+    println!("== tiny random models: engine (fp16 cache) vs kvq-model CPU path");
+    let dir = temp_dir("engine-check")?;
+    let spec = TinySpec {
+        vocab: 300,
+        hidden: 256,
+        intermediate: 512,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        max_pos: 512,
+        seed: 7,
+        ..TinySpec::default()
+    };
+    let hf = dir.join("hf");
+    write_random_llama(&hf, &spec)?;
+    let gguf_spec = TinySpec {
+        tied: true,
+        ..spec.clone()
+    };
+    let hf_tied = dir.join("hf-tied");
+    write_random_llama(&hf_tied, &gguf_spec)?;
+    let gguf = dir.join("tiny.gguf");
+    hf_to_gguf(
+        &hf_tied,
+        &gguf,
+        &gguf_spec,
+        candle_core::quantized::GgmlDType::F32,
+    )?;
+    let prompts: Vec<Vec<u32>> = [5usize, 37, 70]
+        .iter()
+        .enumerate()
+        .map(|(p, &len)| {
+            (0..len as u32)
+                .map(|i| 3 + (i * 31 + p as u32 * 101 + 7) % (spec.vocab as u32 - 3))
+                .collect()
+        })
+        .collect();
+    for (label, path) in [
+        ("tiny HF (rotate-half RoPE, untied)", hf.clone()),
+        ("tiny GGUF (interleaved RoPE, tied)", gguf.clone()),
+    ] {
+        let m = kvq_model::Model::load(&path.display().to_string())?;
+        tally(&generation_check(
+            gpu.clone(),
+            &m,
+            "fp16",
+            &prompts,
+            32,
+            16,
+            label,
+        )?);
+    }
+
+    let path = model.unwrap_or_else(|| {
+        let dir = std::env::var("KVQ_MODELS").unwrap_or_else(|_| "models".into());
+        format!("{dir}/{}", kvq_model::fetch::DEFAULT_MODEL)
+    });
+    let speed_model = if std::path::Path::new(&path).exists() {
+        println!("== real model {path}: engine (fp16 cache) vs kvq-model CPU path");
+        let m = kvq_model::Model::load(&path)?;
+        let texts = [
+            "The capital of France is",
+            "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+            "def fibonacci(n):",
+        ];
+        let prompts: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| m.tokenizer.encode_prompt(t))
+            .collect::<kvq_model::Result<_>>()?;
+        tally(&generation_check(
+            gpu.clone(),
+            &m,
+            "fp16",
+            &prompts,
+            32,
+            8,
+            "real model",
+        )?);
+        m
+    } else {
+        println!("SKIPPED real model: {path} not found (pass --model PATH or set KVQ_MODELS)");
+        kvq_model::Model::load(&hf.display().to_string())?
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!("== decode speed ({})", speed_model.path);
+    for batch in [1usize, 8] {
+        let (tps, desc) = decode_speed(gpu.clone(), &speed_model, "fp16", batch, 128, 64)?;
+        println!("decode: {tps:.1} tokens/s at batch {batch} after a 128-token prompt, 64 steps ({desc})");
+    }
+    println!(
+        "engine-check: {} ({n} checks, {bad} failures)",
+        if bad == 0 { "PASS" } else { "FAIL" }
+    );
     Ok(bad == 0)
 }

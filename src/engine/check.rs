@@ -746,7 +746,7 @@ pub fn ppl_pair(
     for w in 0..n_windows {
         let mut ids = bos.clone();
         ids.extend_from_slice(&tokens[w * o.stride..w * o.stride + body]);
-        let (n, s) = engine.window_nll(&ids, ids.len() - o.stride, chunk)?;
+        let (n, s, _) = engine.window_nll(&ids, ids.len() - o.stride, chunk)?;
         nll += n;
         scored += s;
     }

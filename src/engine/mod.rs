@@ -205,6 +205,12 @@ impl Engine {
         })
     }
 
+    /// Gives the engine a tokenizer (for [`Engine::generate`]'s text and [`Engine::tokenizer`]).
+    pub fn with_tokenizer(mut self, tok: Tok) -> Self {
+        self.tokenizer = Some(tok);
+        self
+    }
+
     /// The model's architecture.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
@@ -327,16 +333,18 @@ impl Engine {
     }
 
     /// Negative log-likelihood of window `ids` in a fresh sequence (freed after): the sum over the
-    /// tokens after position `first_scored - 1` of -log p(next token), and how many were scored. This is
+    /// tokens after position `first_scored - 1` of -log p(next token), how many were scored, and the
+    /// cache's bytes at the end. This is
     /// `kvq eval ppl`'s per-window work (kvq_model::eval), every attention read through the GPU cache.
     pub fn window_nll(
         &mut self,
         ids: &[u32],
         first_scored: usize,
         chunk: usize,
-    ) -> Result<(f64, usize)> {
+    ) -> Result<(f64, usize, CacheBytes)> {
         let seq = self.new_sequence(ids.len())?;
         let logits = self.prefill_all(seq, ids, chunk);
+        let bytes = self.kv_bytes(seq).unwrap_or_default();
         self.free(seq);
         let (mut nll, mut scored) = (0f64, 0usize);
         for (pos, row) in logits?.iter().enumerate() {
@@ -353,7 +361,7 @@ impl Engine {
             nll += lse - row[ids[pos + 1] as usize] as f64;
             scored += 1;
         }
-        Ok((nll, scored))
+        Ok((nll, scored, bytes))
     }
 
     /// One decode step: appends one token to each listed sequence (each at most once) and returns

@@ -29,7 +29,7 @@ struct ModelArgs {
     /// A .gguf file or an HF directory (config.json, *.safetensors, tokenizer.json); default: SmolLM2-135M-Instruct, fetched on first use.
     #[arg(long)]
     model: Option<String>,
-    /// Where to run: cpu, cuda or auto (auto picks cpu until the CUDA engine is built).
+    /// Where to run: cpu, cuda or auto (`generate` and `eval ppl`: auto = the GPU engine when a CUDA GPU is usable, else cpu; other commands run on cpu).
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -197,11 +197,103 @@ fn main() {
     }
 }
 
+/// `kvq eval ppl` on the GPU engine: the CPU path's windows and scoring (kvq_model::eval), every
+/// attention read through the GPU cache (resident when the plan's formats have CUDA encoders).
+fn gpu_perplexity(
+    gpu: std::sync::Arc<kvq::Gpu>,
+    model: &Model,
+    plan: &KvPlan,
+    tokens: &[u32],
+    o: &PplOpts,
+    pb: &ProgressBar,
+) -> Result<kvq_model::eval::PplResult> {
+    let t0 = Instant::now();
+    let (n_windows, body) = kvq_model::eval::windows(model, tokens.len(), o)?;
+    let limits = kvq::engine::ResidentLimits {
+        slots: 1,
+        max_tokens: o.ctx,
+        max_chunk: o.chunk.max(1),
+    };
+    let mut engine =
+        match kvq::Engine::from_model_resident(gpu.clone(), model, plan.clone(), limits) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!(
+                    "kvq: {}: host-cache attention backend ({e})",
+                    plan.describe()
+                );
+                kvq::Engine::from_model(gpu, model, plan.clone())
+                    .context("starting the GPU engine")?
+            }
+        };
+    let bos: Vec<u32> = model
+        .config
+        .bos
+        .filter(|_| model.tokenizer.add_bos)
+        .into_iter()
+        .collect();
+    pb.set_length(n_windows as u64);
+    let (mut nll, mut scored, mut bytes) = (0f64, 0usize, kvq_formats::CacheBytes::default());
+    for w in 0..n_windows {
+        let mut ids = bos.clone();
+        ids.extend_from_slice(&tokens[w * o.stride..w * o.stride + body]);
+        let (n, s, b) = engine.window_nll(&ids, ids.len() - o.stride, o.chunk)?;
+        nll += n;
+        scored += s;
+        bytes = b;
+        pb.set_position(w as u64 + 1);
+    }
+    let mean = nll / scored.max(1) as f64;
+    if !mean.is_finite() {
+        bail!(
+            "perplexity under {} is not finite on the GPU",
+            plan.describe()
+        );
+    }
+    Ok(kvq_model::eval::PplResult {
+        kv: plan.describe(),
+        ppl: mean.exp(),
+        nll: mean,
+        scored,
+        windows: n_windows,
+        bits_per_elem: bytes.bits_per_elem(),
+        kv_bytes: bytes,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Loads the model on the CPU for commands that run there only (everything but `generate`).
 fn load_model(m: &ModelArgs) -> Result<Model> {
-    match m.device.as_str() {
-        "cpu" | "auto" => {}
-        "cuda" => bail!("--device cuda: the CUDA engine is not built yet (the GPU runs the attention kernels alone: kvq bench, kvq selftest --gpu); use --device cpu"),
+    if m.device == "cuda" {
+        bail!("--device cuda: only `generate` runs on the GPU engine; use --device cpu (or auto)");
+    }
+    load_cpu(m)
+}
+
+/// The GPU for `generate`: None for cpu; for cuda an error naming why no GPU can be used; for auto
+/// the GPU when one is usable, else None with a note saying why.
+fn pick_gpu(device: &str) -> Result<Option<kvq::Gpu>> {
+    match device {
+        "cpu" => Ok(None),
+        "cuda" => match kvq::Gpu::new(0) {
+            Ok(g) => Ok(Some(g)),
+            Err(e) => bail!("--device cuda: no CUDA GPU found: {e}; use --device cpu"),
+        },
+        "auto" => match kvq::Gpu::new(0) {
+            Ok(g) => Ok(Some(g)),
+            Err(e) => {
+                eprintln!("kvq: running on cpu ({e})");
+                Ok(None)
+            }
+        },
         other => bail!("--device {other}: expected cpu, cuda or auto"),
+    }
+}
+
+/// Loads the model's weights, tokenizer and config on the CPU (the GPU engine uploads from there).
+fn load_cpu(m: &ModelArgs) -> Result<Model> {
+    if !matches!(m.device.as_str(), "cpu" | "cuda" | "auto") {
+        bail!("--device {}: expected cpu, cuda or auto", m.device);
     }
     let path = match &m.model {
         Some(p) => p.clone(),
@@ -353,7 +445,8 @@ fn run(cli: Cli) -> Result<()> {
             if max_tokens == 0 {
                 bail!("--max-tokens 0: nothing to generate");
             }
-            let model = load_model(&m)?;
+            let gpu = pick_gpu(&m.device)?;
+            let model = load_cpu(&m)?;
             let plan =
                 KvPlan::parse(&kv, model.config.n_layers).with_context(|| format!("--kv {kv}"))?;
             let text = if chat {
@@ -367,22 +460,61 @@ fn run(cli: Cli) -> Result<()> {
             let ids = model.tokenizer.encode_prompt(&text)?;
             let mut sampler = Sampler::new(temperature, top_k, top_p, seed);
             let mut stdout = std::io::stdout();
-            let (_, st) = kvq_model::generate::generate(
-                &model,
-                &plan,
-                &ids,
-                max_tokens,
-                chunk,
-                &mut sampler,
-                &mut |t| {
-                    print!("{t}");
-                    stdout.flush().ok();
-                },
-            )?;
+            let mut on_text = |t: &str| {
+                print!("{t}");
+                stdout.flush().ok();
+            };
+            let (st, dev) = match gpu {
+                None => {
+                    let (_, st) = kvq_model::generate::generate(
+                        &model,
+                        &plan,
+                        &ids,
+                        max_tokens,
+                        chunk,
+                        &mut sampler,
+                        &mut on_text,
+                    )?;
+                    (st, "cpu")
+                }
+                Some(gpu) => {
+                    let t0 = Instant::now();
+                    // The GPU-resident cache when every layer's format has CUDA encoders, else the
+                    // host-cache backend (said in the engine's description).
+                    let gpu = std::sync::Arc::new(gpu);
+                    let limits = kvq::engine::ResidentLimits {
+                        slots: 1,
+                        max_tokens: ids.len() + max_tokens + 1,
+                        max_chunk: chunk.max(1),
+                    };
+                    let engine = match kvq::Engine::from_model_resident(
+                        gpu.clone(),
+                        &model,
+                        plan.clone(),
+                        limits,
+                    ) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            eprintln!("kvq: host-cache attention backend ({e})");
+                            kvq::Engine::from_model(gpu, &model, plan.clone())
+                                .context("starting the GPU engine")?
+                        }
+                    };
+                    let mut engine = engine.with_tokenizer(model.tokenizer);
+                    eprintln!(
+                        "kvq: GPU engine ready in {:.1}s: {}",
+                        t0.elapsed().as_secs_f64(),
+                        engine.describe()
+                    );
+                    let (_, st) =
+                        engine.generate(&ids, max_tokens, chunk, &mut sampler, &mut on_text)?;
+                    (st, "cuda")
+                }
+            };
             println!();
             let b = st.kv;
             eprintln!(
-                "kvq: {} prompt tokens in {:.2}s; {} generated in {:.2}s = {:.1} tok/s (cpu, stop: {:?}); KV {}: {} bytes ({} packed + {} full-precision window) for {} tokens, {:.3} bits/elem{}",
+                "kvq: {} prompt tokens in {:.2}s; {} generated in {:.2}s = {:.1} tok/s ({dev}, stop: {:?}); KV {}: {} bytes ({} packed + {} full-precision window) for {} tokens, {:.3} bits/elem{}",
                 st.prompt_tokens,
                 st.prefill_s,
                 st.generated,
@@ -423,7 +555,8 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => {
             let body = std::fs::read_to_string(&text).with_context(|| format!("--text {text}"))?;
-            let model = load_model(&m)?;
+            let gpu = pick_gpu(&m.device)?.map(std::sync::Arc::new);
+            let model = load_cpu(&m)?;
             let plans = kv
                 .iter()
                 .map(|k| {
@@ -447,10 +580,13 @@ fn run(cli: Cli) -> Result<()> {
             let mut results = Vec::new();
             for plan in &plans {
                 let pb = bar(1, &plan.describe());
-                let r = perplexity(&model, plan, &tokens, &o, &mut |d, t| {
-                    pb.set_length(t as u64);
-                    pb.set_position(d as u64);
-                })?;
+                let r = match &gpu {
+                    None => perplexity(&model, plan, &tokens, &o, &mut |d, t| {
+                        pb.set_length(t as u64);
+                        pb.set_position(d as u64);
+                    })?,
+                    Some(g) => gpu_perplexity(g.clone(), &model, plan, &tokens, &o, &pb)?,
+                };
                 pb.finish_and_clear();
                 eprintln!(
                     "kvq: {:<40} ppl {:.4}  bits/elem {:.3}  ({:.0}s)",

@@ -130,11 +130,28 @@ fn bad_input_gives_one_error_line() {
     // Missing text file, devices, commands not built yet.
     let e = fails(&["eval", "ppl", "--model", m, "--text", "/nonexistent/t.txt"]);
     assert!(e.contains("/nonexistent/t.txt"), "{e}");
-    let e = fails(&["generate", "--model", m, "--device", "cuda", "t3"]);
-    assert!(
-        e.contains("CUDA engine is not built yet") && e.contains("--device cpu"),
-        "{e}"
-    );
+    // Without a usable GPU the error names why; with one, generation runs on the GPU engine.
+    let o = kvq(&["generate", "--model", m, "--device", "cuda", "t3"]);
+    if !o.status.success() {
+        let e = fails(&["generate", "--model", m, "--device", "cuda", "t3"]);
+        assert!(
+            e.contains("--device cuda: no CUDA GPU found") && e.contains("--device cpu"),
+            "{e}"
+        );
+    }
+    // eval ppl runs on the GPU engine too: without a usable GPU, --device cuda names why.
+    let txt = std::env::temp_dir().join(format!("kvq-cli-ppl-{}.txt", std::process::id()));
+    std::fs::write(&txt, "one two three four five six seven eight nine ten").unwrap();
+    let t = txt.to_str().unwrap();
+    let o = kvq(&["eval", "ppl", "--model", m, "--device", "cuda", "--text", t]);
+    if !o.status.success() {
+        let e = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(
+            e.contains("--device cuda: no CUDA GPU found") || e.contains("tokens"),
+            "{e}"
+        );
+    }
+    let _ = std::fs::remove_file(&txt);
     let e = fails(&["generate", "--model", m, "--device", "tpu", "t3"]);
     assert!(e.contains("tpu"), "{e}");
     let e = fails(&[
