@@ -15,7 +15,11 @@ fn put(target: &str, name: &str, bytes: &[u8]) {
 fn main() {
     // plan_parse: first byte picks the layer count (b % 9), so these are 4-layer plans ('4' = 52).
     put("plan_parse", "string", b"4kivi:bits=2;k@0-1=fp16;v@3=qjl");
-    put("plan_parse", "mixed", b"4decoquant:bits=4,chunk=64;kv@2=asymkv:lk=1,lv=0");
+    put(
+        "plan_parse",
+        "mixed",
+        b"4decoquant:bits=4,chunk=64;kv@2=asymkv:lk=1,lv=0",
+    );
     put(
         "plan_parse",
         "json",
@@ -27,8 +31,15 @@ fn main() {
     let d = 64;
     let rope = Rope::new(d, 10000.0, RopeStyle::Interleaved);
     for (i, f) in formats.iter().enumerate() {
-        let c = KvPlan::parse(f, 1).unwrap().build_caches(1, &rope).unwrap().remove(0);
-        for (s, codec) in [c.keys().codec(), c.values().codec()].into_iter().enumerate() {
+        let c = KvPlan::parse(f, 1)
+            .unwrap()
+            .build_caches(1, &rope)
+            .unwrap()
+            .remove(0);
+        for (s, codec) in [c.keys().codec(), c.values().codec()]
+            .into_iter()
+            .enumerate()
+        {
             let x = kvq_formats::testutil::gaussian_with_outliers(codec.block_tokens(), d, 2, 7);
             let mut block = vec![0u8; codec.block_bytes()];
             codec.encode(&x, &mut block);

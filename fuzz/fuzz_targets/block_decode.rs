@@ -6,12 +6,7 @@ use kvq_formats::{KvPlan, LayerCache, Rope, RopeStyle};
 use libfuzzer_sys::fuzz_target;
 
 /// Formats that build without external files (RVQ needs a codebook file and is skipped).
-const FORMATS: &[&str] = &[
-    "fp16",
-    "kivi:bits=2",
-    "qjl",
-    "decoquant:bits=4,chunk=64",
-];
+const FORMATS: &[&str] = &["fp16", "kivi:bits=2", "qjl", "decoquant:bits=4,chunk=64"];
 const D: usize = 64;
 
 struct Setup {
@@ -53,7 +48,11 @@ fuzz_target!(|data: &[u8]| {
         // tried as is, to exercise the length checks.
         if sel[1] & 2 != 0 {
             let short = &bytes[..bytes.len().min(n.saturating_sub(1))];
-            assert!(codec.validate(short).is_err(), "{}: short block accepted", FORMATS[fmt]);
+            assert!(
+                codec.validate(short).is_err(),
+                "{}: short block accepted",
+                FORMATS[fmt]
+            );
             let mut out = vec![0f32; g * D];
             assert!(codec.decode(short, &mut out).is_err());
         }
@@ -66,18 +65,28 @@ fuzz_target!(|data: &[u8]| {
         let mut out = vec![0f32; g * D];
         match codec.decode(&block, &mut out) {
             Ok(()) => {
-                assert!(valid, "{}: decode accepted a block validate rejects", FORMATS[fmt]);
+                assert!(
+                    valid,
+                    "{}: decode accepted a block validate rejects",
+                    FORMATS[fmt]
+                );
                 if let Some(i) = out.iter().position(|v| !v.is_finite()) {
                     panic!("{}: decode gave {} at {i}", FORMATS[fmt], out[i]);
                 }
             }
             Err(e) => {
-                assert!(!valid, "{}: validate accepted a block decode rejects: {e}", FORMATS[fmt]);
+                assert!(
+                    !valid,
+                    "{}: validate accepted a block decode rejects: {e}",
+                    FORMATS[fmt]
+                );
                 return;
             }
         }
         // A deterministic query and attention weights from the block itself.
-        let q: Vec<f32> = (0..D).map(|i| ((block[i % n] as f32) - 128.0) / 64.0).collect();
+        let q: Vec<f32> = (0..D)
+            .map(|i| ((block[i % n] as f32) - 128.0) / 64.0)
+            .collect();
         let prep = codec.prep_query(&q);
         let mut scores = vec![0f32; g];
         codec.key_scores(&q, &prep, &block, 7, &s.rope, &mut scores);

@@ -7,7 +7,9 @@ use std::sync::OnceLock;
 
 fn plan_file() -> &'static PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| std::env::temp_dir().join(format!("kvq-fuzz-plan-{}.json", std::process::id())))
+    P.get_or_init(|| {
+        std::env::temp_dir().join(format!("kvq-fuzz-plan-{}.json", std::process::id()))
+    })
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -65,7 +65,19 @@ impl Codec for Fp16Codec {
         }
     }
     fn validate(&self, block: &[u8]) -> Result<()> {
-        crate::formats::check_len("fp16", block, self.block_bytes())
+        crate::formats::check_len("fp16", block, self.block_bytes())?;
+        // The cache stores only finite halves (NaN -> 0, overflow -> +-65504 before encode): an
+        // all-ones exponent (Inf or NaN) means the bytes are not a block this codec wrote.
+        if let Some(i) = block
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00)
+        {
+            return Err(crate::error::FormatError::Corrupt {
+                format: "fp16".into(),
+                reason: format!("value {i} is Inf or NaN, expected a finite f16"),
+            });
+        }
+        Ok(())
     }
     fn decode(&self, block: &[u8], out: &mut [f32]) -> Result<()> {
         self.validate(block)?;
