@@ -150,7 +150,22 @@ fn bad_input_gives_one_error_line() {
     ]);
     assert!(e.contains("/nonexistent/c.txt"), "{e}");
     let e = fails(&["eval", "sweep"]);
-    assert!(e.contains("not built yet"), "{e}");
+    assert!(e.contains("--text"), "{e}");
+    let e = fails(&[
+        "eval",
+        "sweep",
+        "--model",
+        m,
+        "--text",
+        t,
+        "--kv",
+        "kivi:bits=7",
+    ]);
+    assert!(e.contains("--kv kivi:bits=7"), "{e}");
+    let e = fails(&["eval", "sweep", "--replot", "--json", "/nonexistent/s.json"]);
+    assert!(e.contains("/nonexistent/s.json"), "{e}");
+    let e = fails(&["tune", "--model", m, "--text", t, "--budget", "lots"]);
+    assert!(e.contains("--budget lots"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
