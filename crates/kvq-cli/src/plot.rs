@@ -68,13 +68,15 @@ fn draw<DB: DrawingBackend>(
             .x_label_area_size(45)
             .y_label_area_size(60);
     }
-    let mut chart = b.build_cartesian_2d(0f64..x_max, (y_min..y_max).log_scale())?;
+    let mut chart = b.build_cartesian_2d(0f64..x_max, y_min..y_max)?;
     let mut mesh = chart.configure_mesh();
     mesh.light_line_style(WHITE.mix(0.0));
     if text {
         mesh.x_desc("bits per element (scales, zeros, norms, codes and f16 window counted)")
-            .y_desc("perplexity / own fp16 perplexity (log)")
+            .y_desc("perplexity / own fp16 perplexity")
             .label_style(("sans-serif", 14))
+            .y_labels(20)
+            .x_labels(18)
             .y_label_formatter(&|y| format!("{y:.2}"));
     } else {
         mesh.disable_x_mesh()
@@ -108,6 +110,7 @@ fn draw<DB: DrawingBackend>(
         (spec.ours, RGBColor(31, 90, 180), "kvq"),
         (spec.peer, RGBColor(200, 50, 40), "llama.cpp"),
     ];
+    let mut clipped = 0;
     for (pts, color, name) in sets {
         if pts.is_empty() {
             continue;
@@ -140,14 +143,17 @@ fn draw<DB: DrawingBackend>(
             }
             if text && (front.contains(&i) || name != "kvq" || p.ratio > y_max) {
                 let mut l = short_label(&p.label);
+                // Labels of clipped points are stacked down from the top edge, one line each.
+                let mut dy = -14;
                 if p.ratio > y_max {
-                    l = format!("{l} ({:.2})", p.ratio);
+                    l = format!("{l} (ratio {:.2})", p.ratio);
+                    dy = 6 + 13 * clipped;
+                    clipped += 1;
                 }
-                chart.draw_series(std::iter::once(Text::new(
-                    l,
-                    at,
-                    ("sans-serif", 11).into_font().color(&color),
-                )))?;
+                let style = ("sans-serif", 11).into_font().color(&color);
+                chart.draw_series(std::iter::once(
+                    EmptyElement::at(at) + Text::new(l, (6, dy), style),
+                ))?;
             }
         }
     }

@@ -127,11 +127,17 @@ impl SweepDoc {
                 .get(i)
                 .map(|p| format!("{:.4}", p.ratio))
                 .unwrap_or_else(|| "-".into());
+            // Results from before the scored mean was recorded carry 0: shown as "-".
+            let mean = if r.bits_per_elem_scored > 0.0 {
+                format!("{:.3}", r.bits_per_elem_scored)
+            } else {
+                "-".into()
+            };
             s.push_str(&format!(
-                "| kvq | `{}` | {:.3} | {:.3} | {:.4} | {} | {} | {} |\n",
+                "| kvq | `{}` | {:.3} | {} | {:.4} | {} | {} | {} |\n",
                 r.kv,
                 r.bits_per_elem,
-                r.bits_per_elem_scored,
+                mean,
                 r.ppl,
                 ratio,
                 if front.contains(&i) { "yes" } else { "" },
