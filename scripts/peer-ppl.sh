@@ -8,9 +8,11 @@
 # Usage: bash scripts/peer-ppl.sh [--text FILE] [--model GGUF] [--ctx N] [--chunks N] [--out JSON]
 #                                 [--work DIR] [--threads N]
 # Defaults: data/corpus/alice29.txt, models/SmolLM2-135M-Instruct.Q4_1.gguf, ctx 1024, 16 chunks
-# (llama-perplexity scores the second half of each non-overlapping window: 16 x 512 = 8192 tokens),
+# (llama-perplexity scores the second half of each non-overlapping window: 16 x 512 = 8192 tokens;
+# a run's log under WORK/logs is reused when it already reached that many chunks),
 # out/peer-llamacpp.json, work dir out/peers. Needs python3 with pip, a C/C++ compiler; cmake and
-# ninja come from PyPI. The build takes about 4 minutes on 2 cores; each run well under a minute.
+# ninja come from PyPI. The build takes about 4 minutes on 2 idle cores; a 16-chunk run about 2
+# minutes (8 on a loaded machine).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 text="$root/data/corpus/alice29.txt"
@@ -72,9 +74,9 @@ fi
 
 # 3. Runs: K type, V type. A quantized V cache needs flash attention (-fa on), so every run uses it.
 runs=(
-  "f16 f16" "q8_0 q8_0" "q5_1 q5_1" "q5_0 q5_0" "q4_1 q4_1" "q4_0 q4_0" "iq4_nl iq4_nl"
-  "q4_0 f16" "f16 q4_0" "q8_0 q4_0" "q4_0 q8_0"
+  "f16 f16" "q8_0 q8_0" "q5_0 q5_0" "q4_1 q4_1" "q4_0 q4_0" "iq4_nl iq4_nl" "q4_0 f16" "f16 q4_0"
 )
+[ -n "${PEER_RUNS:-}" ] && IFS=',' read -r -a runs <<<"$PEER_RUNS"  # e.g. PEER_RUNS="f16 f16,q4_0 q4_0"
 logs="$work/logs"
 mkdir -p "$logs"
 rows="$work/rows.tsv"
@@ -82,15 +84,21 @@ rows="$work/rows.tsv"
 for r in "${runs[@]}"; do
   set -- $r
   log="$logs/ppl-$1-$2.log"
-  echo "peer-ppl: -ctk $1 -ctv $2" >&2
-  t0=$(date +%s)
-  "$bin" -m "$model" -f "$text" -c "$ctx" --chunks "$chunks" -fa on -ctk "$1" -ctv "$2" \
-    -t "$threads" >"$log" 2>&1 || fail "llama-perplexity -ctk $1 -ctv $2 failed, see $log"
-  t1=$(date +%s)
-  ppl=$(sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p' "$log" | tail -1)
-  [ -n "$ppl" ] || fail "no 'Final estimate' in $log"
-  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$ppl" "$((t1 - t0))" >>"$rows"
-  echo "peer-ppl:   ppl $ppl ($((t1 - t0)) s)" >&2
+  # llama-perplexity prints the running estimate after each chunk as [i]ppl: the value at
+  # [chunks] is the perplexity of the first `chunks` windows, so a longer earlier run is reused.
+  ppl=$(grep -o "\[$chunks\][0-9.]*" "$log" 2>/dev/null | head -1 | cut -d']' -f2 || true)
+  secs=0
+  if [ -z "$ppl" ]; then
+    echo "peer-ppl: -ctk $1 -ctv $2" >&2
+    t0=$(date +%s)
+    "$bin" -m "$model" -f "$text" -c "$ctx" --chunks "$chunks" -fa on -ctk "$1" -ctv "$2" \
+      -t "$threads" >"$log" 2>&1 || fail "llama-perplexity -ctk $1 -ctv $2 failed, see $log"
+    secs=$(($(date +%s) - t0))
+    ppl=$(grep -o "\[$chunks\][0-9.]*" "$log" | head -1 | cut -d']' -f2)
+  fi
+  [ -n "$ppl" ] || fail "no perplexity after chunk $chunks in $log"
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$ppl" "$secs" >>"$rows"
+  echo "peer-ppl:   -ctk $1 -ctv $2: ppl $ppl ($secs s)" >&2
 done
 
 # 4. JSON: bits/elem of each ggml type (block bytes x 8 / block elements), K and V averaged.

@@ -202,10 +202,29 @@ pub fn sweep(a: &SweepArgs, load: &dyn Fn() -> Result<Model>) -> Result<()> {
         },
         a.opts.stride
     );
-    let todo: Vec<&KvPlan> = plans
-        .iter()
-        .filter(|p| !doc.results.iter().any(|r| r.kv == p.describe()))
-        .collect();
+    // A result counts as measured when its plan is the same per layer and stream (older JSON may
+    // describe the same plan differently); its description is brought up to date.
+    let same = |a: &KvPlan, b: &KvPlan| {
+        a.n_layers() == b.n_layers()
+            && (0..a.n_layers()).all(|l| {
+                let (x, y) = (a.layer(l), b.layer(l));
+                x.0.canonical() == y.0.canonical() && x.1.canonical() == y.1.canonical()
+            })
+    };
+    let mut todo: Vec<&KvPlan> = Vec::new();
+    for p in &plans {
+        let mut found = false;
+        for r in doc.results.iter_mut() {
+            if r.kv == p.describe() || KvPlan::parse(&r.kv, n_layers).is_ok_and(|old| same(&old, p))
+            {
+                r.kv = p.describe();
+                found = true;
+            }
+        }
+        if !found {
+            todo.push(p);
+        }
+    }
     let mb = indicatif::MultiProgress::new();
     let overall = mb.add(crate::bar(todo.len(), "plans"));
     for plan in todo {
