@@ -13,6 +13,9 @@ use kvq_model::Model;
 use std::io::Write;
 use std::time::Instant;
 
+mod plot;
+mod quality;
+
 #[derive(Parser)]
 #[command(
     name = "kvq",
@@ -140,6 +143,54 @@ enum Cmd {
         #[command(flatten)]
         m: ModelArgs,
     },
+    /// Pick per layer and for K and V the cheapest candidate format whose perplexity stays within
+    /// `--budget` over fp16 (probes per layer and stream, greedy, verified); writes a JSON plan file.
+    Tune {
+        /// Verification text (the sweep's).
+        #[arg(long)]
+        text: String,
+        /// Text for the per-layer probes (default: --text; a calibration text keeps tuning off the test text).
+        #[arg(long)]
+        probe_text: Option<String>,
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Allowed perplexity increase over fp16: `1%` or `0.01`.
+        #[arg(long, default_value = "1%")]
+        budget: String,
+        /// Candidate formats (repeat; fp16 is always one).
+        #[arg(long = "cand", default_values_t = ["kivi:bits=2,group=64,window=0".to_string(), "kivi:bits=4,group=64,window=0".to_string(), "kivi:bits=8,group=64,window=0".to_string()])]
+        cand: Vec<String>,
+        /// Plan file to write (accepted by --kv of generate and eval).
+        #[arg(long, default_value = "out/tuned-plan.json")]
+        out: String,
+        /// Report JSON (probes, rounds); default: --out with .report.json.
+        #[arg(long)]
+        report: Option<String>,
+        /// Probe window length.
+        #[arg(long, default_value_t = 512)]
+        probe_ctx: usize,
+        /// Probe windows (sampled over the probe text with --seed).
+        #[arg(long, default_value_t = 2)]
+        probe_windows: usize,
+        /// Verification window length.
+        #[arg(long, default_value_t = 1024)]
+        ctx: usize,
+        /// Verification windows (the first ones of --text, as `eval sweep`).
+        #[arg(long, default_value_t = 16)]
+        max_windows: usize,
+        /// Tokens per forward chunk.
+        #[arg(long, default_value_t = 128)]
+        chunk: usize,
+        /// Seed of the probe windows.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Verification rounds at most.
+        #[arg(long, default_value_t = 3)]
+        max_rounds: usize,
+        /// First round's nll target as a fraction of the budget's.
+        #[arg(long, default_value_t = 0.8)]
+        margin: f64,
+    },
     /// Download and verify the default model into models/.
     FetchModel,
     /// Check the GPU kernels against the CPU reference (`--gpu`).
@@ -179,8 +230,61 @@ enum EvalCmd {
         #[arg(long)]
         json: Option<String>,
     },
-    /// Quality sweep over formats and settings (not built yet).
-    Sweep,
+    /// Quality per bit: many KV plans over one text with the real model; writes JSON (after every
+    /// plan), a Markdown table and a PNG plot of perplexity ratio to fp16 vs bits/elem (Pareto front),
+    /// optionally with llama.cpp's column (`scripts/peer-ppl.sh` -> `--peer-json`).
+    Sweep {
+        /// Evaluation text (UTF-8).
+        #[arg(long)]
+        text: Option<String>,
+        #[command(flatten)]
+        m: ModelArgs,
+        /// KV plans (repeat); fp16 is added first if absent (the reference).
+        #[arg(long)]
+        kv: Vec<String>,
+        /// A file of KV plans, one a line (`#` comments).
+        #[arg(long)]
+        plans: Option<String>,
+        /// Window length in tokens.
+        #[arg(long, default_value_t = 1024)]
+        ctx: usize,
+        /// Tokens between window starts and scored per window (default ctx/2).
+        #[arg(long)]
+        stride: Option<usize>,
+        /// Tokens per forward chunk.
+        #[arg(long, default_value_t = 128)]
+        chunk: usize,
+        /// Windows to score (16 x 512 = 8192 scored tokens by default).
+        #[arg(long, default_value_t = 16)]
+        max_windows: usize,
+        /// Sample the windows over the whole text with this seed (default: the first windows).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// JSON results (written after every plan).
+        #[arg(long, default_value = "out/sweep.json")]
+        json: String,
+        /// Markdown table (default: the JSON's path with .md).
+        #[arg(long)]
+        md: Option<String>,
+        /// PNG plot (default: the JSON's path with .png).
+        #[arg(long)]
+        png: Option<String>,
+        /// llama.cpp results to merge (from scripts/peer-ppl.sh).
+        #[arg(long)]
+        peer_json: Option<String>,
+        /// Keep the plans already measured in --json (same text and windows), run only the others.
+        #[arg(long)]
+        resume: bool,
+        /// Run nothing: redraw the table and plot from --json (merging --peer-json).
+        #[arg(long)]
+        replot: bool,
+        /// Upper end of the plot's ratio axis (points above are drawn on the edge).
+        #[arg(long, default_value_t = 2.0)]
+        y_max: f64,
+        /// Plot title.
+        #[arg(long)]
+        title: Option<String>,
+    },
 }
 
 fn main() {
@@ -257,6 +361,8 @@ fn gpu_perplexity(
         scored,
         windows: n_windows,
         bits_per_elem: bytes.bits_per_elem(),
+        // Not tracked per chunk on the GPU path; 0 means "not recorded" (tables print '-').
+        bits_per_elem_scored: 0.0,
         kv_bytes: bytes,
         seconds: t0.elapsed().as_secs_f64(),
     })
@@ -318,6 +424,7 @@ fn load_cpu(m: &ModelArgs) -> Result<Model> {
     Ok(model)
 }
 
+/// A progress bar with the CLI's style.
 fn bar(total: usize, what: &str) -> ProgressBar {
     let b = ProgressBar::new(total as u64);
     b.set_style(
@@ -537,9 +644,93 @@ fn run(cli: Cli) -> Result<()> {
             println!("{out}");
         }
         Cmd::Eval {
-            what: EvalCmd::Sweep,
+            what:
+                EvalCmd::Sweep {
+                    text,
+                    m,
+                    kv,
+                    plans,
+                    ctx,
+                    stride,
+                    chunk,
+                    max_windows,
+                    seed,
+                    json,
+                    md,
+                    png,
+                    peer_json,
+                    resume,
+                    replot,
+                    y_max,
+                    title,
+                },
         } => {
-            bail!("eval sweep: not built yet (it needs the tuned format grid; run `eval ppl` with several --kv)")
+            let a = quality::SweepArgs {
+                text,
+                kv,
+                plans,
+                opts: PplOpts {
+                    ctx,
+                    stride: stride.unwrap_or(ctx / 2),
+                    chunk,
+                    max_windows,
+                },
+                seed,
+                md: md.unwrap_or_else(|| quality::with_ext(&json, "md")),
+                png: png.unwrap_or_else(|| quality::with_ext(&json, "png")),
+                json,
+                peer_json,
+                resume,
+                replot,
+                y_max,
+                title,
+            };
+            quality::sweep(&a, &|| load_model(&m))?;
+        }
+        Cmd::Tune {
+            text,
+            probe_text,
+            m,
+            budget,
+            cand,
+            out,
+            report,
+            probe_ctx,
+            probe_windows,
+            ctx,
+            max_windows,
+            chunk,
+            seed,
+            max_rounds,
+            margin,
+        } => {
+            // Check what needs no model first.
+            quality::parse_budget(&budget)?;
+            let model = load_model(&m)?;
+            let a = quality::TuneArgs {
+                text,
+                probe_text,
+                budget,
+                candidates: cand,
+                report: report.unwrap_or_else(|| quality::with_ext(&out, "report.json")),
+                out,
+                probe: PplOpts {
+                    ctx: probe_ctx,
+                    stride: probe_ctx / 2,
+                    chunk,
+                    max_windows: probe_windows,
+                },
+                verify: PplOpts {
+                    ctx,
+                    stride: ctx / 2,
+                    chunk,
+                    max_windows,
+                },
+                seed,
+                max_rounds,
+                margin,
+            };
+            quality::tune_cmd(&a, &model)?;
         }
         Cmd::Eval {
             what:

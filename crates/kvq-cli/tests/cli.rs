@@ -142,8 +142,10 @@ fn bad_input_gives_one_error_line() {
     // eval ppl runs on the GPU engine too: without a usable GPU, --device cuda names why.
     let txt = std::env::temp_dir().join(format!("kvq-cli-ppl-{}.txt", std::process::id()));
     std::fs::write(&txt, "one two three four five six seven eight nine ten").unwrap();
-    let t = txt.to_str().unwrap();
-    let o = kvq(&["eval", "ppl", "--model", m, "--device", "cuda", "--text", t]);
+    let tp = txt.to_str().unwrap();
+    let o = kvq(&[
+        "eval", "ppl", "--model", m, "--device", "cuda", "--text", tp,
+    ]);
     if !o.status.success() {
         let e = String::from_utf8_lossy(&o.stderr).to_string();
         assert!(
@@ -167,7 +169,22 @@ fn bad_input_gives_one_error_line() {
     ]);
     assert!(e.contains("/nonexistent/c.txt"), "{e}");
     let e = fails(&["eval", "sweep"]);
-    assert!(e.contains("not built yet"), "{e}");
+    assert!(e.contains("--text"), "{e}");
+    let e = fails(&[
+        "eval",
+        "sweep",
+        "--model",
+        m,
+        "--text",
+        t,
+        "--kv",
+        "kivi:bits=7",
+    ]);
+    assert!(e.contains("--kv kivi:bits=7"), "{e}");
+    let e = fails(&["eval", "sweep", "--replot", "--json", "/nonexistent/s.json"]);
+    assert!(e.contains("/nonexistent/s.json"), "{e}");
+    let e = fails(&["tune", "--model", m, "--text", t, "--budget", "lots"]);
+    assert!(e.contains("--budget lots"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -141,7 +141,7 @@ impl StreamCache {
 }
 
 /// Memory held by a cache, split the way results report it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CacheBytes {
     /// Tokens held.
     pub tokens: usize,

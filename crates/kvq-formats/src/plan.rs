@@ -143,11 +143,25 @@ impl KvPlan {
         }
     }
 
-    /// A short description: the single format if uniform, else `mixed(N distinct)`.
+    /// A canonical description that parses back to the same plan: the single format if uniform,
+    /// `k=A;v=B` if each stream is uniform, else the commonest format with per-layer overrides.
     pub fn describe(&self) -> String {
         let f = self.to_file();
+        let uniform = |i: usize| {
+            let pick = |l: &(FormatRef, FormatRef)| {
+                if i == 0 {
+                    l.0.canonical()
+                } else {
+                    l.1.canonical()
+                }
+            };
+            let first = self.layers.first().map(pick);
+            first.filter(|c| self.layers.iter().all(|l| pick(l) == *c))
+        };
         if f.layers.is_empty() {
             f.default
+        } else if let (Some(k), Some(v)) = (uniform(0), uniform(1)) {
+            format!("k={k};v={v}")
         } else {
             let mut s = f.default.to_string();
             for (l, spec) in &f.layers {
@@ -262,5 +276,15 @@ mod tests {
         let f = p.to_file();
         let back = serde_json::to_string(&f).unwrap();
         assert!(back.contains("fp16"));
+        // Each stream uniform: described as k=...;v=..., which parses back to the same plan.
+        let p = KvPlan::parse("k=kivi:bits=4;v=kivi:bits=2", 4).unwrap();
+        let d = p.describe();
+        assert_eq!(
+            d,
+            "k=kivi:bits=4,group=32,window=128;v=kivi:bits=2,group=32,window=128"
+        );
+        assert_eq!(KvPlan::parse(&d, 4).unwrap().describe(), d);
+        let p = KvPlan::parse("kivi:bits=4;k@1=fp16", 4).unwrap();
+        assert_eq!(p.describe(), "kivi:bits=4,group=32,window=128;k@1=fp16");
     }
 }

@@ -10,7 +10,7 @@ use crate::model::Model;
 use kvq_formats::{CacheBytes, KvPlan};
 
 /// Options of one perplexity run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PplOpts {
     /// Tokens per window (bos included when the tokenizer adds one).
     pub ctx: usize,
@@ -23,7 +23,7 @@ pub struct PplOpts {
 }
 
 /// The result of one perplexity run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PplResult {
     /// KV plan, canonical.
     pub kv: String,
@@ -37,6 +37,10 @@ pub struct PplResult {
     pub windows: usize,
     /// KV bits per element at the end of a full window (full-precision window counted).
     pub bits_per_elem: f64,
+    /// KV bits per element of the cache each scored prediction read, averaged over the scored tokens
+    /// (higher than `bits_per_elem` for formats with a full-precision window; 0 in older JSON files).
+    #[serde(default)]
+    pub bits_per_elem_scored: f64,
     /// KV bytes held at the end of a full window.
     pub kv_bytes: CacheBytes,
     /// Wall time of the run in seconds.
@@ -78,6 +82,7 @@ pub fn windows(model: &Model, n_tokens: usize, o: &PplOpts) -> Result<(usize, us
 }
 
 /// Perplexity of `tokens` (the text, without bos) under `plan`; `progress(done, total)` per chunk.
+/// Windows start every `o.stride` tokens from the text's start (see [`perplexity_at`]).
 pub fn perplexity(
     model: &Model,
     plan: &KvPlan,
@@ -85,8 +90,66 @@ pub fn perplexity(
     o: &PplOpts,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<PplResult> {
+    let (n_windows, _) = windows(model, tokens.len(), o)?;
+    let starts: Vec<usize> = (0..n_windows).map(|w| w * o.stride).collect();
+    perplexity_at(model, plan, tokens, o, &starts, progress)
+}
+
+/// Window start positions for `o` over `n_tokens`: every window the text gives, or with `seed`, a
+/// seeded sample of `o.max_windows` of them (ascending), so a short sweep covers the whole text
+/// reproducibly instead of only its beginning.
+pub fn window_starts(
+    model: &Model,
+    n_tokens: usize,
+    o: &PplOpts,
+    seed: Option<u64>,
+) -> Result<Vec<usize>> {
+    let all = PplOpts {
+        max_windows: 0,
+        ..o.clone()
+    };
+    let (n_all, _) = windows(model, n_tokens, &all)?;
+    let mut idx: Vec<usize> = (0..n_all).collect();
+    let want = if o.max_windows == 0 {
+        n_all
+    } else {
+        o.max_windows.min(n_all)
+    };
+    if let Some(s) = seed {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
+        idx.shuffle(&mut rng);
+        idx.truncate(want);
+        idx.sort_unstable();
+    } else {
+        idx.truncate(want);
+    }
+    Ok(idx.into_iter().map(|w| w * o.stride).collect())
+}
+
+/// Perplexity over the windows that start at `starts` (text positions; each window is `o.ctx` tokens,
+/// bos included, and scores its last `o.stride`). `progress(done, total)` is called per chunk.
+pub fn perplexity_at(
+    model: &Model,
+    plan: &KvPlan,
+    tokens: &[u32],
+    o: &PplOpts,
+    starts: &[usize],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PplResult> {
     let t0 = std::time::Instant::now();
-    let (n_windows, body) = windows(model, tokens.len(), o)?;
+    let (_, body) = windows(model, tokens.len(), o)?;
+    if starts.is_empty() {
+        return Err(ModelError::Input("no window to score".into()));
+    }
+    if let Some(&bad) = starts.iter().find(|&&s| s + body > tokens.len()) {
+        return Err(ModelError::Input(format!(
+            "a window at token {bad} runs past the text's {} tokens",
+            tokens.len()
+        )));
+    }
+    let n_windows = starts.len();
     let bos: Vec<u32> = model
         .config
         .bos
@@ -95,10 +158,11 @@ pub fn perplexity(
         .collect();
     let chunks_per = o.ctx.div_ceil(o.chunk);
     let (mut nll, mut scored) = (0f64, 0usize);
+    let mut bits_sum = 0f64;
     let mut last = CacheBytes::default();
-    for w in 0..n_windows {
+    for (w, &s0) in starts.iter().enumerate() {
         let mut ids = bos.clone();
-        ids.extend_from_slice(&tokens[w * o.stride..w * o.stride + body]);
+        ids.extend_from_slice(&tokens[s0..s0 + body]);
         // Predictions at positions >= first_scored - 1 are scored: the window's last `stride` tokens.
         let first_scored = ids.len() - o.stride;
         let mut seq = model.new_sequence(plan, o.ctx)?;
@@ -110,6 +174,8 @@ pub fn perplexity(
             } else {
                 let logits = model.forward(&mut seq, ch, None)?;
                 let rows = logits.to_vec2::<f32>()?;
+                // The chunk's predictions read the cache as it is after the chunk was appended.
+                let bits = seq.bytes().bits_per_elem();
                 for (i, row) in rows.iter().enumerate() {
                     let pos = start + i;
                     if pos + 1 < first_scored || pos + 1 >= ids.len() {
@@ -125,6 +191,7 @@ pub fn perplexity(
                     let target = row.get(ids[pos + 1] as usize).copied().unwrap_or(f32::NAN);
                     nll += lse - target as f64;
                     scored += 1;
+                    bits_sum += bits;
                 }
             }
             progress(w * chunks_per + ci + 1, n_windows * chunks_per);
@@ -145,6 +212,7 @@ pub fn perplexity(
         scored,
         windows: n_windows,
         bits_per_elem: last.bits_per_elem(),
+        bits_per_elem_scored: bits_sum / scored.max(1) as f64,
         kv_bytes: last,
         seconds: t0.elapsed().as_secs_f64(),
     })

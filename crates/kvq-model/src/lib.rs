@@ -13,8 +13,10 @@ pub mod inspect;
 pub mod load;
 pub mod model;
 pub mod sample;
+pub mod sweep;
 pub mod testutil;
 pub mod tokenizer;
+pub mod tune;
 
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
