@@ -148,6 +148,32 @@ pub fn bench(
     })
 }
 
+/// Device-to-device copy bandwidth in bytes/s (read + written, median of 20 copies of 1 GiB, CUDA
+/// events): the yardstick that benchmarks divide their bytes per second by.
+pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
+    let n = 1usize << 28; // 2^28 f32 = 1 GiB
+    let st = gpu.stream();
+    let a = st
+        .alloc_zeros::<f32>(n)
+        .map_err(drv("allocating 1 GiB for the copy benchmark"))?;
+    let mut b = st
+        .alloc_zeros::<f32>(n)
+        .map_err(drv("allocating 1 GiB for the copy benchmark"))?;
+    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut times = Vec::new();
+    for i in 0..23 {
+        let e0 = st.record_event(timing).map_err(drv("recording an event"))?;
+        st.memcpy_dtod(&a, &mut b).map_err(drv("copying"))?;
+        let e1 = st.record_event(timing).map_err(drv("recording an event"))?;
+        e1.synchronize().map_err(drv("waiting for the copy"))?;
+        if i >= 3 {
+            times.push(e0.elapsed_ms(&e1).map_err(drv("reading an event"))? as f64);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(2.0 * (n * 4) as f64 / (times[times.len() / 2] / 1e3))
+}
+
 /// Encoder parity: tokens appended through the GPU cache (window rings + CUDA encoders, several slots,
 /// uneven chunks) must give the CPU reference's bytes in every sealed block, and attention over the
 /// GPU-written cache (full rows and causal prefixes) must match `attend_fused` on the CPU cache.

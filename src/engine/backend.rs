@@ -71,6 +71,24 @@ pub trait AttentionBackend {
     ) -> Result<()>;
     /// Cache memory of a sequence, all layers (None for unknown ids).
     fn kv_bytes(&self, id: SeqId) -> Option<CacheBytes>;
+    /// Appends `n` tokens of given K/V ([n][hkv][d] f32, keys as `wants_rotated_keys` says) to one
+    /// layer of sequence `id` without computing attention: benchmarks fill long caches this way,
+    /// since a decode step's cost does not depend on the cached values. Unsupported by default.
+    #[allow(clippy::too_many_arguments)]
+    fn append_only(
+        &mut self,
+        _gpu: &Gpu,
+        _layer: usize,
+        _id: SeqId,
+        _n: usize,
+        _k: &CudaSlice<f32>,
+        _v: &CudaSlice<f32>,
+    ) -> Result<()> {
+        Err(GpuError::Input(format!(
+            "{}: cannot append K/V without a forward",
+            self.describe()
+        )))
+    }
 }
 
 /// How [`HostCacheBackend`] computes a layer's decode-step attention.

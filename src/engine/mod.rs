@@ -37,7 +37,7 @@ use crate::gpu::Gpu;
 use crate::launch_model::{Blas, Indices, ModelOps};
 use cudarc::driver::CudaSlice;
 use half::f16;
-use kvq_formats::{CacheBytes, KvPlan, RopeStyle};
+use kvq_formats::{CacheBytes, KvPlan, Rope, RopeStyle};
 use kvq_model::generate::{GenStats, Stop};
 use kvq_model::sample::Sampler;
 use kvq_model::tokenizer::Tok;
@@ -99,6 +99,34 @@ impl Scratch {
             logits: st.alloc_zeros(lr * c.vocab).map_err(a("logits"))?,
             picks: st.alloc_zeros(lr).map_err(a("token picks"))?,
         })
+    }
+}
+
+/// The backend held while [`Engine::set_resident`] swaps caches: no sequences, nothing to attend.
+struct NoBackend;
+
+impl AttentionBackend for NoBackend {
+    fn describe(&self) -> String {
+        "no attention backend (being replaced)".into()
+    }
+    fn add_sequence(&mut self, _id: SeqId, _capacity: usize) -> Result<()> {
+        Err(GpuError::Input(self.describe()))
+    }
+    fn remove_sequence(&mut self, _id: SeqId) {}
+    fn append_and_attend(
+        &mut self,
+        _gpu: &Gpu,
+        _layer: usize,
+        _rows: &[SeqRows],
+        _q: &CudaSlice<f32>,
+        _k: &CudaSlice<f32>,
+        _v: &CudaSlice<f32>,
+        _out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        Err(GpuError::Input(self.describe()))
+    }
+    fn kv_bytes(&self, _id: SeqId) -> Option<CacheBytes> {
+        None
     }
 }
 
@@ -179,6 +207,70 @@ impl Engine {
         Ok(e)
     }
 
+    /// Swaps the attention backend for a GPU-resident one of `plan` sized by `limits`, freeing every
+    /// sequence: one upload of the weights then serves many cache shapes (benchmarks, re-planning).
+    /// `rope` is the model's (the plan's caches are built for its head size).
+    pub fn set_resident(&mut self, plan: KvPlan, rope: &Rope, limits: ResidentLimits) -> Result<()> {
+        let c = &self.config;
+        let heads = Heads {
+            layers: c.n_layers,
+            hq: c.n_heads,
+            hkv: c.n_kv_heads,
+            d: c.head_dim,
+        };
+        let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
+        for id in ids {
+            self.free(id);
+        }
+        // Free the old caches before allocating the new ones.
+        self.backend = Box::new(NoBackend);
+        self.backend = Box::new(ResidentBackend::new(&self.gpu, &plan, rope, heads, limits)?);
+        self.plan = plan.describe();
+        Ok(())
+    }
+
+    /// Appends `n` tokens of synthetic K/V (seeded standard normal values, `chunk` tokens per
+    /// append) to every layer of `seq` without running the model. For benchmarks: a decode step costs
+    /// the same whatever the cached values, and a long context is filled in milliseconds instead of
+    /// a prefill. Needs a backend that supports it (the GPU-resident one).
+    pub fn fill_synthetic(&mut self, seq: SeqId, n: usize, chunk: usize, seed: u64) -> Result<()> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        let st = self.state(seq)?;
+        if st.len + n > st.capacity {
+            return Err(GpuError::Input(format!(
+                "sequence {seq:?}: {n} synthetic tokens after {} exceed its capacity {}",
+                st.len, st.capacity
+            )));
+        }
+        let c = &self.config;
+        let width = c.n_kv_heads * c.head_dim;
+        let chunk = chunk.clamp(1, n.max(1));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut host = |len: usize| -> Vec<f32> {
+            (0..len).map(|_| StandardNormal.sample(&mut rng)).collect()
+        };
+        let st = self.gpu.stream();
+        let k = st
+            .clone_htod(&host(chunk * width))
+            .map_err(drv("uploading synthetic keys"))?;
+        let v = st
+            .clone_htod(&host(chunk * width))
+            .map_err(drv("uploading synthetic values"))?;
+        let mut done = 0;
+        while done < n {
+            let m = chunk.min(n - done);
+            for l in 0..c.n_layers {
+                self.backend.append_only(&self.gpu, l, seq, m, &k, &v)?;
+            }
+            done += m;
+        }
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            s.len += n;
+        }
+        Ok(())
+    }
+
     /// Uploads `model` and serves attention with `backend` (which owns the KV caches and their plan).
     pub fn with_backend(
         gpu: Arc<Gpu>,
@@ -236,6 +328,17 @@ impl Engine {
             self.weights.bytes as f64 / 1e6,
             self.backend.describe()
         )
+    }
+
+    /// Bytes of the weights on the GPU (what every step reads once).
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.bytes
+    }
+
+    /// Lets sequences grow to `tokens` even past the model's trained context (RoPE positions are
+    /// extrapolated, quality is not promised): throughput benchmarks at long contexts need it.
+    pub fn extend_context(&mut self, tokens: usize) {
+        self.config.max_ctx = self.config.max_ctx.max(tokens);
     }
 
     /// The KV plan's description (empty for engines built with a custom backend).

@@ -192,6 +192,22 @@ impl AttentionBackend for ResidentBackend {
         Ok(())
     }
 
+    fn append_only(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        id: SeqId,
+        n: usize,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let slot = self.slot(id)?;
+        let gc = self.layers.get_mut(layer).ok_or_else(|| {
+            GpuError::Input(format!("layer {layer} of a {}-layer cache", self.heads.layers))
+        })?;
+        gc.append(gpu, &[(slot, n)], k, v)
+    }
+
     fn kv_bytes(&self, id: SeqId) -> Option<CacheBytes> {
         let slot = *self.slots.get(&id)?;
         let Heads { hkv, d, .. } = self.heads;

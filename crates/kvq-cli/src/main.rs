@@ -13,6 +13,7 @@ use kvq_model::Model;
 use std::io::Write;
 use std::time::Instant;
 
+mod bench;
 mod plot;
 mod quality;
 
@@ -86,13 +87,10 @@ enum Cmd {
         #[command(subcommand)]
         what: EvalCmd,
     },
-    /// GPU micro-benchmarks: `bench attention` (decode attention per format).
+    /// GPU benchmarks: `bench attention` (decode attention kernels), `bench decode` (the engine).
     Bench {
-        /// What to benchmark: attention (decode is not built yet).
-        what: String,
-        /// Formats to time (default fp16, kivi 2 and 4 bits).
-        #[arg(long)]
-        kv: Vec<String>,
+        #[command(subcommand)]
+        what: BenchCmd,
     },
     /// Learn RVQ codebooks from the model's keys and values over a text (never the evaluation text).
     Calibrate {
@@ -198,6 +196,52 @@ enum Cmd {
         /// Run the GPU parity suite.
         #[arg(long)]
         gpu: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Decode attention per format (32/8 heads, d=128; B 1, 8; T 4k..128k), kvq kernels only.
+    Attention {
+        /// Formats to time (default fp16, kivi 2 and 4 bits).
+        #[arg(long)]
+        kv: Vec<String>,
+    },
+    /// End-to-end decode throughput of the GPU engine: KV plans x contexts x batch sizes, JSON + PNGs,
+    /// with llama.cpp's llama-batched-bench results of the same run merged (`--peer`).
+    Decode {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// KV plans (repeat); fp16 is added first if absent.
+        #[arg(long)]
+        kv: Vec<String>,
+        /// Contexts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "4096,16384,32768,65536,131072")]
+        ctx: Vec<usize>,
+        /// Batch sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        batch: Vec<usize>,
+        /// Timed decode steps per point.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        /// Untimed steps before them.
+        #[arg(long, default_value_t = 4)]
+        warmup: usize,
+        /// Tokens per synthetic cache append.
+        #[arg(long, default_value_t = 4096)]
+        chunk: usize,
+        /// JSON results; PNGs are written beside it.
+        #[arg(long, default_value = "out/bench-decode.json")]
+        json: String,
+        /// llama-batched-bench JSONL to merge, as LABEL=PATH (repeat), e.g. 'llama.cpp f16=f16.jsonl'.
+        #[arg(long)]
+        peer: Vec<String>,
+        /// Model name in titles (default: the file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Run nothing: merge --peer into --json's results and redraw the PNGs.
+        #[arg(long)]
+        replot: bool,
     },
 }
 
@@ -806,10 +850,62 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("--json {j}"))?;
             }
         }
-        Cmd::Bench { what, kv } => {
-            if what != "attention" {
-                bail!("bench {what}: only `bench attention` is built (end-to-end decode benchmarks need the GPU engine)");
+        Cmd::Bench {
+            what: BenchCmd::Decode {
+                m,
+                kv,
+                ctx,
+                batch,
+                steps,
+                warmup,
+                chunk,
+                json,
+                peer,
+                name,
+                replot,
+            },
+        } => {
+            if replot {
+                return bench::replot(&json, &peer, &batch);
             }
+            if ctx.is_empty() || batch.is_empty() || ctx.contains(&0) || batch.contains(&0) {
+                bail!("--ctx and --batch: expected comma-separated positive numbers");
+            }
+            if steps == 0 || chunk == 0 {
+                bail!("--steps and --chunk: expected positive numbers");
+            }
+            let gpu = kvq::Gpu::new(0)
+                .map_err(|e| anyhow::anyhow!("bench decode needs a CUDA GPU: {e}"))?;
+            let model = load_cpu(&m)?;
+            let model_name = name.unwrap_or_else(|| {
+                m.model
+                    .as_deref()
+                    .and_then(|p| std::path::Path::new(p).file_name())
+                    .map(|f| f.to_string_lossy().to_string())
+                    .unwrap_or_else(|| "SmolLM2-135M-Instruct".into())
+            });
+            if let Some(dir) = std::path::Path::new(&json).parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("--json {json}"))?;
+            }
+            bench::decode(
+                gpu,
+                &model,
+                &bench::DecodeOpts {
+                    plans: kv,
+                    ctx,
+                    batch,
+                    steps,
+                    warmup,
+                    chunk,
+                    json,
+                    peers: peer,
+                    model_name,
+                },
+            )?;
+        }
+        Cmd::Bench {
+            what: BenchCmd::Attention { kv },
+        } => {
             let gpu = kvq::Gpu::new(0)?;
             eprintln!("GPU: {}", gpu.describe());
             let formats = if kv.is_empty() {

@@ -11,7 +11,7 @@ use plotters::prelude::*;
 use std::sync::OnceLock;
 
 /// Registers the embedded font once; false when it cannot be (then text is skipped).
-fn font_ok() -> bool {
+pub(crate) fn font_ok() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
         plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Issue 11 on the GPU machine: llama.cpp (built there from the carried source) and `kvq bench decode`
+# over the same GGUF files in the same run, one JSON + PNGs per model. No Rust there: the kvq binary is
+# built here and carried xz-compressed; the default model (98 MB) travels in two parts.
+#
+# Here, once:
+#   cargo build --release -p kvq-cli && mkdir -p .carry-bin && xz -T2 -c target/release/kvq > .carry-bin/kvq.xz
+#   mkdir -p .carry-m1 .carry-m2 && split -n 2 -d models/SmolLM2-135M-Instruct.Q4_1.gguf model.part.
+#   mv model.part.00 .carry-m1/ && mv model.part.01 .carry-m2/
+#   mkdir -p .carry-peers && ../shared/peers/fetch-llamacpp.sh /tmp/llama && cp /tmp/llama/llama-src.tar.gz \
+#     ../shared/peers/build-llamacpp-cuda.sh ../shared/peers/random-llama-gguf.py .carry-peers/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .carry-peers gguf==0.19.0
+# Then four back-to-back device calls (the machine keeps /root/stash while it stays warm):
+#   1. carry [".carry-m1", ".carry-peers"]   command "bash scripts/bench-gpu.sh stage"
+#      (stashes, starts the llama.cpp CUDA build in the background: about 4 minutes)
+#   2. carry [".carry-m2", ".carry-bin"]     command "bash scripts/bench-gpu.sh llama-small"
+#      (waits for the build, llama.cpp on the default model; writes the 8B-shape f16 GGUF in the background)
+#   3. carry []                              command "bash scripts/bench-gpu.sh kvq-small"
+#      (kvq on the default model, llama.cpp's figures merged)
+#   4. carry []                              command "bash scripts/bench-gpu.sh big"
+#      (llama.cpp and kvq on the random Llama-3-8B-shape f16 GGUF)
+# Results: $OUT/bench-<model>.tar.gz (JSON, PNGs, logs), summaries in the output.
+set -uo pipefail
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
+S=/root/stash; mkdir -p "$S"
+model_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+small="$S/SmolLM2-135M-Instruct.Q4_1.gguf"
+big="$S/llama3-8b-f16.gguf"
+LB="$S/llama/build/bin"
+KVQ_PLANS_SMALL=${KVQ_PLANS_SMALL:-"kivi:bits=4 kivi:bits=4,window=0 kivi:bits=2 kivi:bits=2,window=0 asymkv:lk=30,lv=0,window=0 asymkv:lk=0,lv=0,window=0"}
+KVQ_PLANS_BIG=${KVQ_PLANS_BIG:-"kivi:bits=4,window=0 kivi:bits=2 kivi:bits=2,window=0 asymkv:lk=32,lv=0,window=0 asymkv:lk=0,lv=0,window=0"}
+
+stage_parts() {
+  for d in .carry-m1 .carry-m2 .carry-peers .carry-bin; do [ -d "$d" ] && cp -r "$d"/. "$S"/; done
+  if [ ! -f "$small" ] && [ -f "$S/model.part.00" ] && [ -f "$S/model.part.01" ]; then
+    cat "$S/model.part.00" "$S/model.part.01" > "$small.tmp"
+    if [ "$(sha256sum "$small.tmp" | cut -d' ' -f1)" = "$model_sha" ]; then mv "$small.tmp" "$small"; echo "assembled $small (sha256 ok)"
+    else echo "assembled model has the wrong sha256"; rm -f "$small.tmp"; fi
+  fi
+  if [ -f "$S/kvq.xz" ] && [ ! -x "$S/kvq" ]; then xz -dc "$S/kvq.xz" > "$S/kvq" && chmod +x "$S/kvq"; fi
+}
+
+# llama-batched-bench at each batch size (one process per batch so -c fits), JSONL appended to $4.
+llama_bench() { # model ctk ctxlist(comma) out batches...
+  local m=$1 t=$2 ctxs=$3 out=$4; shift 4
+  for b in "$@"; do
+    local maxp; maxp=$(echo "$ctxs" | tr ',' '\n' | sort -n | tail -1)
+    local c=$(( (maxp + 64) * b + 256 ))
+    echo "== llama-batched-bench $t B=$b ctx $ctxs (-c $c)"
+    timeout 400 "$LB/llama-batched-bench" -m "$m" -ngl 99 -fa on -ctk "$t" -ctv "$t" -c "$c" -b 2048 -ub 512 \
+      -npp "$ctxs" -ntg 64 -npl "$b" --output-format jsonl 2>>"$out.err" | grep '^{' | tee -a "$out"
+  done
+}
+
+case "${1:-}" in
+stage)
+  stage_parts
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  if [ ! -x "$LB/llama-batched-bench" ]; then
+    setsid nohup bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
+    echo "llama.cpp build started in the background"
+  fi
+  ;;
+llama-small)
+  stage_parts
+  [ -f "$small" ] || { echo "no model: run the stage call first"; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$S"/gguf-*.whl && export PYTHONPATH=/tmp/site
+  echo "== waiting for the llama.cpp build"; for i in $(seq 1 80); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
+  tail -3 "$S/llama-build.log"
+  # The 8B-shape f16 GGUF (tokenizer of the default model), written in the background (one core).
+  [ -f "$big" ] || setsid nohup python3 "$S/random-llama-gguf.py" "$small" "$big" llama3-8b f16 > "$S/gguf.log" 2>&1 < /dev/null &
+  R=$S/res-small; mkdir -p "$R"
+  for t in f16 q8_0 q4_0; do
+    llama_bench "$small" "$t" 4096,16384,32768,65536,131072 "$R/llama-$t.jsonl" 1 8 >/dev/null
+    llama_bench "$small" "$t" 4096,16384 "$R/llama-$t.jsonl" 32 >/dev/null
+  done
+  grep -h '^{' "$R"/llama-*.jsonl | cut -c1-400
+  ;;
+kvq-small)
+  stage_parts
+  R=$S/res-small; mkdir -p "$R"
+  kv=(); for p in $KVQ_PLANS_SMALL; do kv+=(--kv "$p"); done
+  timeout 500 "$S/kvq" bench decode --model "$small" --name "SmolLM2-135M Q4_1" --ctx 4096,16384,32768,65536,131072 \
+    --batch 1,8,32 --steps 32 --json "$R/bench.json" "${kv[@]}" \
+    --peer "llama.cpp f16=$R/llama-f16.jsonl" --peer "llama.cpp q8_0=$R/llama-q8_0.jsonl" --peer "llama.cpp q4_0=$R/llama-q4_0.jsonl" \
+    2>&1 | tee "$R/kvq.log" | grep -v '^\s*$' | tail -n 120
+  tar czf "$OUT/bench-small.tar.gz" -C "$R" .
+  tail -2 "$S/gguf.log"
+  ;;
+big)
+  stage_parts
+  echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 5; done
+  cat "$S/gguf.log"; ls -la "$big"
+  R=$S/res-big; mkdir -p "$R"
+  for t in f16 q8_0 q4_0; do llama_bench "$big" "$t" 4096,32768 "$R/llama-$t.jsonl" 1 8 >/dev/null; done
+  grep -h '^{' "$R"/llama-*.jsonl
+  kv=(); for p in $KVQ_PLANS_BIG; do kv+=(--kv "$p"); done
+  timeout 300 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16" --ctx 4096,32768 \
+    --batch 1,8 --steps 16 --json "$R/bench.json" "${kv[@]}" \
+    --peer "llama.cpp f16=$R/llama-f16.jsonl" --peer "llama.cpp q8_0=$R/llama-q8_0.jsonl" --peer "llama.cpp q4_0=$R/llama-q4_0.jsonl" \
+    2>&1 | tee "$R/kvq.log" | tail -n 60
+  tar czf "$OUT/bench-big.tar.gz" -C "$R" .
+  ;;
+*) echo "usage: bench-gpu.sh stage|llama-small|kvq-small|big"; exit 2 ;;
+esac
