@@ -14,7 +14,9 @@
 # Then four back-to-back device calls (the machine keeps /root/stash while it stays warm):
 #   1. carry [".carry-m1", ".carry-peers"]   command "bash scripts/bench-gpu.sh stage"
 #      (stashes, starts the llama.cpp CUDA build in the background: about 4 minutes)
-#   2. carry [".carry-m2", ".carry-bin"]     command "bash scripts/bench-gpu.sh llama-small"
+#   2. carry [".carry-m2", ".carry-bin"]     command "bash scripts/bench-gpu.sh check"
+#      (parity of kernels/encoders and the engine vs the CPU path with these binaries; optional)
+#   2b. carry []                             command "bash scripts/bench-gpu.sh llama-small"
 #      (waits for the build, llama.cpp on the default model; writes the 8B-shape f16 GGUF in the background)
 #   3. carry []                              command "bash scripts/bench-gpu.sh kvq-small"
 #      (kvq on the default model, llama.cpp's figures merged)
@@ -63,6 +65,18 @@ stage)
     echo "llama.cpp build started in the background"
   fi
   ;;
+check)
+  # Kernel + encoder parity and the engine on the real model (greedy tokens vs the CPU path) with the
+  # binaries of this run, before anything is timed: kvq-gpu travels beside kvq (.carry-bin/kvq-gpu.xz).
+  stage_parts
+  [ -f "$S/kvq-gpu.xz" ] && [ ! -x "$S/kvq-gpu" ] && xz -dc "$S/kvq-gpu.xz" > "$S/kvq-gpu" && chmod +x "$S/kvq-gpu"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  timeout 300 "$S/kvq-gpu" check > "$S/check.txt" 2>&1; echo "check rc=$?"
+  grep -E "^(FAIL|parity|encode|check|SUMMARY|all)" "$S/check.txt" | tail -n 8; tail -n 3 "$S/check.txt"
+  KVQ_MODEL="$small" timeout 240 "$S/kvq-gpu" resident-check > "$S/resident.txt" 2>&1; echo "resident-check rc=$?"
+  grep -E "FAIL|tokens|greedy|ppl|SKIPPED" "$S/resident.txt" | head -n 20
+  cp "$S/check.txt" "$S/resident.txt" "$OUT/" 2>/dev/null
+  ;;
 llama-small)
   stage_parts
   [ -f "$small" ] || { echo "no model: run the stage call first"; exit 1; }
@@ -103,5 +117,5 @@ big)
     2>&1 | tee "$R/kvq.log" | tail -n 60
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
   ;;
-*) echo "usage: bench-gpu.sh stage|llama-small|kvq-small|big"; exit 2 ;;
+*) echo "usage: bench-gpu.sh stage|check|llama-small|kvq-small|big"; exit 2 ;;
 esac

@@ -198,13 +198,10 @@ impl DeviceKv {
 
     /// Uploads the host copies of the lengths to the device.
     pub(crate) fn sync_lengths(&mut self, gpu: &Gpu) -> Result<()> {
-        let st = gpu.stream();
         let ns: Vec<i32> = self.host_sealed.iter().map(|&n| n as i32).collect();
         let nw: Vec<i32> = self.host_win.iter().map(|&n| n as i32).collect();
-        st.memcpy_htod(&ns, &mut self.n_sealed)
-            .map_err(drv("uploading lengths"))?;
-        st.memcpy_htod(&nw, &mut self.n_win)
-            .map_err(drv("uploading lengths"))
+        gpu.upload(&ns, &mut self.n_sealed.as_view_mut())?;
+        gpu.upload(&nw, &mut self.n_win.as_view_mut())
     }
 
     /// Bytes one attention call reads for `rows` (slot, visible tokens): packed pages + window.
@@ -262,13 +259,10 @@ impl DeviceKv {
                 self.shape.slots
             )));
         }
-        let st = gpu.stream();
         let slots: Vec<i32> = rows.iter().map(|r| r.0 as i32).collect();
         let lens: Vec<i32> = rows.iter().map(|r| r.1 as i32).collect();
-        st.memcpy_htod(&slots, &mut ws.seq_slot)
-            .map_err(drv("uploading row slots"))?;
-        st.memcpy_htod(&lens, &mut ws.row_len)
-            .map_err(drv("uploading row lengths"))?;
+        gpu.upload(&slots, &mut ws.seq_slot.as_view_mut())?;
+        gpu.upload(&lens, &mut ws.row_len.as_view_mut())?;
         ws.rows = rows.to_vec();
         Ok(())
     }

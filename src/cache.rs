@@ -42,6 +42,8 @@ pub struct GpuLayerCache {
     len: Vec<usize>,
     k_ints: [i32; 4],
     v_ints: [i32; 4],
+    /// Device copy of the last append's plan (grown on demand, reused across appends).
+    idx_dev: CudaSlice<i32>,
 }
 
 /// Host-built index arrays of one append, uploaded as one buffer.
@@ -113,6 +115,10 @@ impl GpuLayerCache {
             len: vec![0; cfg.slots],
             k_ints: ints(kc),
             v_ints: ints(vc),
+            idx_dev: gpu
+                .stream()
+                .alloc_zeros::<i32>(1024)
+                .map_err(drv("allocating the append plan"))?,
         })
     }
 
@@ -178,10 +184,14 @@ impl GpuLayerCache {
         .flat_map(|v| v.iter().copied())
         .chain(std::iter::once(0))
         .collect();
-        let idx_d = st
-            .clone_htod(&idx)
-            .map_err(drv("uploading the append plan"))?;
-        let base = idx_d.device_ptr(st).0;
+        if self.idx_dev.len() < idx.len() {
+            self.idx_dev = st
+                .alloc_zeros::<i32>(idx.len().next_power_of_two())
+                .map_err(drv("allocating the append plan"))?;
+        }
+        // Stream order keeps the previous append's kernels reading their plan before this copy.
+        gpu.upload(&idx, &mut self.idx_dev.slice_mut(..idx.len()))?;
+        let base = self.idx_dev.device_ptr(st).0;
         let jobs = plan.job_slot.len();
         let at = |i: usize| base + 4 * i as u64;
         let mut ints = [0i32; 8];
@@ -219,9 +229,6 @@ impl GpuLayerCache {
         let bt = kv.block_tokens;
         let smem = bt * d * 4 + 8 * d + bt * d;
         launch::encode(gpu, &encode, &p, smem)?;
-        // The index buffer must live until both kernels ran: they are queued on the one stream, and
-        // cudarc frees device memory stream-ordered, after them.
-        drop(idx_d);
         // Commit the bookkeeping: pages were taken in `plan`; lengths now.
         for &(slot, n) in counts {
             self.len[slot] += n;
@@ -240,8 +247,7 @@ impl GpuLayerCache {
             }
             let off = slot * self.kv.shape.max_pages;
             let mut view = self.kv.page_table.slice_mut(off..off + row.len());
-            st.memcpy_htod(&row, &mut view)
-                .map_err(drv("updating the page table"))?;
+            gpu.upload(&row, &mut view)?;
         }
         Ok(())
     }

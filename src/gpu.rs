@@ -1,7 +1,9 @@
 //! The device runtime: one context, one explicit stream, kernels loaded from the embedded fatbins.
 
 use crate::error::{drv, GpuError, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, CudaViewMut, DevicePtrMut, DeviceRepr,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +21,21 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    staging: Mutex<Staging>,
 }
+
+/// Page-locked host memory that small per-step uploads go through (see [`Gpu::upload`]).
+struct Staging {
+    ptr: *mut u8,
+    cap: usize,
+    used: usize,
+}
+
+// SAFETY: the pointer is owned by the Gpu (freed in its Drop) and only touched under the Mutex.
+unsafe impl Send for Staging {}
+
+/// Bytes of page-locked staging memory per GPU.
+const STAGING_BYTES: usize = 8 << 20;
 
 impl Gpu {
     /// Opens GPU `ordinal`; errors clearly when kernels were not built or no driver/GPU is present.
@@ -51,6 +67,11 @@ impl Gpu {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
+            staging: Mutex::new(Staging {
+                ptr: std::ptr::null_mut(),
+                cap: 0,
+                used: 0,
+            }),
         })
     }
 
@@ -149,9 +170,84 @@ impl Gpu {
             .map_err(drv("querying the SM count"))
     }
 
+    /// Copies `src` to `dst` on the stream through page-locked staging memory. A copy from pageable
+    /// memory may wait for the stream's earlier work; this one never does, so the host keeps queueing
+    /// kernels while the GPU runs (the per-layer index uploads of a decode step go through here).
+    /// The staging area is reused only after a stream synchronize, so queued copies never see it change.
+    pub fn upload<T: DeviceRepr + Copy>(&self, src: &[T], dst: &mut CudaViewMut<T>) -> Result<()> {
+        let bytes = std::mem::size_of_val(src);
+        if src.len() > dst.len() {
+            return Err(GpuError::Shape(format!(
+                "upload of {} values into {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        let mut sg = self
+            .staging
+            .lock()
+            .map_err(|_| GpuError::Shape("staging memory poisoned".into()))?;
+        if bytes > STAGING_BYTES {
+            drop(sg);
+            return self
+                .stream
+                .memcpy_htod(src, dst)
+                .map_err(drv("uploading to the GPU"));
+        }
+        if sg.ptr.is_null() {
+            self.ctx.bind_to_thread().map_err(drv("binding the context"))?;
+            // SAFETY: a plain page-locked allocation of STAGING_BYTES, freed in Drop.
+            let p = unsafe { cudarc::driver::result::malloc_host(STAGING_BYTES, 0) }
+                .map_err(drv("allocating page-locked staging memory"))?;
+            sg.ptr = p as *mut u8;
+            sg.cap = STAGING_BYTES;
+        }
+        if sg.used + bytes > sg.cap {
+            // Every copy queued from the area must finish before it is overwritten.
+            self.stream
+                .synchronize()
+                .map_err(drv("waiting for staged uploads"))?;
+            sg.used = 0;
+        }
+        let off = sg.used;
+        // SAFETY: [off, off + bytes) lies inside the allocation and no queued copy reads it (the area
+        // is only rewound after a synchronize); `src` is plain data (DeviceRepr + Copy).
+        let staged = unsafe {
+            let at = sg.ptr.add(off);
+            std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, at, bytes);
+            std::slice::from_raw_parts(at as *const T, src.len())
+        };
+        let (dptr, _sync) = dst.device_ptr_mut(&self.stream);
+        // SAFETY: `dst` holds at least src.len() values (checked); the staged bytes stay untouched
+        // until the stream has run this copy (see above).
+        unsafe { cudarc::driver::result::memcpy_htod_async(dptr, staged, self.stream.cu_stream()) }
+            .map_err(drv("uploading to the GPU"))?;
+        sg.used = (off + bytes).next_multiple_of(256);
+        Ok(())
+    }
+
     /// Free and total device memory in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
         self.ctx.mem_get_info().map_err(drv("querying memory"))
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        if let Ok(sg) = self.staging.get_mut() {
+            if !sg.ptr.is_null() {
+                // Queued copies may still read the staging area: finish them first. Errors here
+                // cannot be reported from Drop; the memory goes with the process then.
+                if self.stream.synchronize().is_ok() {
+                    // SAFETY: allocated by malloc_host in `upload`, no copy reads it any more.
+                    let _ = unsafe { cudarc::driver::result::free_host(sg.ptr as *mut _) };
+                }
+                sg.ptr = std::ptr::null_mut();
+            }
+        }
     }
 }
 

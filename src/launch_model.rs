@@ -30,6 +30,15 @@ pub struct Indices {
 impl Indices {
     /// Uploads `host`; fails when a value does not fit an `i32`.
     pub fn upload(stream: &Arc<CudaStream>, host: &[u32]) -> Result<Self> {
+        Self::upload_with(stream, host, None)
+    }
+
+    /// [`Indices::upload`] through `gpu`'s page-locked staging (never waits for queued work).
+    pub fn upload_staged(gpu: &Gpu, host: &[u32]) -> Result<Self> {
+        Self::upload_with(gpu.stream(), host, Some(gpu))
+    }
+
+    fn upload_with(stream: &Arc<CudaStream>, host: &[u32], gpu: Option<&Gpu>) -> Result<Self> {
         let v: Vec<i32> = host
             .iter()
             .map(|&x| {
@@ -38,12 +47,19 @@ impl Indices {
             .collect::<Result<_>>()?;
         let upper = host.iter().map(|&x| x as usize + 1).max().unwrap_or(0);
         // A zero-length allocation is not allowed: keep one slot.
-        let dev = if v.is_empty() {
-            stream.alloc_zeros::<i32>(1)
-        } else {
-            stream.clone_htod(&v)
-        }
-        .map_err(drv("uploading indices"))?;
+        let dev = match gpu {
+            Some(g) if !v.is_empty() => {
+                let mut d = stream
+                    .alloc_zeros::<i32>(v.len())
+                    .map_err(drv("allocating indices"))?;
+                g.upload(&v, &mut d.as_view_mut())?;
+                d
+            }
+            _ if v.is_empty() => stream
+                .alloc_zeros::<i32>(1)
+                .map_err(drv("allocating indices"))?,
+            _ => stream.clone_htod(&v).map_err(drv("uploading indices"))?,
+        };
         Ok(Self {
             dev,
             len: host.len(),

@@ -572,13 +572,12 @@ impl Engine {
             self.scratch = None; // free before allocating the larger set
             self.scratch = Some(Scratch::new(&self.gpu, &c, n.max(r0), m.max(l0))?);
         }
-        let st = self.gpu.stream().clone();
-        let ids_dev = Indices::upload(&st, ids)?;
+        let ids_dev = Indices::upload_staged(&self.gpu, ids)?;
         let pos: Vec<u32> = rows
             .iter()
             .flat_map(|r| (r.pos..r.pos + r.n).map(|p| p as u32))
             .collect();
-        let pos_dev = Indices::upload(&st, &pos)?;
+        let pos_dev = Indices::upload_staged(&self.gpu, &pos)?;
         let mut last = Vec::with_capacity(m);
         let mut off = 0u32;
         for r in rows {
@@ -590,7 +589,7 @@ impl Engine {
                 last.push(off - 1);
             }
         }
-        let last_dev = Indices::upload(&st, &last)?;
+        let last_dev = Indices::upload_staged(&self.gpu, &last)?;
         let (h, d, hq, hkv) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
         let (ops, blas, w) = (&self.ops, &self.blas, &self.weights);
         let s = self.scratch.as_mut().ok_or_else(no_forward)?;

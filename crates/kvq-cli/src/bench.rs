@@ -117,6 +117,8 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                 pb.set_message(format!("{desc} T={t} B={b}"));
                 let cap = t + o.warmup + o.steps + 1;
                 let need = bpt * (b * cap) as f64;
+                // Free the previous point's caches before asking what is free.
+                engine.set_resident(plan.clone(), &model.rope, limits0)?;
                 let (free, _) = gpu.mem_info()?;
                 // Leave room for the rings, workspaces and activations.
                 let budget = free as f64 * 0.92 - 512e6;
@@ -134,12 +136,13 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                         let step_bytes = weight_bytes as f64 + kv_bytes;
                         let tok_s = b as f64 * 1e3 / ms;
                         let frac = step_bytes / (ms / 1e3) / bw;
-                        pb.println(format!(
+                        let line = format!(
                             "{desc:<48} T={t:>6} B={b:>2}: {ms:8.3} ms/step {tok_s:9.1} tok/s  KV {:.2} GiB  {:.2} bits/elem  {:.0}% of copy BW",
                             kv_bytes / 1073741824.0,
                             kv.bits_per_elem(),
                             frac * 100.0
-                        ));
+                        );
+                        pb.suspend(|| eprintln!("{line}"));
                         points.push(point(&desc, t, b, "ok", json!({
                             "ms_per_step": ms, "tok_s": tok_s, "kv_gib": kv_bytes / 1073741824.0,
                             "bits_per_elem": kv.bits_per_elem(), "kv_bytes_read": kv_bytes,
@@ -147,7 +150,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                         })));
                     }
                     Err(e) => {
-                        pb.println(format!("{desc} T={t} B={b}: {e:#}"));
+                        pb.suspend(|| eprintln!("{desc} T={t} B={b}: {e:#}"));
                         points.push(point(&desc, t, b, "error", json!({"note": format!("{e:#}")})));
                     }
                 }
