@@ -198,7 +198,9 @@ impl Gpu {
                 .map_err(drv("uploading to the GPU"));
         }
         if sg.ptr.is_null() {
-            self.ctx.bind_to_thread().map_err(drv("binding the context"))?;
+            self.ctx
+                .bind_to_thread()
+                .map_err(drv("binding the context"))?;
             // SAFETY: a plain page-locked allocation of STAGING_BYTES, freed in Drop.
             let p = unsafe { cudarc::driver::result::malloc_host(STAGING_BYTES, 0) }
                 .map_err(drv("allocating page-locked staging memory"))?;

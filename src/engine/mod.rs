@@ -210,7 +210,12 @@ impl Engine {
     /// Swaps the attention backend for a GPU-resident one of `plan` sized by `limits`, freeing every
     /// sequence: one upload of the weights then serves many cache shapes (benchmarks, re-planning).
     /// `rope` is the model's (the plan's caches are built for its head size).
-    pub fn set_resident(&mut self, plan: KvPlan, rope: &Rope, limits: ResidentLimits) -> Result<()> {
+    pub fn set_resident(
+        &mut self,
+        plan: KvPlan,
+        rope: &Rope,
+        limits: ResidentLimits,
+    ) -> Result<()> {
         let c = &self.config;
         let heads = Heads {
             layers: c.n_layers,

@@ -203,7 +203,10 @@ impl AttentionBackend for ResidentBackend {
     ) -> Result<()> {
         let slot = self.slot(id)?;
         let gc = self.layers.get_mut(layer).ok_or_else(|| {
-            GpuError::Input(format!("layer {layer} of a {}-layer cache", self.heads.layers))
+            GpuError::Input(format!(
+                "layer {layer} of a {}-layer cache",
+                self.heads.layers
+            ))
         })?;
         gc.append(gpu, &[(slot, n)], k, v)
     }

@@ -39,14 +39,9 @@ pub struct DecodeOpts {
 }
 
 /// One measured (or skipped) point.
-fn point(
-    plan: &str,
-    ctx: usize,
-    batch: usize,
-    status: &str,
-    extra: Value,
-) -> Value {
-    let mut p = json!({"runtime": "kvq", "plan": plan, "ctx": ctx, "batch": batch, "status": status});
+fn point(plan: &str, ctx: usize, batch: usize, status: &str, extra: Value) -> Value {
+    let mut p =
+        json!({"runtime": "kvq", "plan": plan, "ctx": ctx, "batch": batch, "status": status});
     if let (Some(o), Value::Object(e)) = (p.as_object_mut(), extra) {
         o.extend(e);
     }
@@ -151,7 +146,13 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                     }
                     Err(e) => {
                         pb.suspend(|| eprintln!("{desc} T={t} B={b}: {e:#}"));
-                        points.push(point(&desc, t, b, "error", json!({"note": format!("{e:#}")})));
+                        points.push(point(
+                            &desc,
+                            t,
+                            b,
+                            "error",
+                            json!({"note": format!("{e:#}")}),
+                        ));
                     }
                 }
                 pb.inc(1);
@@ -189,7 +190,11 @@ pub fn replot(json_path: &str, peers: &[String], batches: &[usize]) -> Result<()
     for p in peers {
         let new = read_peer(p)?;
         // A label given again replaces its earlier points.
-        if let Some(label) = new.first().and_then(|v| v["runtime"].as_str()).map(String::from) {
+        if let Some(label) = new
+            .first()
+            .and_then(|v| v["runtime"].as_str())
+            .map(String::from)
+        {
             all.retain(|v| v["runtime"].as_str() != Some(label.as_str()));
         }
         all.extend(new);
@@ -254,9 +259,9 @@ fn measure(
 
 /// Reads `LABEL=PATH`, a llama-batched-bench `--output-format jsonl` file: one point per line.
 fn read_peer(arg: &str) -> Result<Vec<Value>> {
-    let (label, path) = arg
-        .split_once('=')
-        .with_context(|| format!("--peer {arg}: expected LABEL=PATH (e.g. 'llama.cpp f16=out/f16.jsonl')"))?;
+    let (label, path) = arg.split_once('=').with_context(|| {
+        format!("--peer {arg}: expected LABEL=PATH (e.g. 'llama.cpp f16=out/f16.jsonl')")
+    })?;
     let text = std::fs::read_to_string(path).with_context(|| format!("--peer {path}"))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -270,8 +275,10 @@ fn read_peer(arg: &str) -> Result<Vec<Value>> {
         let (Some(pp), Some(pl), Some(tg)) = (get("pp"), get("pl"), get("speed_tg")) else {
             bail!("--peer {path}: line {} lacks pp / pl / speed_tg (llama-batched-bench --output-format jsonl)", i + 1);
         };
-        out.push(json!({"runtime": label, "ctx": pp as usize, "batch": pl as usize, "tok_s": tg,
-                        "ms_per_step": pl * 1e3 / tg, "status": "ok"}));
+        out.push(
+            json!({"runtime": label, "ctx": pp as usize, "batch": pl as usize, "tok_s": tg,
+                        "ms_per_step": pl * 1e3 / tg, "status": "ok"}),
+        );
     }
     if out.is_empty() {
         bail!("--peer {path}: no llama-batched-bench JSONL lines");
@@ -282,11 +289,9 @@ fn read_peer(arg: &str) -> Result<Vec<Value>> {
 /// Adds `vs_<peer>` speed ratios to every kvq point that a peer measured at the same (ctx, batch).
 fn add_ratios(points: &mut [Value], peers: &[Value]) {
     for p in points.iter_mut() {
-        let (Some(t), Some(b), Some(tps)) = (
-            p["ctx"].as_u64(),
-            p["batch"].as_u64(),
-            p["tok_s"].as_f64(),
-        ) else {
+        let (Some(t), Some(b), Some(tps)) =
+            (p["ctx"].as_u64(), p["batch"].as_u64(), p["tok_s"].as_f64())
+        else {
             continue;
         };
         let mut ratios = serde_json::Map::new();
@@ -305,11 +310,17 @@ fn add_ratios(points: &mut [Value], peers: &[Value]) {
 /// (B=1 points); returns the paths written.
 fn plot_all(doc: &Value, json_path: &str, model: &str, batches: &[usize]) -> Result<Vec<String>> {
     let stem = json_path.strip_suffix(".json").unwrap_or(json_path);
-    let mut all: Vec<&Value> = doc["points"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
+    let mut all: Vec<&Value> = doc["points"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
     all.extend(doc["peers"].as_array().into_iter().flatten());
     let series_name = |p: &Value| -> String {
         match p["runtime"].as_str() {
-            Some("kvq") => format!("kvq {}", kvq_model::sweep::short_label(p["plan"].as_str().unwrap_or("?"))),
+            Some("kvq") => format!(
+                "kvq {}",
+                kvq_model::sweep::short_label(p["plan"].as_str().unwrap_or("?"))
+            ),
             Some(r) => r.to_string(),
             None => "?".into(),
         }
@@ -354,7 +365,13 @@ fn plot_all(doc: &Value, json_path: &str, model: &str, batches: &[usize]) -> Res
 }
 
 /// One log2-x line chart of named series of (x, y) points.
-fn line_plot(path: &str, title: &str, xd: &str, yd: &str, pts: &[(String, f64, f64)]) -> Result<()> {
+fn line_plot(
+    path: &str,
+    title: &str,
+    xd: &str,
+    yd: &str,
+    pts: &[(String, f64, f64)],
+) -> Result<()> {
     let mut names: Vec<&str> = pts.iter().map(|p| p.0.as_str()).collect();
     names.dedup();
     let mut uniq = Vec::new();
@@ -365,7 +382,11 @@ fn line_plot(path: &str, title: &str, xd: &str, yd: &str, pts: &[(String, f64, f
     }
     let lx = |x: f64| x.log2();
     let x0 = pts.iter().map(|p| lx(p.1)).fold(f64::INFINITY, f64::min) - 0.3;
-    let x1 = pts.iter().map(|p| lx(p.1)).fold(f64::NEG_INFINITY, f64::max) + 0.3;
+    let x1 = pts
+        .iter()
+        .map(|p| lx(p.1))
+        .fold(f64::NEG_INFINITY, f64::max)
+        + 0.3;
     let y1 = pts.iter().map(|p| p.2).fold(0.0, f64::max) * 1.1;
     let text = crate::plot::font_ok();
     let root = BitMapBackend::new(path, (1100, 700)).into_drawing_area();
@@ -410,7 +431,10 @@ fn line_plot(path: &str, title: &str, xd: &str, yd: &str, pts: &[(String, f64, f
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
         }
         chart
-            .draw_series(s.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))
+            .draw_series(
+                s.iter()
+                    .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+            )
             .map_err(e)?;
     }
     if text {

@@ -216,7 +216,11 @@ enum BenchCmd {
         #[arg(long)]
         kv: Vec<String>,
         /// Contexts, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "4096,16384,32768,65536,131072")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "4096,16384,32768,65536,131072"
+        )]
         ctx: Vec<usize>,
         /// Batch sizes, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
@@ -851,19 +855,20 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Bench {
-            what: BenchCmd::Decode {
-                m,
-                kv,
-                ctx,
-                batch,
-                steps,
-                warmup,
-                chunk,
-                json,
-                peer,
-                name,
-                replot,
-            },
+            what:
+                BenchCmd::Decode {
+                    m,
+                    kv,
+                    ctx,
+                    batch,
+                    steps,
+                    warmup,
+                    chunk,
+                    json,
+                    peer,
+                    name,
+                    replot,
+                },
         } => {
             if replot {
                 return bench::replot(&json, &peer, &batch);
