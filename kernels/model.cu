@@ -161,3 +161,87 @@ extern "C" __global__ void kvq_model_argmax(const float* logits, int vocab, int3
     }
     if (threadIdx.x == 0) out[blockIdx.x] = si[0] < 0 ? 0 : si[0];
 }
+
+// Skinny GEMM for decode steps (n <= 8 rows), where cuBLAS reads the weight well below the bandwidth
+// limit: y[r][c] (+)= sum_i x[r][i] W[i][c]. W f16 [inp][out] row-major with out % 8 == 0, x f16 [n][inp],
+// y f32 [n][out], zeroed by the caller unless accumulating. Grid (ceil(out / 256), k-splits), block 128:
+// a block owns 256 columns (8 per thread, one 16-byte load per weight row) over `rpb` rows of W (its
+// k-split), dealt round-robin to its 4 warps four rows at a time so each thread keeps four loads in
+// flight; the warps' partial sums meet in shared memory and go to y with atomicAdd (k-splits add up).
+namespace {
+constexpr int GEMV_COLS = 256, GEMV_WARPS = 4, GEMV_MAX_RPB = 512;
+
+template <int N>
+__device__ void gemv_body(const __half* __restrict__ W, const __half* __restrict__ x, float* y, int inp,
+                          int out, int rpb) {
+    __shared__ __half xs[N][GEMV_MAX_RPB];
+    __shared__ float red[GEMV_WARPS][N][GEMV_COLS];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int k0 = blockIdx.y * rpb, k1 = min(inp, k0 + rpb), rows = k1 - k0;
+    for (int e = threadIdx.x; e < N * rows; e += blockDim.x) {
+        const int r = e / rows, i = e - r * rows;
+        xs[r][i] = x[(int64_t)r * inp + k0 + i];
+    }
+    __syncthreads();
+    const int c0 = blockIdx.x * GEMV_COLS + lane * 8;
+    float acc[N][8];
+#pragma unroll
+    for (int r = 0; r < N; ++r)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[r][j] = 0.f;
+    if (c0 < out) {
+        const __half* wp = W + (int64_t)k0 * out + c0;
+        for (int i0 = warp * 4; i0 < rows; i0 += GEMV_WARPS * 4) {
+            uint4 wv[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                wv[u] = i0 + u < rows ? __ldg(reinterpret_cast<const uint4*>(wp + (int64_t)(i0 + u) * out))
+                                      : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                if (i0 + u >= rows) break;
+                const __half2* h = reinterpret_cast<const __half2*>(&wv[u]);
+                float2 wf[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) wf[j] = __half22float2(h[j]);
+#pragma unroll
+                for (int r = 0; r < N; ++r) {
+                    const float xv = __half2float(xs[r][i0 + u]);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        acc[r][2 * j] = fmaf(xv, wf[j].x, acc[r][2 * j]);
+                        acc[r][2 * j + 1] = fmaf(xv, wf[j].y, acc[r][2 * j + 1]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < N; ++r)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) red[warp][r][lane * 8 + j] = acc[r][j];
+    __syncthreads();
+    for (int e = threadIdx.x; e < N * GEMV_COLS; e += blockDim.x) {
+        const int r = e / GEMV_COLS, c = e - r * GEMV_COLS, col = blockIdx.x * GEMV_COLS + c;
+        if (col >= out) continue;
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < GEMV_WARPS; ++w) s += red[w][r][c];
+        atomicAdd(y + (int64_t)r * out + col, s);
+    }
+}
+}  // namespace
+
+#define KVQ_GEMV(N)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) kvq_model_gemv_n##N(                          \
+        const __half* W, const __half* x, float* y, int inp, int out, int rpb) {                      \
+        gemv_body<N>(W, x, y, inp, out, rpb);                                                          \
+    }
+KVQ_GEMV(1)
+KVQ_GEMV(2)
+KVQ_GEMV(3)
+KVQ_GEMV(4)
+KVQ_GEMV(5)
+KVQ_GEMV(6)
+KVQ_GEMV(7)
+KVQ_GEMV(8)

@@ -37,6 +37,8 @@ pub struct GpuLayerCache {
     max_append: usize,
     /// Pages of each slot, in order.
     pages: Vec<Vec<i32>>,
+    /// How many of each slot's pages its device page-table row already holds (only new ones go up).
+    table_rows: Vec<usize>,
     free: Vec<i32>,
     /// Tokens of each slot.
     len: Vec<usize>,
@@ -111,6 +113,7 @@ impl GpuLayerCache {
             max_tokens: cfg.max_tokens,
             max_append: cfg.max_append.max(1),
             pages: vec![Vec::new(); cfg.slots],
+            table_rows: vec![0; cfg.slots],
             free: (0..pool_pages as i32).rev().collect(),
             len: vec![0; cfg.slots],
             k_ints: ints(kc),
@@ -144,6 +147,7 @@ impl GpuLayerCache {
             .get_mut(slot)
             .ok_or_else(|| GpuError::Shape(format!("no slot {slot}")))?;
         self.free.append(pages);
+        self.table_rows[slot] = 0;
         self.len[slot] = 0;
         self.kv.host_sealed[slot] = 0;
         self.kv.host_win[slot] = 0;
@@ -239,15 +243,16 @@ impl GpuLayerCache {
             self.kv.host_win[slot] = l - sealed;
         }
         self.kv.sync_lengths(gpu)?;
-        // Page table rows of the slots that grew.
+        // Page-table entries of the pages this append took (most steps take none).
         for &(slot, _) in counts {
-            let row: Vec<i32> = self.pages[slot].clone();
-            if row.is_empty() {
+            let (have, now) = (self.table_rows[slot], self.pages[slot].len());
+            if now == have {
                 continue;
             }
             let off = slot * self.kv.shape.max_pages;
-            let mut view = self.kv.page_table.slice_mut(off..off + row.len());
-            gpu.upload(&row, &mut view)?;
+            let mut view = self.kv.page_table.slice_mut(off + have..off + now);
+            gpu.upload(&self.pages[slot][have..now], &mut view)?;
+            self.table_rows[slot] = now;
         }
         Ok(())
     }

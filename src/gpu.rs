@@ -21,6 +21,8 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Kernels looked up so far: a decode step asks for the same few hundred times.
+    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
     staging: Mutex<Staging>,
 }
 
@@ -67,6 +69,7 @@ impl Gpu {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
             staging: Mutex::new(Staging {
                 ptr: std::ptr::null_mut(),
                 cap: 0,
@@ -120,9 +123,19 @@ impl Gpu {
 
     /// Looks up kernel `name` in embedded module `module` (loaded once).
     pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
-        self.module(module)?
+        let mut fns = self
+            .functions
+            .lock()
+            .map_err(|_| GpuError::Shape("kernel cache poisoned".into()))?;
+        if let Some(f) = fns.get(&(module, name.to_string())) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module(module)?
             .load_function(name)
-            .map_err(|_| GpuError::MissingKernel(name.to_string()))
+            .map_err(|_| GpuError::MissingKernel(name.to_string()))?;
+        fns.insert((module, name.to_string()), f.clone());
+        Ok(f)
     }
 
     /// A format module's page layout `(blocks per page, most pipeline stages, tokens per tile or 0 when

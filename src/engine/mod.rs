@@ -64,6 +64,10 @@ struct Scratch {
     last16: CudaSlice<f16>,
     logits: CudaSlice<f32>,
     picks: CudaSlice<i32>,
+    /// Token ids, positions and logit rows of the current forward (reused across steps).
+    ids: Indices,
+    pos: Indices,
+    last: Indices,
 }
 
 impl Scratch {
@@ -98,6 +102,9 @@ impl Scratch {
             last16: st.alloc_zeros(lr * h).map_err(a("final norm"))?,
             logits: st.alloc_zeros(lr * c.vocab).map_err(a("logits"))?,
             picks: st.alloc_zeros(lr).map_err(a("token picks"))?,
+            ids: Indices::upload_staged(gpu, &[])?,
+            pos: Indices::upload_staged(gpu, &[])?,
+            last: Indices::upload_staged(gpu, &[])?,
         })
     }
 }
@@ -155,6 +162,9 @@ pub struct Engine {
     next_id: u64,
     scratch: Option<Scratch>,
     plan: String,
+    /// Host time spent issuing forwards (kernels, copies, bookkeeping) since the last
+    /// [`Engine::take_enqueue_time`]: tells host-bound steps from GPU-bound ones.
+    enqueue: std::time::Duration,
 }
 
 impl Engine {
@@ -299,6 +309,7 @@ impl Engine {
             next_id: 0,
             scratch: None,
             plan: String::new(),
+            enqueue: std::time::Duration::ZERO,
         })
     }
 
@@ -540,6 +551,19 @@ impl Engine {
     /// [`Engine::forward`]; with `every_row` the logits of every row are kept (in row order), not only
     /// each group's last.
     fn forward_logits(&mut self, rows: &[SeqRows], ids: &[u32], every_row: bool) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let r = self.forward_enqueue(rows, ids, every_row);
+        self.enqueue += t0.elapsed();
+        r
+    }
+
+    /// Host time spent issuing forwards since the last call (asynchronous work not waited for):
+    /// when it is close to the step time, the step is bound by the host, not the GPU.
+    pub fn take_enqueue_time(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.enqueue)
+    }
+
+    fn forward_enqueue(&mut self, rows: &[SeqRows], ids: &[u32], every_row: bool) -> Result<()> {
         let c = self.config.clone();
         let n: usize = rows.iter().map(|r| r.n).sum();
         if n != ids.len() || n == 0 {
@@ -577,12 +601,10 @@ impl Engine {
             self.scratch = None; // free before allocating the larger set
             self.scratch = Some(Scratch::new(&self.gpu, &c, n.max(r0), m.max(l0))?);
         }
-        let ids_dev = Indices::upload_staged(&self.gpu, ids)?;
         let pos: Vec<u32> = rows
             .iter()
             .flat_map(|r| (r.pos..r.pos + r.n).map(|p| p as u32))
             .collect();
-        let pos_dev = Indices::upload_staged(&self.gpu, &pos)?;
         let mut last = Vec::with_capacity(m);
         let mut off = 0u32;
         for r in rows {
@@ -594,17 +616,19 @@ impl Engine {
                 last.push(off - 1);
             }
         }
-        let last_dev = Indices::upload_staged(&self.gpu, &last)?;
+        let s = self.scratch.as_mut().ok_or_else(no_forward)?;
+        s.ids.restage(&self.gpu, ids)?;
+        s.pos.restage(&self.gpu, &pos)?;
+        s.last.restage(&self.gpu, &last)?;
         let (h, d, hq, hkv) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
         let (ops, blas, w) = (&self.ops, &self.blas, &self.weights);
-        let s = self.scratch.as_mut().ok_or_else(no_forward)?;
-        ops.embed(&w.embed, (c.vocab, h), &ids_dev, &mut s.x)?;
+        ops.embed(&w.embed, (c.vocab, h), &s.ids, &mut s.x)?;
         for (l, lw) in w.layers.iter().enumerate() {
             ops.rmsnorm(&s.x, n, None, &lw.attn_norm, &mut s.hn, (n, h), c.rms_eps)?;
             blas.matmul(&s.hn, &lw.wqkv, &mut s.qkv, n, false)?;
             ops.qkv_split(
                 &s.qkv,
-                &pos_dev,
+                &s.pos,
                 &w.inv_freq,
                 &mut s.q,
                 &mut s.k,
@@ -616,7 +640,7 @@ impl Engine {
                 ops.rope(
                     &mut s.k,
                     hkv * d,
-                    &pos_dev,
+                    &s.pos,
                     &w.inv_freq,
                     (n, hkv, d),
                     self.rope_style,
@@ -634,7 +658,7 @@ impl Engine {
         ops.rmsnorm(
             &s.x,
             n,
-            Some(&last_dev),
+            Some(&s.last),
             &w.norm,
             &mut s.last16,
             (m, h),

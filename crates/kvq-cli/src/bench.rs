@@ -126,20 +126,20 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                 }
                 let r = measure(&mut engine, model, &plan, t, b, o);
                 match r {
-                    Ok((ms, kv)) => {
+                    Ok((ms, host_ms, kv)) => {
                         let kv_bytes = (kv.packed + kv.window) as f64 * b as f64;
                         let step_bytes = weight_bytes as f64 + kv_bytes;
                         let tok_s = b as f64 * 1e3 / ms;
                         let frac = step_bytes / (ms / 1e3) / bw;
                         let line = format!(
-                            "{desc:<48} T={t:>6} B={b:>2}: {ms:8.3} ms/step {tok_s:9.1} tok/s  KV {:.2} GiB  {:.2} bits/elem  {:.0}% of copy BW",
+                            "{desc:<48} T={t:>6} B={b:>2}: {ms:8.3} ms/step ({host_ms:.3} issuing) {tok_s:9.1} tok/s  KV {:.2} GiB  {:.2} bits/elem  {:.0}% of copy BW",
                             kv_bytes / 1073741824.0,
                             kv.bits_per_elem(),
                             frac * 100.0
                         );
                         pb.suspend(|| eprintln!("{line}"));
                         points.push(point(&desc, t, b, "ok", json!({
-                            "ms_per_step": ms, "tok_s": tok_s, "kv_gib": kv_bytes / 1073741824.0,
+                            "ms_per_step": ms, "host_ms_per_step": host_ms, "tok_s": tok_s, "kv_gib": kv_bytes / 1073741824.0,
                             "bits_per_elem": kv.bits_per_elem(), "kv_bytes_read": kv_bytes,
                             "weight_bytes": weight_bytes, "bw_fraction": frac,
                         })));
@@ -174,6 +174,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
     std::fs::write(&o.json, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("--json {}", o.json))?;
     eprintln!("wrote {}", o.json);
+    eprintln!("wrote {}", write_markdown(&doc, &o.json)?);
     for path in plot_all(&doc, &o.json, &o.model_name, &o.batch)? {
         eprintln!("wrote {path}");
     }
@@ -207,6 +208,7 @@ pub fn replot(json_path: &str, peers: &[String], batches: &[usize]) -> Result<()
     std::fs::write(json_path, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("--json {json_path}"))?;
     let model = doc["model"].as_str().unwrap_or("model").to_string();
+    eprintln!("wrote {}", write_markdown(&doc, json_path)?);
     for path in plot_all(&doc, json_path, &model, batches)? {
         eprintln!("wrote {path}");
     }
@@ -221,7 +223,7 @@ fn measure(
     t: usize,
     b: usize,
     o: &DecodeOpts,
-) -> Result<(f64, kvq_formats::CacheBytes)> {
+) -> Result<(f64, f64, kvq_formats::CacheBytes)> {
     let cap = t + o.warmup + o.steps + 1;
     let limits = kvq::engine::ResidentLimits {
         slots: b,
@@ -242,6 +244,7 @@ fn measure(
             x.1 = n;
         }
     }
+    engine.take_enqueue_time();
     let t0 = Instant::now();
     for _ in 0..o.steps {
         let next = engine.step_greedy(&batch)?;
@@ -250,11 +253,12 @@ fn measure(
         }
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3 / o.steps.max(1) as f64;
+    let host_ms = engine.take_enqueue_time().as_secs_f64() * 1e3 / o.steps.max(1) as f64;
     let kv = engine.kv_bytes(seqs[0])?;
     for s in seqs {
         engine.free(s);
     }
-    Ok((ms, kv))
+    Ok((ms, host_ms, kv))
 }
 
 /// Reads `LABEL=PATH`, a llama-batched-bench `--output-format jsonl` file: one point per line.
@@ -304,6 +308,102 @@ fn add_ratios(points: &mut [Value], peers: &[Value]) {
         }
         p["vs_peer"] = Value::Object(ratios);
     }
+}
+
+/// Writes `<stem>.md` beside the JSON: one row per point (kvq plans and peers) with tokens/s, the
+/// fraction of the bandwidth limit and the ratios to each peer, then what each plan fits; returns its path.
+fn write_markdown(doc: &Value, json_path: &str) -> Result<String> {
+    use std::fmt::Write as _;
+    let stem = json_path.strip_suffix(".json").unwrap_or(json_path);
+    let path = format!("{stem}.md");
+    let empty = Vec::new();
+    let points = doc["points"].as_array().unwrap_or(&empty);
+    let peers = doc["peers"].as_array().unwrap_or(&empty);
+    let mut labels: Vec<&str> = peers.iter().filter_map(|p| p["runtime"].as_str()).collect();
+    labels.sort_unstable();
+    labels.dedup();
+    let mut md = String::new();
+    let bw = doc["copy_bandwidth_bytes_s"].as_f64().unwrap_or(0.0);
+    let _ = writeln!(
+        md,
+        "{} on {}: device copy bandwidth {:.0} GB/s; weights {:.2} GB; {} timed steps after {} warm-up per point.\n",
+        doc["model"].as_str().unwrap_or("?"),
+        doc["gpu"].as_str().unwrap_or("?"),
+        bw / 1e9,
+        doc["weight_bytes"].as_f64().unwrap_or(0.0) / 1e9,
+        doc["steps"],
+        doc["warmup"],
+    );
+    let mut head = String::from("| runtime / KV plan | B | context | bits/elem | KV GiB | ms/step | host ms | tok/s | % of BW limit |");
+    let mut rule = String::from("|---|---|---|---|---|---|---|---|---|");
+    for l in &labels {
+        let _ = write!(head, " vs {l} |");
+        rule.push_str("---|");
+    }
+    let _ = writeln!(md, "{head}\n{rule}");
+    let mut rows: Vec<&Value> = points.iter().chain(peers.iter()).collect();
+    let key = |p: &Value| {
+        (
+            p["batch"].as_u64().unwrap_or(0),
+            p["ctx"].as_u64().unwrap_or(0),
+            p["runtime"] != "kvq",
+        )
+    };
+    rows.sort_by_key(|p| key(p));
+    let num =
+        |v: &Value, f: &dyn Fn(f64) -> String| v.as_f64().map(f).unwrap_or_else(|| "-".into());
+    for p in rows {
+        let name = match p["runtime"].as_str() {
+            Some("kvq") => format!("kvq `{}`", p["plan"].as_str().unwrap_or("?")),
+            Some(r) => r.to_string(),
+            None => "?".into(),
+        };
+        let status = p["status"].as_str().unwrap_or("?");
+        let tok = if status == "ok" {
+            num(&p["tok_s"], &|x| format!("{x:.1}"))
+        } else {
+            format!("{status}: {}", p["note"].as_str().unwrap_or(""))
+        };
+        let _ = write!(
+            md,
+            "| {name} | {} | {} | {} | {} | {} | {} | {tok} | {} |",
+            p["batch"],
+            p["ctx"],
+            num(&p["bits_per_elem"], &|x| format!("{x:.2}")),
+            num(&p["kv_gib"], &|x| format!("{x:.2}")),
+            num(&p["ms_per_step"], &|x| format!("{x:.3}")),
+            num(&p["host_ms_per_step"], &|x| format!("{x:.3}")),
+            num(&p["bw_fraction"], &|x| format!("{:.0}%", x * 100.0)),
+        );
+        for l in &labels {
+            let _ = write!(md, " {} |", num(&p["vs_peer"][*l], &|x| format!("{x:.2}x")));
+        }
+        md.push('\n');
+    }
+    if let Some(fits) = doc["fits"].as_array().filter(|f| !f.is_empty()) {
+        let fp16 = fits
+            .iter()
+            .find(|f| f["plan"] == "fp16")
+            .and_then(|f| f["max_ctx_b1"].as_f64());
+        md.push_str("\n| KV plan | packed bytes/token | longest context, B=1 | x fp16 | longest context, B=8 | largest batch at 32k |\n|---|---|---|---|---|---|\n");
+        for f in fits {
+            let x = match (f["max_ctx_b1"].as_f64(), fp16) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                md,
+                "| `{}` | {} | {} | {x} | {} | {} |",
+                f["plan"].as_str().unwrap_or("?"),
+                num(&f["packed_bytes_per_token"], &|x| format!("{x:.0}")),
+                f["max_ctx_b1"],
+                f["max_ctx_b8"],
+                f["max_batch_32k"],
+            );
+        }
+    }
+    std::fs::write(&path, md).with_context(|| format!("writing {path}"))?;
+    Ok(path)
 }
 
 /// Draws tokens/s vs context (one PNG per batch size, kvq plans and peers) and KV GiB vs context

@@ -266,3 +266,56 @@ fn generate_and_eval_run_on_a_small_model() {
     assert_eq!(r[0]["ppl"], r[1]["ppl"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `bench decode --replot` merges llama-batched-bench JSONL into a GPU result file without a GPU:
+/// ratios at matching points, a Markdown table and the PNGs; bad peer files are one clear error.
+#[test]
+fn bench_decode_replot_merges_peer_results() {
+    let dir = temp_dir("cli-bench").unwrap();
+    let json = dir.join("bench.json");
+    let doc = serde_json::json!({
+        "model": "test model", "gpu": "none", "copy_bandwidth_bytes_s": 3.0e12,
+        "weight_bytes": 1.0e9, "steps": 4, "warmup": 1, "fill": "synthetic",
+        "points": [
+            {"runtime": "kvq", "plan": "fp16", "ctx": 4096, "batch": 1, "status": "ok",
+             "ms_per_step": 2.0, "tok_s": 500.0, "kv_gib": 0.1, "bits_per_elem": 16.0,
+             "kv_bytes_read": 1.0e8, "weight_bytes": 1.0e9, "bw_fraction": 0.18},
+            {"runtime": "kvq", "plan": "fp16", "ctx": 8192, "batch": 1, "status": "skipped",
+             "note": "needs 90 GiB"}
+        ],
+        "peers": [],
+        "fits": [{"plan": "fp16", "packed_bytes_per_token": 1000.0, "max_ctx_b1": 100000,
+                  "max_ctx_b8": 12500, "max_batch_32k": 3}]
+    });
+    std::fs::write(&json, serde_json::to_string(&doc).unwrap()).unwrap();
+    let peer = dir.join("f16.jsonl");
+    std::fs::write(
+        &peer,
+        "{\"pp\": 4096, \"tg\": 64, \"pl\": 1, \"speed_tg\": 250.0}\n",
+    )
+    .unwrap();
+    let j = json.to_str().unwrap();
+    let arg = format!("llama.cpp f16={}", peer.to_str().unwrap());
+    let o = kvq(&[
+        "bench", "decode", "--replot", "--json", j, "--peer", &arg, "--batch", "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = out["points"][0]["vs_peer"]["llama.cpp f16"]
+        .as_f64()
+        .unwrap();
+    assert!((r - 2.0).abs() < 1e-9, "{r}");
+    let md = std::fs::read_to_string(dir.join("bench.md")).unwrap();
+    assert!(md.contains("| kvq `fp16` | 1 | 4096 |"), "{md}");
+    assert!(md.contains("2.00x"), "{md}");
+    assert!(md.contains("skipped: needs 90 GiB"), "{md}");
+    assert!(dir.join("bench-tps-b1.png").exists());
+    // A peer file that is not llama-batched-bench output.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"x\": 1}\n").unwrap();
+    let arg = format!("llama.cpp f16={}", bad.to_str().unwrap());
+    let e = fails(&["bench", "decode", "--replot", "--json", j, "--peer", &arg]);
+    assert!(e.contains("bad.jsonl"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
