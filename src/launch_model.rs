@@ -536,14 +536,7 @@ pub struct Linear {
 pub struct Blas {
     handle: CudaBlas,
     stream: Arc<CudaStream>,
-    /// kvq_model_gemv_n{1..=8}: decode-step GEMMs (n <= 8 rows) read the weight near the bandwidth
-    /// limit, where cuBLAS does not; empty when disabled (`KVQ_GEMV=0`, for comparisons).
-    gemv: Vec<CudaFunction>,
 }
-
-/// Columns per GEMV block and the most weight rows one block reads (kernels/model.cu's constants).
-const GEMV_COLS: usize = 256;
-const GEMV_MAX_RPB: usize = 512;
 
 impl Blas {
     /// Creates the handle on `gpu`'s stream; a missing libcublas is an error, not a panic.
@@ -559,110 +552,11 @@ impl Blas {
                 GpuError::NoGpu("the cuBLAS library (libcublas.so) could not be loaded".into())
             })?
             .map_err(|e| GpuError::Blas(format!("creating the cuBLAS handle: {e:?}")))?;
-        let gemv = if std::env::var("KVQ_GEMV").is_ok_and(|v| v == "0") {
-            Vec::new()
-        } else {
-            (1..=8)
-                .map(|n| gpu.function(MODULE, &format!("kvq_model_gemv_n{n}")))
-                .collect::<Result<_>>()?
-        };
-        Ok(Self {
-            handle,
-            stream,
-            gemv,
-        })
+        Ok(Self { handle, stream })
     }
 
-    /// Whether `matmul` of `n` rows into `out` columns takes the skinny-GEMM kernel.
-    pub fn uses_gemv(&self, n: usize, out: usize) -> bool {
-        (1..=self.gemv.len()).contains(&n) && out.is_multiple_of(8)
-    }
-
-    /// The skinny GEMM (see kernels/model.cu): y zeroed unless accumulating, then k-split blocks add
-    /// their sums into it. Sizes were checked by `matmul`.
-    fn gemv(
-        &self,
-        x: &CudaSlice<f16>,
-        w: &Linear,
-        y: &mut CudaSlice<f32>,
-        n: usize,
-        accumulate: bool,
-    ) -> Result<()> {
-        if !accumulate {
-            self.stream
-                .memset_zeros(&mut y.slice_mut(..n * w.out))
-                .map_err(drv("zeroing the GEMV output"))?;
-        }
-        let bx = w.out.div_ceil(GEMV_COLS);
-        // About 8 blocks per SM of an H100 for one or two rows, 4 for more (whose blocks hold more).
-        let target: usize = if n <= 2 { 1056 } else { 528 };
-        let rpb = w
-            .inp
-            .div_ceil(target.div_ceil(bx).max(1))
-            .next_multiple_of(4)
-            .clamp(16, GEMV_MAX_RPB);
-        let ks = w.inp.div_ceil(rpb);
-        let (inp, out, rpb32) = (
-            to_i32("gemv in", w.inp)?,
-            to_i32("gemv out", w.out)?,
-            to_i32("gemv rows per block", rpb)?,
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (
-                to_i32("gemv blocks", bx)? as u32,
-                to_i32("gemv splits", ks)? as u32,
-                1,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: (types/order) kvq_model_gemv_n{n}(const __half* W, const __half* x, float* y, int inp,
-        // int out, int rpb) gets CudaSlice<f16>, CudaSlice<f16>, CudaSlice<f32>, i32 x 3, and n selects
-        // the instantiation (1 <= n <= 8, `uses_gemv`). (aliasing) `y` is a &mut borrow, distinct from
-        // `x` and `w`. (bounds) W holds inp x out halves and x n x inp (checked by `matmul`); a block reads
-        // rows [k0, min(inp, k0 + rpb)) with rpb <= 512 (its shared x tile), columns c0..c0+8 only when
-        // c0 < out, which with out % 8 == 0 keeps every 16-byte load inside the row and aligned (cudaMalloc
-        // bases are 256-byte aligned, (i x out + c0) x 2 is a multiple of 16); y writes are r < n, col < out.
-        // (stream) the memset and the launch are on the GPU's one stream.
-        unsafe {
-            self.stream
-                .launch_builder(&self.gemv[n - 1])
-                .arg(&w.w)
-                .arg(x)
-                .arg(y)
-                .arg(&inp)
-                .arg(&out)
-                .arg(&rpb32)
-                .launch(cfg)
-        }
-        .map_err(drv("launching kvq_model_gemv"))?;
-        Ok(())
-    }
-
-    /// y[n][out] = x[n][inp] · W (or y += x · W when `accumulate`): x f16, W f16, y f32. Up to 8 rows
-    /// go through kvq's skinny GEMM (summation order differs from cuBLAS's), more through cuBLAS.
+    /// y[n][out] = x[n][inp] · W (or y += x · W when `accumulate`): x f16, W f16, y f32.
     pub fn matmul(
-        &self,
-        x: &CudaSlice<f16>,
-        w: &Linear,
-        y: &mut CudaSlice<f32>,
-        n: usize,
-        accumulate: bool,
-    ) -> Result<()> {
-        need("gemm input", x.len(), n * w.inp)?;
-        need("gemm weight", w.w.len(), w.inp * w.out)?;
-        need("gemm output", y.len(), n * w.out)?;
-        if n == 0 {
-            return Ok(());
-        }
-        if self.uses_gemv(n, w.out) {
-            return self.gemv(x, w, y, n, accumulate);
-        }
-        self.cublas_gemm(x, w, y, n, accumulate)
-    }
-
-    /// [`Blas::matmul`] through cuBLAS whatever `n` (for comparisons with the skinny GEMM).
-    pub fn cublas_gemm(
         &self,
         x: &CudaSlice<f16>,
         w: &Linear,

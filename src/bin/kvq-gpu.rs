@@ -299,10 +299,6 @@ fn engine_check(gpu: kvq::Gpu, model: Option<String>) -> kvq::Result<bool> {
     };
     println!("== model-op kernels vs CPU (random data)");
     tally(&op_checks(&gpu)?);
-    println!("== decode-step GEMMs (Llama-3-8B shapes): skinny GEMM vs cuBLAS, same run");
-    for line in kvq::engine::check::gemv_speed(&gpu)? {
-        println!("{line}");
-    }
 
     println!("== tiny random models: engine (fp16 cache) vs kvq-model CPU path");
     let dir = temp_dir("engine-check")?;

@@ -319,8 +319,7 @@ pub fn op_checks(gpu: &Gpu) -> Result<Vec<CheckResult>> {
         detail: format!("gpu {got:?} cpu {want:?}"),
     });
 
-    // GEMM: f16 inputs, f32 accumulation, overwrite and accumulate; cuBLAS (out % 8 != 0 or n > 8) and
-    // the skinny GEMM (n <= 8, out % 8 == 0: k not a multiple of its tiles, out not of 256 columns).
+    // GEMM: f16 inputs, f32 accumulation, overwrite and accumulate, decode-step (n <= 8) and prefill shapes.
     for (case, &(n, inp, outf)) in [
         (5usize, 99usize, 70usize),
         (12, 64, 40),
@@ -341,11 +340,6 @@ pub fn op_checks(gpu: &Gpu) -> Result<Vec<CheckResult>> {
             inp,
             out: outf,
         };
-        let path = if blas.uses_gemv(n, outf) {
-            "kvq skinny GEMM"
-        } else {
-            "cuBLAS"
-        };
         let xd = up(gpu, &x)?;
         let mut want = vec![0f32; n * outf];
         for r in 0..n {
@@ -361,7 +355,7 @@ pub fn op_checks(gpu: &Gpu) -> Result<Vec<CheckResult>> {
         blas.matmul(&xd, &lin, &mut yd, n, false)?;
         push(
             &mut out,
-            &format!("gemm {n}x{inp}x{outf} ({path}) f16 x f16 -> f32 (rel)"),
+            &format!("gemm {n}x{inp}x{outf} f16 x f16 -> f32 (rel)"),
             max_rel(&down(gpu, &yd)?, &want),
             1e-4,
         );
@@ -370,80 +364,13 @@ pub fn op_checks(gpu: &Gpu) -> Result<Vec<CheckResult>> {
         let want_acc: Vec<f32> = want.iter().zip(&y0).map(|(a, b)| a + b).collect();
         push(
             &mut out,
-            &format!("gemm {n}x{inp}x{outf} ({path}) accumulate y += x W (rel)"),
+            &format!("gemm {n}x{inp}x{outf} accumulate y += x W (rel)"),
             max_rel(&down(gpu, &yd)?, &want_acc),
             1e-4,
         );
     }
     st.synchronize().map_err(drv("finishing the op checks"))?;
     Ok(out)
-}
-
-/// Times the decode-step GEMMs of a Llama-3-8B layer (and its LM head over a 49k vocabulary) through
-/// the skinny GEMM and through cuBLAS, in the same run: one line per shape and row count with both
-/// times, the weight bandwidth each reaches and their ratio. Timed on the GPU's stream with events.
-pub fn gemv_speed(gpu: &Gpu) -> Result<Vec<String>> {
-    let blas = Blas::new(gpu)?;
-    let st = gpu.stream();
-    let mut lines = Vec::new();
-    for (name, inp, outf) in [
-        ("wqkv", 4096usize, 6144usize),
-        ("wo", 4096, 4096),
-        ("w_gate_up", 4096, 28672),
-        ("w_down", 14336, 4096),
-        ("lm_head", 4096, 49152),
-    ] {
-        let wv = to16(&gaussian_with_outliers(inp, outf, 0, 5));
-        let lin = Linear {
-            w: up(gpu, &wv)?,
-            inp,
-            out: outf,
-        };
-        for n in [1usize, 8] {
-            if !blas.uses_gemv(n, outf) {
-                lines.push(format!("{name} {inp}x{outf} n={n}: skinny GEMM disabled"));
-                continue;
-            }
-            let xd = up(gpu, &to16(&gaussian_with_outliers(n, inp, 0, 6)))?;
-            let mut yd = up(gpu, &vec![0f32; n * outf])?;
-            let mut time = |skinny: bool| -> Result<f64> {
-                let run = |yd: &mut CudaSlice<f32>| {
-                    if skinny {
-                        blas.matmul(&xd, &lin, yd, n, false)
-                    } else {
-                        blas.cublas_gemm(&xd, &lin, yd, n, false)
-                    }
-                };
-                for _ in 0..3 {
-                    run(&mut yd)?;
-                }
-                let ev = |what: &str| {
-                    gpu.ctx()
-                        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                        .map_err(drv(format!("creating the {what} event")))
-                };
-                let (e0, e1) = (ev("start")?, ev("end")?);
-                let reps = 20;
-                e0.record(st).map_err(drv("recording an event"))?;
-                for _ in 0..reps {
-                    run(&mut yd)?;
-                }
-                e1.record(st).map_err(drv("recording an event"))?;
-                e1.synchronize().map_err(drv("waiting for an event"))?;
-                let ms = e0.elapsed_ms(&e1).map_err(drv("reading an event"))? as f64;
-                Ok(ms / reps as f64)
-            };
-            let (tg, tc) = (time(true)?, time(false)?);
-            let gbs = |ms: f64| (inp * outf * 2) as f64 / ms / 1e6;
-            lines.push(format!(
-                "{name} {inp}x{outf} n={n}: skinny {tg:.4} ms ({:.0} GB/s), cuBLAS {tc:.4} ms ({:.0} GB/s): {:.2}x",
-                gbs(tg),
-                gbs(tc),
-                tc / tg
-            ));
-        }
-    }
-    Ok(lines)
 }
 
 /// The CPU reference of one prompt: greedy tokens and the logits before each of them.
