@@ -93,15 +93,15 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
     );
     let mut points = Vec::new();
     let mut fits = Vec::new();
+    // What fits next to the weights: the free memory with no cache held (measured once, after a
+    // synchronize so that asynchronously freed buffers have gone back), over each plan's packed
+    // bytes per token; 8% is left for rings, workspaces and activations.
+    let free_once = free_after_sync(&gpu)?;
+    let usable = free_once as f64 * 0.92;
     for spec in &plans {
         let plan = KvPlan::parse(spec, c.n_layers).with_context(|| format!("--kv {spec}"))?;
         let bpt = packed_bytes_per_token(&plan, model)?;
         let desc = plan.describe();
-        // What fits next to the weights: computed from the packed bytes per token and free memory.
-        let (free0, _) = gpu.mem_info()?;
-        engine.set_resident(plan.clone(), &model.rope, limits0)?;
-        let (free, _) = gpu.mem_info()?;
-        let usable = free.max(free0) as f64 * 0.92;
         fits.push(json!({
             "plan": desc, "packed_bytes_per_token": bpt,
             "max_ctx_b1": (usable / bpt) as u64, "max_ctx_b8": (usable / bpt / 8.0) as u64,
@@ -114,7 +114,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                 let need = bpt * (b * cap) as f64;
                 // Free the previous point's caches before asking what is free.
                 engine.set_resident(plan.clone(), &model.rope, limits0)?;
-                let (free, _) = gpu.mem_info()?;
+                let free = free_after_sync(&gpu)?;
                 // Leave room for the rings, workspaces and activations.
                 let budget = free as f64 * 0.92 - 512e6;
                 if need > budget {
@@ -169,7 +169,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
         "model": o.model_name, "gpu": gpu.describe(), "copy_bandwidth_bytes_s": bw,
         "weight_bytes": weight_bytes, "steps": o.steps, "warmup": o.warmup,
         "fill": "synthetic K/V (seeded normal) appended through the GPU encoders; timed steps are full model decode steps",
-        "points": points, "peers": peers, "fits": fits,
+        "points": points, "peers": peers, "fits": fits, "free_bytes_without_cache": free_once,
     });
     std::fs::write(&o.json, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("--json {}", o.json))?;
@@ -179,6 +179,14 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
         eprintln!("wrote {path}");
     }
     Ok(())
+}
+
+/// Free device memory once the stream's queued frees have completed.
+fn free_after_sync(gpu: &kvq::Gpu) -> Result<usize> {
+    gpu.stream()
+        .synchronize()
+        .context("waiting for the GPU before measuring free memory")?;
+    Ok(gpu.mem_info()?.0)
 }
 
 /// Merges llama-batched-bench files into an existing results JSON (`--replot`): recomputes the ratios
