@@ -181,6 +181,10 @@ fn resident_check(gpu: kvq::Gpu) -> kvq::Result<bool> {
             BackendChoice::Resident,
         )?);
     }
+    println!("== faults: out of memory, capacity, vocabulary, slots; the engine stays usable");
+    for plan in ["fp16", "kivi:bits=2"] {
+        tally(&kvq::engine::check::fault_checks(gpu.clone(), &tiny, plan)?);
+    }
     if std::env::var("KVQ_HOST_TOO").is_ok() {
         for plan in &plans[1..3] {
             let label = format!("tiny, {plan}, host");

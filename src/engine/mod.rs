@@ -409,6 +409,22 @@ impl Engine {
         if tokens.is_empty() {
             return Err(GpuError::Input("prefill of an empty prompt".into()));
         }
+        // Refuse the whole prompt up front: no chunk enters the cache of a prompt that cannot fit.
+        let st = self.state(seq)?;
+        if st.len + tokens.len() > st.capacity {
+            return Err(GpuError::Input(format!(
+                "sequence {seq:?}: a prompt of {} tokens after {} exceeds its capacity {}",
+                tokens.len(),
+                st.len,
+                st.capacity
+            )));
+        }
+        let vocab = self.config.vocab;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(GpuError::Input(format!(
+                "token id {bad} outside the vocabulary ({vocab})"
+            )));
+        }
         let mut last = Vec::new();
         for ch in tokens.chunks(chunk.max(1)) {
             let pos = self.state(seq)?.len;

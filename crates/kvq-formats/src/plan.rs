@@ -81,7 +81,9 @@ impl KvPlan {
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
         let pf: PlanFile = serde_json::from_str(&text)
             .map_err(|e| file_err(format!("not a KV plan file: {e}")))?;
-        let def = parse_format(&pf.default)?;
+        let fmt =
+            |what: String, s: &str| parse_format(s).map_err(|e| file_err(format!("{what}: {e}")));
+        let def = fmt("default".into(), &pf.default)?;
         let mut layers = vec![(def.clone(), def); n_layers];
         for (&l, spec) in &pf.layers {
             if l >= n_layers {
@@ -90,10 +92,10 @@ impl KvPlan {
                 )));
             }
             if let Some(k) = &spec.k {
-                layers[l].0 = parse_format(k)?;
+                layers[l].0 = fmt(format!("layer {l} keys"), k)?;
             }
             if let Some(v) = &spec.v {
-                layers[l].1 = parse_format(v)?;
+                layers[l].1 = fmt(format!("layer {l} values"), v)?;
             }
         }
         Ok(Self { layers })

@@ -81,3 +81,43 @@ proptest! {
         let _ = KvPlan::parse(&s, 4);
     }
 }
+
+/// A plan file that is not a plan: not JSON, wrong shape, a bad format inside, a layer the model lacks.
+/// Each is an error naming the file (and the layer/format at fault), never a panic.
+#[test]
+fn malformed_plan_files_are_errors() {
+    let dir = std::env::temp_dir().join(format!("kvq-plan-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases: &[(&str, &str)] = &[
+        ("", "not a KV plan file"),
+        ("{\"default\": \"fp16\"", "not a KV plan file"),
+        ("[1, 2]", "not a KV plan file"),
+        ("{\"layers\": {}}", "not a KV plan file"),
+        ("{\"default\": 16}", "not a KV plan file"),
+        ("{\"default\": \"kivi:bits=7\"}", "default"),
+        (
+            "{\"default\": \"fp16\", \"layers\": {\"1\": {\"v\": \"nonsense\"}}}",
+            "layer 1 values",
+        ),
+        (
+            "{\"default\": \"fp16\", \"layers\": {\"9\": {\"k\": \"fp16\"}}}",
+            "layer 9 out of range",
+        ),
+        (
+            "{\"default\": \"fp16\", \"layers\": {\"-1\": {\"k\": \"fp16\"}}}",
+            "not a KV plan file",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let p = dir.join(format!("plan-{i}.json"));
+        std::fs::write(&p, text).unwrap();
+        let path = p.to_str().unwrap();
+        let e = KvPlan::parse(path, 4).expect_err(text).to_string();
+        assert!(e.contains(path) && e.contains(want), "{text:?}: {e}");
+    }
+    let e = KvPlan::parse("/nonexistent/plan.json", 4)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/nonexistent/plan.json"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

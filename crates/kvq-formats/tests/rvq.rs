@@ -153,3 +153,45 @@ fn corrupt_blocks_are_errors() {
     assert!(c.decode(&b[1..], &mut y).is_err());
     let _ = std::fs::remove_file(&f);
 }
+
+/// Hostile K/V (NaN, +-Inf, f16 max, -1e30, zeros) through an RVQ cache with learned codebooks give
+/// finite attention, as every other format does (tests/hostile.rs has no codebook file).
+#[test]
+fn hostile_values_give_finite_attention() {
+    let f = codebook_file("hostile", false);
+    let rope = Rope::new(D, 1e4, RopeStyle::Interleaved);
+    let specials = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        65504.0,
+        -1e30,
+        0.0,
+    ];
+    for window in [0, 8] {
+        let plan =
+            kvq_formats::KvPlan::parse(&format!("rvq:codes=64,window={window},codebooks={f}"), 1)
+                .unwrap();
+        let mut c = plan.build_caches(1, &rope).unwrap().remove(0);
+        let mut x = gaussian_with_outliers(40, D, 0, 3);
+        for (i, v) in x.iter_mut().enumerate() {
+            if i % 7 == 0 {
+                *v = specials[(i / 7) % specials.len()];
+            }
+        }
+        let zeros = vec![0f32; 40 * D];
+        c.append(&x, &zeros, 40).unwrap();
+        c.append(&zeros, &x, 40).unwrap();
+        let q = gaussian_with_outliers(2, D, 0, 4);
+        let mut out = vec![0f32; 2 * D];
+        c.attend(&q, 80, &mut out).unwrap();
+        assert!(
+            out.iter().all(|v| v.is_finite()),
+            "window {window}: {:?}",
+            &out[..4]
+        );
+        c.attend_fused(&q, 80, &mut out).unwrap();
+        assert!(out.iter().all(|v| v.is_finite()), "window {window} fused");
+    }
+    let _ = std::fs::remove_file(&f);
+}

@@ -104,6 +104,22 @@ fn meta_u(md: &HashMap<String, gguf_file::Value>, path: &str, key: &str) -> Resu
     })
 }
 
+/// Runs `f`, turning a panic inside it into an error message: candle's GGUF reader panics on some
+/// malformed files (e.g. `general.alignment` = 0 divides by zero), and a bad file must be an error.
+/// The panic message is not printed (the default hook is swapped out while `f` runs).
+fn contained<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "the reader panicked".into())
+    })
+}
+
 /// Loads a GGUF llama model: architecture and tokenizer from the metadata, every tensor's shape
 /// checked against the architecture before it is read, quantized weights dequantized to f32.
 pub fn load_gguf(path: &str) -> Result<Loaded> {
@@ -112,7 +128,8 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
         reason,
     };
     let mut f = std::fs::File::open(path).map_err(|e| file_err(e.to_string()))?;
-    let content = gguf_file::Content::read(&mut f)
+    let content = contained(|| gguf_file::Content::read(&mut f))
+        .map_err(|reason| file_err(format!("malformed GGUF file ({reason})")))?
         .map_err(|e| file_err(format!("not a readable GGUF file: {e}")))?;
     let md = &content.metadata;
     let arch = md
@@ -229,14 +246,19 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
         }
     }
     let mut get = |name: &str| -> Result<Tensor> {
-        let q = content
-            .tensor(&mut f, name, &Device::Cpu)
-            .map_err(|e| ModelError::Tensor {
-                path: path.into(),
-                name: name.into(),
-                reason: e.to_string(),
-            })?;
-        Ok(q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
+        let tensor_err = |reason: String| ModelError::Tensor {
+            path: path.into(),
+            name: name.into(),
+            reason,
+        };
+        let read = contained(|| {
+            content
+                .tensor(&mut f, name, &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.to_dtype(DType::F32))
+        })
+        .map_err(|reason| tensor_err(format!("malformed tensor data ({reason})")))?;
+        read.map_err(|e| tensor_err(e.to_string()))
     };
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         config.rope_scaling = Some(RopeScaling::PerPair(

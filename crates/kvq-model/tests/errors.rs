@@ -32,7 +32,33 @@ fn hostile_hf_directories() {
     std::fs::write(dir.join("model.safetensors"), &st[..st.len() / 2]).unwrap();
     let e = err_of(&dir);
     assert!(e.contains("model.safetensors"), "{e}");
+    // A safetensors header that lies: its length prefix points past the file, then a header that is
+    // not JSON.
+    let mut lie = st.clone();
+    lie[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(dir.join("model.safetensors"), &lie).unwrap();
+    let e = err_of(&dir);
+    assert!(e.contains("model.safetensors"), "{e}");
+    let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let mut garbled = st.clone();
+    garbled[8..8 + n].fill(b'{');
+    std::fs::write(dir.join("model.safetensors"), &garbled).unwrap();
+    let e = err_of(&dir);
+    assert!(e.contains("model.safetensors"), "{e}");
     std::fs::write(dir.join("model.safetensors"), &st).unwrap();
+    // config.json that is not JSON, or lacks a field.
+    let cfg0 = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    for bad in [
+        &cfg0[..cfg0.len() / 2],
+        "",
+        "[1, 2, 3]",
+        "{\"model_type\": \"llama\"}",
+    ] {
+        std::fs::write(dir.join("config.json"), bad).unwrap();
+        let e = err_of(&dir);
+        assert!(e.contains("config.json"), "{bad:?}: {e}");
+    }
+    std::fs::write(dir.join("config.json"), &cfg0).unwrap();
     // Unknown architecture.
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     std::fs::write(
@@ -126,6 +152,19 @@ fn hostile_gguf_files() {
         rewrite_gguf(&good, &p, |md| edit(md)).unwrap();
         err_of(&p)
     };
+    // general.alignment = 0: candle's reader divides by it (a cargo-fuzz finding); an error, no panic.
+    let e = variant("align0.gguf", &|md| {
+        set(md, "general.alignment", Value::U32(0))
+    });
+    assert!(
+        e.contains("align0.gguf") && e.contains("malformed GGUF"),
+        "{e}"
+    );
+    // The fuzzer's own input (fuzz/artifacts/gguf_load/crash-f19aea1b..., 2,670 bytes).
+    let p = dir.join("fuzz-crash.gguf");
+    std::fs::write(&p, include_bytes!("fuzz_regressions/gguf_load-alignment-0")).unwrap();
+    let e = err_of(&p);
+    assert!(e.contains("fuzz-crash.gguf"), "{e}");
     // Unknown architecture.
     let e = variant("arch.gguf", &|md| {
         set(md, "general.architecture", Value::String("mamba".into()))
