@@ -138,6 +138,21 @@ pub fn perplexity_at(
     starts: &[usize],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<PplResult> {
+    score_at(model, plan, tokens, o, starts, progress, &mut |_, _| {})
+}
+
+/// [`perplexity_at`] that also hands every scored row's logits to `visit` (in scoring order, the
+/// same for every plan over the same windows): for measures beside perplexity, e.g. the divergence
+/// from fp16's next-token distribution that `kvq tune` probes with.
+pub fn score_at(
+    model: &Model,
+    plan: &KvPlan,
+    tokens: &[u32],
+    o: &PplOpts,
+    starts: &[usize],
+    progress: &mut dyn FnMut(usize, usize),
+    visit: &mut dyn FnMut(usize, &[f32]),
+) -> Result<PplResult> {
     let t0 = std::time::Instant::now();
     let (_, body) = windows(model, tokens.len(), o)?;
     if starts.is_empty() {
@@ -190,6 +205,7 @@ pub fn perplexity_at(
                             .ln();
                     let target = row.get(ids[pos + 1] as usize).copied().unwrap_or(f32::NAN);
                     nll += lse - target as f64;
+                    visit(scored, row);
                     scored += 1;
                     bits_sum += bits;
                 }

@@ -6,7 +6,7 @@
 //! the budget (errors of many slots add up super-linearly), the target shrinks and it tries again.
 
 use crate::error::{ModelError, Result};
-use crate::eval::{perplexity_at, PplOpts};
+use crate::eval::{perplexity_at, score_at, PplOpts};
 use crate::model::Model;
 use kvq_formats::codec::{FormatRef, Stream, StreamCtx};
 use kvq_formats::formats::parse_format;
@@ -47,12 +47,17 @@ pub struct Probe {
     pub bits: f64,
     /// nll increase over the all-fp16 probe (nats per token; may be slightly negative).
     pub dnll: f64,
+    /// Mean KL divergence of the next-token distribution from fp16's (over its top tokens): the
+    /// sensitivity the allocation uses, far less noisy than `dnll` on a short probe.
+    #[serde(default)]
+    pub kl: f64,
 }
 
 /// One verification round.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Round {
-    /// nll target the allocation aimed at.
+    /// Target of the allocation: the sum of the chosen probes' KLs (nats per token), rescaled each
+    /// round by how far the previous plan's measured nll increase missed the budget.
     pub target: f64,
     /// Summed probe cost of the allocation.
     pub predicted: f64,
@@ -152,6 +157,45 @@ pub fn stream_bits(
 
 /// Runs the probes, the allocation and the verification rounds; returns the plan and the report.
 /// `log` receives one line per step.
+/// Top tokens of fp16's distribution kept per scored position for the probes' KL.
+const KL_TOP: usize = 64;
+
+/// The `k` most likely tokens of `logits` with their log-probabilities.
+fn top_log_probs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let lse = log_sum_exp(logits);
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(k - 1, |&a, &b| {
+        logits[b as usize].total_cmp(&logits[a as usize])
+    });
+    idx[..k]
+        .iter()
+        .map(|&i| (i, (logits[i as usize] as f64 - lse) as f32))
+        .collect()
+}
+
+fn log_sum_exp(x: &[f32]) -> f64 {
+    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+}
+
+/// KL(fp16 || plan) over fp16's top tokens: sum of p_ref (log p_ref - log p_plan).
+fn truncated_kl(reference: &[(u32, f32)], logits: &[f32]) -> f64 {
+    let lse = log_sum_exp(logits);
+    reference
+        .iter()
+        .map(|&(i, lp)| {
+            let lq = logits
+                .get(i as usize)
+                .map_or(f64::NEG_INFINITY, |&v| v as f64 - lse);
+            (lp as f64).exp() * (lp as f64 - lq)
+        })
+        .sum()
+}
+
 pub fn tune(
     model: &Model,
     tokens: &[u32],
@@ -183,13 +227,17 @@ pub fn tune(
     let base_plan = KvPlan::parse("fp16", n_layers)?;
     let total = 2 * n_layers * cands.len() + 1;
     let mut done = 0usize;
-    let base = perplexity_at(
+    // fp16's next-token distributions over the probe windows (their top tokens), the reference each
+    // probe's KL is taken against: a far less noisy sensitivity than its perplexity difference.
+    let mut reference: Vec<Vec<(u32, f32)>> = Vec::new();
+    let base = score_at(
         model,
         &base_plan,
         tokens,
         &o.probe,
         &o.probe_starts,
         &mut |_, _| {},
+        &mut |_, row| reference.push(top_log_probs(row, KL_TOP)),
     )?;
     done += 1;
     progress(done, total);
@@ -207,20 +255,27 @@ pub fn tune(
             for f in &cands {
                 let mut plan = base_plan.clone();
                 plan.set(layer, stream, f.clone());
-                let r = perplexity_at(
+                let mut kl_sum = 0f64;
+                let r = score_at(
                     model,
                     &plan,
                     tokens,
                     &o.probe,
                     &o.probe_starts,
                     &mut |_, _| {},
+                    &mut |i, row| {
+                        if let Some(rf) = reference.get(i) {
+                            kl_sum += truncated_kl(rf, row);
+                        }
+                    },
                 )?;
+                let kl = kl_sum / r.scored.max(1) as f64;
                 let bits = stream_bits(f, model, layer, stream, o.verify.ctx)?;
                 let dnll = r.nll - base.nll;
                 done += 1;
                 progress(done, total);
                 log(&format!(
-                    "probe layer {layer} {sname} {}: {bits:.3} bits, dnll {dnll:+.5}",
+                    "probe layer {layer} {sname} {}: {bits:.3} bits, KL {kl:.6}, dnll {dnll:+.5}",
                     f.canonical()
                 ));
                 probes.push(Probe {
@@ -229,8 +284,9 @@ pub fn tune(
                     format: f.canonical(),
                     bits,
                     dnll,
+                    kl,
                 });
-                opts.push((bits, dnll, f.clone()));
+                opts.push((bits, kl, f.clone()));
             }
             opts.sort_by(|a, b| a.0.total_cmp(&b.0));
             slots.push(opts);
@@ -281,7 +337,7 @@ pub fn tune(
         )?;
         let ratio = r.ppl / fp.ppl;
         log(&format!(
-            "round {}: target dnll {target:.5}, predicted {predicted:.5}: {:.3} bits/elem, ppl {:.4}, ratio {ratio:.4}",
+            "round {}: target {target:.5} (sum of probe KLs), predicted {predicted:.5}: {:.3} bits/elem, ppl {:.4}, ratio {ratio:.4}",
             rounds.len() + 1,
             r.bits_per_elem,
             r.ppl
@@ -344,6 +400,22 @@ pub fn tune(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncated_kl_is_zero_for_the_same_logits_and_grows_with_change() {
+        let a: Vec<f32> = (0..200).map(|i| ((i * 37) % 23) as f32 * 0.3).collect();
+        let r = top_log_probs(&a, 16);
+        assert_eq!(r.len(), 16);
+        let best = a.iter().cloned().fold(f32::MIN, f32::max);
+        assert!(r.iter().all(|&(i, _)| a[i as usize] <= best));
+        assert!(r.iter().any(|&(i, _)| a[i as usize] == best));
+        assert!(truncated_kl(&r, &a).abs() < 1e-6);
+        let mut b = a.clone();
+        b[r[0].0 as usize] -= 0.5;
+        let small = truncated_kl(&r, &b);
+        b[r[0].0 as usize] -= 2.0;
+        assert!(small > 0.0 && truncated_kl(&r, &b) > small);
+    }
 
     #[test]
     fn allocate_buys_the_cheapest_savings_first() {
