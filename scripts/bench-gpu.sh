@@ -73,9 +73,9 @@ check)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   timeout 300 "$S/kvq-gpu" check > "$S/check.txt" 2>&1; echo "check rc=$?"
   grep -E "^(FAIL|parity|encode|check|SUMMARY|all)" "$S/check.txt" | tail -n 8; tail -n 3 "$S/check.txt"
-  # Model ops (incl. the skinny GEMM) vs CPU, its speed vs cuBLAS on 8B shapes, the engine on the real model.
+  # Model ops and GEMMs vs CPU, the engine vs the CPU path on tiny models and the real model.
   timeout 240 "$S/kvq-gpu" engine-check --model "$small" > "$S/engine.txt" 2>&1; echo "engine-check rc=$?"
-  grep -E "FAIL|gemm|skinny|checks" "$S/engine.txt" | head -n 30
+  grep -E "FAIL|gemm|checks" "$S/engine.txt" | head -n 30
   KVQ_MODEL="$small" timeout 240 "$S/kvq-gpu" resident-check > "$S/resident.txt" 2>&1; echo "resident-check rc=$?"
   grep -E "FAIL|tokens|greedy|ppl|SKIPPED" "$S/resident.txt" | head -n 20
   cp "$S/check.txt" "$S/engine.txt" "$S/resident.txt" "$OUT/" 2>/dev/null

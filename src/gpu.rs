@@ -21,8 +21,9 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    /// Kernels looked up so far: a decode step asks for the same few hundred times.
-    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// Kernels looked up so far, per module: a decode step asks for the same few hundred times
+    /// (looked up by `&str`, so a hit allocates nothing).
+    functions: Mutex<HashMap<&'static str, HashMap<String, CudaFunction>>>,
     staging: Mutex<Staging>,
 }
 
@@ -127,14 +128,15 @@ impl Gpu {
             .functions
             .lock()
             .map_err(|_| GpuError::Shape("kernel cache poisoned".into()))?;
-        if let Some(f) = fns.get(&(module, name.to_string())) {
+        let known = fns.entry(module).or_default();
+        if let Some(f) = known.get(name) {
             return Ok(f.clone());
         }
         let f = self
             .module(module)?
             .load_function(name)
             .map_err(|_| GpuError::MissingKernel(name.to_string()))?;
-        fns.insert((module, name.to_string()), f.clone());
+        known.insert(name.to_string(), f.clone());
         Ok(f)
     }
 

@@ -27,6 +27,18 @@ pub struct Indices {
     upper: usize,
 }
 
+/// `host` as the i32s kernels take; a value that does not fit is an error.
+fn to_i32s(host: &[u32]) -> Result<Vec<i32>> {
+    host.iter()
+        .map(|&x| i32::try_from(x).map_err(|_| GpuError::Shape(format!("index {x} exceeds i32"))))
+        .collect()
+}
+
+/// One more than the largest value (0 when empty).
+fn upper_of(host: &[u32]) -> usize {
+    host.iter().map(|&x| x as usize + 1).max().unwrap_or(0)
+}
+
 impl Indices {
     /// Uploads `host`; fails when a value does not fit an `i32`.
     pub fn upload(stream: &Arc<CudaStream>, host: &[u32]) -> Result<Self> {
@@ -39,13 +51,8 @@ impl Indices {
     }
 
     fn upload_with(stream: &Arc<CudaStream>, host: &[u32], gpu: Option<&Gpu>) -> Result<Self> {
-        let v: Vec<i32> = host
-            .iter()
-            .map(|&x| {
-                i32::try_from(x).map_err(|_| GpuError::Shape(format!("index {x} exceeds i32")))
-            })
-            .collect::<Result<_>>()?;
-        let upper = host.iter().map(|&x| x as usize + 1).max().unwrap_or(0);
+        let v = to_i32s(host)?;
+        let upper = upper_of(host);
         // A zero-length allocation is not allowed: keep one slot.
         let dev = match gpu {
             Some(g) if !v.is_empty() => {
@@ -70,12 +77,7 @@ impl Indices {
     /// Replaces the values with `host`, reusing the device buffer when it is large enough (a decode
     /// step then allocates nothing); the copy is stream-ordered after the kernels that read the old values.
     pub fn restage(&mut self, gpu: &Gpu, host: &[u32]) -> Result<()> {
-        let v: Vec<i32> = host
-            .iter()
-            .map(|&x| {
-                i32::try_from(x).map_err(|_| GpuError::Shape(format!("index {x} exceeds i32")))
-            })
-            .collect::<Result<_>>()?;
+        let v = to_i32s(host)?;
         if v.len() > self.dev.len() {
             self.dev = gpu
                 .stream()
@@ -86,7 +88,7 @@ impl Indices {
             gpu.upload(&v, &mut self.dev.slice_mut(..v.len()))?;
         }
         self.len = host.len();
-        self.upper = host.iter().map(|&x| x as usize + 1).max().unwrap_or(0);
+        self.upper = upper_of(host);
         Ok(())
     }
 

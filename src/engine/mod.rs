@@ -419,12 +419,7 @@ impl Engine {
                 st.capacity
             )));
         }
-        let vocab = self.config.vocab;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(GpuError::Input(format!(
-                "token id {bad} outside the vocabulary ({vocab})"
-            )));
-        }
+        self.check_vocab(tokens)?;
         let mut last = Vec::new();
         for ch in tokens.chunks(chunk.max(1)) {
             let pos = self.state(seq)?.len;
@@ -573,6 +568,17 @@ impl Engine {
         r
     }
 
+    /// Refuses a token id the embedding table does not have.
+    fn check_vocab(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.config.vocab;
+        match ids.iter().find(|&&i| i as usize >= vocab) {
+            Some(&bad) => Err(GpuError::Input(format!(
+                "token id {bad} outside the vocabulary ({vocab})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Host time spent issuing forwards since the last call (asynchronous work not waited for):
     /// when it is close to the step time, the step is bound by the host, not the GPU.
     pub fn take_enqueue_time(&mut self) -> std::time::Duration {
@@ -588,12 +594,7 @@ impl Engine {
                 ids.len()
             )));
         }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab) {
-            return Err(GpuError::Input(format!(
-                "token id {bad} outside the vocabulary ({})",
-                c.vocab
-            )));
-        }
+        self.check_vocab(ids)?;
         for r in rows {
             let s = self.state(r.id)?;
             if r.pos != s.len || s.len + r.n > s.capacity {

@@ -141,6 +141,17 @@ pub fn perplexity_at(
     score_at(model, plan, tokens, o, starts, progress, &mut |_, _| {})
 }
 
+/// log(sum(exp(row))), shifted by the row's maximum: the normaliser of a row of logits.
+pub fn log_sum_exp(row: &[f32]) -> f64 {
+    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    m as f64
+        + row
+            .iter()
+            .map(|&x| ((x - m) as f64).exp())
+            .sum::<f64>()
+            .ln()
+}
+
 /// [`perplexity_at`] that also hands every scored row's logits to `visit` (in scoring order, the
 /// same for every plan over the same windows): for measures beside perplexity, e.g. the divergence
 /// from fp16's next-token distribution that `kvq tune` probes with.
@@ -196,13 +207,7 @@ pub fn score_at(
                     if pos + 1 < first_scored || pos + 1 >= ids.len() {
                         continue;
                     }
-                    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    let lse = m as f64
-                        + row
-                            .iter()
-                            .map(|&x| ((x - m) as f64).exp())
-                            .sum::<f64>()
-                            .ln();
+                    let lse = log_sum_exp(row);
                     let target = row.get(ids[pos + 1] as usize).copied().unwrap_or(f32::NAN);
                     nll += lse - target as f64;
                     visit(scored, row);

@@ -6,7 +6,7 @@
 //! the budget (errors of many slots add up super-linearly), the target shrinks and it tries again.
 
 use crate::error::{ModelError, Result};
-use crate::eval::{perplexity_at, score_at, PplOpts};
+use crate::eval::{log_sum_exp, perplexity_at, score_at, PplOpts};
 use crate::model::Model;
 use kvq_formats::codec::{FormatRef, Stream, StreamCtx};
 use kvq_formats::formats::parse_format;
@@ -155,8 +155,6 @@ pub fn stream_bits(
     Ok(bytes as f64 * 8.0 / (ctx * d) as f64)
 }
 
-/// Runs the probes, the allocation and the verification rounds; returns the plan and the report.
-/// `log` receives one line per step.
 /// Top tokens of fp16's distribution kept per scored position for the probes' KL.
 const KL_TOP: usize = 64;
 
@@ -177,11 +175,6 @@ fn top_log_probs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
         .collect()
 }
 
-fn log_sum_exp(x: &[f32]) -> f64 {
-    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
-}
-
 /// KL(fp16 || plan) over fp16's top tokens: sum of p_ref (log p_ref - log p_plan).
 fn truncated_kl(reference: &[(u32, f32)], logits: &[f32]) -> f64 {
     let lse = log_sum_exp(logits);
@@ -196,6 +189,8 @@ fn truncated_kl(reference: &[(u32, f32)], logits: &[f32]) -> f64 {
         .sum()
 }
 
+/// Runs the probes, the allocation and the verification rounds; returns the plan and the report.
+/// `log` receives one line per step.
 pub fn tune(
     model: &Model,
     tokens: &[u32],
