@@ -161,3 +161,24 @@ extern "C" __global__ void kvq_model_argmax(const float* logits, int vocab, int3
     }
     if (threadIdx.x == 0) out[blockIdx.x] = si[0] < 0 ? 0 : si[0];
 }
+
+// Moves a recorded step's packed uploads to their destinations (src/graph.rs): `arena` starts with n
+// segments of {uint64 destination, uint32 source offset in arena, uint32 bytes}; block i copies segment
+// i, by 4-byte words when everything is 4-byte aligned (the index arrays always are).
+extern "C" __global__ void kvq_model_scatter(const uint8_t* arena, int n) {
+    const int i = blockIdx.x;
+    if (i >= n) return;
+    const uint8_t* seg = arena + 16 * (int64_t)i;
+    const uint64_t dst = *(const uint64_t*)seg;
+    const uint32_t off = *(const uint32_t*)(seg + 8);
+    const uint32_t len = *(const uint32_t*)(seg + 12);
+    const uint8_t* src = arena + off;
+    if (((dst | off | len) & 3u) == 0) {
+        uint32_t* d = (uint32_t*)dst;
+        const uint32_t* s = (const uint32_t*)src;
+        for (uint32_t w = threadIdx.x; w < len / 4; w += blockDim.x) d[w] = s[w];
+    } else {
+        uint8_t* d = (uint8_t*)dst;
+        for (uint32_t b = threadIdx.x; b < len; b += blockDim.x) d[b] = src[b];
+    }
+}

@@ -33,6 +33,11 @@ big="$S/llama3-8b-f16.gguf"
 LB="$S/llama/build/bin"
 KVQ_PLANS_SMALL=${KVQ_PLANS_SMALL:-"kivi:bits=4 kivi:bits=4,window=0 kivi:bits=2 kivi:bits=2,window=0 asymkv:lk=30,lv=0,window=0 asymkv:lk=0,lv=0,window=0"}
 KVQ_PLANS_BIG=${KVQ_PLANS_BIG:-"kivi:bits=4,window=0 kivi:bits=2 kivi:bits=2,window=0 asymkv:lk=32,lv=0,window=0 asymkv:lk=0,lv=0,window=0"}
+# Points (override for a shorter run): contexts (comma-separated) and batch sizes (space-separated).
+SMALL_CTX=${SMALL_CTX:-4096,16384,32768,65536,131072}; SMALL_BATCH=${SMALL_BATCH:-"1 8"}; SMALL_B32=${SMALL_B32:-1}
+BIG_CTX=${BIG_CTX:-4096,32768}; BIG_BATCH=${BIG_BATCH:-"1 8"}
+# The same fp16 points again with every kernel issued on its own (--no-graphs): what the graphs buy.
+NO_GRAPHS_TOO=${NO_GRAPHS_TOO:-1}
 
 stage_parts() {
   for d in .carry-m1 .carry-m2 .carry-peers .carry-bin; do [ -d "$d" ] && cp -r "$d"/. "$S"/; done
@@ -90,8 +95,8 @@ llama-small)
   [ -f "$big" ] || setsid nohup python3 "$S/random-llama-gguf.py" "$small" "$big" llama3-8b f16 > "$S/gguf.log" 2>&1 < /dev/null &
   R=$S/res-small; mkdir -p "$R"
   for t in f16 q8_0 q4_0; do
-    llama_bench "$small" "$t" 4096,16384,32768,65536,131072 "$R/llama-$t.jsonl" 1 8 >/dev/null
-    llama_bench "$small" "$t" 4096,16384 "$R/llama-$t.jsonl" 32 >/dev/null
+    llama_bench "$small" "$t" "$SMALL_CTX" "$R/llama-$t.jsonl" $SMALL_BATCH >/dev/null
+    [ "$SMALL_B32" = 1 ] && llama_bench "$small" "$t" 4096,16384 "$R/llama-$t.jsonl" 32 >/dev/null
   done
   grep -h '^{' "$R"/llama-*.jsonl | cut -c1-400
   ;;
@@ -99,10 +104,15 @@ kvq-small)
   stage_parts
   R=$S/res-small; mkdir -p "$R"
   kv=(); for p in $KVQ_PLANS_SMALL; do kv+=(--kv "$p"); done
-  timeout 500 "$S/kvq" bench decode --model "$small" --name "SmolLM2-135M Q4_1" --ctx 4096,16384,32768,65536,131072 \
-    --batch 1,8,32 --steps 32 --json "$R/bench.json" "${kv[@]}" \
-    --peer "llama.cpp f16=$R/llama-f16.jsonl" --peer "llama.cpp q8_0=$R/llama-q8_0.jsonl" --peer "llama.cpp q4_0=$R/llama-q4_0.jsonl" \
+  batches=$(echo $SMALL_BATCH | tr ' ' ','); [ "$SMALL_B32" = 1 ] && batches="$batches,32"
+  peers=(--peer "llama.cpp f16=$R/llama-f16.jsonl" --peer "llama.cpp q8_0=$R/llama-q8_0.jsonl" --peer "llama.cpp q4_0=$R/llama-q4_0.jsonl")
+  timeout 500 "$S/kvq" bench decode --model "$small" --name "SmolLM2-135M Q4_1" --ctx "$SMALL_CTX" \
+    --batch "$batches" --steps 32 --json "$R/bench.json" "${kv[@]}" "${peers[@]}" \
     2>&1 | tee "$R/kvq.log" | grep -v '^\s*$' | tail -n 120
+  if [ "$NO_GRAPHS_TOO" = 1 ]; then
+    timeout 200 "$S/kvq" bench decode --no-graphs --model "$small" --name "SmolLM2-135M Q4_1, no graphs" --ctx 4096,32768 \
+      --batch 1,8 --steps 32 --json "$R/bench-nographs.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-nographs.log" | grep "T=" 
+  fi
   tar czf "$OUT/bench-small.tar.gz" -C "$R" .
   tail -2 "$S/gguf.log"
   ;;
@@ -111,13 +121,17 @@ big)
   echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 5; done
   cat "$S/gguf.log"; ls -la "$big"
   R=$S/res-big; mkdir -p "$R"
-  for t in f16 q8_0 q4_0; do llama_bench "$big" "$t" 4096,32768 "$R/llama-$t.jsonl" 1 8 >/dev/null; done
+  for t in f16 q8_0 q4_0; do llama_bench "$big" "$t" "$BIG_CTX" "$R/llama-$t.jsonl" $BIG_BATCH >/dev/null; done
   grep -h '^{' "$R"/llama-*.jsonl
   kv=(); for p in $KVQ_PLANS_BIG; do kv+=(--kv "$p"); done
-  timeout 300 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16" --ctx 4096,32768 \
-    --batch 1,8 --steps 16 --json "$R/bench.json" "${kv[@]}" \
-    --peer "llama.cpp f16=$R/llama-f16.jsonl" --peer "llama.cpp q8_0=$R/llama-q8_0.jsonl" --peer "llama.cpp q4_0=$R/llama-q4_0.jsonl" \
+  peers=(--peer "llama.cpp f16=$R/llama-f16.jsonl" --peer "llama.cpp q8_0=$R/llama-q8_0.jsonl" --peer "llama.cpp q4_0=$R/llama-q4_0.jsonl")
+  timeout 300 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16" --ctx "$BIG_CTX" \
+    --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench.json" "${kv[@]}" "${peers[@]}" \
     2>&1 | tee "$R/kvq.log" | tail -n 60
+  if [ "$NO_GRAPHS_TOO" = 1 ]; then
+    timeout 120 "$S/kvq" bench decode --no-graphs --model "$big" --name "Llama-3-8B shape, no graphs" --ctx 4096 \
+      --batch 1,8 --steps 16 --json "$R/bench-nographs.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-nographs.log" | grep "T="
+  fi
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
   ;;
 *) echo "usage: bench-gpu.sh stage|check|llama-small|kvq-small|big"; exit 2 ;;

@@ -1,8 +1,10 @@
 //! The device runtime: one context, one explicit stream, kernels loaded from the embedded fatbins.
 
 use crate::error::{drv, GpuError, Result};
+use crate::graph::{KernelArgs, Recording, Work};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, CudaViewMut, DevicePtrMut, DeviceRepr,
+    LaunchConfig,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +27,8 @@ pub struct Gpu {
     /// (looked up by `&str`, so a hit allocates nothing).
     functions: Mutex<HashMap<&'static str, HashMap<String, CudaFunction>>>,
     staging: Mutex<Staging>,
+    /// The step being recorded (crate::graph): launches and uploads are collected, not issued.
+    recording: Mutex<Option<Recording>>,
 }
 
 /// Page-locked host memory that small per-step uploads go through (see [`Gpu::upload`]).
@@ -76,6 +80,7 @@ impl Gpu {
                 cap: 0,
                 used: 0,
             }),
+            recording: Mutex::new(None),
         })
     }
 
@@ -201,6 +206,12 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
+        if let Some(rec) = self.lock_recording()?.as_mut() {
+            let (dptr, _sync) = dst.device_ptr_mut(&self.stream);
+            // SAFETY: `src` is plain data (DeviceRepr + Copy) of `bytes` initialised bytes.
+            let raw = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const u8, bytes) };
+            return rec.upload(raw, dptr);
+        }
         let mut sg = self
             .staging
             .lock()
@@ -244,6 +255,94 @@ impl Gpu {
             .map_err(drv("uploading to the GPU"))?;
         sg.used = (off + bytes).next_multiple_of(256);
         Ok(())
+    }
+
+    fn lock_recording(&self) -> Result<std::sync::MutexGuard<'_, Option<Recording>>> {
+        self.recording
+            .lock()
+            .map_err(|_| GpuError::Shape("step recording poisoned".into()))
+    }
+
+    /// Starts recording a step: launches and uploads are collected until [`Gpu::stop_recording`]
+    /// (crate::graph issues them, from a CUDA graph when the same step was seen before).
+    pub(crate) fn start_recording(&self) -> Result<()> {
+        let mut r = self.lock_recording()?;
+        if r.is_some() {
+            return Err(GpuError::Shape("a step is already being recorded".into()));
+        }
+        *r = Some(Recording::default());
+        Ok(())
+    }
+
+    /// Ends the recording and returns what it collected (empty when none was running).
+    pub(crate) fn stop_recording(&self) -> Result<Recording> {
+        Ok(self.lock_recording()?.take().unwrap_or_default())
+    }
+
+    /// Issues `work` now, or adds it to the step being recorded.
+    pub(crate) fn submit(&self, work: Work) -> Result<()> {
+        if let Some(rec) = self.lock_recording()?.as_mut() {
+            rec.work.push(work);
+            return Ok(());
+        }
+        work.issue(self)
+    }
+
+    /// Launches kernel `f` with `args` on the stream (or records the launch).
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameter list in number, order and types; the buffers they
+    /// name must be alive and large enough for every access the kernel makes with `cfg`, with no
+    /// buffer the kernel writes aliased by another argument, until the stream has run the launch.
+    pub(crate) unsafe fn launch(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        args: KernelArgs,
+        what: &'static str,
+    ) -> Result<()> {
+        self.submit(Work::Kernel {
+            f: f.clone(),
+            cfg,
+            args,
+            what,
+        })
+    }
+
+    /// Copies the first `n` values of `src` over the first `n` of `dst` on the stream (or records the
+    /// copy); both lengths are checked.
+    pub(crate) fn copy<T: DeviceRepr>(
+        &self,
+        src: &cudarc::driver::CudaSlice<T>,
+        dst: &mut cudarc::driver::CudaSlice<T>,
+        n: usize,
+        what: &'static str,
+    ) -> Result<()> {
+        use cudarc::driver::DevicePtr;
+        if src.len() < n || dst.len() < n {
+            return Err(GpuError::Shape(format!(
+                "{what}: copy of {n} values between buffers of {} and {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        let bytes = n * std::mem::size_of::<T>();
+        let (s, d) = (
+            src.device_ptr(&self.stream).0,
+            dst.device_ptr(&self.stream).0,
+        );
+        self.submit(Work::Call {
+            key: vec![s, d, bytes as u64],
+            run: Box::new(move |gpu: &Gpu| {
+                // SAFETY: both buffers hold at least `bytes` (checked when recorded), `dst` was a &mut
+                // borrow so they do not overlap, and they are alive while this step's work is issued
+                // (crate::graph); the copy is ordered on the GPU's one stream.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(d, s, bytes, gpu.stream().cu_stream())
+                }
+                .map_err(drv(what))
+            }),
+        })
     }
 
     /// Free and total device memory in bytes.

@@ -3,8 +3,9 @@
 
 use crate::error::{drv, Result};
 use crate::gpu::Gpu;
+use crate::graph::KernelArgs;
 use crate::params::{KvqDecodeParams, KvqEncodeParams};
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig};
 
 /// Decode attention (grid = splits+1 x Hkv x B) then the merge of its splits ((Hq, D) per sequence).
 pub(crate) fn decode(
@@ -20,7 +21,6 @@ pub(crate) fn decode(
     decode
         .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .map_err(drv("setting the decode kernel's shared memory"))?;
-    let st = gpu.stream();
     let cfg = LaunchConfig {
         grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
         block_dim: (128, 1, 1),
@@ -33,8 +33,14 @@ pub(crate) fn decode(
     // the pages from the block table it wrote, the window as [B][Hkv][win_cap][D] with n_win <= win_cap,
     // and Workspace sized the partials for grid.0 = n_splits + 1 rows per query head; the kernel reads
     // blocks < n_sealed / BT only, and the grid covers exactly B x Hkv x (n_splits + 1).
-    unsafe { st.launch_builder(decode).arg(p).launch(cfg) }
-        .map_err(drv("launching decode attention"))?;
+    unsafe {
+        gpu.launch(
+            decode,
+            cfg,
+            KernelArgs::default().val(p),
+            "launching decode attention",
+        )
+    }?;
     let cfg = LaunchConfig {
         grid_dim: (hq as u32, grid.2 as u32, 1),
         block_dim: (d as u32, 1, 1),
@@ -42,9 +48,14 @@ pub(crate) fn decode(
     };
     // SAFETY: as above; the merge reads the partials just written (same stream, ordered) and writes
     // out[B][Hq][D] with grid (Hq, B) x D threads.
-    unsafe { st.launch_builder(merge).arg(p).launch(cfg) }
-        .map_err(drv("launching the split merge"))?;
-    Ok(())
+    unsafe {
+        gpu.launch(
+            merge,
+            cfg,
+            KernelArgs::default().val(p),
+            "launching the split merge",
+        )
+    }
 }
 
 /// Appends `rows` tokens to the window rings (grid rows x Hkv, D threads).
@@ -62,9 +73,14 @@ pub(crate) fn append(gpu: &Gpu, f: &CudaFunction, p: &KvqEncodeParams, d: usize)
     // stream). (bounds) GpuLayerCache allocated k_new/v_new as [rows][Hkv][D], row_slot/row_tok with
     // `rows` entries, slots < its slot count and rings [slots][Hkv][win_cap][D]; rows index by
     // blockIdx.x < rows, channels by threadIdx.x < D, ring rows by tok % win_cap.
-    unsafe { gpu.stream().launch_builder(f).arg(p).launch(cfg) }
-        .map(|_| ())
-        .map_err(drv("launching the window append"))
+    unsafe {
+        gpu.launch(
+            f,
+            cfg,
+            KernelArgs::default().val(p),
+            "launching the window append",
+        )
+    }
 }
 
 /// Seals `jobs` blocks from the rings into their pages (grid jobs x Hkv, 128 threads).
@@ -85,7 +101,12 @@ pub(crate) fn encode(gpu: &Gpu, f: &CudaFunction, p: &KvqEncodeParams, smem: usi
     // no launch writes concurrently (one stream). (bounds) GpuLayerCache gives job pages < its pool
     // size, blocks < page_blocks, tokens inside the ring's live window; shared memory holds the
     // block's BT x D floats plus the format's scratch (`smem`, computed from the same constants).
-    unsafe { gpu.stream().launch_builder(f).arg(p).launch(cfg) }
-        .map(|_| ())
-        .map_err(drv("launching the block encoder"))
+    unsafe {
+        gpu.launch(
+            f,
+            cfg,
+            KernelArgs::default().val(p),
+            "launching the block encoder",
+        )
+    }
 }

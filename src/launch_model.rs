@@ -7,10 +7,9 @@
 
 use crate::error::{drv, GpuError, Result};
 use crate::gpu::Gpu;
+use crate::graph::{KernelArgs, Work};
 use cudarc::cublas::{result as cublas, sys as cublas_sys, CudaBlas};
-use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use half::f16;
 use std::sync::Arc;
 
@@ -142,7 +141,7 @@ fn style_code(style: kvq_formats::RopeStyle) -> i32 {
 /// The model-op kernels of kernels/model.cu, loaded once, with typed launchers (asynchronous, on the
 /// GPU's one stream).
 pub struct ModelOps {
-    stream: Arc<CudaStream>,
+    gpu: Arc<Gpu>,
     embed: CudaFunction,
     rmsnorm: CudaFunction,
     rope: CudaFunction,
@@ -156,10 +155,10 @@ pub struct ModelOps {
 
 impl ModelOps {
     /// Loads the kernels; errors name the missing one.
-    pub fn new(gpu: &Gpu) -> Result<Self> {
+    pub fn new(gpu: &Arc<Gpu>) -> Result<Self> {
         let f = |n: &str| gpu.function(MODULE, &format!("kvq_model_{n}"));
         Ok(Self {
-            stream: gpu.stream().clone(),
+            gpu: gpu.clone(),
             embed: f("embed")?,
             rmsnorm: f("rmsnorm")?,
             rope: f("rope")?,
@@ -198,21 +197,21 @@ impl ModelOps {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let st = self.gpu.stream();
+        let args = KernelArgs::default()
+            .buf(table, st)
+            .buf(&ids.dev, st)
+            .buf(out, st)
+            .val(&n32)
+            .val(&h32);
         // SAFETY: (types/order) kvq_model_embed(const __half*, const int32_t*, float*, int, int) gets
         // CudaSlice<f16>, CudaSlice<i32>, CudaSlice<f32>, i32, i32. (aliasing) `out` is a &mut borrow,
         // distinct from the shared `table` and `ids`. (bounds) every id < upper <= vocab (measured at
         // upload), table holds vocab x hidden, out n x hidden, and the grid has one block per row.
         unsafe {
-            self.stream
-                .launch_builder(&self.embed)
-                .arg(table)
-                .arg(&ids.dev)
-                .arg(out)
-                .arg(&n32)
-                .arg(&h32)
-                .launch(cfg)
-        }
-        .map_err(drv("launching kvq_model_embed"))?;
+            self.gpu
+                .launch(&self.embed, cfg, args, "launching kvq_model_embed")
+        }?;
         Ok(())
     }
 
@@ -253,22 +252,23 @@ impl ModelOps {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let null = 0u64;
-        let b = self.stream.launch_builder(&self.rmsnorm);
-        let mut b = b;
-        b.arg(x);
-        match rows {
-            Some(r) => b.arg(&r.dev),
-            None => b.arg(&null),
+        let st = self.gpu.stream();
+        let args = KernelArgs::default().buf(x, st);
+        let args = match rows {
+            Some(r) => args.buf(&r.dev, st),
+            None => args.val(&0u64),
         };
-        b.arg(w).arg(out).arg(&n32).arg(&c32).arg(&eps);
+        let args = args.buf(w, st).buf(out, st).val(&n32).val(&c32).val(&eps);
         // SAFETY: (types/order) kvq_model_rmsnorm(const float*, const int32_t* (nullable), const
         // float*, __half*, int, int, float) gets CudaSlice<f32>, CudaSlice<i32> or a null u64 (both
         // 8-byte device pointers), CudaSlice<f32>, CudaSlice<f16>, i32, i32, f32. (aliasing) `out` is a
         // &mut borrow of another type than every input. (bounds) rows < x_rows (measured at upload) or
         // r < n <= x_rows, x holds x_rows x cols, w cols, out n x cols; one block per output row and
         // 256 threads, a multiple of 32 as the block reduction needs.
-        unsafe { b.launch(cfg) }.map_err(drv("launching kvq_model_rmsnorm"))?;
+        unsafe {
+            self.gpu
+                .launch(&self.rmsnorm, cfg, args, "launching kvq_model_rmsnorm")
+        }?;
         Ok(())
     }
 
@@ -297,31 +297,31 @@ impl ModelOps {
         }
         let (n32, h32, d32) = (to_i32("rows", n)?, to_i32("heads", heads)?, to_i32("d", d)?);
         let stride = row_stride as i64;
-        let st = style_code(style);
+        let style_c = style_code(style);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, heads as u32, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let st = self.gpu.stream();
+        let args = KernelArgs::default()
+            .buf(x, st)
+            .val(&stride)
+            .buf(&pos.dev, st)
+            .buf(inv_freq, st)
+            .val(&n32)
+            .val(&h32)
+            .val(&d32)
+            .val(&style_c);
         // SAFETY: (types/order) kvq_model_rope(float*, int64_t, const int32_t*, const float*, int, int,
         // int, int) gets CudaSlice<f32>, i64, CudaSlice<i32>, CudaSlice<f32>, i32 x 4. (aliasing) `x` is
         // the only buffer written, a &mut borrow distinct from pos and inv_freq. (bounds) rows < n and
         // heads * d <= row_stride, so every access is below n x row_stride <= x.len(); pair indices
         // < d/2 <= inv_freq.len(); positions are only multiplied, never used as addresses.
         unsafe {
-            self.stream
-                .launch_builder(&self.rope)
-                .arg(x)
-                .arg(&stride)
-                .arg(&pos.dev)
-                .arg(inv_freq)
-                .arg(&n32)
-                .arg(&h32)
-                .arg(&d32)
-                .arg(&st)
-                .launch(cfg)
-        }
-        .map_err(drv("launching kvq_model_rope"))?;
+            self.gpu
+                .launch(&self.rope, cfg, args, "launching kvq_model_rope")
+        }?;
         Ok(())
     }
 
@@ -365,28 +365,28 @@ impl ModelOps {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let st = self.gpu.stream();
+        let args = KernelArgs::default()
+            .buf(qkv, st)
+            .buf(&pos.dev, st)
+            .buf(inv_freq, st)
+            .buf(q, st)
+            .buf(k, st)
+            .buf(v, st)
+            .val(&ints[0])
+            .val(&ints[1])
+            .val(&ints[2])
+            .val(&ints[3])
+            .val(&ints[4]);
         // SAFETY: (types/order) kvq_model_qkv_split(const float*, const int32_t*, const float*, float*,
         // float*, float*, int, int, int, int, int) gets CudaSlice<f32>, CudaSlice<i32>, CudaSlice<f32>,
         // three CudaSlice<f32> and five i32. (aliasing) q, k, v are three distinct &mut borrows, none of
         // them an input. (bounds) checked above: qkv holds n x (hq + 2 hkv) x d, q n x hq x d, k and v
         // n x hkv x d; the grid is exactly n x (hq + 2 hkv); pair indices < d/2 <= inv_freq.len().
         unsafe {
-            self.stream
-                .launch_builder(&self.qkv_split)
-                .arg(qkv)
-                .arg(&pos.dev)
-                .arg(inv_freq)
-                .arg(q)
-                .arg(k)
-                .arg(v)
-                .arg(&ints[0])
-                .arg(&ints[1])
-                .arg(&ints[2])
-                .arg(&ints[3])
-                .arg(&ints[4])
-                .launch(cfg)
-        }
-        .map_err(drv("launching kvq_model_qkv_split"))?;
+            self.gpu
+                .launch(&self.qkv_split, cfg, args, "launching kvq_model_qkv_split")
+        }?;
         Ok(())
     }
 
@@ -403,19 +403,23 @@ impl ModelOps {
             return Ok(());
         }
         let (n32, i32_) = (to_i32("rows", n)?, to_i32("inter", inter)?);
+        let st = self.gpu.stream();
+        let args = KernelArgs::default()
+            .buf(gu, st)
+            .buf(out, st)
+            .val(&n32)
+            .val(&i32_);
         // SAFETY: (types/order) kvq_model_swiglu(const float*, __half*, int, int) gets CudaSlice<f32>,
         // CudaSlice<f16>, i32, i32. (aliasing) `out` is a &mut borrow of another type than `gu`.
         // (bounds) the grid-stride loop stops at n x inter (64-bit); reads are below n x 2 inter.
         unsafe {
-            self.stream
-                .launch_builder(&self.swiglu)
-                .arg(gu)
-                .arg(out)
-                .arg(&n32)
-                .arg(&i32_)
-                .launch(stride_cfg(n * inter))
-        }
-        .map_err(drv("launching kvq_model_swiglu"))?;
+            self.gpu.launch(
+                &self.swiglu,
+                stride_cfg(n * inter),
+                args,
+                "launching kvq_model_swiglu",
+            )
+        }?;
         Ok(())
     }
 
@@ -427,18 +431,15 @@ impl ModelOps {
             return Ok(());
         }
         let n64 = n as i64;
+        let st = self.gpu.stream();
+        let args = KernelArgs::default().buf(x, st).buf(y, st).val(&n64);
         // SAFETY: (types/order) kvq_model_add(float*, const float*, int64_t) gets CudaSlice<f32>,
         // CudaSlice<f32>, i64. (aliasing) `x` is a &mut borrow, so `y` is another allocation. (bounds)
         // the grid-stride loop stops at n <= both lengths.
         unsafe {
-            self.stream
-                .launch_builder(&self.add)
-                .arg(x)
-                .arg(y)
-                .arg(&n64)
-                .launch(stride_cfg(n))
-        }
-        .map_err(drv("launching kvq_model_add"))?;
+            self.gpu
+                .launch(&self.add, stride_cfg(n), args, "launching kvq_model_add")
+        }?;
         Ok(())
     }
 
@@ -450,18 +451,19 @@ impl ModelOps {
             return Ok(());
         }
         let n64 = n as i64;
+        let st = self.gpu.stream();
+        let args = KernelArgs::default().buf(x, st).buf(y, st).val(&n64);
         // SAFETY: (types/order) kvq_model_f32_to_f16(const float*, __half*, int64_t) gets
         // CudaSlice<f32>, CudaSlice<f16>, i64. (aliasing) `y` is a &mut borrow of another type.
         // (bounds) the grid-stride loop stops at n <= both lengths.
         unsafe {
-            self.stream
-                .launch_builder(&self.f32_to_f16)
-                .arg(x)
-                .arg(y)
-                .arg(&n64)
-                .launch(stride_cfg(n))
-        }
-        .map_err(drv("launching kvq_model_f32_to_f16"))?;
+            self.gpu.launch(
+                &self.f32_to_f16,
+                stride_cfg(n),
+                args,
+                "launching kvq_model_f32_to_f16",
+            )
+        }?;
         Ok(())
     }
 
@@ -473,18 +475,19 @@ impl ModelOps {
             return Ok(());
         }
         let n64 = n as i64;
+        let st = self.gpu.stream();
+        let args = KernelArgs::default().buf(x, st).buf(y, st).val(&n64);
         // SAFETY: (types/order) kvq_model_f16_to_f32(const __half*, float*, int64_t) gets
         // CudaSlice<f16>, CudaSlice<f32>, i64. (aliasing) `y` is a &mut borrow of another type.
         // (bounds) the grid-stride loop stops at n <= both lengths.
         unsafe {
-            self.stream
-                .launch_builder(&self.f16_to_f32)
-                .arg(x)
-                .arg(y)
-                .arg(&n64)
-                .launch(stride_cfg(n))
-        }
-        .map_err(drv("launching kvq_model_f16_to_f32"))?;
+            self.gpu.launch(
+                &self.f16_to_f32,
+                stride_cfg(n),
+                args,
+                "launching kvq_model_f16_to_f32",
+            )
+        }?;
         Ok(())
     }
 
@@ -506,19 +509,16 @@ impl ModelOps {
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
+        let st = self.gpu.stream();
+        let args = KernelArgs::default().buf(logits, st).val(&v32).buf(out, st);
         // SAFETY: (types/order) kvq_model_argmax(const float*, int, int32_t*) gets CudaSlice<f32>, i32,
         // CudaSlice<i32>. (aliasing) `out` is a &mut borrow of another type than `logits`. (bounds) one
         // block per row r < rows reads row r's vocab values (rows x vocab <= logits.len()) and writes
         // out[r]; the kernel's static shared arrays are sized for its 1024 threads.
         unsafe {
-            self.stream
-                .launch_builder(&self.argmax)
-                .arg(logits)
-                .arg(&v32)
-                .arg(out)
-                .launch(cfg)
-        }
-        .map_err(drv("launching kvq_model_argmax"))?;
+            self.gpu
+                .launch(&self.argmax, cfg, args, "launching kvq_model_argmax")
+        }?;
         Ok(())
     }
 }
@@ -536,25 +536,27 @@ pub struct Linear {
 
 /// cuBLAS on the GPU's stream: f16 inputs, f32 accumulation and f32 outputs.
 pub struct Blas {
-    handle: CudaBlas,
-    stream: Arc<CudaStream>,
+    handle: Arc<CudaBlas>,
+    gpu: Arc<Gpu>,
 }
 
 impl Blas {
     /// Creates the handle on `gpu`'s stream; a missing libcublas is an error, not a panic.
-    pub fn new(gpu: &Gpu) -> Result<Self> {
+    pub fn new(gpu: &Arc<Gpu>) -> Result<Self> {
         let stream = gpu.stream().clone();
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
-        let s2 = stream.clone();
-        let h = std::panic::catch_unwind(move || CudaBlas::new(s2));
+        let h = std::panic::catch_unwind(move || CudaBlas::new(stream));
         std::panic::set_hook(hook);
         let handle = h
             .map_err(|_| {
                 GpuError::NoGpu("the cuBLAS library (libcublas.so) could not be loaded".into())
             })?
             .map_err(|e| GpuError::Blas(format!("creating the cuBLAS handle: {e:?}")))?;
-        Ok(Self { handle, stream })
+        Ok(Self {
+            handle: Arc::new(handle),
+            gpu: gpu.clone(),
+        })
     }
 
     /// y[n][out] = x[n][inp] · W (or y += x · W when `accumulate`): x f16, W f16, y f32.
@@ -577,42 +579,63 @@ impl Blas {
             to_i32("gemm rows", n)?,
             to_i32("gemm in", w.inp)?,
         );
-        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
-        let stream = &self.stream;
-        let (a, _ga) = w.w.device_ptr(stream);
-        let (b, _gb) = x.device_ptr(stream);
-        let (c, _gc) = y.device_ptr_mut(stream);
-        // Row-major y[n][out] = x[n][inp] W[inp][out] is, column-major, y^T (out x n, ld out) =
-        // W^T (out x inp, ld out) x^T (inp x n, ld inp): no transposes.
-        // SAFETY: (types) A and B are CUDA_R_16F (CudaSlice<f16>), C is CUDA_R_32F (CudaSlice<f32>),
-        // alpha/beta are f32 host scalars as CUBLAS_COMPUTE_32F requires in the default host pointer
-        // mode. (aliasing) `y` is a &mut borrow, distinct from `x` and `w`. (bounds) A reads out x inp
-        // = w.len() halves, B inp x n <= x.len(), C writes out x n <= y.len() (checked above).
-        // (stream) the handle was bound to the GPU's one stream at creation, so the GEMM is ordered
-        // after the launches that wrote x and before those that read y.
-        unsafe {
-            cublas::gemm_ex(
-                *self.handle.handle(),
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                m,
-                nn,
-                k,
-                (&alpha) as *const f32 as *const _,
-                a as *const _,
-                cublas_sys::cudaDataType_t::CUDA_R_16F,
-                m,
-                b as *const _,
-                cublas_sys::cudaDataType_t::CUDA_R_16F,
-                k,
-                (&beta) as *const f32 as *const _,
-                c as *mut _,
-                cublas_sys::cudaDataType_t::CUDA_R_32F,
-                m,
-                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| GpuError::Blas(format!("GEMM {n}x{}x{}: {e:?}", w.inp, w.out)))
+        let stream: &CudaStream = self.gpu.stream();
+        let (a, b, c) = (
+            w.w.device_ptr(stream).0,
+            x.device_ptr(stream).0,
+            y.device_ptr(stream).0,
+        );
+        let key = vec![
+            a,
+            b,
+            c,
+            m as u64,
+            nn as u64,
+            k as u64,
+            u64::from(accumulate),
+        ];
+        let handle = self.handle.clone();
+        let (inp, out) = (w.inp, w.out);
+        let run = move |_: &Gpu| -> Result<()> {
+            let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+            // Row-major y[n][out] = x[n][inp] W[inp][out] is, column-major, y^T (out x n, ld out) =
+            // W^T (out x inp, ld out) x^T (inp x n, ld inp): no transposes.
+            // SAFETY: (types) A and B are CUDA_R_16F (CudaSlice<f16>), C is CUDA_R_32F
+            // (CudaSlice<f32>), alpha/beta are f32 host scalars as CUBLAS_COMPUTE_32F requires in the
+            // default host pointer mode (read during the call, so capturing them is fine). (aliasing)
+            // `y` was a &mut borrow, distinct from `x` and `w`. (bounds) A reads out x inp = w.len()
+            // halves, B inp x n <= x.len(), C writes out x n <= y.len() (checked when recorded).
+            // (lifetime) issued now or from this step's record (crate::graph), while the buffers
+            // live. (stream) the handle was bound to the GPU's one stream at creation, so the GEMM is
+            // ordered after the launches that wrote x and before those that read y.
+            unsafe {
+                cublas::gemm_ex(
+                    *handle.handle(),
+                    cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    m,
+                    nn,
+                    k,
+                    (&alpha) as *const f32 as *const _,
+                    a as *const _,
+                    cublas_sys::cudaDataType_t::CUDA_R_16F,
+                    m,
+                    b as *const _,
+                    cublas_sys::cudaDataType_t::CUDA_R_16F,
+                    k,
+                    (&beta) as *const f32 as *const _,
+                    c as *mut _,
+                    cublas_sys::cudaDataType_t::CUDA_R_32F,
+                    m,
+                    cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| GpuError::Blas(format!("GEMM {nn}x{inp}x{out}: {e:?}")))
+        };
+        self.gpu.submit(Work::Call {
+            key,
+            run: Box::new(run),
+        })
     }
 }

@@ -17,6 +17,7 @@ pub mod check;
 pub mod engine;
 pub mod error;
 pub mod gpu;
+pub mod graph;
 mod launch;
 mod launch_model;
 pub mod params;

@@ -181,6 +181,15 @@ fn resident_check(gpu: kvq::Gpu) -> kvq::Result<bool> {
             BackendChoice::Resident,
         )?);
     }
+    println!("== decode steps as CUDA graphs vs issued kernel by kernel (exact)");
+    for plan in ["fp16", "kivi:bits=2", "asymkv:lk=1,lv=0,window=32"] {
+        tally(&kvq::engine::check::graph_checks(
+            gpu.clone(),
+            &tiny,
+            plan,
+            150,
+        )?);
+    }
     println!("== faults: out of memory, capacity, vocabulary, slots; the engine stays usable");
     for plan in ["fp16", "kivi:bits=2"] {
         tally(&kvq::engine::check::fault_checks(gpu.clone(), &tiny, plan)?);

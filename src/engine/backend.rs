@@ -53,6 +53,11 @@ pub trait AttentionBackend {
     fn wants_rotated_keys(&self) -> bool {
         false
     }
+    /// True when `append_and_attend` only queues device work through the [`crate::Gpu`] (never reads
+    /// device data back on the host), so a decode step can be recorded and replayed as a CUDA graph.
+    fn device_only(&self) -> bool {
+        false
+    }
     /// Creates the caches of a new sequence holding up to `capacity` tokens.
     fn add_sequence(&mut self, id: SeqId, capacity: usize) -> Result<()>;
     /// Frees a sequence's caches (unknown ids are ignored).

@@ -34,6 +34,7 @@ pub use resident::{ResidentBackend, ResidentLimits};
 
 use crate::error::{drv, GpuError, Result};
 use crate::gpu::Gpu;
+use crate::graph::{GraphStats, StepGraphs};
 use crate::launch_model::{Blas, Indices, ModelOps};
 use cudarc::driver::CudaSlice;
 use half::f16;
@@ -165,6 +166,8 @@ pub struct Engine {
     /// Host time spent issuing forwards (kernels, copies, bookkeeping) since the last
     /// [`Engine::take_enqueue_time`]: tells host-bound steps from GPU-bound ones.
     enqueue: std::time::Duration,
+    /// Decode steps recorded and replayed as CUDA graphs (crate::graph).
+    graphs: StepGraphs,
 }
 
 impl Engine {
@@ -237,7 +240,8 @@ impl Engine {
         for id in ids {
             self.free(id);
         }
-        // Free the old caches before allocating the new ones.
+        // Free the old caches before allocating the new ones (and the graphs that name them).
+        self.graphs.clear(&self.gpu)?;
         self.backend = Box::new(NoBackend);
         self.backend = Box::new(ResidentBackend::new(&self.gpu, &plan, rope, heads, limits)?);
         self.plan = plan.describe();
@@ -310,6 +314,7 @@ impl Engine {
             scratch: None,
             plan: String::new(),
             enqueue: std::time::Duration::ZERO,
+            graphs: StepGraphs::new(),
         })
     }
 
@@ -497,7 +502,7 @@ impl Engine {
     /// One decode step: appends one token to each listed sequence (each at most once) and returns
     /// each one's next-token logits, in order.
     pub fn step(&mut self, batch: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
-        self.step_rows(batch)?;
+        self.step_rows(batch, false)?;
         let flat = self.read_logits(batch.len())?;
         Ok(flat
             .chunks_exact(self.config.vocab)
@@ -507,11 +512,9 @@ impl Engine {
 
     /// [`Engine::step`] with greedy picks made on the GPU: only the chosen token ids come back.
     pub fn step_greedy(&mut self, batch: &[(SeqId, u32)]) -> Result<Vec<u32>> {
-        self.step_rows(batch)?;
-        let s = self.scratch.as_mut().ok_or_else(no_forward)?;
+        self.step_rows(batch, true)?;
+        let s = self.scratch.as_ref().ok_or_else(no_forward)?;
         let n = batch.len();
-        self.ops
-            .argmax(&s.logits, (n, self.config.vocab), &mut s.picks)?;
         let mut h = vec![0i32; n];
         self.gpu
             .stream()
@@ -520,7 +523,26 @@ impl Engine {
         Ok(h.into_iter().map(|x| x as u32).collect())
     }
 
-    fn step_rows(&mut self, batch: &[(SeqId, u32)]) -> Result<()> {
+    /// Turns CUDA graphs of decode steps on or off (on by default unless `KVQ_GRAPHS=0`): off, every
+    /// kernel of a step is issued on its own, as benchmarks compare.
+    pub fn set_graphs(&mut self, on: bool) -> Result<()> {
+        self.graphs.set_enabled(&self.gpu, on)
+    }
+
+    /// Whether decode steps are recorded and replayed as CUDA graphs.
+    pub fn graphs_enabled(&self) -> bool {
+        self.graphs.enabled()
+    }
+
+    /// How decode steps ran so far (replayed from a graph, captured, issued directly), and why
+    /// capture failed if it did.
+    pub fn graph_stats(&self) -> (GraphStats, Option<String>) {
+        (self.graphs.stats(), self.graphs.failure().map(String::from))
+    }
+
+    /// A decode step's forward (and greedy picks), recorded and replayed from a CUDA graph when
+    /// graphs are on; the host time it takes is added to the enqueue time.
+    fn step_rows(&mut self, batch: &[(SeqId, u32)], greedy: bool) -> Result<()> {
         if batch.is_empty() {
             return Err(GpuError::Input("decode step of an empty batch".into()));
         }
@@ -538,7 +560,34 @@ impl Engine {
             });
         }
         let ids: Vec<u32> = batch.iter().map(|b| b.1).collect();
-        self.forward(&rows, &ids)
+        let t0 = Instant::now();
+        let r = if self.graphs.enabled() && self.backend.device_only() {
+            self.gpu.start_recording()?;
+            let r = self.step_enqueue(&rows, &ids, greedy);
+            let rec = self.gpu.stop_recording()?;
+            match r {
+                Ok(()) => self.graphs.run(&self.gpu, rec),
+                Err(e) => {
+                    // Issue what was asked before the failure, as the direct path would have.
+                    let _ = self.graphs.run_direct(&self.gpu, rec);
+                    Err(e)
+                }
+            }
+        } else {
+            self.step_enqueue(&rows, &ids, greedy)
+        };
+        self.enqueue += t0.elapsed();
+        r
+    }
+
+    fn step_enqueue(&mut self, rows: &[SeqRows], ids: &[u32], greedy: bool) -> Result<()> {
+        self.forward_enqueue(rows, ids, false)?;
+        if greedy {
+            let s = self.scratch.as_mut().ok_or_else(no_forward)?;
+            self.ops
+                .argmax(&s.logits, (rows.len(), self.config.vocab), &mut s.picks)?;
+        }
+        Ok(())
     }
 
     /// Downloads the logits of the last forward's first `n` logit rows.

@@ -7,7 +7,7 @@
 use super::backend::{AttentionBackend, Heads, SeqId, SeqRows};
 use crate::attention::Workspace;
 use crate::cache::{CacheConfig, GpuLayerCache};
-use crate::error::{drv, GpuError, Result};
+use crate::error::{GpuError, Result};
 use crate::gpu::Gpu;
 use cudarc::driver::CudaSlice;
 use kvq_formats::{CacheBytes, KvPlan, LayerCache, Rope};
@@ -110,6 +110,10 @@ impl AttentionBackend for ResidentBackend {
         true
     }
 
+    fn device_only(&self) -> bool {
+        true
+    }
+
     fn add_sequence(&mut self, id: SeqId, capacity: usize) -> Result<()> {
         if capacity > self.limits.max_tokens {
             return Err(GpuError::Input(format!(
@@ -175,7 +179,6 @@ impl AttentionBackend for ResidentBackend {
                 e.insert(gc.workspace(gpu, &att_rows, hq)?)
             }
         };
-        let st = gpu.stream();
         let len = n * hq * d;
         if q.len() < len || out.len() < len {
             return Err(GpuError::Shape(format!(
@@ -184,12 +187,9 @@ impl AttentionBackend for ResidentBackend {
                 out.len()
             )));
         }
-        st.memcpy_dtod(&q.slice(..len), &mut ws.q.slice_mut(..len))
-            .map_err(drv("copying queries"))?;
+        gpu.copy(q, &mut ws.q, len, "copying queries")?;
         gc.kv().launch(gpu, ws)?;
-        st.memcpy_dtod(&ws.out.slice(..len), &mut out.slice_mut(..len))
-            .map_err(drv("copying the attention output"))?;
-        Ok(())
+        gpu.copy(&ws.out, out, len, "copying the attention output")
     }
 
     fn append_only(

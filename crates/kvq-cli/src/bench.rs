@@ -36,6 +36,8 @@ pub struct DecodeOpts {
     pub peers: Vec<String>,
     /// Model name for titles.
     pub model_name: String,
+    /// Decode steps replayed as CUDA graphs (else every kernel issued on its own).
+    pub graphs: bool,
 }
 
 /// One measured (or skipped) point.
@@ -79,6 +81,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
     let mut engine = kvq::Engine::from_model_resident(gpu.clone(), model, first_plan, limits0)
         .context("starting the GPU engine")?;
     engine.extend_context(max_ctx + o.warmup + o.steps + 1);
+    engine.set_graphs(o.graphs)?;
     let weight_bytes = engine.weight_bytes();
     eprintln!("{}", engine.describe());
     let mut plans = o.plans.clone();
@@ -126,7 +129,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                 }
                 let r = measure(&mut engine, model, &plan, t, b, o);
                 match r {
-                    Ok((ms, host_ms, kv)) => {
+                    Ok((ms, host_ms, kv, graphs)) => {
                         let kv_bytes = (kv.packed + kv.window) as f64 * b as f64;
                         let step_bytes = weight_bytes as f64 + kv_bytes;
                         let tok_s = b as f64 * 1e3 / ms;
@@ -139,7 +142,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                         );
                         pb.suspend(|| eprintln!("{line}"));
                         points.push(point(&desc, t, b, "ok", json!({
-                            "ms_per_step": ms, "host_ms_per_step": host_ms, "tok_s": tok_s, "kv_gib": kv_bytes / 1073741824.0,
+                            "ms_per_step": ms, "host_ms_per_step": host_ms, "graphs": graphs, "tok_s": tok_s, "kv_gib": kv_bytes / 1073741824.0,
                             "bits_per_elem": kv.bits_per_elem(), "kv_bytes_read": kv_bytes,
                             "weight_bytes": weight_bytes, "bw_fraction": frac,
                         })));
@@ -231,7 +234,7 @@ fn measure(
     t: usize,
     b: usize,
     o: &DecodeOpts,
-) -> Result<(f64, f64, kvq_formats::CacheBytes)> {
+) -> Result<(f64, f64, kvq_formats::CacheBytes, Value)> {
     let cap = t + o.warmup + o.steps + 1;
     let limits = kvq::engine::ResidentLimits {
         slots: b,
@@ -253,6 +256,7 @@ fn measure(
         }
     }
     engine.take_enqueue_time();
+    let (before, _) = engine.graph_stats();
     let t0 = Instant::now();
     for _ in 0..o.steps {
         let next = engine.step_greedy(&batch)?;
@@ -262,11 +266,20 @@ fn measure(
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3 / o.steps.max(1) as f64;
     let host_ms = engine.take_enqueue_time().as_secs_f64() * 1e3 / o.steps.max(1) as f64;
+    let (after, failure) = engine.graph_stats();
+    // How the timed steps ran: replayed from a CUDA graph, captured, or issued kernel by kernel.
+    let graphs = json!({
+        "on": engine.graphs_enabled(),
+        "replayed": after.replayed - before.replayed,
+        "captured": after.captured - before.captured,
+        "direct": after.direct - before.direct,
+        "capture_failure": failure,
+    });
     let kv = engine.kv_bytes(seqs[0])?;
     for s in seqs {
         engine.free(s);
     }
-    Ok((ms, host_ms, kv))
+    Ok((ms, host_ms, kv, graphs))
 }
 
 /// Reads `LABEL=PATH`, a llama-batched-bench `--output-format jsonl` file: one point per line.

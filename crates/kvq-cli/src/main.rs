@@ -246,6 +246,10 @@ enum BenchCmd {
         /// Run nothing: merge --peer into --json's results and redraw the PNGs.
         #[arg(long)]
         replot: bool,
+        /// Issue every kernel of a decode step on its own instead of replaying CUDA graphs (to
+        /// measure what the graphs buy).
+        #[arg(long)]
+        no_graphs: bool,
     },
 }
 
@@ -868,6 +872,7 @@ fn run(cli: Cli) -> Result<()> {
                     peer,
                     name,
                     replot,
+                    no_graphs,
                 },
         } => {
             if replot {
@@ -905,6 +910,7 @@ fn run(cli: Cli) -> Result<()> {
                     json,
                     peers: peer,
                     model_name,
+                    graphs: !no_graphs,
                 },
             )?;
         }
