@@ -81,9 +81,12 @@ extern "C" __global__ void kvq_model_rope(float* x, int64_t row_stride, const in
 }
 
 // Splits the fused QKV GEMM output qkv [n][(hq + 2 hkv) d] into q [n][hq][d] rotated to pos[r], and k, v
-// [n][hkv][d] unrotated (caches take keys before RoPE). Grid (n, hq + 2 hkv), block 256.
+// [n][hkv][d]; k rotated too when rotate_k (GPU-resident caches store rotated keys: one kernel fewer per
+// layer than a separate kvq_model_rope), else unrotated (CPU caches take keys before RoPE).
+// Grid (n, hq + 2 hkv), block 256.
 extern "C" __global__ void kvq_model_qkv_split(const float* qkv, const int32_t* pos, const float* inv_freq, float* q,
-                                               float* k, float* v, int n, int hq, int hkv, int d, int style) {
+                                               float* k, float* v, int n, int hq, int hkv, int d, int style,
+                                               int rotate_k) {
     const int r = blockIdx.x, h = blockIdx.y;
     if (r >= n || h >= hq + 2 * hkv) return;
     const float* src = qkv + (int64_t)r * (hq + 2 * hkv) * d + (int64_t)h * d;
@@ -93,7 +96,11 @@ extern "C" __global__ void kvq_model_qkv_split(const float* qkv, const int32_t* 
     } else {
         const int kh = h - hq;
         float* dst = kh < hkv ? k + ((int64_t)r * hkv + kh) * d : v + ((int64_t)r * hkv + kh - hkv) * d;
-        for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c];
+        if (kh < hkv && rotate_k) {
+            for (int i = threadIdx.x; i < d / 2; i += blockDim.x) rope_pair(src, dst, i, d, style, pos[r], inv_freq);
+        } else {
+            for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c];
+        }
     }
 }
 

@@ -299,6 +299,42 @@ impl DeviceKv {
     /// Launches decode attention for the rows of `ws` on the queries in `ws.q`, result in `ws.out`
     /// (asynchronous).
     pub fn launch(&self, gpu: &Gpu, ws: &mut Workspace) -> Result<()> {
+        self.launch_io(gpu, ws, None)
+    }
+
+    /// [`DeviceKv::launch`] on the queries in `q`, result in `out` and, as f16, in `out16` (each
+    /// [rows][Hq][D] at least): the engine's buffers, so a decode step copies nothing in or out of the
+    /// workspace and needs no conversion before the output projection.
+    pub fn launch_into(
+        &self,
+        gpu: &Gpu,
+        ws: &mut Workspace,
+        q: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        out16: &mut CudaSlice<half::f16>,
+    ) -> Result<()> {
+        let len = ws.rows.len() * ws.hq * self.shape.d;
+        if q.len() < len || out.len() < len || out16.len() < len {
+            return Err(GpuError::Shape(format!(
+                "attention over {} rows needs {len} query/output values, got {}/{}/{}",
+                ws.rows.len(),
+                q.len(),
+                out.len(),
+                out16.len()
+            )));
+        }
+        let st = gpu.stream();
+        let io = (
+            q.device_ptr(st).0,
+            out.device_ptr(st).0,
+            out16.device_ptr(st).0,
+        );
+        self.launch_io(gpu, ws, Some(io))
+    }
+
+    /// The launch, on `io` = (queries, output, f16 output) device addresses or the workspace's own
+    /// buffers (no f16 output then).
+    fn launch_io(&self, gpu: &Gpu, ws: &mut Workspace, io: Option<(u64, u64, u64)>) -> Result<()> {
         let (hkv, d) = (self.shape.hkv, self.shape.d);
         let g = ws.hq / hkv;
         if g == 0 || !ws.hq.is_multiple_of(hkv) || g > 8 {
@@ -336,10 +372,11 @@ impl DeviceKv {
             n_win: ptr(&|s| self.n_win.device_ptr(s).0),
             seq_slot: ptr(&|s| ws.seq_slot.device_ptr(s).0),
             row_len: ptr(&|s| ws.row_len.device_ptr(s).0),
-            q: ptr(&|s| ws.q.device_ptr(s).0),
+            q: io.map_or_else(|| ws.q.device_ptr(st).0, |x| x.0),
             part_acc: ptr(&|s| ws.part_acc.device_ptr(s).0),
             part_ml: ptr(&|s| ws.part_ml.device_ptr(s).0),
-            out: ptr(&|s| ws.out.device_ptr(s).0),
+            out: io.map_or_else(|| ws.out.device_ptr(st).0, |x| x.1),
+            out16: io.map_or(0, |x| x.2),
             k_block_bytes: self.k_block_bytes as i64,
             v_block_bytes: self.v_block_bytes as i64,
             batch: ws.rows.len() as i32,

@@ -309,42 +309,6 @@ impl Gpu {
         })
     }
 
-    /// Copies the first `n` values of `src` over the first `n` of `dst` on the stream (or records the
-    /// copy); both lengths are checked.
-    pub(crate) fn copy<T: DeviceRepr>(
-        &self,
-        src: &cudarc::driver::CudaSlice<T>,
-        dst: &mut cudarc::driver::CudaSlice<T>,
-        n: usize,
-        what: &'static str,
-    ) -> Result<()> {
-        use cudarc::driver::DevicePtr;
-        if src.len() < n || dst.len() < n {
-            return Err(GpuError::Shape(format!(
-                "{what}: copy of {n} values between buffers of {} and {}",
-                src.len(),
-                dst.len()
-            )));
-        }
-        let bytes = n * std::mem::size_of::<T>();
-        let (s, d) = (
-            src.device_ptr(&self.stream).0,
-            dst.device_ptr(&self.stream).0,
-        );
-        self.submit(Work::Call {
-            key: vec![s, d, bytes as u64],
-            run: Box::new(move |gpu: &Gpu| {
-                // SAFETY: both buffers hold at least `bytes` (checked when recorded), `dst` was a &mut
-                // borrow so they do not overlap, and they are alive while this step's work is issued
-                // (crate::graph); the copy is ordered on the GPU's one stream.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(d, s, bytes, gpu.stream().cu_stream())
-                }
-                .map_err(drv(what))
-            }),
-        })
-    }
-
     /// Free and total device memory in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
         self.ctx.mem_get_info().map_err(drv("querying memory"))

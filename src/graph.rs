@@ -180,6 +180,9 @@ pub struct GraphStats {
     pub captured: u64,
     /// Steps issued item by item (first sighting of their work list, or graphs off).
     pub direct: u64,
+    /// Nodes (kernels, library kernels, copies) of the last captured graph: the device work one
+    /// step is made of.
+    pub nodes: u64,
 }
 
 /// Most graphs kept; a decode whose context grows makes a new work list every few hundred steps.
@@ -305,6 +308,7 @@ impl StepGraphs {
         };
         g.launch().map_err(drv("launching a step graph"))?;
         self.stats.captured += 1;
+        self.stats.nodes = node_count(&g);
         if self.graphs.len() >= MAX_GRAPHS {
             self.clear(gpu)?;
         }
@@ -376,6 +380,20 @@ fn capture(gpu: &Gpu, work: &[Work]) -> Result<CudaGraph> {
     graph
         .map_err(drv("capturing a step graph"))?
         .ok_or_else(|| GpuError::Shape("a step capture gave no graph".into()))
+}
+
+/// Nodes of a captured graph (0 if the driver will not say).
+fn node_count(g: &CudaGraph) -> u64 {
+    let mut n = 0usize;
+    // SAFETY: a null node array asks only for the count, written to `n`; the graph is alive (owned
+    // by `g`) and not used concurrently (the engine is single-threaded over its graphs).
+    let r =
+        unsafe { cudarc::driver::sys::cuGraphGetNodes(g.cu_graph(), std::ptr::null_mut(), &mut n) };
+    if r == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        n as u64
+    } else {
+        0
+    }
 }
 
 /// FxHash-style fold of the key words.

@@ -28,8 +28,9 @@ pub(crate) fn decode(
     };
     // SAFETY: (types/order) both kernels take exactly one `KvqDecodeParams` by value, whose #[repr(C)]
     // layout is asserted equal to the CUDA struct (src/params.rs, kvq_params.cuh). (aliasing) the only
-    // buffers written are part_acc/part_ml (decode) and out (merge), distinct allocations of one
-    // Workspace that no other launch uses concurrently (one stream). (bounds) GpuBatch::upload sized
+    // buffers written are part_acc/part_ml (decode, the Workspace's) and out (merge: the Workspace's,
+    // or the caller's &mut buffer checked in DeviceKv::launch_into to hold B x Hq x D), distinct from
+    // the queries and unused by any concurrent launch (one stream). (bounds) GpuBatch::upload sized
     // the pages from the block table it wrote, the window as [B][Hkv][win_cap][D] with n_win <= win_cap,
     // and Workspace sized the partials for grid.0 = n_splits + 1 rows per query head; the kernel reads
     // blocks < n_sealed / BT only, and the grid covers exactly B x Hkv x (n_splits + 1).

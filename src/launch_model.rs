@@ -326,7 +326,8 @@ impl ModelOps {
     }
 
     /// Splits the fused QKV GEMM output [n][(hq + 2 hkv) d] into q [n][hq][d] (rotated to `pos`) and
-    /// k, v [n][hkv][d] (unrotated: caches take keys before RoPE).
+    /// k, v [n][hkv][d]; k rotated too when `rotate_k` (GPU caches store rotated keys), else unrotated
+    /// (CPU caches take keys before RoPE).
     #[allow(clippy::too_many_arguments)]
     pub fn qkv_split(
         &self,
@@ -338,6 +339,7 @@ impl ModelOps {
         v: &mut CudaSlice<f32>,
         (n, hq, hkv, d): (usize, usize, usize, usize),
         style: kvq_formats::RopeStyle,
+        rotate_k: bool,
     ) -> Result<()> {
         if pos.len() != n || d % 2 != 0 {
             return Err(GpuError::Shape(format!(
@@ -359,6 +361,7 @@ impl ModelOps {
             to_i32("hkv", hkv)?,
             to_i32("d", d)?,
             style_code(style),
+            i32::from(rotate_k),
         ];
         let cfg = LaunchConfig {
             grid_dim: (n as u32, (hq + 2 * hkv) as u32, 1),
@@ -377,10 +380,11 @@ impl ModelOps {
             .val(&ints[1])
             .val(&ints[2])
             .val(&ints[3])
-            .val(&ints[4]);
+            .val(&ints[4])
+            .val(&ints[5]);
         // SAFETY: (types/order) kvq_model_qkv_split(const float*, const int32_t*, const float*, float*,
-        // float*, float*, int, int, int, int, int) gets CudaSlice<f32>, CudaSlice<i32>, CudaSlice<f32>,
-        // three CudaSlice<f32> and five i32. (aliasing) q, k, v are three distinct &mut borrows, none of
+        // float*, float*, int, int, int, int, int, int) gets CudaSlice<f32>, CudaSlice<i32>, CudaSlice<f32>,
+        // three CudaSlice<f32> and six i32. (aliasing) q, k, v are three distinct &mut borrows, none of
         // them an input. (bounds) checked above: qkv holds n x (hq + 2 hkv) x d, q n x hq x d, k and v
         // n x hkv x d; the grid is exactly n x (hq + 2 hkv); pair indices < d/2 <= inv_freq.len().
         unsafe {

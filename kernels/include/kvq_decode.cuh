@@ -453,7 +453,9 @@ __device__ void merge_kernel(const KvqDecodeParams& P) {
         l += w * P.part_ml[(row0 + s) * 2 + 1];
         a += w * P.part_acc[(row0 + s) * D + c];
     }
-    P.out[((int64_t)b * P.hkv * P.group + hq) * D + c] = a / l;
+    const int64_t o = ((int64_t)b * P.hkv * P.group + hq) * D + c;
+    P.out[o] = a / l;
+    if (P.out16 != nullptr) P.out16[o] = __float2half(a / l);
 }
 
 }  // namespace kvq

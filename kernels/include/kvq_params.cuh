@@ -1,5 +1,6 @@
 // Parameter structs shared with Rust (src/params.rs mirrors them #[repr(C)]; sizes asserted on both sides).
 #pragma once
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 // Kernel names are derived, never typed: kvq_{fmt}_{op}_{dtype}_hd{D}.
@@ -30,6 +31,7 @@ struct KvqDecodeParams {
     float* part_acc;            // [B][Hq][n_splits+1][D] unnormalized partial outputs
     float* part_ml;             // [B][Hq][n_splits+1][2] partial (max, sum), max in log2 units
     float* out;                 // [B][Hq][D]
+    __half* out16;              // [B][Hq][D] the output again as f16 (the next GEMM's input), or null
     int64_t k_block_bytes;      // bytes of one head's K block
     int64_t v_block_bytes;      // bytes of one head's V block
     int32_t batch;
@@ -72,6 +74,6 @@ struct KvqEncodeParams {
 
 #ifdef __cplusplus
 static_assert(sizeof(KvqFmtArgs) == 64, "KvqFmtArgs layout");
-static_assert(sizeof(KvqDecodeParams) == 224, "KvqDecodeParams layout");
+static_assert(sizeof(KvqDecodeParams) == 232, "KvqDecodeParams layout");
 static_assert(sizeof(KvqEncodeParams) == 200, "KvqEncodeParams layout");
 #endif

@@ -7,6 +7,7 @@ use crate::attention::GpuBatch;
 use crate::error::{drv, GpuError, Result};
 use crate::gpu::Gpu;
 use cudarc::driver::CudaSlice;
+use half::f16;
 use kvq_formats::{CacheBytes, KvPlan, LayerCache, Rope};
 use std::collections::HashMap;
 
@@ -62,7 +63,8 @@ pub trait AttentionBackend {
     fn add_sequence(&mut self, id: SeqId, capacity: usize) -> Result<()>;
     /// Frees a sequence's caches (unknown ids are ignored).
     fn remove_sequence(&mut self, id: SeqId);
-    /// Appends this layer's K/V of `rows` and writes their attention output (see the trait docs).
+    /// Appends this layer's K/V of `rows` and writes their attention output (see the trait docs) to
+    /// `out`; true when `out16` holds it too, as f16 (the engine then skips a conversion kernel).
     #[allow(clippy::too_many_arguments)]
     fn append_and_attend(
         &mut self,
@@ -73,7 +75,8 @@ pub trait AttentionBackend {
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
-    ) -> Result<()>;
+        out16: &mut CudaSlice<f16>,
+    ) -> Result<bool>;
     /// Cache memory of a sequence, all layers (None for unknown ids).
     fn kv_bytes(&self, id: SeqId) -> Option<CacheBytes>;
     /// Appends `n` tokens of given K/V ([n][hkv][d] f32, keys as `wants_rotated_keys` says) to one
@@ -231,7 +234,8 @@ impl AttentionBackend for HostCacheBackend {
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
-    ) -> Result<()> {
+        _out16: &mut CudaSlice<f16>,
+    ) -> Result<bool> {
         let Heads { hq, hkv, d, .. } = self.heads;
         let n: usize = rows.iter().map(|r| r.n).sum();
         if layer >= self.decode.len() {
@@ -306,7 +310,7 @@ impl AttentionBackend for HostCacheBackend {
         }
         st.memcpy_htod(&oh, &mut out.slice_mut(0..qn))
             .map_err(drv("uploading the attention output"))?;
-        Ok(())
+        Ok(false)
     }
 
     fn kv_bytes(&self, id: SeqId) -> Option<CacheBytes> {

@@ -199,8 +199,13 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
         );
     }
 
-    // QKV split: rotated q, unrotated k and v.
-    for style in [RopeStyle::Interleaved, RopeStyle::Half] {
+    // QKV split: rotated q, k unrotated (CPU caches) or rotated (GPU caches), v copied.
+    for (style, rotate_k) in [
+        (RopeStyle::Interleaved, false),
+        (RopeStyle::Half, false),
+        (RopeStyle::Interleaved, true),
+        (RopeStyle::Half, true),
+    ] {
         let (n, hq, hkv, d) = (4usize, 6usize, 2usize, 64usize);
         let wd = (hq + 2 * hkv) * d;
         let rope = Rope::new(d, 100000.0, style);
@@ -220,6 +225,7 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
             &mut v,
             (n, hq, hkv, d),
             style,
+            rotate_k,
         )?;
         let (mut wq, mut wk, mut wv) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..n {
@@ -229,7 +235,13 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
                 rope.rotate(&mut x, pos[r] as usize, 1.0);
                 wq.extend(x);
             }
-            wk.extend_from_slice(&row[hq * d..(hq + hkv) * d]);
+            for h in hq..hq + hkv {
+                let mut x = row[h * d..(h + 1) * d].to_vec();
+                if rotate_k {
+                    rope.rotate(&mut x, pos[r] as usize, 1.0);
+                }
+                wk.extend(x);
+            }
             wv.extend_from_slice(&row[(hq + hkv) * d..]);
         }
         let err = max_rel(&down(gpu, &q)?, &wq)
@@ -237,7 +249,7 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
             .max(max_rel(&down(gpu, &v)?, &wv));
         push(
             &mut out,
-            &format!("qkv split + rope {style:?} (rel)"),
+            &format!("qkv split + rope {style:?}, keys rotated: {rotate_k} (rel)"),
             err,
             1e-4,
         );

@@ -130,7 +130,8 @@ impl AttentionBackend for NoBackend {
         _k: &CudaSlice<f32>,
         _v: &CudaSlice<f32>,
         _out: &mut CudaSlice<f32>,
-    ) -> Result<()> {
+        _out16: &mut CudaSlice<f16>,
+    ) -> Result<bool> {
         Err(GpuError::Input(self.describe()))
     }
     fn kv_bytes(&self, _id: SeqId) -> Option<CacheBytes> {
@@ -701,20 +702,21 @@ impl Engine {
                 &mut s.v,
                 (n, hq, hkv, d),
                 self.rope_style,
+                self.backend.wants_rotated_keys(),
             )?;
-            if self.backend.wants_rotated_keys() {
-                ops.rope(
-                    &mut s.k,
-                    hkv * d,
-                    &s.pos,
-                    &w.inv_freq,
-                    (n, hkv, d),
-                    self.rope_style,
-                )?;
+            let has16 = self.backend.append_and_attend(
+                &self.gpu,
+                l,
+                rows,
+                &s.q,
+                &s.k,
+                &s.v,
+                &mut s.att,
+                &mut s.att16,
+            )?;
+            if !has16 {
+                ops.f32_to_f16(&s.att, &mut s.att16, n * hq * d)?;
             }
-            self.backend
-                .append_and_attend(&self.gpu, l, rows, &s.q, &s.k, &s.v, &mut s.att)?;
-            ops.f32_to_f16(&s.att, &mut s.att16, n * hq * d)?;
             blas.matmul(&s.att16, &lw.wo, &mut s.x, n, true)?;
             ops.rmsnorm(&s.x, n, None, &lw.ffn_norm, &mut s.hn, (n, h), c.rms_eps)?;
             blas.matmul(&s.hn, &lw.wgu, &mut s.gu, n, false)?;

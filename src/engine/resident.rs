@@ -150,8 +150,9 @@ impl AttentionBackend for ResidentBackend {
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let Heads { hq, d, .. } = self.heads;
+        out16: &mut CudaSlice<half::f16>,
+    ) -> Result<bool> {
+        let Heads { hq, .. } = self.heads;
         let mut counts = Vec::with_capacity(rows.len());
         let mut att_rows = Vec::new();
         for r in rows {
@@ -179,17 +180,8 @@ impl AttentionBackend for ResidentBackend {
                 e.insert(gc.workspace(gpu, &att_rows, hq)?)
             }
         };
-        let len = n * hq * d;
-        if q.len() < len || out.len() < len {
-            return Err(GpuError::Shape(format!(
-                "attention over {n} rows needs {len} query/output values, got {}/{}",
-                q.len(),
-                out.len()
-            )));
-        }
-        gpu.copy(q, &mut ws.q, len, "copying queries")?;
-        gc.kv().launch(gpu, ws)?;
-        gpu.copy(&ws.out, out, len, "copying the attention output")
+        gc.kv().launch_into(gpu, ws, q, out, out16)?;
+        Ok(true)
     }
 
     fn append_only(

@@ -135,7 +135,8 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                         let tok_s = b as f64 * 1e3 / ms;
                         let frac = step_bytes / (ms / 1e3) / bw;
                         let line = format!(
-                            "{desc:<48} T={t:>6} B={b:>2}: {ms:8.3} ms/step ({host_ms:.3} issuing) {tok_s:9.1} tok/s  KV {:.2} GiB  {:.2} bits/elem  {:.0}% of copy BW",
+                            "{desc:<48} T={t:>6} B={b:>2}: {ms:8.3} ms/step ({host_ms:.3} issuing, {} graph nodes) {tok_s:9.1} tok/s  KV {:.2} GiB  {:.2} bits/elem  {:.0}% of copy BW",
+                            graphs["nodes_per_step"],
                             kv_bytes / 1073741824.0,
                             kv.bits_per_elem(),
                             frac * 100.0
@@ -273,6 +274,7 @@ fn measure(
         "replayed": after.replayed - before.replayed,
         "captured": after.captured - before.captured,
         "direct": after.direct - before.direct,
+        "nodes_per_step": after.nodes,
         "capture_failure": failure,
     });
     let kv = engine.kv_bytes(seqs[0])?;
