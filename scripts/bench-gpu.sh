@@ -37,9 +37,11 @@ KVQ_PLANS_BIG=${KVQ_PLANS_BIG:-"kivi:bits=4,window=0 kivi:bits=2 kivi:bits=2,win
 SMALL_CTX=${SMALL_CTX:-4096,16384,32768,65536,131072}; SMALL_BATCH=${SMALL_BATCH:-"1 8"}; SMALL_B32=${SMALL_B32:-1}
 BIG_CTX=${BIG_CTX:-4096,32768}; BIG_BATCH=${BIG_BATCH:-"1 8"}
 # The same fp16 points again with every kernel issued on its own (--no-graphs): what the graphs buy.
+# WRITE_BIG=0 keeps llama-small from writing the 8B GGUF in the background (when no big run follows).
 NO_GRAPHS_TOO=${NO_GRAPHS_TOO:-1}
 
 stage_parts() {
+  [ -f "$S/env" ] && . "$S/env"
   for d in .carry-m1 .carry-m2 .carry-peers .carry-bin; do [ -d "$d" ] && cp -r "$d"/. "$S"/; done
   if [ ! -f "$small" ] && [ -f "$S/model.part.00" ] && [ -f "$S/model.part.01" ]; then
     cat "$S/model.part.00" "$S/model.part.01" > "$small.tmp"
@@ -78,12 +80,20 @@ check)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   timeout 300 "$S/kvq-gpu" check > "$S/check.txt" 2>&1; echo "check rc=$?"
   grep -E "^(FAIL|parity|encode|check|SUMMARY|all)" "$S/check.txt" | tail -n 8; tail -n 3 "$S/check.txt"
+  # Decode kernels merge their splits in the last CTA: if a decode case fails that way, check the
+  # separate merge kernel, and if it passes, every later call of this machine uses it ($S/env).
+  if grep -v "encode" "$S/check.txt" | grep -q "^FAIL"; then
+    KVQ_SPLIT_MERGE=1 timeout 300 "$S/kvq-gpu" check > "$S/check-split.txt" 2>&1
+    echo "check with KVQ_SPLIT_MERGE=1: rc=$?"; grep -E "^parity" "$S/check-split.txt"
+    grep -v "encode" "$S/check-split.txt" | grep -q "^FAIL" || { echo "export KVQ_SPLIT_MERGE=1" > "$S/env"; echo "using the split merge"; }
+  fi
+  [ -f "$S/env" ] && . "$S/env"
   # Model ops and GEMMs vs CPU, the engine vs the CPU path on tiny models and the real model.
   timeout 240 "$S/kvq-gpu" engine-check --model "$small" > "$S/engine.txt" 2>&1; echo "engine-check rc=$?"
   grep -E "FAIL|gemm|checks" "$S/engine.txt" | head -n 30
   KVQ_MODEL="$small" timeout 240 "$S/kvq-gpu" resident-check > "$S/resident.txt" 2>&1; echo "resident-check rc=$?"
   grep -E "FAIL|tokens|greedy|ppl|SKIPPED" "$S/resident.txt" | head -n 20
-  cp "$S/check.txt" "$S/engine.txt" "$S/resident.txt" "$OUT/" 2>/dev/null
+  cp "$S/check.txt" "$S/engine.txt" "$S/resident.txt" "$S"/check-split.txt "$OUT/" 2>/dev/null
   ;;
 llama-small)
   stage_parts
@@ -92,7 +102,7 @@ llama-small)
   echo "== waiting for the llama.cpp build"; for i in $(seq 1 80); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
   tail -3 "$S/llama-build.log"
   # The 8B-shape f16 GGUF (tokenizer of the default model), written in the background (one core).
-  [ -f "$big" ] || setsid nohup python3 "$S/random-llama-gguf.py" "$small" "$big" llama3-8b f16 > "$S/gguf.log" 2>&1 < /dev/null &
+  [ -f "$big" ] || [ "${WRITE_BIG:-1}" = 0 ] || setsid nohup python3 "$S/random-llama-gguf.py" "$small" "$big" llama3-8b f16 > "$S/gguf.log" 2>&1 < /dev/null &
   R=$S/res-small; mkdir -p "$R"
   for t in f16 q8_0 q4_0; do
     llama_bench "$small" "$t" "$SMALL_CTX" "$R/llama-$t.jsonl" $SMALL_BATCH >/dev/null

@@ -181,6 +181,11 @@ impl DeviceKv {
         })
     }
 
+    /// Device address of the key format's table (`KvqFmtArgs.p[0]` of decode and encode), 0 if none.
+    pub(crate) fn table_ptr(&self, st: &std::sync::Arc<cudarc::driver::CudaStream>) -> u64 {
+        self.table.as_ref().map(|t| t.device_ptr(st).0).unwrap_or(0)
+    }
+
     /// Tokens per format block.
     pub fn block_tokens(&self) -> usize {
         self.block_tokens
@@ -243,6 +248,9 @@ impl DeviceKv {
             out: st.alloc_zeros(n * hq * self.shape.d).map_err(a("output"))?,
             seq_slot: st.clone_htod(&slots).map_err(a("row slots"))?,
             row_len: st.clone_htod(&lens).map_err(a("row lengths"))?,
+            counters: st
+                .alloc_zeros(n * self.shape.hkv)
+                .map_err(a("split counters"))?,
             rows: rows.to_vec(),
             hq,
             most_splits: most - 1,
@@ -377,6 +385,11 @@ impl DeviceKv {
             part_ml: ptr(&|s| ws.part_ml.device_ptr(s).0),
             out: io.map_or_else(|| ws.out.device_ptr(st).0, |x| x.1),
             out16: io.map_or(0, |x| x.2),
+            counters: if split_merge() {
+                0
+            } else {
+                ws.counters.device_ptr(st).0
+            },
             k_block_bytes: self.k_block_bytes as i64,
             v_block_bytes: self.v_block_bytes as i64,
             batch: ws.rows.len() as i32,
@@ -391,12 +404,7 @@ impl DeviceKv {
             stages: self.stages as i32,
             fmt: KvqFmtArgs {
                 i: ints,
-                p: [
-                    self.table.as_ref().map(|t| t.device_ptr(st).0).unwrap_or(0),
-                    0,
-                    0,
-                    0,
-                ],
+                p: [self.table_ptr(st), 0, 0, 0],
             },
         };
         let smem = Self::smem(self.stages * self.stage_bytes, d);
@@ -436,6 +444,13 @@ impl DeviceKv {
         self.launch(gpu, &mut ws)?;
         st.clone_dtoh(&ws.out).map_err(drv("reading the output"))
     }
+}
+
+/// `KVQ_SPLIT_MERGE=1`: merge the splits in a kernel of its own after decode (the pre-fusion path,
+/// kept to compare and to fall back on) instead of in the last CTA of each (row, KV head).
+fn split_merge() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVQ_SPLIT_MERGE").is_ok_and(|v| v == "1"))
 }
 
 /// One layer's K/V of a batch of CPU-encoded sequences uploaded to the GPU (slot b = sequence b).
@@ -588,6 +603,8 @@ pub struct Workspace {
     pub out: CudaSlice<f32>,
     seq_slot: CudaSlice<i32>,
     row_len: CudaSlice<i32>,
+    /// [rows][Hkv] split CTAs done (zero between launches: the last CTA merges and re-zeroes).
+    counters: CudaSlice<i32>,
     rows: Vec<(usize, usize)>,
     hq: usize,
     most_splits: usize,

@@ -223,15 +223,29 @@ impl GpuLayerCache {
             win_cap: kv.shape.win_cap as i32,
             page_blocks: kv.page_blocks as i32,
             block_tokens: kv.block_tokens as i32,
-            fmt: KvqFmtArgs { i: ints, p: [0; 4] },
+            // p[0]: the key format's table (QJL's sketch), as the decode kernel gets it.
+            fmt: KvqFmtArgs {
+                i: ints,
+                p: [kv.table_ptr(st), 0, 0, 0],
+            },
         };
         let append = gpu.function("cache", &kernel_name("cache", "append", "f32", d))?;
         launch::append(gpu, &append, &p, d)?;
         let module = kv.k_spec.module;
         let encode = gpu.function(module, &kernel_name(module, "encode", "f16", d))?;
-        // Block values as f32, then the format's scratch: 2*D f32 pairs and BT*D u8 codes at most.
+        // What the module states, else the block's values as f32 then the default scratch: 2*D f32
+        // pairs and BT*D u8 codes (KIVI's).
         let bt = kv.block_tokens;
-        let smem = bt * d * 4 + 8 * d + bt * d;
+        let smem = gpu
+            .encode_smem(module, d)?
+            .unwrap_or(bt * d * 4 + 8 * d + bt * d);
+        let most = gpu.max_smem_per_block()?;
+        if smem > most {
+            return Err(GpuError::Shape(format!(
+                "{module}'s encoder needs {smem} bytes of shared memory for blocks of {bt} tokens at \
+                 head_dim {d}; this GPU allows {most}"
+            )));
+        }
         launch::encode(gpu, &encode, &p, smem)?;
         // Commit the bookkeeping: pages were taken in `plan`; lengths now.
         for &(slot, n) in counts {

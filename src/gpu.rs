@@ -172,6 +172,32 @@ impl Gpu {
         Ok((int(0, false)?, int(1, false)?, int(2, true)?))
     }
 
+    /// Dynamic shared memory (bytes) of a format's block encoder at head_dim `d`, from the module's
+    /// optional `kvq_encode_smem` global ({D=64, D=128}), for encoders that do not stage the block as
+    /// f32 (large blocks); `None` when the module does not state it (the staging default applies).
+    pub fn encode_smem(&self, module: &'static str, d: usize) -> Result<Option<usize>> {
+        let m = self.module(module)?;
+        let Ok(sym) = m.get_global("kvq_encode_smem", &self.stream) else {
+            return Ok(None);
+        };
+        let b = self
+            .stream
+            .clone_dtoh(&sym)
+            .map_err(drv(format!("reading {module}'s encoder shared memory")))?;
+        let i = match d {
+            64 => 0,
+            128 => 1,
+            _ => return Ok(None),
+        };
+        let w = b.get(4 * i..4 * i + 4).ok_or_else(|| {
+            GpuError::Shape(format!("{module}'s kvq_encode_smem is {} bytes", b.len()))
+        })?;
+        let v = i32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        usize::try_from(v)
+            .map(Some)
+            .map_err(|_| GpuError::Shape(format!("{module}'s kvq_encode_smem holds {v}")))
+    }
+
     /// Largest dynamic shared memory one CTA may opt into (bytes).
     pub fn max_smem_per_block(&self) -> Result<usize> {
         use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;

@@ -7,7 +7,8 @@ use crate::graph::KernelArgs;
 use crate::params::{KvqDecodeParams, KvqEncodeParams};
 use cudarc::driver::{CudaFunction, LaunchConfig};
 
-/// Decode attention (grid = splits+1 x Hkv x B) then the merge of its splits ((Hq, D) per sequence).
+/// Decode attention (grid = splits+1 x Hkv x B), whose last CTA per (row, KV head) merges the splits
+/// when `p.counters` is set, else a separate merge launch ((Hq, D) per sequence).
 pub(crate) fn decode(
     gpu: &Gpu,
     decode: &CudaFunction,
@@ -28,9 +29,11 @@ pub(crate) fn decode(
     };
     // SAFETY: (types/order) both kernels take exactly one `KvqDecodeParams` by value, whose #[repr(C)]
     // layout is asserted equal to the CUDA struct (src/params.rs, kvq_params.cuh). (aliasing) the only
-    // buffers written are part_acc/part_ml (decode, the Workspace's) and out (merge: the Workspace's,
-    // or the caller's &mut buffer checked in DeviceKv::launch_into to hold B x Hq x D), distinct from
-    // the queries and unused by any concurrent launch (one stream). (bounds) GpuBatch::upload sized
+    // buffers written are part_acc/part_ml and the counters (decode, the Workspace's: counters are
+    // B x Hkv zeros, each incremented once per CTA of its (row, head) and zeroed by the last) and
+    // out/out16 (the merge, fused or not: the Workspace's, or the caller's &mut buffers checked in
+    // DeviceKv::launch_into to hold B x Hq x D), distinct from the queries and unused by any
+    // concurrent launch (one stream). (bounds) GpuBatch::upload sized
     // the pages from the block table it wrote, the window as [B][Hkv][win_cap][D] with n_win <= win_cap,
     // and Workspace sized the partials for grid.0 = n_splits + 1 rows per query head; the kernel reads
     // blocks < n_sealed / BT only, and the grid covers exactly B x Hkv x (n_splits + 1).
@@ -42,6 +45,9 @@ pub(crate) fn decode(
             "launching decode attention",
         )
     }?;
+    if p.counters != 0 {
+        return Ok(());
+    }
     let cfg = LaunchConfig {
         grid_dim: (hq as u32, grid.2 as u32, 1),
         block_dim: (d as u32, 1, 1),

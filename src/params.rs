@@ -28,6 +28,7 @@ pub struct KvqDecodeParams {
     pub part_ml: u64,
     pub out: u64,
     pub out16: u64,
+    pub counters: u64,
     pub k_block_bytes: i64,
     pub v_block_bytes: i64,
     pub batch: i32,
@@ -44,8 +45,8 @@ pub struct KvqDecodeParams {
 }
 
 const _: () = assert!(std::mem::size_of::<KvqFmtArgs>() == 64);
-const _: () = assert!(std::mem::size_of::<KvqDecodeParams>() == 232);
-const _: () = assert!(std::mem::offset_of!(KvqDecodeParams, fmt) == 168);
+const _: () = assert!(std::mem::size_of::<KvqDecodeParams>() == 240);
+const _: () = assert!(std::mem::offset_of!(KvqDecodeParams, fmt) == 176);
 
 /// Appending tokens to the window rings and sealing blocks (see the header for each field).
 #[repr(C)]

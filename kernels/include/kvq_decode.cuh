@@ -317,6 +317,27 @@ __device__ __forceinline__ void run_pages(const KvqDecodeParams& P, int slot, in
                     P.stages, scale_log2, lane, st);
 }
 
+// Output channel c of query head hq of row b from the S partials (loads past L1: in the fused merge
+// other CTAs wrote them).
+template <int D>
+__device__ __forceinline__ void merge_one(const KvqDecodeParams& P, int b, int hq, int c) {
+    const int S = P.n_splits + 1;
+    const int64_t row0 = ((int64_t)b * P.hkv * P.group + hq) * S;
+    float m = -INFINITY;
+    for (int s = 0; s < S; s++) m = fmaxf(m, __ldcg(P.part_ml + (row0 + s) * 2));
+    float l = 0.f, a = 0.f;
+    for (int s = 0; s < S; s++) {
+        const float ms = __ldcg(P.part_ml + (row0 + s) * 2);
+        if (ms == -INFINITY) continue;
+        const float w = exp2f(ms - m);
+        l += w * __ldcg(P.part_ml + (row0 + s) * 2 + 1);
+        a += w * __ldcg(P.part_acc + (row0 + s) * D + c);
+    }
+    const int64_t o = ((int64_t)b * P.hkv * P.group + hq) * D + c;
+    P.out[o] = a / l;
+    if (P.out16 != nullptr) P.out16[o] = __float2half(a / l);
+}
+
 // grid = (n_splits + 1, Hkv, B), block = THREADS.
 // Dynamic shared memory: max(WARPS * P.stages * page bytes (K+V), WARPS * window stage, merge scratch).
 template <int D, class F>
@@ -435,27 +456,26 @@ __device__ void decode_kernel(const KvqDecodeParams& P) {
             P.part_ml[row * 2 + 1] = L;
         }
     }
+    if (P.counters == nullptr) return;
+    // The last of the S CTAs of (row b, KV head h) to finish merges the splits of its G query heads
+    // (no separate merge launch): partials are made visible device-wide before the CTA is counted,
+    // and the last one reads them past L1 (__ldcg in merge_one), then zeroes the counter for the next
+    // launch (the same graph replays with the same counters).
+    __shared__ int last_sh;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_sh = atomicAdd(P.counters + (b * P.hkv + h), 1) == S - 1;
+    __syncthreads();
+    if (!last_sh) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < G * D; idx += THREADS) merge_one<D>(P, b, h * G + idx / D, idx % D);
+    if (threadIdx.x == 0) P.counters[b * P.hkv + h] = 0;
 }
 
 // Merge of the splits: grid = (Hq, B), block = D threads.
 template <int D>
 __device__ void merge_kernel(const KvqDecodeParams& P) {
-    const int hq = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
-    const int S = P.n_splits + 1;
-    const int64_t row0 = ((int64_t)b * P.hkv * P.group + hq) * S;
-    float m = -INFINITY;
-    for (int s = 0; s < S; s++) m = fmaxf(m, P.part_ml[(row0 + s) * 2]);
-    float l = 0.f, a = 0.f;
-    for (int s = 0; s < S; s++) {
-        const float ms = P.part_ml[(row0 + s) * 2];
-        if (ms == -INFINITY) continue;
-        const float w = exp2f(ms - m);
-        l += w * P.part_ml[(row0 + s) * 2 + 1];
-        a += w * P.part_acc[(row0 + s) * D + c];
-    }
-    const int64_t o = ((int64_t)b * P.hkv * P.group + hq) * D + c;
-    P.out[o] = a / l;
-    if (P.out16 != nullptr) P.out16[o] = __float2half(a / l);
+    merge_one<D>(P, blockIdx.y, blockIdx.x, threadIdx.x);
 }
 
 }  // namespace kvq

@@ -32,6 +32,8 @@ struct KvqDecodeParams {
     float* part_ml;             // [B][Hq][n_splits+1][2] partial (max, sum), max in log2 units
     float* out;                 // [B][Hq][D]
     __half* out16;              // [B][Hq][D] the output again as f16 (the next GEMM's input), or null
+    int32_t* counters;          // [B][Hkv] zeros: split CTAs done per (row, KV head); the last one merges
+                                // and zeroes it again. Null: the separate merge kernel runs instead
     int64_t k_block_bytes;      // bytes of one head's K block
     int64_t v_block_bytes;      // bytes of one head's V block
     int32_t batch;
@@ -74,6 +76,6 @@ struct KvqEncodeParams {
 
 #ifdef __cplusplus
 static_assert(sizeof(KvqFmtArgs) == 64, "KvqFmtArgs layout");
-static_assert(sizeof(KvqDecodeParams) == 232, "KvqDecodeParams layout");
+static_assert(sizeof(KvqDecodeParams) == 240, "KvqDecodeParams layout");
 static_assert(sizeof(KvqEncodeParams) == 200, "KvqEncodeParams layout");
 #endif
