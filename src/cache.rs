@@ -84,7 +84,7 @@ impl GpuLayerCache {
         gpu.function(module, &kernel_name(module, "encode", "f16", cfg.d))
             .map_err(|_| {
                 GpuError::Shape(format!(
-                    "{} has no CUDA encoder for head_dim {} (encoders: fp16, KIVI/AsymKV at 64, 128)",
+                    "{} has no CUDA encoder for head_dim {} (encoders: fp16, KIVI/AsymKV, QJL, DecoQuant at 64, 128)",
                     kc.describe(),
                     cfg.d
                 ))

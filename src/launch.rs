@@ -107,7 +107,14 @@ pub(crate) fn encode(gpu: &Gpu, f: &CudaFunction, p: &KvqEncodeParams, smem: usi
     // pages named by its jobs, each (page, block, head) by exactly one CTA, and reads the rings, which
     // no launch writes concurrently (one stream). (bounds) GpuLayerCache gives job pages < its pool
     // size, blocks < page_blocks, tokens inside the ring's live window; shared memory holds the
-    // block's BT x D floats plus the format's scratch (`smem`, computed from the same constants).
+    // block's BT x D floats plus the format's scratch (`smem`: the default scratch, computed from the
+    // same constants, or the total the module states in `kvq_encode_smem` from the encoder's own
+    // layout constants, e.g. QJL's f64 copies of the block); QJL's encoder reads fmt.p[0], the key
+    // codec's uploaded table (S^T, D x m f16, with m = fmt.i[0] from the same codec's KernelSpec).
+    // DecoQuant's encoder stages no block: it reads ring rows (t0 + t) % win_cap for t < C = fmt.i[1]
+    // (fmt.i[5] for values; both the block's tokens), and its shared memory (Gram tile, Jacobi state,
+    // codes) is exactly what its `kvq_encode_smem` states; it writes the block's bytes and zeroes the
+    // rest of the stride.
     unsafe {
         gpu.launch(
             f,

@@ -20,64 +20,7 @@
 #include "kvq_codes.cuh"
 #include "kvq_kivi.cuh"
 
-namespace kvq {
-
-// Encoder (mirrors KiviCodec::encode): D (scale, zero) pairs - keys per channel over the block's
-// tokens, values per (token, channel group) - then codes round((x - z) / s) clamped to [0, 2^b - 1],
-// packed token-major, channel 0 first, LSB first. Scratch: D scales, D zeros (f32), BT*D codes (u8).
-template <int D>
-struct KiviEncode {
-    static constexpr int BT = 32;
-    static __device__ void encode(const float* x, uint8_t* out, bool key, const KvqFmtArgs& fa, uint8_t* scratch) {
-        const int bits = key ? fa.i[0] : fa.i[4], group = key ? BT : fa.i[5];
-        const int gpt = D / group;
-        const float levels = (float)((1 << bits) - 1);
-        float* ps = reinterpret_cast<float*>(scratch);
-        float* pz = ps + D;
-        uint8_t* codes = reinterpret_cast<uint8_t*>(pz + D);
-        for (int i = threadIdx.x; i < D; i += ENC_THREADS) {
-            float lo = INFINITY, hi = -INFINITY;
-            if (key) {
-                for (int t = 0; t < BT; t++) lo = fminf(lo, x[t * D + i]), hi = fmaxf(hi, x[t * D + i]);
-            } else {
-                const int t = i / gpt, g = i % gpt;
-                for (int c = g * group; c < (g + 1) * group; c++) lo = fminf(lo, x[t * D + c]), hi = fmaxf(hi, x[t * D + c]);
-            }
-            float z = __half2float(__float2half_rn(lo));
-            float s = (hi - z) / levels;
-            if (s > 65504.f) {
-                s = 65504.f;
-                z = __half2float(__float2half_rn(0.5f * (lo + hi) - 0.5f * s * levels));
-            }
-            s = __half2float(__float2half_rn(fmaxf(s, 0.f)));
-            ps[i] = s;
-            pz[i] = z;
-            reinterpret_cast<uint16_t*>(out)[i] = __half_as_ushort(__float2half_rn(s));
-            reinterpret_cast<uint16_t*>(out)[D + i] = __half_as_ushort(__float2half_rn(z));
-        }
-        __syncthreads();
-        for (int i = threadIdx.x; i < BT * D; i += ENC_THREADS) {
-            const int t = i / D, c = i % D;
-            const int pi = key ? c : t * gpt + c / group;
-            const float s = ps[pi], z = pz[pi];
-            codes[i] = s <= 0.f ? 0 : (uint8_t)fminf(fmaxf(roundf((x[i] - z) / s), 0.f), levels);
-        }
-        __syncthreads();
-        const int row_words = D * bits / 32;  // d * bits is a multiple of 32 for kernel-read configs
-        uint32_t* words = reinterpret_cast<uint32_t*>(out + 4 * D);
-        for (int w = threadIdx.x; w < BT * row_words; w += ENC_THREADS) {
-            const int t = w / row_words, wr = w % row_words;
-            uint32_t word = 0;
-            for (int jb = 0; jb < 32; jb++) {
-                const int bit = wr * 32 + jb;
-                word |= (uint32_t)((codes[t * D + bit / bits] >> (bit % bits)) & 1u) << jb;
-            }
-            words[w] = word;
-        }
-    }
-};
-
-}  // namespace kvq
+// The encoder (KiviEncode) is in kvq_kivi.cuh, shared with QJL's value stream.
 
 #define KIVI_K(D, KB, VB) \
     using Kivi_##D##_##KB##_##VB = kvq::KiviPolicy<D, KB, VB>; \

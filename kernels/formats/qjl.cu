@@ -8,7 +8,28 @@
 // exactly the A fragments of the next product, and the sign bits become +-1 f16 B fragments, so both
 // estimator sums run on the tensor cores. Values: KIVI's policy. Kernels kvq_qjl_decode_kq{M}v{VB},
 // M (sketch rows) in {128, 256, 512}.
+//
+// Encoder (kvq_qjl_encode_f16_hd{D}, QjlEncode): key blocks as QjlKeys::encode writes them, byte for
+// byte; value blocks by KIVI's encoder (kvq_kivi.cuh). The CPU decides everything in f64 from f16 inputs
+// (the window's keys, S rounded to f16), and the encoder repeats the same operations in the same order:
+// - outliers: per-channel energy sum_t x^2 (thread per channel, tokens in order); channel c is chosen iff
+//   fewer than `outliers` channels precede it in (energy descending by f64::total_cmp, index ascending),
+//   the CPU's sort order; ids stored ascending, padding zero;
+// - norms: thread per token, channels in order; sqrt in f64 (IEEE), then f32 (RNE), min 65504, f16 (RNE);
+// - signs: p_in / p_out = sum_c S[j][c] x[t][c] over the inlier / outlier channels in channel order. The
+//   x and S values have 11 significant bits, so each product is exact in f64 and fma(s, x, acc) rounds
+//   exactly like the CPU's acc + s * x; inlier sums run over all D channels with the outliers' x set to
+//   0.0, which adds a zero (leaves any nonzero sum unchanged, and only the sign of a zero could differ,
+//   which `> 0` ignores). Bit j of a row is set iff the sum is > 0.
+// Work: a warp item is 64 sketch rows (lane l: rows j0 + l and j0 + 32 + l, S^T read coalesced from
+// global/L2) x 16 tokens (32 f64 accumulators per lane); x sits in shared memory as f64 (outliers zeroed,
+// read as broadcast pairs), so the inner loop is 4 DFMAs per 16-byte shared load and 2 f16 -> f64
+// conversions per 32 DFMAs. Each sign word comes from one __ballot_sync; lane L stores the word of token
+// t0 + L/2, rows j0 + 32 (L & 1) .., so an item's 32 words go out in one store (outlier words as u16
+// halves: mo is a multiple of 16, not always of 32). Shared memory: kvq_encode_smem (about 54 KiB at
+// D = 128, 30 KiB at D = 64).
 #include "kvq_decode.cuh"
+#include "kvq_encode.cuh"
 #include "kvq_kivi.cuh"
 
 namespace kvq {
@@ -182,6 +203,171 @@ struct QjlPolicy {
     }
 };
 
+// The block encoder (see the top of the file). Scratch after the staged x: xd (f64 x, outlier channels
+// 0.0, rows padded by 2 so the norm pass reads them at most 4-way conflicted), xo (f64 x of the outlier
+// channels, slot order), energies, outlier ids, outlier flags. The value pass reuses it for KiviEncode.
+template <int D>
+struct QjlEncode {
+    static constexpr int BT = 32;
+    static constexpr int MAX_OUT = 16;  // QjlKeys::kernel(): outliers <= 16
+    static constexpr int XS = D + 2;    // xd row stride (f64): 16-byte aligned rows
+    static constexpr int OS = MAX_OUT + 1;
+    static constexpr int TT = 16;       // tokens per warp item: 2 per lane of 32 sign words
+    static constexpr int JW = 64;       // sketch rows per warp item (m is 128, 256 or 512)
+    static constexpr int XO_OFF = BT * XS * 8;
+    static constexpr int EN_OFF = XO_OFF + BT * OS * 8;
+    static constexpr int IDX_OFF = EN_OFF + D * 8;
+    static constexpr int FLAG_OFF = IDX_OFF + MAX_OUT * 4;
+    static constexpr int SCRATCH = FLAG_OFF + D * 4;
+    static constexpr int SMEM = BT * D * 4 + SCRATCH;  // the launch's whole dynamic shared memory
+    static_assert(SCRATCH >= 8 * D + BT * D, "KiviEncode's scratch (the value blocks) fits");
+    static_assert(2 * TT == 32 && JW == 64, "one sign word per lane per item");
+
+    // Rust's f64::total_cmp as a signed integer order.
+    static __device__ __forceinline__ long long total_key(double v) {
+        long long b = __double_as_longlong(v);
+        return b ^ (long long)((unsigned long long)(b >> 63) >> 1);
+    }
+    // An entry of S (f16, read-only for the whole launch), exactly, as f64.
+    static __device__ __forceinline__ double sv(const __half* p) { return (double)__half2float(__ldg(p)); }
+    // f16 of (sqrt(n) as f32).min(65504), as the CPU stores a norm.
+    static __device__ __forceinline__ uint16_t norm_f16(double n) {
+        return __half_as_ushort(__float2half_rn(fminf(__double2float_rn(__dsqrt_rn(n)), 65504.f)));
+    }
+
+    static __device__ void encode(const float* x, uint8_t* out, bool key, const KvqFmtArgs& fa, uint8_t* scratch) {
+        if (!key) {
+            KiviEncode<D>::encode(x, out, false, fa, scratch);
+            return;
+        }
+        const int m = fa.i[0], mo = fa.i[1];
+        const int outliers = min(fa.i[2], MAX_OUT);  // only keeps indices in range: kernel() checks it
+        const __half* st = static_cast<const __half*>(fa.p[0]);
+        const int off_norm = (outliers + 3) / 4 * 4, off_bits = off_norm + 4 * BT, off_obits = off_bits + BT * m / 8;
+        double* xd = reinterpret_cast<double*>(scratch);
+        double* xo = reinterpret_cast<double*>(scratch + XO_OFF);
+        double* en = reinterpret_cast<double*>(scratch + EN_OFF);
+        int* oidx = reinterpret_cast<int*>(scratch + IDX_OFF);
+        int* is_out = reinterpret_cast<int*>(scratch + FLAG_OFF);
+        const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+        // Channel energies over the block's tokens, in token order (products of f32s are exact in f64).
+        for (int c = tid; c < D; c += ENC_THREADS) {
+            double e = 0.0;
+            for (int t = 0; t < BT; t++) {
+                const double v = (double)x[t * D + c];
+                e = __dadd_rn(e, __dmul_rn(v, v));
+            }
+            en[c] = e;
+        }
+        __syncthreads();
+        // Outliers: the first `outliers` channels of the CPU's order (energy descending, index ascending).
+        for (int c = tid; c < D; c += ENC_THREADS) {
+            const long long kc = total_key(en[c]);
+            int rank = 0;
+            for (int c2 = 0; c2 < D; c2++) {
+                const long long k2 = total_key(en[c2]);
+                rank += (k2 > kc || (k2 == kc && c2 < c)) ? 1 : 0;
+            }
+            is_out[c] = rank < outliers ? 1 : 0;
+        }
+        __syncthreads();
+        for (int c = tid; c < D; c += ENC_THREADS) {
+            if (is_out[c]) {
+                int slot = 0;
+                for (int c2 = 0; c2 < c; c2++) slot += is_out[c2];
+                oidx[slot] = c;  // slot < outliers <= MAX_OUT: exactly `outliers` channels are flagged
+            }
+        }
+        __syncthreads();
+        // Ids (ascending) and zero padding; x as f64, inliers in xd, outliers in xo.
+        for (int i = tid; i < off_norm; i += ENC_THREADS) out[i] = i < outliers ? (uint8_t)oidx[i] : 0;
+        for (int i = tid; i < BT * D; i += ENC_THREADS) {
+            const int t = i / D, c = i % D;
+            xd[t * XS + c] = is_out[c] ? 0.0 : (double)x[i];
+        }
+        for (int i = tid; i < BT * MAX_OUT; i += ENC_THREADS) {
+            const int t = i / MAX_OUT, k = i % MAX_OUT;
+            xo[t * OS + k] = k < outliers ? (double)x[t * D + oidx[k]] : 0.0;
+        }
+        __syncthreads();
+        // Norms: warp 0, lane per token, channels in order (an outlier's 0.0 adds +0 to a sum >= +0).
+        if (tid < BT) {
+            double n_in = 0.0, n_out = 0.0;
+            for (int c = 0; c < D; c++) {
+                const double v = xd[tid * XS + c];
+                n_in = __dadd_rn(n_in, __dmul_rn(v, v));
+            }
+            for (int k = 0; k < outliers; k++) {
+                const double v = xo[tid * OS + k];
+                n_out = __dadd_rn(n_out, __dmul_rn(v, v));
+            }
+            uint16_t* nrm = reinterpret_cast<uint16_t*>(out + off_norm + 4 * tid);
+            nrm[0] = norm_f16(n_in);
+            nrm[1] = norm_f16(n_out);
+        }
+        // Signs: warp items of JW sketch rows x TT tokens.
+        const int items = (m / JW) * (BT / TT);
+        for (int it = warp; it < items; it += ENC_THREADS / 32) {
+            const int j0 = (it / (BT / TT)) * JW, t0 = (it % (BT / TT)) * TT;
+            const __half* sp = st + j0 + lane;  // S^T[c][j0 + lane] at sp[c * m]; row j0 + 32 + lane at +32
+            double a[TT][2];
+#pragma unroll
+            for (int tt = 0; tt < TT; tt++) a[tt][0] = a[tt][1] = 0.0;
+#pragma unroll 2
+            for (int c = 0; c < D; c += 2) {
+                const __half* s0 = sp + (size_t)c * m;
+                const double s00 = sv(s0), s01 = sv(s0 + 32), s10 = sv(s0 + m), s11 = sv(s0 + m + 32);
+#pragma unroll
+                for (int tt = 0; tt < TT; tt++) {
+                    const double2 xv = *reinterpret_cast<const double2*>(xd + (t0 + tt) * XS + c);
+                    // Exact products: each fma rounds once, like the CPU's acc + s * x.
+                    a[tt][0] = __fma_rn(s00, xv.x, a[tt][0]);
+                    a[tt][1] = __fma_rn(s01, xv.x, a[tt][1]);
+                    a[tt][0] = __fma_rn(s10, xv.y, a[tt][0]);
+                    a[tt][1] = __fma_rn(s11, xv.y, a[tt][1]);
+                }
+            }
+            // Word (tt, r) = rows j0 + 32 r .. + 31 of token t0 + tt; lane 2 tt + r keeps it.
+            uint32_t mine = 0;
+#pragma unroll
+            for (int tt = 0; tt < TT; tt++)
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const uint32_t w = __ballot_sync(0xffffffffu, a[tt][r] > 0.0);
+                    if (lane == 2 * tt + r) mine = w;
+                }
+            const int t = t0 + (lane >> 1), jw = j0 + 32 * (lane & 1);
+            reinterpret_cast<uint32_t*>(out + off_bits + t * (m / 8))[jw / 32] = mine;
+            if (j0 >= mo) continue;  // warp-uniform
+            // Outlier sketch rows (j < mo): the outlier channels in ascending order.
+#pragma unroll
+            for (int tt = 0; tt < TT; tt++) a[tt][0] = a[tt][1] = 0.0;
+            for (int k = 0; k < outliers; k++) {
+                const __half* s0 = sp + (size_t)oidx[k] * m;
+                const double s00 = sv(s0), s01 = sv(s0 + 32);
+#pragma unroll
+                for (int tt = 0; tt < TT; tt++) {
+                    const double v = xo[(t0 + tt) * OS + k];
+                    a[tt][0] = __fma_rn(s00, v, a[tt][0]);
+                    a[tt][1] = __fma_rn(s01, v, a[tt][1]);
+                }
+            }
+#pragma unroll
+            for (int tt = 0; tt < TT; tt++)
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const uint32_t w = __ballot_sync(0xffffffffu, a[tt][r] > 0.0);
+                    if (lane == 2 * tt + r) mine = w;
+                }
+            // Rows are mo/8 bytes (mo a multiple of 16): 16-bit halves, those below mo.
+            uint16_t* orow = reinterpret_cast<uint16_t*>(out + off_obits + t * (mo / 8));
+            if (jw < mo) orow[jw / 16] = (uint16_t)(mine & 0xffffu);
+            if (jw + 16 < mo) orow[jw / 16 + 1] = (uint16_t)(mine >> 16);
+        }
+    }
+};
+
 }  // namespace kvq
 
 #define QJL_K(D, M, VB) \
@@ -194,3 +380,7 @@ using QjlLayout = kvq::QjlPolicy<128, 256, 2>;
 KVQ_LAYOUT(QjlLayout)
 QJL_D(64)
 QJL_D(128)
+KVQ_ENCODE_KERNEL(qjl, kvq::QjlEncode<64>, 32, 64)
+KVQ_ENCODE_KERNEL(qjl, kvq::QjlEncode<128>, 32, 128)
+// The encoder's dynamic shared memory ({D = 64, D = 128}, staged x included), read by Gpu::encode_smem.
+extern "C" __device__ const int kvq_encode_smem[2] = {kvq::QjlEncode<64>::SMEM, kvq::QjlEncode<128>::SMEM};

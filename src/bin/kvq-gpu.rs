@@ -39,6 +39,15 @@ const ENCODE_FORMATS: &[&str] = &[
     "kivi:bits=1,window=16",
     "kivi:bits=3,window=0",
     "asymkv:lk=1,lv=0",
+    // One layer: layer 0 takes m0 rows (l0 is clamped to the depth), hence m0 = m.
+    "qjl:m=128,m0=128,mo=48,outliers=5,v=4,buffer=0",
+    "qjl:m=256,m0=256,mo=96,outliers=16,v=2,buffer=128",
+    "qjl:m=512,m0=512,outliers=0,v=3,buffer=16",
+    // DecoQuant: chunk 1024 seals one block (of the 1333-token sequence).
+    "decoquant:bits=4,chunk=256",
+    "decoquant:bits=2,chunk=1024",
+    "decoquant:bits=8,chunk=192,svd=off",
+    "k=decoquant:bits=4,chunk=64;v=decoquant:bits=2,chunk=64",
 ];
 
 fn main() {
@@ -408,4 +417,31 @@ fn engine_check(gpu: kvq::Gpu, model: Option<String>) -> kvq::Result<bool> {
         if bad == 0 { "PASS" } else { "FAIL" }
     );
     Ok(bad == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ENCODE_FORMATS;
+    use kvq_formats::{KvPlan, Rope, RopeStyle};
+
+    /// Every encoder-checked format has CUDA kernels for its keys and values at both head dims (as
+    /// one layer, which encode_parity builds), so `check` exercises its encoder rather than stopping at
+    /// GpuLayerCache::new.
+    #[test]
+    fn encode_formats_have_cuda_kernels() {
+        for fmt in ENCODE_FORMATS {
+            for d in [64usize, 128] {
+                let rope = Rope::new(d, 10000.0, RopeStyle::Interleaved);
+                let c = KvPlan::parse(fmt, 1)
+                    .unwrap()
+                    .build_caches(2, &rope)
+                    .unwrap()
+                    .remove(0);
+                let (k, v) = (c.keys().codec(), c.values().codec());
+                assert!(k.kernel().is_some(), "{fmt} d={d}: {}", k.describe());
+                assert!(v.kernel().is_some(), "{fmt} d={d}: {}", v.describe());
+                assert_eq!(k.block_tokens(), v.block_tokens(), "{fmt} d={d}");
+            }
+        }
+    }
 }

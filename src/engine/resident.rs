@@ -2,7 +2,7 @@
 //! ([`GpuLayerCache`]: window rings, CUDA encoders, shared page pool); a forward appends the rotated
 //! keys and the values there and runs the fused decode kernel over one row per token (a prefill chunk
 //! is rows with growing visible prefixes, i.e. causal). Nothing crosses to the host but bookkeeping.
-//! It serves plans whose every layer has a CUDA encoder and decoder (fp16, KIVI/AsymKV today).
+//! It serves plans whose every layer has a CUDA encoder and decoder (fp16, KIVI/AsymKV, QJL, DecoQuant today).
 
 use super::backend::{AttentionBackend, Heads, SeqId, SeqRows};
 use crate::attention::Workspace;
