@@ -39,6 +39,8 @@ BIG_CTX=${BIG_CTX:-4096,32768}; BIG_BATCH=${BIG_BATCH:-"1 8"}
 # The same fp16 points again with every kernel issued on its own (--no-graphs): what the graphs buy.
 # WRITE_BIG=0 keeps llama-small from writing the 8B GGUF in the background (when no big run follows).
 NO_GRAPHS_TOO=${NO_GRAPHS_TOO:-1}
+# llama.cpp KV types to run (a shorter run may drop q8_0); ENGINE_CHECK=0 skips engine-check in `check`.
+LLAMA_TYPES=${LLAMA_TYPES:-"f16 q8_0 q4_0"}
 
 stage_parts() {
   [ -f "$S/env" ] && . "$S/env"
@@ -89,7 +91,7 @@ check)
   fi
   [ -f "$S/env" ] && . "$S/env"
   # Model ops and GEMMs vs CPU, the engine vs the CPU path on tiny models and the real model.
-  timeout 240 "$S/kvq-gpu" engine-check --model "$small" > "$S/engine.txt" 2>&1; echo "engine-check rc=$?"
+  [ "${ENGINE_CHECK:-1}" = 1 ] && { timeout 240 "$S/kvq-gpu" engine-check --model "$small" > "$S/engine.txt" 2>&1; echo "engine-check rc=$?"; }
   grep -E "FAIL|gemm|checks" "$S/engine.txt" | head -n 30
   KVQ_MODEL="$small" timeout 240 "$S/kvq-gpu" resident-check > "$S/resident.txt" 2>&1; echo "resident-check rc=$?"
   grep -E "FAIL|tokens|greedy|ppl|SKIPPED" "$S/resident.txt" | head -n 20
@@ -104,7 +106,7 @@ llama-small)
   # The 8B-shape f16 GGUF (tokenizer of the default model), written in the background (one core).
   [ -f "$big" ] || [ "${WRITE_BIG:-1}" = 0 ] || setsid nohup python3 "$S/random-llama-gguf.py" "$small" "$big" llama3-8b f16 > "$S/gguf.log" 2>&1 < /dev/null &
   R=$S/res-small; mkdir -p "$R"
-  for t in f16 q8_0 q4_0; do
+  for t in $LLAMA_TYPES; do
     llama_bench "$small" "$t" "$SMALL_CTX" "$R/llama-$t.jsonl" $SMALL_BATCH >/dev/null
     [ "$SMALL_B32" = 1 ] && llama_bench "$small" "$t" 4096,16384 "$R/llama-$t.jsonl" 32 >/dev/null
   done
@@ -115,7 +117,7 @@ kvq-small)
   R=$S/res-small; mkdir -p "$R"
   kv=(); for p in $KVQ_PLANS_SMALL; do kv+=(--kv "$p"); done
   batches=$(echo $SMALL_BATCH | tr ' ' ','); [ "$SMALL_B32" = 1 ] && batches="$batches,32"
-  peers=(--peer "llama.cpp f16=$R/llama-f16.jsonl" --peer "llama.cpp q8_0=$R/llama-q8_0.jsonl" --peer "llama.cpp q4_0=$R/llama-q4_0.jsonl")
+  peers=(); for t in $LLAMA_TYPES; do peers+=(--peer "llama.cpp $t=$R/llama-$t.jsonl"); done
   timeout 500 "$S/kvq" bench decode --model "$small" --name "SmolLM2-135M Q4_1" --ctx "$SMALL_CTX" \
     --batch "$batches" --steps 32 --json "$R/bench.json" "${kv[@]}" "${peers[@]}" \
     2>&1 | tee "$R/kvq.log" | grep -v '^\s*$' | tail -n 120
@@ -131,10 +133,10 @@ big)
   echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 5; done
   cat "$S/gguf.log"; ls -la "$big"
   R=$S/res-big; mkdir -p "$R"
-  for t in f16 q8_0 q4_0; do llama_bench "$big" "$t" "$BIG_CTX" "$R/llama-$t.jsonl" $BIG_BATCH >/dev/null; done
+  for t in $LLAMA_TYPES; do llama_bench "$big" "$t" "$BIG_CTX" "$R/llama-$t.jsonl" $BIG_BATCH >/dev/null; done
   grep -h '^{' "$R"/llama-*.jsonl
   kv=(); for p in $KVQ_PLANS_BIG; do kv+=(--kv "$p"); done
-  peers=(--peer "llama.cpp f16=$R/llama-f16.jsonl" --peer "llama.cpp q8_0=$R/llama-q8_0.jsonl" --peer "llama.cpp q4_0=$R/llama-q4_0.jsonl")
+  peers=(); for t in $LLAMA_TYPES; do peers+=(--peer "llama.cpp $t=$R/llama-$t.jsonl"); done
   timeout 300 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16" --ctx "$BIG_CTX" \
     --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench.json" "${kv[@]}" "${peers[@]}" \
     2>&1 | tee "$R/kvq.log" | tail -n 60
