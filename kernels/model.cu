@@ -189,3 +189,168 @@ extern "C" __global__ void kvq_model_scatter(const uint8_t* arena, int n) {
         for (uint32_t b = threadIdx.x; b < len; b += blockDim.x) d[b] = src[b];
     }
 }
+
+// ---- Small-batch GEMM (decode steps): y[n][out] (=|+=) x[n][inp] W[inp][out], n <= 8 -------------------
+// A decode step's GEMMs read every weight once for a handful of rows: they are bound by the weight bytes,
+// and a general GEMM library reaches about two thirds of the copy bandwidth there. This kernel streams W
+// once with 16-byte non-caching loads, eight in flight per thread, and keeps the n rows of x in shared
+// memory (f16, row-interleaved so one load gives a weight row's x for every batch row).
+//
+// CTA (256 threads) = 64 output columns (8 threads x 8 halves) x 32 row lanes over a K range; grid
+// (ceil(out / 64), ks). With ks > 1 each CTA writes its partial sums to ws[split][n][out] and the last CTA
+// of a column tile (atomic counter, re-zeroed for graph replays) adds the splits in split order: the
+// result does not depend on CTA timing, so graph replays and direct launches agree bit for bit.
+// Requires out % 8 == 0 and 16-byte aligned W (checked by the wrapper, src/launch_model.rs).
+namespace {
+constexpr int GEMV_TX = 8;
+constexpr int GEMV_THREADS = 256;
+constexpr int GEMV_RY = GEMV_THREADS / GEMV_TX;
+constexpr int GEMV_CHUNK = 1024;
+constexpr int GEMV_UNROLL = 8;
+
+__device__ __forceinline__ uint4 gemv_ld_stream(const __half* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// acc[r][c] += x[r] * w[c] for one weight row (8 columns) and the NP staged x values of that row.
+template <int NP>
+__device__ __forceinline__ void gemv_row(float (&acc)[NP][8], const uint4 w, const __half* xs_row) {
+    float wf[8];
+    const __half2* wh = reinterpret_cast<const __half2*>(&w);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float2 f = __half22float2(wh[j]);
+        wf[2 * j] = f.x;
+        wf[2 * j + 1] = f.y;
+    }
+    float xf[NP];
+    if constexpr (NP == 1) {
+        xf[0] = __half2float(xs_row[0]);
+    } else {
+        // NP halves at a 2*NP-byte aligned address: one 4-, 8- or 16-byte shared load.
+        __half2 xh[NP / 2];
+        if constexpr (NP == 2) {
+            *reinterpret_cast<uint32_t*>(xh) = *reinterpret_cast<const uint32_t*>(xs_row);
+        } else if constexpr (NP == 4) {
+            *reinterpret_cast<uint2*>(xh) = *reinterpret_cast<const uint2*>(xs_row);
+        } else {
+            *reinterpret_cast<uint4*>(xh) = *reinterpret_cast<const uint4*>(xs_row);
+        }
+#pragma unroll
+        for (int j = 0; j < NP / 2; ++j) {
+            const float2 f = __half22float2(xh[j]);
+            xf[2 * j] = f.x;
+            xf[2 * j + 1] = f.y;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < NP; ++r)
+#pragma unroll
+        for (int c = 0; c < 8; ++c) acc[r][c] = fmaf(xf[r], wf[c], acc[r][c]);
+}
+
+template <int NP>
+__device__ __forceinline__ void gemv(const __half* __restrict__ x, const __half* __restrict__ w, float* y,
+                                     float* ws, int* counters, int n, int inp, int out, int ks,
+                                     int accumulate) {
+    __shared__ __align__(16) __half xs[GEMV_CHUNK * NP];
+    __shared__ float red[GEMV_THREADS / 32][NP][GEMV_TX * 8];
+    __shared__ int last;
+    const int tid = threadIdx.x, tx = tid % GEMV_TX, ry = tid / GEMV_TX;
+    const int tile = blockIdx.x, split = blockIdx.y;
+    const int c0 = tile * GEMV_TX * 8 + tx * 8;
+    const bool live = c0 < out;
+    const int per = (inp + ks - 1) / ks;
+    const int k0 = min(inp, split * per), k1 = min(inp, k0 + per);
+    float acc[NP][8];
+#pragma unroll
+    for (int r = 0; r < NP; ++r)
+#pragma unroll
+        for (int c = 0; c < 8; ++c) acc[r][c] = 0.f;
+    for (int kc = k0; kc < k1; kc += GEMV_CHUNK) {
+        const int len = min(GEMV_CHUNK, k1 - kc);
+        __syncthreads();
+        for (int e = tid; e < len * NP; e += GEMV_THREADS) {
+            const int r = e / len, i = e - r * len;
+            xs[i * NP + r] = r < n ? x[(int64_t)r * inp + kc + i] : __float2half(0.f);
+        }
+        __syncthreads();
+        if (live) {
+            const __half* wp = w + (int64_t)kc * out + c0;
+            int i = ry;
+            for (; i + (GEMV_UNROLL - 1) * GEMV_RY < len; i += GEMV_UNROLL * GEMV_RY) {
+                uint4 wv[GEMV_UNROLL];
+#pragma unroll
+                for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = gemv_ld_stream(wp + (int64_t)(i + u * GEMV_RY) * out);
+#pragma unroll
+                for (int u = 0; u < GEMV_UNROLL; ++u) gemv_row<NP>(acc, wv[u], xs + (i + u * GEMV_RY) * NP);
+            }
+            for (; i < len; i += GEMV_RY) gemv_row<NP>(acc, gemv_ld_stream(wp + (int64_t)i * out), xs + i * NP);
+        }
+    }
+    // The 4 row lanes of a warp (lane = (ry % 4) * 8 + tx), then the 8 warps in order.
+#pragma unroll
+    for (int r = 0; r < NP; ++r)
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            float v = acc[r][c];
+            v += __shfl_xor_sync(0xffffffffu, v, 8);
+            v += __shfl_xor_sync(0xffffffffu, v, 16);
+            acc[r][c] = v;
+        }
+    const int warp = tid / 32, lane = tid % 32;
+    if (lane < GEMV_TX) {
+#pragma unroll
+        for (int r = 0; r < NP; ++r)
+#pragma unroll
+            for (int c = 0; c < 8; ++c) red[warp][r][lane * 8 + c] = acc[r][c];
+    }
+    __syncthreads();
+    const int cols = GEMV_TX * 8;
+    for (int e = tid; e < n * cols; e += GEMV_THREADS) {
+        const int r = e / cols, cc = e % cols, c = tile * cols + cc;
+        if (c >= out) continue;
+        float s = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < GEMV_THREADS / 32; ++wi) s += red[wi][r][cc];
+        if (ks == 1) {
+            float* dst = y + (int64_t)r * out + c;
+            *dst = accumulate ? *dst + s : s;
+        } else {
+            ws[((int64_t)split * n + r) * out + c] = s;
+        }
+    }
+    if (ks == 1) return;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(&counters[tile], 1) == ks - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int e = tid; e < n * cols; e += GEMV_THREADS) {
+        const int r = e / cols, c = tile * cols + e % cols;
+        if (c >= out) continue;
+        float s = 0.f;
+        for (int sp = 0; sp < ks; ++sp) s += __ldcg(ws + ((int64_t)sp * n + r) * out + c);
+        float* dst = y + (int64_t)r * out + c;
+        *dst = accumulate ? *dst + s : s;
+    }
+    if (tid == 0) counters[tile] = 0;
+}
+}  // namespace
+
+// One entry per padded row count (n <= NP; rows n..NP-1 are computed on zeros and not written).
+#define KVQ_GEMV(NP, MINB)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, MINB)                                        \
+        kvq_model_gemv##NP(const __half* x, const __half* w, float* y, float* ws, int* counters, int n,   \
+                           int inp, int out, int ks, int accumulate) {                                      \
+        gemv<NP>(x, w, y, ws, counters, n, inp, out, ks, accumulate);                                       \
+    }
+KVQ_GEMV(1, 4)
+KVQ_GEMV(2, 4)
+KVQ_GEMV(4, 3)
+KVQ_GEMV(8, 2)

@@ -38,7 +38,9 @@ SMALL_CTX=${SMALL_CTX:-4096,16384,32768,65536,131072}; SMALL_BATCH=${SMALL_BATCH
 BIG_CTX=${BIG_CTX:-4096,32768}; BIG_BATCH=${BIG_BATCH:-"1 8"}
 # The same fp16 points again with every kernel issued on its own (--no-graphs): what the graphs buy.
 # WRITE_BIG=0 keeps llama-small from writing the 8B GGUF in the background (when no big run follows).
-NO_GRAPHS_TOO=${NO_GRAPHS_TOO:-1}
+NO_GRAPHS_TOO=${NO_GRAPHS_TOO:-0}
+# The fp16 points of the 8B shape again with every GEMM through cuBLAS (KVQ_GEMV=0): what the GEMV buys.
+CUBLAS_TOO=${CUBLAS_TOO:-1}
 # llama.cpp KV types to run (a shorter run may drop q8_0); ENGINE_CHECK=0 skips engine-check in `check`.
 LLAMA_TYPES=${LLAMA_TYPES:-"f16 q8_0 q4_0"}
 
@@ -87,15 +89,20 @@ check)
   if grep -v "encode" "$S/check.txt" | grep -q "^FAIL"; then
     KVQ_SPLIT_MERGE=1 timeout 300 "$S/kvq-gpu" check > "$S/check-split.txt" 2>&1
     echo "check with KVQ_SPLIT_MERGE=1: rc=$?"; grep -E "^parity" "$S/check-split.txt"
-    grep -v "encode" "$S/check-split.txt" | grep -q "^FAIL" || { echo "export KVQ_SPLIT_MERGE=1" > "$S/env"; echo "using the split merge"; }
+    grep -v "encode" "$S/check-split.txt" | grep -q "^FAIL" || { echo "export KVQ_SPLIT_MERGE=1" >> "$S/env"; echo "using the split merge"; }
   fi
   [ -f "$S/env" ] && . "$S/env"
   # Model ops and GEMMs vs CPU, the engine vs the CPU path on tiny models and the real model.
   [ "${ENGINE_CHECK:-1}" = 1 ] && { timeout 240 "$S/kvq-gpu" engine-check --model "$small" > "$S/engine.txt" 2>&1; echo "engine-check rc=$?"; }
   grep -E "FAIL|gemm|checks" "$S/engine.txt" | head -n 30
+  # Decode-step GEMMs go through kvq_model_gemv: if one of its op checks fails, later calls use cuBLAS.
+  grep -E "^FAIL.*via gemv" "$S/engine.txt" && { echo "export KVQ_GEMV=0" >> "$S/env"; echo "GEMV failed: using cuBLAS"; }
+  [ -f "$S/env" ] && . "$S/env"
+  # The 8B shape's GEMMs through the GEMV and cuBLAS, timed in the same process.
+  timeout 120 "$S/kvq-gpu" gemm-bench > "$S/gemm.txt" 2>&1; echo "gemm-bench rc=$?"; cat "$S/gemm.txt"
   KVQ_MODEL="$small" timeout 240 "$S/kvq-gpu" resident-check > "$S/resident.txt" 2>&1; echo "resident-check rc=$?"
   grep -E "FAIL|tokens|greedy|ppl|SKIPPED" "$S/resident.txt" | head -n 20
-  cp "$S/check.txt" "$S/engine.txt" "$S/resident.txt" "$S"/check-split.txt "$OUT/" 2>/dev/null
+  cp "$S/check.txt" "$S/engine.txt" "$S/resident.txt" "$S/gemm.txt" "$S"/check-split.txt "$OUT/" 2>/dev/null
   ;;
 llama-small)
   stage_parts
@@ -125,6 +132,14 @@ kvq-small)
     timeout 200 "$S/kvq" bench decode --no-graphs --model "$small" --name "SmolLM2-135M Q4_1, no graphs" --ctx 4096,32768 \
       --batch 1,8 --steps 32 --json "$R/bench-nographs.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-nographs.log" | grep "T=" 
   fi
+  # Formats whose GPU encoders are newer (QJL, DecoQuant), in a run of their own so that a slow fill
+  # cannot cost the main table.
+  if [ -n "${EXTRA_PLANS_SMALL:-}" ]; then
+    kx=(); for p in $EXTRA_PLANS_SMALL; do kx+=(--kv "$p"); done
+    timeout 240 "$S/kvq" bench decode --model "$small" --name "SmolLM2-135M Q4_1, QJL and DecoQuant" --ctx "$SMALL_CTX" \
+      --batch "$(echo $SMALL_BATCH | tr ' ' ',')" --steps 32 --json "$R/bench-extra.json" "${kx[@]}" "${peers[@]}" \
+      2>&1 | tee "$R/kvq-extra.log" | grep "T=" | tail -n 40
+  fi
   tar czf "$OUT/bench-small.tar.gz" -C "$R" .
   tail -2 "$S/gguf.log"
   ;;
@@ -143,6 +158,10 @@ big)
   if [ "$NO_GRAPHS_TOO" = 1 ]; then
     timeout 120 "$S/kvq" bench decode --no-graphs --model "$big" --name "Llama-3-8B shape, no graphs" --ctx 4096 \
       --batch 1,8 --steps 16 --json "$R/bench-nographs.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-nographs.log" | grep "T="
+  fi
+  if [ "$CUBLAS_TOO" = 1 ]; then
+    KVQ_GEMV=0 timeout 120 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, cuBLAS GEMMs" --ctx "$BIG_CTX" \
+      --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench-cublas.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-cublas.log" | grep "T="
   fi
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
   ;;

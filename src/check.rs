@@ -315,3 +315,98 @@ pub fn encode_parity(gpu: &Gpu, formats: &[&str]) -> Result<Vec<ParityResult>> {
     }
     Ok(out)
 }
+
+/// One GEMM shape timed through the decode-step GEMV and through cuBLAS in the same process.
+pub struct GemmPoint {
+    /// Rows (the decode batch).
+    pub n: usize,
+    /// Input features.
+    pub inp: usize,
+    /// Output features.
+    pub out: usize,
+    /// Median ms of kvq_model_gemv.
+    pub gemv_ms: f64,
+    /// Median ms of cuBLAS (gemm_ex, f16 in, f32 out).
+    pub cublas_ms: f64,
+}
+
+impl GemmPoint {
+    /// Weight bytes one call streams (what bounds a decode step's GEMM).
+    pub fn weight_bytes(&self) -> usize {
+        self.inp * self.out * 2
+    }
+}
+
+/// Times the GEMMs of a decode step of shape (n rows, inp -> out) both ways: weights random f16, cycled
+/// over copies totalling at least 512 MiB so that no call finds its weight in L2 (a real step reads
+/// every layer's weights once). Medians over `reps` calls after a warm-up, CUDA events.
+pub fn gemm_bench(
+    gpu: &std::sync::Arc<Gpu>,
+    shapes: &[(usize, usize, usize)],
+    reps: usize,
+) -> Result<Vec<GemmPoint>> {
+    use crate::launch_model::{Blas, Linear};
+    use half::f16;
+    let mut blas = Blas::new(gpu)?;
+    let st = gpu.stream();
+    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut out = Vec::new();
+    for &(n, inp, outf) in shapes {
+        let size = inp * outf;
+        let copies = (1usize << 28).div_ceil(size).max(1);
+        // A random pattern of 2^20 values repeated: the bytes streamed are what is timed.
+        let pattern: Vec<f16> = gaussian_with_outliers(1, 1 << 20, 0, 7)
+            .iter()
+            .map(|&v| f16::from_f32(v * 0.02))
+            .collect();
+        let host: Vec<f16> = (0..size).map(|i| pattern[i % pattern.len()]).collect();
+        let mut ws = Vec::with_capacity(copies);
+        for _ in 0..copies {
+            ws.push(Linear {
+                w: st
+                    .clone_htod(&host)
+                    .map_err(drv("uploading a benchmark weight"))?,
+                inp,
+                out: outf,
+            });
+        }
+        let x: Vec<f16> = gaussian_with_outliers(n, inp, 0, 8)
+            .iter()
+            .map(|&v| f16::from_f32(v))
+            .collect();
+        let xd = st
+            .clone_htod(&x)
+            .map_err(drv("uploading benchmark inputs"))?;
+        let mut y = st
+            .alloc_zeros::<f32>(n * outf)
+            .map_err(drv("allocating benchmark outputs"))?;
+        let mut time = |blas: &Blas| -> Result<f64> {
+            for w in ws.iter().cycle().take(copies.max(3)) {
+                blas.matmul(&xd, w, &mut y, n, false)?;
+            }
+            let mut t = Vec::with_capacity(reps);
+            for w in ws.iter().cycle().take(reps) {
+                let a = st.record_event(timing).map_err(drv("recording an event"))?;
+                blas.matmul(&xd, w, &mut y, n, false)?;
+                let b = st.record_event(timing).map_err(drv("recording an event"))?;
+                b.synchronize().map_err(drv("waiting for the benchmark"))?;
+                t.push(a.elapsed_ms(&b).map_err(drv("reading an event"))? as f64);
+            }
+            t.sort_by(|a, b| a.total_cmp(b));
+            Ok(t[t.len() / 2])
+        };
+        blas.set_gemv(true);
+        let gemv_ms = time(&blas)?;
+        blas.set_gemv(false);
+        let cublas_ms = time(&blas)?;
+        blas.set_gemv(true);
+        out.push(GemmPoint {
+            n,
+            inp,
+            out: outf,
+            gemv_ms,
+            cublas_ms,
+        });
+    }
+    Ok(out)
+}

@@ -538,10 +538,51 @@ pub struct Linear {
     pub out: usize,
 }
 
-/// cuBLAS on the GPU's stream: f16 inputs, f32 accumulation and f32 outputs.
+/// The GEMMs of the engine on the GPU's stream: f16 inputs, f32 accumulation and f32 outputs. Decode
+/// steps (n <= 8 rows) go through kvq_model_gemv*, which streams the weights near the copy bandwidth;
+/// everything else through cuBLAS.
 pub struct Blas {
     handle: Arc<CudaBlas>,
     gpu: Arc<Gpu>,
+    /// kvq_model_gemv{1,2,4,8}: padded row counts.
+    gemv: [CudaFunction; 4],
+    /// Partial sums of a K-split GEMV ([split][n][out] floats) and its per-column-tile counters (zero
+    /// between launches): used by one GEMV at a time, as every launch is ordered on the one stream.
+    ws: CudaSlice<f32>,
+    counters: CudaSlice<i32>,
+    /// CTAs a GEMV aims for (4 per SM): enough 16-byte loads in flight to cover the memory latency.
+    target_ctas: usize,
+    /// Whether decode-step shapes take the GEMV (`KVQ_GEMV=0` or [`Blas::set_gemv`] turn it off).
+    gemv_on: bool,
+}
+
+/// Output columns of one GEMV CTA (8 threads x 8 halves), as kernels/model.cu's GEMV_TX * 8.
+const GEMV_COLS: usize = 64;
+/// Floats of K-split partial sums a GEMV may use (4 MiB).
+const GEMV_WS: usize = 1 << 20;
+/// Column tiles with a split counter.
+const GEMV_TILES: usize = 4096;
+
+/// `KVQ_GEMV=0`: every GEMM through cuBLAS (to compare with the decode-step GEMV).
+fn gemv_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVQ_GEMV").map_or(true, |v| v != "0"))
+}
+
+/// K splits of a GEMV of `n` rows over an inp x out weight: about `target` CTAs in all, at least 256
+/// weight rows per split, within the partial-sum workspace and the counters.
+fn gemv_splits(n: usize, inp: usize, out: usize, target: usize) -> usize {
+    let tiles = out.div_ceil(GEMV_COLS);
+    if tiles > GEMV_TILES {
+        return 1;
+    }
+    let mut ks = ((target + tiles / 2) / tiles)
+        .clamp(1, 32)
+        .min((inp / 256).max(1));
+    while ks > 1 && ks * n * out > GEMV_WS {
+        ks -= 1;
+    }
+    ks
 }
 
 impl Blas {
@@ -557,10 +598,77 @@ impl Blas {
                 GpuError::NoGpu("the cuBLAS library (libcublas.so) could not be loaded".into())
             })?
             .map_err(|e| GpuError::Blas(format!("creating the cuBLAS handle: {e:?}")))?;
+        let f = |n: &str| gpu.function(MODULE, &format!("kvq_model_gemv{n}"));
+        let st = gpu.stream();
         Ok(Self {
             handle: Arc::new(handle),
             gpu: gpu.clone(),
+            gemv: [f("1")?, f("2")?, f("4")?, f("8")?],
+            ws: st
+                .alloc_zeros::<f32>(GEMV_WS)
+                .map_err(drv("allocating the GEMV workspace"))?,
+            counters: st
+                .alloc_zeros::<i32>(GEMV_TILES)
+                .map_err(drv("allocating the GEMV counters"))?,
+            target_ctas: 4 * gpu.sm_count()?,
+            gemv_on: gemv_enabled(),
         })
+    }
+
+    /// Routes decode-step shapes through the GEMV (true) or cuBLAS (false): benchmarks compare the two.
+    pub fn set_gemv(&mut self, on: bool) {
+        self.gemv_on = on;
+    }
+
+    /// True when an n-row GEMM over `w` goes through kvq_model_gemv (decode-step shapes).
+    pub fn uses_gemv(&self, w: &Linear, n: usize) -> bool {
+        self.gemv_on && (1..=8).contains(&n) && w.out.is_multiple_of(8)
+    }
+
+    /// The GEMV path of [`Blas::matmul`] (sizes already checked).
+    fn gemv(
+        &self,
+        x: &CudaSlice<f16>,
+        w: &Linear,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let f = match n {
+            1 => &self.gemv[0],
+            2 => &self.gemv[1],
+            3 | 4 => &self.gemv[2],
+            _ => &self.gemv[3],
+        };
+        let ks = gemv_splits(n, w.inp, w.out, self.target_ctas);
+        let tiles = w.out.div_ceil(GEMV_COLS);
+        let cfg = LaunchConfig {
+            grid_dim: (to_i32("gemv tiles", tiles)? as u32, ks as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let st = self.gpu.stream();
+        let args = KernelArgs::default()
+            .buf(x, st)
+            .buf(&w.w, st)
+            .buf(y, st)
+            .buf(&self.ws, st)
+            .buf(&self.counters, st)
+            .val(&to_i32("gemv rows", n)?)
+            .val(&to_i32("gemv in", w.inp)?)
+            .val(&to_i32("gemv out", w.out)?)
+            .val(&(ks as i32))
+            .val(&i32::from(accumulate));
+        // SAFETY: (types/order) kvq_model_gemv{1,2,4,8}(const __half* x, const __half* w, float* y,
+        // float* ws, int* counters, int n, int inp, int out, int ks, int accumulate) gets CudaSlice<f16>,
+        // CudaSlice<f16>, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<i32> and five i32. (aliasing) `y` is
+        // a &mut borrow distinct from `x` and `w`; ws/counters belong to this Blas and serve one launch
+        // at a time (one stream). (bounds, checked by matmul) x holds n x inp, w inp x out, y n x out;
+        // n <= the kernel's padded rows; ks * n * out <= GEMV_WS floats and tiles <= GEMV_TILES when
+        // ks > 1 (gemv_splits); out % 8 == 0 and W is its own allocation (256-byte aligned), so the
+        // kernel's 16-byte weight loads stay aligned and in bounds. Counters start at zero (allocated
+        // zeroed) and the last CTA of each tile re-zeroes its own.
+        unsafe { self.gpu.launch(f, cfg, args, "launching kvq_model_gemv") }
     }
 
     /// y[n][out] = x[n][inp] · W (or y += x · W when `accumulate`): x f16, W f16, y f32.
@@ -577,6 +685,9 @@ impl Blas {
         need("gemm output", y.len(), n * w.out)?;
         if n == 0 {
             return Ok(());
+        }
+        if self.uses_gemv(w, n) {
+            return self.gemv(x, w, y, n, accumulate);
         }
         let (m, nn, k) = (
             to_i32("gemm out", w.out)?,

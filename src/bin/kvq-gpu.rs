@@ -116,6 +116,41 @@ fn run() -> kvq::Result<()> {
                 std::process::exit(1);
             }
         }
+        "gemm-bench" => {
+            // The GEMMs of a Llama-3-8B decode step (qkv, o, gate+up, down, lm_head) at batch 1 and 8.
+            let gpu = std::sync::Arc::new(gpu);
+            let bw = kvq::check::copy_bandwidth(&gpu)?;
+            println!("copy bandwidth {:.0} GB/s (read + write)", bw / 1e9);
+            println!("| n | inp x out | weight MB | gemv ms | gemv GB/s | cuBLAS ms | cuBLAS GB/s | gemv speedup |");
+            println!("|---|---|---|---|---|---|---|---|");
+            let mut shapes = Vec::new();
+            for n in [1usize, 8] {
+                for (i, o) in [
+                    (4096usize, 6144usize),
+                    (4096, 4096),
+                    (4096, 28672),
+                    (14336, 4096),
+                    (4096, 128256),
+                ] {
+                    shapes.push((n, i, o));
+                }
+            }
+            for p in kvq::check::gemm_bench(&gpu, &shapes, 60)? {
+                let mb = p.weight_bytes() as f64 / 1e6;
+                println!(
+                    "| {} | {}x{} | {:.0} | {:.4} | {:.0} | {:.4} | {:.0} | {:.2}x |",
+                    p.n,
+                    p.inp,
+                    p.out,
+                    mb,
+                    p.gemv_ms,
+                    mb / p.gemv_ms,
+                    p.cublas_ms,
+                    mb / p.cublas_ms,
+                    p.cublas_ms / p.gemv_ms
+                );
+            }
+        }
         "resident-check" => {
             if !resident_check(gpu)? {
                 std::process::exit(1);
@@ -123,7 +158,7 @@ fn run() -> kvq::Result<()> {
         }
         other => {
             eprintln!(
-                "kvq-gpu: unknown mode '{other}' (check | bench | engine-check | resident-check)"
+                "kvq-gpu: unknown mode '{other}' (check | bench | engine-check | resident-check | gemm-bench)"
             );
             std::process::exit(2);
         }

@@ -331,7 +331,8 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
         detail: format!("gpu {got:?} cpu {want:?}"),
     });
 
-    // GEMM: f16 inputs, f32 accumulation, overwrite and accumulate, decode-step (n <= 8) and prefill shapes.
+    // GEMM: f16 inputs, f32 accumulation, overwrite and accumulate, decode-step (n <= 8: the GEMV with
+    // each padded row count, K-split and not, output tiles cut short) and prefill shapes (cuBLAS).
     for (case, &(n, inp, outf)) in [
         (5usize, 99usize, 70usize),
         (12, 64, 40),
@@ -339,6 +340,10 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
         (3, 577, 960),
         (8, 4096, 512),
         (8, 100, 8),
+        (2, 3000, 136),
+        (6, 2500, 1000),
+        (4, 300, 40_000),
+        (1, 5000, 4104),
     ]
     .iter()
     .enumerate()
@@ -356,6 +361,11 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
             out: outf,
         };
         let xd = up(gpu, &x)?;
+        let path = if blas.uses_gemv(&lin, n) {
+            "gemv"
+        } else {
+            "cublas"
+        };
         let mut want = vec![0f32; n * outf];
         for r in 0..n {
             for c in 0..outf {
@@ -370,7 +380,7 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
         blas.matmul(&xd, &lin, &mut yd, n, false)?;
         push(
             &mut out,
-            &format!("gemm {n}x{inp}x{outf} f16 x f16 -> f32 (rel)"),
+            &format!("gemm {n}x{inp}x{outf} f16 x f16 -> f32 via {path} (rel)"),
             max_rel(&down(gpu, &yd)?, &want),
             tol,
         );
@@ -379,7 +389,7 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
         let want_acc: Vec<f32> = want.iter().zip(&y0).map(|(a, b)| a + b).collect();
         push(
             &mut out,
-            &format!("gemm {n}x{inp}x{outf} accumulate y += x W (rel)"),
+            &format!("gemm {n}x{inp}x{outf} accumulate y += x W via {path} (rel)"),
             max_rel(&down(gpu, &yd)?, &want_acc),
             tol,
         );
