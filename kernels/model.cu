@@ -8,6 +8,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kvq_pdl.cuh"
+
 namespace {
 
 // Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the sum.
@@ -58,6 +60,7 @@ extern "C" __global__ void kvq_model_embed(const __half* table, const int32_t* i
 // Grid (n), block 256. `rows` (nullable) selects input rows (the last token of each sequence).
 extern "C" __global__ void kvq_model_rmsnorm(const float* x, const int32_t* rows, const float* w, __half* out,
                                              int n, int cols, float eps) {
+    kvq_pdl_trigger();  // the GEMM that reads `out` may start loading its weights
     const int r = blockIdx.x;
     if (r >= n) return;
     const int64_t src_row = rows ? rows[r] : r;
@@ -107,6 +110,7 @@ extern "C" __global__ void kvq_model_qkv_split(const float* qkv, const int32_t* 
 // SwiGLU of the fused gate/up GEMM output gu [n][2 inter] (gate first): out[r][i] = silu(gate) * up, f16.
 // Grid-stride over n * inter.
 extern "C" __global__ void kvq_model_swiglu(const float* gu, __half* out, int n, int inter) {
+    kvq_pdl_trigger();  // the down projection may start loading its weights
     const int64_t total = (int64_t)n * inter;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
         const int64_t r = e / inter, i = e - r * inter;
@@ -190,7 +194,7 @@ extern "C" __global__ void kvq_model_scatter(const uint8_t* arena, int n) {
     }
 }
 
-// ---- Small-batch GEMM (decode steps): y[n][out] (=|+=) x[n][inp] W[inp][out], n <= 8 -------------------
+// ---- Small-batch GEMM (decode steps): y[n][out] (=|+=) x[n][inp] W[inp][out], n <= 2 -------------------
 // A decode step's GEMMs read every weight once for a handful of rows: they are bound by the weight bytes,
 // and a general GEMM library reaches about two thirds of the copy bandwidth there. This kernel streams W
 // once with 16-byte non-caching loads, eight in flight per thread, and keeps the n rows of x in shared
@@ -271,6 +275,18 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const __half*
     for (int r = 0; r < NP; ++r)
 #pragma unroll
         for (int c = 0; c < 8; ++c) acc[r][c] = 0.f;
+    // Launched as a programmatic dependent: the first rows of weights (which no kernel writes) are
+    // requested while the kernel that writes x finishes; x, y, ws and counters only after the wait.
+    uint4 wv[GEMV_UNROLL];
+    const int len0 = min(GEMV_CHUNK, k1 - k0);
+    if (live) {
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u)
+            if (ry + u * GEMV_RY < len0) wv[u] = gemv_ld_stream(w + (int64_t)(k0 + ry + u * GEMV_RY) * out + c0);
+    }
+    kvq_pdl_wait();
+    kvq_pdl_trigger();
+    bool have = true;  // wv holds this thread's first batch of rows of the first chunk
     for (int kc = k0; kc < k1; kc += GEMV_CHUNK) {
         const int len = min(GEMV_CHUNK, k1 - kc);
         __syncthreads();
@@ -282,15 +298,19 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const __half*
         if (live) {
             const __half* wp = w + (int64_t)kc * out + c0;
             int i = ry;
-            for (; i + (GEMV_UNROLL - 1) * GEMV_RY < len; i += GEMV_UNROLL * GEMV_RY) {
-                uint4 wv[GEMV_UNROLL];
+            for (; have || i + (GEMV_UNROLL - 1) * GEMV_RY < len; i += GEMV_UNROLL * GEMV_RY) {
+                if (!have) {
 #pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = gemv_ld_stream(wp + (int64_t)(i + u * GEMV_RY) * out);
+                    for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = gemv_ld_stream(wp + (int64_t)(i + u * GEMV_RY) * out);
+                }
 #pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; ++u) gemv_row<NP>(acc, wv[u], xs + (i + u * GEMV_RY) * NP);
+                for (int u = 0; u < GEMV_UNROLL; ++u)
+                    if (i + u * GEMV_RY < len) gemv_row<NP>(acc, wv[u], xs + (i + u * GEMV_RY) * NP);
+                have = false;
             }
             for (; i < len; i += GEMV_RY) gemv_row<NP>(acc, gemv_ld_stream(wp + (int64_t)i * out), xs + i * NP);
         }
+        have = false;
     }
     // The 4 row lanes of a warp (lane = (ry % 4) * 8 + tx), then the 8 warps in order.
 #pragma unroll
@@ -350,7 +370,5 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const __half*
                            int inp, int out, int ks, int accumulate) {                                      \
         gemv<NP>(x, w, y, ws, counters, n, inp, out, ks, accumulate);                                       \
     }
-KVQ_GEMV(1, 4)
-KVQ_GEMV(2, 4)
-KVQ_GEMV(4, 3)
-KVQ_GEMV(8, 2)
+KVQ_GEMV(1, 3)
+KVQ_GEMV(2, 3)

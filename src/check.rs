@@ -5,6 +5,7 @@
 use crate::attention::GpuBatch;
 use crate::error::{drv, Result};
 use crate::gpu::Gpu;
+use cudarc::driver::CudaSlice;
 use kvq_formats::testutil::{gaussian_with_outliers, rel_err};
 use kvq_formats::{KvPlan, LayerCache, Rope, RopeStyle};
 
@@ -409,4 +410,90 @@ pub fn gemm_bench(
         });
     }
     Ok(out)
+}
+
+/// The GEMMs of whole decode steps of the Llama-3-8B shape at `n` rows: per layer qkv (4096 -> 6144),
+/// O (4096 -> 4096, accumulated), gate+up (4096 -> 28672) and down (14336 -> 4096, accumulated), over
+/// `layers` layers of distinct random weights, issued back to back as a step issues them. Returns the
+/// median ms per step through the GEMV and through cuBLAS, and the weight bytes per step.
+pub fn gemm_chain_bench(
+    gpu: &std::sync::Arc<Gpu>,
+    layers: usize,
+    n: usize,
+    reps: usize,
+) -> Result<(f64, f64, usize)> {
+    use crate::launch_model::{Blas, Linear};
+    use half::f16;
+    let shapes = [
+        (4096usize, 6144usize),
+        (4096, 4096),
+        (4096, 28672),
+        (14336, 4096),
+    ];
+    let mut blas = Blas::new(gpu)?;
+    let st = gpu.stream();
+    let pattern: Vec<f16> = gaussian_with_outliers(1, 1 << 20, 0, 9)
+        .iter()
+        .map(|&v| f16::from_f32(v * 0.02))
+        .collect();
+    let mut first: Vec<CudaSlice<f16>> = Vec::new();
+    for &(i, o) in &shapes {
+        let host: Vec<f16> = (0..i * o).map(|k| pattern[k % pattern.len()]).collect();
+        first.push(
+            st.clone_htod(&host)
+                .map_err(drv("uploading a benchmark weight"))?,
+        );
+    }
+    let mut w: Vec<Vec<Linear>> = Vec::with_capacity(layers);
+    for _ in 0..layers {
+        let mut l = Vec::new();
+        for (s, &(i, o)) in first.iter().zip(&shapes) {
+            let mut d = st
+                .alloc_zeros::<f16>(i * o)
+                .map_err(drv("allocating a benchmark weight"))?;
+            st.memcpy_dtod(s, &mut d)
+                .map_err(drv("copying a benchmark weight"))?;
+            l.push(Linear {
+                w: d,
+                inp: i,
+                out: o,
+            });
+        }
+        w.push(l);
+    }
+    let bytes: usize = shapes.iter().map(|&(i, o)| i * o * 2).sum::<usize>() * layers;
+    let x: Vec<f16> = gaussian_with_outliers(n, 14336, 0, 10)
+        .iter()
+        .map(|&v| f16::from_f32(v))
+        .collect();
+    let xd = st
+        .clone_htod(&x)
+        .map_err(drv("uploading benchmark inputs"))?;
+    let mut y = st
+        .alloc_zeros::<f32>(n * 28672)
+        .map_err(drv("allocating benchmark outputs"))?;
+    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut time = |blas: &Blas| -> Result<f64> {
+        let mut t = Vec::with_capacity(reps);
+        for rep in 0..reps + 2 {
+            let a = st.record_event(timing).map_err(drv("recording an event"))?;
+            for l in &w {
+                for (k, lin) in l.iter().enumerate() {
+                    blas.matmul(&xd, lin, &mut y, n, k % 2 == 1)?;
+                }
+            }
+            let b = st.record_event(timing).map_err(drv("recording an event"))?;
+            b.synchronize().map_err(drv("waiting for the benchmark"))?;
+            if rep >= 2 {
+                t.push(a.elapsed_ms(&b).map_err(drv("reading an event"))? as f64);
+            }
+        }
+        t.sort_by(|a, b| a.total_cmp(b));
+        Ok(t[t.len() / 2])
+    };
+    blas.set_gemv(true);
+    let g = time(&blas)?;
+    blas.set_gemv(false);
+    let c = time(&blas)?;
+    Ok((g, c, bytes))
 }

@@ -332,6 +332,29 @@ impl Gpu {
             cfg,
             args,
             what,
+            pdl: false,
+        })
+    }
+
+    /// [`Gpu::launch`] as a programmatic dependent launch (unless `KVQ_PDL=0`): the kernel may start
+    /// while the previous one runs, so independent loads (weights) overlap that kernel's tail.
+    ///
+    /// # Safety
+    /// As [`Gpu::launch`], and the kernel must execute kvq_pdl_wait() (kernels/include/kvq_pdl.cuh) in
+    /// every CTA before it reads or writes memory that an earlier kernel on the stream reads or writes.
+    pub(crate) unsafe fn launch_pdl(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        args: KernelArgs,
+        what: &'static str,
+    ) -> Result<()> {
+        self.submit(Work::Kernel {
+            f: f.clone(),
+            cfg,
+            args,
+            what,
+            pdl: pdl_enabled(),
         })
     }
 
@@ -360,4 +383,10 @@ impl Drop for Gpu {
 /// The derived kernel name `kvq_{fmt}_{op}_{dtype}_hd{D}` (kernels/include/kvq_params.cuh's KVQ_NAME).
 pub fn kernel_name(fmt: &str, op: &str, dtype: &str, head_dim: usize) -> String {
     format!("kvq_{fmt}_{op}_{dtype}_hd{head_dim}")
+}
+
+/// `KVQ_PDL=0`: launch every kernel in plain stream order (to measure what dependent launches buy).
+fn pdl_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVQ_PDL").map_or(true, |v| v != "0"))
 }

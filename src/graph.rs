@@ -71,6 +71,51 @@ impl KernelArgs {
     }
 }
 
+/// Launches `f` with the programmatic-stream-serialization attribute (cuLaunchKernelEx): it may start
+/// while the stream's previous kernel runs, and waits for it on the device (griddepcontrol.wait).
+fn launch_pdl(
+    gpu: &Gpu,
+    f: &CudaFunction,
+    cfg: &LaunchConfig,
+    ptrs: &mut [*mut std::ffi::c_void],
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    // SAFETY: a zeroed attribute value is a valid union (plain integers); only the field the id names
+    // is read by the driver.
+    let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+    value.programmaticStreamSerializationAllowed = 1;
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value,
+    };
+    let lc = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: gpu.stream().cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: as for launch_kernel in Work::issue (arguments packed by a typed wrapper whose SAFETY
+    // comment covers them, each pointer in `ptrs` addresses one argument alive for the call); `lc` and
+    // `attr` live across the call; the kernel calls kvq_pdl_wait() before touching memory an earlier
+    // kernel uses (checked where Gpu::launch_pdl is called).
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &lc,
+            f.cu_function(),
+            ptrs.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+}
+
 /// A device call that is not a plain kernel launch (cuBLAS, device copies), issued by a closure.
 pub(crate) type CallFn = Box<dyn Fn(&Gpu) -> Result<()> + Send>;
 
@@ -82,6 +127,9 @@ pub(crate) enum Work {
         cfg: LaunchConfig,
         args: KernelArgs,
         what: &'static str,
+        /// Launched as a programmatic dependent (may start before the previous kernel ends; the
+        /// kernel waits for it with griddepcontrol.wait, kernels/include/kvq_pdl.cuh).
+        pdl: bool,
     },
     /// A library call or copy, identified by `key` (every value it passes to the device).
     Call { key: Vec<u64>, run: CallFn },
@@ -91,12 +139,21 @@ impl Work {
     /// Issues the work on the GPU's stream now.
     pub(crate) fn issue(&self, gpu: &Gpu) -> Result<()> {
         match self {
-            Work::Kernel { f, cfg, args, what } => {
+            Work::Kernel {
+                f,
+                cfg,
+                args,
+                what,
+                pdl,
+            } => {
                 let mut ptrs: Vec<*mut std::ffi::c_void> = args
                     .starts
                     .iter()
                     .map(|&s| args.words[s..].as_ptr() as *mut std::ffi::c_void)
                     .collect();
+                if *pdl {
+                    return launch_pdl(gpu, f, cfg, &mut ptrs).map_err(drv(*what));
+                }
                 // SAFETY: the arguments were packed by a typed wrapper in src/launch*.rs whose SAFETY
                 // comment covers their types, order, aliasing and bounds for this function and shape;
                 // the buffers they point to are alive (recorded this step, see the module docs); each
@@ -120,10 +177,12 @@ impl Work {
     /// Appends this item's identity to `key`: everything that decides what the device does.
     fn key(&self, key: &mut Vec<u64>) {
         match self {
-            Work::Kernel { f, cfg, args, .. } => {
+            Work::Kernel {
+                f, cfg, args, pdl, ..
+            } => {
                 let (g, b) = (cfg.grid_dim, cfg.block_dim);
                 key.extend_from_slice(&[
-                    1,
+                    1 + u64::from(*pdl),
                     f.cu_function() as usize as u64,
                     (g.0 as u64) << 32 | g.1 as u64,
                     (g.2 as u64) << 32 | b.0 as u64,
@@ -357,6 +416,7 @@ impl StepGraphs {
             },
             args: KernelArgs::default().buf(arena, gpu.stream()).val(&n),
             what: "launching kvq_model_scatter",
+            pdl: false,
         })
     }
 }

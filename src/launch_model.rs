@@ -539,13 +539,14 @@ pub struct Linear {
 }
 
 /// The GEMMs of the engine on the GPU's stream: f16 inputs, f32 accumulation and f32 outputs. Decode
-/// steps (n <= 8 rows) go through kvq_model_gemv*, which streams the weights near the copy bandwidth;
-/// everything else through cuBLAS.
+/// steps of one or two rows go through kvq_model_gemv*, which streams the weights near the copy
+/// bandwidth and starts loading them before the previous kernel ends; everything else through cuBLAS
+/// (at 8 rows kvq_model_gemv, issue-bound on CUDA cores, measured 0.71-0.88x cuBLAS on the H100).
 pub struct Blas {
     handle: Arc<CudaBlas>,
     gpu: Arc<Gpu>,
-    /// kvq_model_gemv{1,2,4,8}: padded row counts.
-    gemv: [CudaFunction; 4],
+    /// kvq_model_gemv{1,2}: one and two rows.
+    gemv: [CudaFunction; 2],
     /// Partial sums of a K-split GEMV ([split][n][out] floats) and its per-column-tile counters (zero
     /// between launches): used by one GEMV at a time, as every launch is ordered on the one stream.
     ws: CudaSlice<f32>,
@@ -603,7 +604,7 @@ impl Blas {
         Ok(Self {
             handle: Arc::new(handle),
             gpu: gpu.clone(),
-            gemv: [f("1")?, f("2")?, f("4")?, f("8")?],
+            gemv: [f("1")?, f("2")?],
             ws: st
                 .alloc_zeros::<f32>(GEMV_WS)
                 .map_err(drv("allocating the GEMV workspace"))?,
@@ -622,7 +623,7 @@ impl Blas {
 
     /// True when an n-row GEMM over `w` goes through kvq_model_gemv (decode-step shapes).
     pub fn uses_gemv(&self, w: &Linear, n: usize) -> bool {
-        self.gemv_on && (1..=8).contains(&n) && w.out.is_multiple_of(8)
+        self.gemv_on && (1..=2).contains(&n) && w.out.is_multiple_of(8)
     }
 
     /// The GEMV path of [`Blas::matmul`] (sizes already checked).
@@ -634,12 +635,7 @@ impl Blas {
         n: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let f = match n {
-            1 => &self.gemv[0],
-            2 => &self.gemv[1],
-            3 | 4 => &self.gemv[2],
-            _ => &self.gemv[3],
-        };
+        let f = &self.gemv[usize::from(n == 2)];
         let ks = gemv_splits(n, w.inp, w.out, self.target_ctas);
         let tiles = w.out.div_ceil(GEMV_COLS);
         let cfg = LaunchConfig {
@@ -659,16 +655,20 @@ impl Blas {
             .val(&to_i32("gemv out", w.out)?)
             .val(&(ks as i32))
             .val(&i32::from(accumulate));
-        // SAFETY: (types/order) kvq_model_gemv{1,2,4,8}(const __half* x, const __half* w, float* y,
+        // SAFETY: (types/order) kvq_model_gemv{1,2}(const __half* x, const __half* w, float* y,
         // float* ws, int* counters, int n, int inp, int out, int ks, int accumulate) gets CudaSlice<f16>,
         // CudaSlice<f16>, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<i32> and five i32. (aliasing) `y` is
         // a &mut borrow distinct from `x` and `w`; ws/counters belong to this Blas and serve one launch
         // at a time (one stream). (bounds, checked by matmul) x holds n x inp, w inp x out, y n x out;
-        // n <= the kernel's padded rows; ks * n * out <= GEMV_WS floats and tiles <= GEMV_TILES when
-        // ks > 1 (gemv_splits); out % 8 == 0 and W is its own allocation (256-byte aligned), so the
-        // kernel's 16-byte weight loads stay aligned and in bounds. Counters start at zero (allocated
-        // zeroed) and the last CTA of each tile re-zeroes its own.
-        unsafe { self.gpu.launch(f, cfg, args, "launching kvq_model_gemv") }
+        // n <= 2 = the rows of the kernel picked; ks * n * out <= GEMV_WS floats and tiles <=
+        // GEMV_TILES when ks > 1 (gemv_splits); out % 8 == 0 and W is its own allocation (256-byte
+        // aligned), so the kernel's 16-byte weight loads stay aligned and in bounds. Counters start at
+        // zero (allocated zeroed) and the last CTA of each tile re-zeroes its own. (dependent launch)
+        // every CTA reads only W (written by no kernel) before kvq_pdl_wait(), everything else after.
+        unsafe {
+            self.gpu
+                .launch_pdl(f, cfg, args, "launching kvq_model_gemv")
+        }
     }
 
     /// y[n][out] = x[n][inp] · W (or y += x · W when `accumulate`): x f16, W f16, y f32.

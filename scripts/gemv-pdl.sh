@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The decode-step GEMV with programmatic dependent launches (PDL), checked and timed on the GPU machine in
+# one device session of two back-to-back calls (the model travels in two halves, see bench-gpu.sh):
+#   1. carry [".carry-m1", ".carry-bin"]  command "bash scripts/gemv-pdl.sh kernels"
+#      kernel parity (every decode kernel now triggers its dependents), the GEMM shapes and whole steps'
+#      GEMMs through the GEMV vs cuBLAS, with and without PDL
+#   2. carry [".carry-m2"]                command "bash scripts/gemv-pdl.sh engine"
+#      op checks (GEMV vs CPU), graphs vs direct launches (exact) and the engine vs the CPU path on the real
+#      model, then `kvq bench decode` on it with PDL on / off / cuBLAS GEMMs, in the same run
+set -uo pipefail
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
+S=/root/stash; mkdir -p "$S"
+small="$S/SmolLM2-135M-Instruct.Q4_1.gguf"
+model_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+for d in .carry-m1 .carry-m2 .carry-bin; do [ -d "$d" ] && cp -r "$d"/. "$S"/; done
+for b in kvq kvq-gpu; do [ -f "$S/$b.xz" ] && [ ! -x "$S/$b" ] && xz -dc "$S/$b.xz" > "$S/$b" && chmod +x "$S/$b"; done
+case "${1:-}" in
+kernels)
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  timeout 200 "$S/kvq-gpu" check > "$OUT/check.txt" 2>&1; echo "check rc=$?"; grep -E "^FAIL|^parity" "$OUT/check.txt" | head
+  for p in 1 0; do
+    echo "== KVQ_PDL=$p"; KVQ_PDL=$p timeout 150 "$S/kvq-gpu" gemm-bench 2>&1 | tee "$OUT/gemm-pdl$p.txt" | grep -v "^GPU"
+  done
+  ;;
+engine)
+  if [ ! -f "$small" ]; then
+    cat "$S/model.part.00" "$S/model.part.01" > "$small.tmp"
+    [ "$(sha256sum "$small.tmp" | cut -d' ' -f1)" = "$model_sha" ] && mv "$small.tmp" "$small" && echo "model ok"
+  fi
+  timeout 200 "$S/kvq-gpu" engine-check --model "$small" > "$OUT/engine.txt" 2>&1; echo "engine-check rc=$?"
+  grep -E "^FAIL|gemm.*gemv|checks" "$OUT/engine.txt" | cut -c1-160
+  KVQ_MODEL="$small" timeout 200 "$S/kvq-gpu" resident-check > "$OUT/resident.txt" 2>&1; echo "resident-check rc=$?"
+  grep -E "FAIL|graphs|replayed|real model" "$OUT/resident.txt" | cut -c1-200
+  for v in "KVQ_PDL=1" "KVQ_PDL=0" "KVQ_GEMV=0"; do
+    echo "== $v"
+    env $v timeout 120 "$S/kvq" bench decode --model "$small" --name "SmolLM2-135M Q4_1, $v" --ctx 4096,32768 --batch 1,2,8 \
+      --steps 32 --json "$OUT/bench-${v/=/}.json" --kv fp16 --kv kivi:bits=2,window=0 2>&1 | tee "$OUT/bench-${v/=/}.log" | grep "T="
+  done
+  ;;
+*) echo "usage: gemv-pdl.sh kernels|engine"; exit 2 ;;
+esac
