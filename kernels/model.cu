@@ -49,6 +49,7 @@ __device__ __forceinline__ void rope_pair(const float* src, float* dst, int i, i
 // out[r][c] = table[ids[r]][c] (f16 table [vocab][hidden] -> f32). Grid (n), block 256.
 // Callers check ids < vocab before the launch.
 extern "C" __global__ void kvq_model_embed(const __half* table, const int32_t* ids, float* out, int n, int hidden) {
+    KVQ_PDL_ENTER();
     const int r = blockIdx.x;
     if (r >= n) return;
     const __half* src = table + (int64_t)ids[r] * hidden;
@@ -60,7 +61,7 @@ extern "C" __global__ void kvq_model_embed(const __half* table, const int32_t* i
 // Grid (n), block 256. `rows` (nullable) selects input rows (the last token of each sequence).
 extern "C" __global__ void kvq_model_rmsnorm(const float* x, const int32_t* rows, const float* w, __half* out,
                                              int n, int cols, float eps) {
-    kvq_pdl_trigger();  // the GEMM that reads `out` may start loading its weights
+    KVQ_PDL_ENTER();
     const int r = blockIdx.x;
     if (r >= n) return;
     const int64_t src_row = rows ? rows[r] : r;
@@ -77,6 +78,7 @@ extern "C" __global__ void kvq_model_rmsnorm(const float* x, const int32_t* rows
 // position pos[r]. Grid (n, heads), block 256 (loops over the d/2 pairs).
 extern "C" __global__ void kvq_model_rope(float* x, int64_t row_stride, const int32_t* pos, const float* inv_freq,
                                           int n, int heads, int d, int style) {
+    KVQ_PDL_ENTER();
     const int r = blockIdx.x, h = blockIdx.y;
     if (r >= n || h >= heads) return;
     float* v = x + (int64_t)r * row_stride + (int64_t)h * d;
@@ -90,6 +92,7 @@ extern "C" __global__ void kvq_model_rope(float* x, int64_t row_stride, const in
 extern "C" __global__ void kvq_model_qkv_split(const float* qkv, const int32_t* pos, const float* inv_freq, float* q,
                                                float* k, float* v, int n, int hq, int hkv, int d, int style,
                                                int rotate_k) {
+    KVQ_PDL_ENTER();
     const int r = blockIdx.x, h = blockIdx.y;
     if (r >= n || h >= hq + 2 * hkv) return;
     const float* src = qkv + (int64_t)r * (hq + 2 * hkv) * d + (int64_t)h * d;
@@ -110,7 +113,7 @@ extern "C" __global__ void kvq_model_qkv_split(const float* qkv, const int32_t* 
 // SwiGLU of the fused gate/up GEMM output gu [n][2 inter] (gate first): out[r][i] = silu(gate) * up, f16.
 // Grid-stride over n * inter.
 extern "C" __global__ void kvq_model_swiglu(const float* gu, __half* out, int n, int inter) {
-    kvq_pdl_trigger();  // the down projection may start loading its weights
+    KVQ_PDL_ENTER();
     const int64_t total = (int64_t)n * inter;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
         const int64_t r = e / inter, i = e - r * inter;
@@ -122,18 +125,21 @@ extern "C" __global__ void kvq_model_swiglu(const float* gu, __half* out, int n,
 // x[i] += y[i] for i < n (the residual add; the forward folds it into the GEMMs with beta = 1, this is
 // for backends and tests). Grid-stride.
 extern "C" __global__ void kvq_model_add(float* x, const float* y, int64_t n) {
+    KVQ_PDL_ENTER();
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
         x[e] += y[e];
 }
 
 // f32 -> f16 (round to nearest even). Grid-stride.
 extern "C" __global__ void kvq_model_f32_to_f16(const float* x, __half* y, int64_t n) {
+    KVQ_PDL_ENTER();
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
         y[e] = __float2half(x[e]);
 }
 
 // f16 -> f32. Grid-stride.
 extern "C" __global__ void kvq_model_f16_to_f32(const __half* x, float* y, int64_t n) {
+    KVQ_PDL_ENTER();
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
         y[e] = __half2float(x[e]);
 }
@@ -142,6 +148,7 @@ extern "C" __global__ void kvq_model_f16_to_f32(const __half* x, float* y, int64
 // ties (as Rust's Iterator::max_by in kvq_model::sample), 0 when every value is NaN. Grid (rows), block
 // 1024.
 extern "C" __global__ void kvq_model_argmax(const float* logits, int vocab, int32_t* out) {
+    KVQ_PDL_ENTER();
     __shared__ float sv[1024];
     __shared__ int si[1024];
     const float* row = logits + (int64_t)blockIdx.x * vocab;
@@ -177,6 +184,7 @@ extern "C" __global__ void kvq_model_argmax(const float* logits, int vocab, int3
 // segments of {uint64 destination, uint32 source offset in arena, uint32 bytes}; block i copies segment
 // i, by 4-byte words when everything is 4-byte aligned (the index arrays always are).
 extern "C" __global__ void kvq_model_scatter(const uint8_t* arena, int n) {
+    KVQ_PDL_ENTER();
     const int i = blockIdx.x;
     if (i >= n) return;
     const uint8_t* seg = arena + 16 * (int64_t)i;

@@ -2,11 +2,13 @@
 # The decode-step GEMV with programmatic dependent launches (PDL), checked and timed on the GPU machine in
 # one device session of two back-to-back calls (the model travels in two halves, see bench-gpu.sh):
 #   1. carry [".carry-m1", ".carry-bin"]  command "bash scripts/gemv-pdl.sh kernels"
-#      kernel parity (every decode kernel now triggers its dependents), the GEMM shapes and whole steps'
-#      GEMMs through the GEMV vs cuBLAS, with and without PDL
+#      kernel parity with every kernel a programmatic dependent (KVQ_PDL_ALL=1), the GEMM shapes and whole
+#      steps' GEMMs through the GEMV vs cuBLAS, with and without PDL
 #   2. carry [".carry-m2"]                command "bash scripts/gemv-pdl.sh engine"
 #      op checks (GEMV vs CPU), graphs vs direct launches (exact) and the engine vs the CPU path on the real
-#      model, then `kvq bench decode` on it with PDL on / off / cuBLAS GEMMs, in the same run
+#      model (KVQ_PDL_ALL=1), then `kvq bench decode` on it with PDL for every kernel / for the GEMV only /
+#      off / cuBLAS GEMMs, in the same run
+# or one call, carry [".carry-bin"], command "bash scripts/gemv-pdl.sh single" (no real model).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
@@ -18,9 +20,11 @@ for b in kvq kvq-gpu; do [ -f "$S/$b.xz" ] && [ ! -x "$S/$b" ] && xz -dc "$S/$b.
 case "${1:-}" in
 kernels)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  timeout 200 "$S/kvq-gpu" check > "$OUT/check.txt" 2>&1; echo "check rc=$?"; grep -E "^FAIL|^parity" "$OUT/check.txt" | head
+  # Decode/encode parity with every kernel launched as a programmatic dependent (a third of the cases).
+  KVQ_PDL_ALL=1 KVQ_CHECK_FILTER="${FILTER:-hq=8 hkv=2}" timeout 150 "$S/kvq-gpu" check > "$OUT/check-pdlall.txt" 2>&1
+  echo "check (KVQ_PDL_ALL=1) rc=$?"; grep -E "^FAIL|^parity" "$OUT/check-pdlall.txt" | head
   for p in 1 0; do
-    echo "== KVQ_PDL=$p"; KVQ_PDL=$p timeout 150 "$S/kvq-gpu" gemm-bench 2>&1 | tee "$OUT/gemm-pdl$p.txt" | grep -v "^GPU"
+    echo "== KVQ_PDL=$p"; KVQ_PDL=$p timeout 100 "$S/kvq-gpu" gemm-bench 2>&1 | tee "$OUT/gemm-pdl$p.txt" | grep -v "^GPU"
   done
   ;;
 engine)
@@ -28,15 +32,30 @@ engine)
     cat "$S/model.part.00" "$S/model.part.01" > "$small.tmp"
     [ "$(sha256sum "$small.tmp" | cut -d' ' -f1)" = "$model_sha" ] && mv "$small.tmp" "$small" && echo "model ok"
   fi
-  timeout 200 "$S/kvq-gpu" engine-check --model "$small" > "$OUT/engine.txt" 2>&1; echo "engine-check rc=$?"
+  # The engine checks with every kernel a programmatic dependent (the widest use of it).
+  KVQ_PDL_ALL=1 timeout 150 "$S/kvq-gpu" engine-check --model "$small" > "$OUT/engine.txt" 2>&1; echo "engine-check rc=$?"
   grep -E "^FAIL|gemm.*gemv|checks" "$OUT/engine.txt" | cut -c1-160
-  KVQ_MODEL="$small" timeout 200 "$S/kvq-gpu" resident-check > "$OUT/resident.txt" 2>&1; echo "resident-check rc=$?"
+  KVQ_PDL_ALL=1 KVQ_MODEL="$small" timeout 150 "$S/kvq-gpu" resident-check > "$OUT/resident.txt" 2>&1; echo "resident-check rc=$?"
   grep -E "FAIL|graphs|replayed|real model" "$OUT/resident.txt" | cut -c1-200
-  for v in "KVQ_PDL=1" "KVQ_PDL=0" "KVQ_GEMV=0"; do
+  for v in "KVQ_PDL_ALL=1" "KVQ_PDL=1" "KVQ_PDL=0" "KVQ_GEMV=0"; do
     echo "== $v"
-    env $v timeout 120 "$S/kvq" bench decode --model "$small" --name "SmolLM2-135M Q4_1, $v" --ctx 4096,32768 --batch 1,2,8 \
+    env $v timeout 100 "$S/kvq" bench decode --model "$small" --name "SmolLM2-135M Q4_1, $v" --ctx 4096,32768 --batch 1,2,8 \
       --steps 32 --json "$OUT/bench-${v/=/}.json" --kv fp16 --kv kivi:bits=2,window=0 2>&1 | tee "$OUT/bench-${v/=/}.log" | grep "T="
   done
   ;;
-*) echo "usage: gemv-pdl.sh kernels|engine"; exit 2 ;;
+single)
+  # One call without the real model (when device time is short): decode parity of two formats, the GEMM
+  # timings with and without PDL, the op checks and tiny-model engine checks, graphs vs direct launches.
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  KVQ_CHECK_FILTER="${FILTER:-kivi:bits=2,window=0}" timeout 100 "$S/kvq-gpu" check > "$OUT/check.txt" 2>&1; echo "check rc=$?"
+  grep -E "^FAIL|^parity" "$OUT/check.txt" | head
+  for p in 1 0; do
+    echo "== KVQ_PDL=$p"; KVQ_PDL=$p timeout 100 "$S/kvq-gpu" gemm-bench 2>&1 | tee "$OUT/gemm-pdl$p.txt" | grep -v "^GPU"
+  done
+  timeout 100 "$S/kvq-gpu" engine-check > "$OUT/engine.txt" 2>&1; echo "engine-check rc=$?"
+  grep -E "^FAIL|gemm.*gemv|checks" "$OUT/engine.txt" | cut -c1-160
+  timeout 100 "$S/kvq-gpu" resident-check > "$OUT/resident.txt" 2>&1; echo "resident-check rc=$?"
+  grep -E "FAIL|graphs|replayed" "$OUT/resident.txt" | cut -c1-200
+  ;;
+*) echo "usage: gemv-pdl.sh kernels|engine|single"; exit 2 ;;
 esac

@@ -314,7 +314,8 @@ impl Gpu {
         work.issue(self)
     }
 
-    /// Launches kernel `f` with `args` on the stream (or records the launch).
+    /// Launches kernel `f` with `args` on the stream (or records the launch); with `KVQ_PDL_ALL=1` as a
+    /// programmatic dependent (every kvq kernel starts with KVQ_PDL_ENTER, tests/pdl_entry.rs).
     ///
     /// # Safety
     /// `args` must match the kernel's parameter list in number, order and types; the buffers they
@@ -332,7 +333,7 @@ impl Gpu {
             cfg,
             args,
             what,
-            pdl: false,
+            pdl: pdl_all(),
         })
     }
 
@@ -389,4 +390,11 @@ pub fn kernel_name(fmt: &str, op: &str, dtype: &str, head_dim: usize) -> String 
 fn pdl_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("KVQ_PDL").map_or(true, |v| v != "0"))
+}
+
+/// `KVQ_PDL_ALL=1`: every kvq kernel, not only the GEMV, launched as a programmatic dependent, so each
+/// kernel's launch overlaps the tail of the one before (experimental until measured).
+fn pdl_all() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| pdl_enabled() && std::env::var("KVQ_PDL_ALL").is_ok_and(|v| v == "1"))
 }

@@ -591,8 +591,10 @@ __device__ void deco_encode_kernel(const KvqEncodeParams& P) {
 
 extern "C" __device__ const int kvq_encode_smem[2] = {kvq::DecoEncode<64>::SMEM, kvq::DecoEncode<128>::SMEM};
 extern "C" __global__ void __launch_bounds__(kvq::ENC_THREADS) KVQ_NAME(decoquant, encode, f16, 64)(const KvqEncodeParams P) {
+    KVQ_PDL_ENTER();
     kvq::deco_encode_kernel<64>(P);
 }
 extern "C" __global__ void __launch_bounds__(kvq::ENC_THREADS) KVQ_NAME(decoquant, encode, f16, 128)(const KvqEncodeParams P) {
+    KVQ_PDL_ENTER();
     kvq::deco_encode_kernel<128>(P);
 }

@@ -490,12 +490,12 @@ __device__ void merge_kernel(const KvqDecodeParams& P) {
 #define KVQ_DECODE_KERNEL(fmt, op, F, D)                                                       \
     extern "C" __global__ void __launch_bounds__(kvq::THREADS, F::MIN_CTAS)                    \
         KVQ_NAME(fmt, op, f16, D)(const KvqDecodeParams P) {                                   \
-        kvq_pdl_trigger(); /* the O projection's GEMV may start loading weights */             \
+        KVQ_PDL_ENTER(); /* the O projection's GEMV may start loading weights */               \
         kvq::decode_kernel<D, F>(P);                                                           \
     }
 #define KVQ_MERGE_KERNEL(fmt, D) \
     extern "C" __global__ void KVQ_NAME(fmt, merge, f16, D)(const KvqDecodeParams P) { \
-        kvq_pdl_trigger();                                                               \
+        KVQ_PDL_ENTER();                                                                 \
         kvq::merge_kernel<D>(P);                                                         \
     }
 #define KVQ_DECODE_KERNELS(fmt, F, D) KVQ_DECODE_KERNEL(fmt, decode, F, D) KVQ_MERGE_KERNEL(fmt, D)

@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include "kvq_params.cuh"
+#include "kvq_pdl.cuh"
 
 namespace kvq {
 
@@ -57,5 +58,6 @@ __device__ void encode_kernel(const KvqEncodeParams& P) {
 #define KVQ_ENCODE_KERNEL(fmt, E, BT, D)                                                                   \
     extern "C" __global__ void __launch_bounds__(kvq::ENC_THREADS)                                         \
         KVQ_NAME(fmt, encode, f16, D)(const KvqEncodeParams P) {                                           \
+        KVQ_PDL_ENTER();                                                                                   \
         kvq::encode_kernel<D, BT, E>(P);                                                                   \
     }
