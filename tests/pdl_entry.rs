@@ -23,7 +23,10 @@ fn sources(dir: &Path, out: &mut Vec<(String, String)>) {
 #[test]
 fn every_kernel_waits_for_its_predecessor_first() {
     let mut files = Vec::new();
-    sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels"), &mut files);
+    sources(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels"),
+        &mut files,
+    );
     let mut kernels = 0;
     let mut bad = Vec::new();
     for (path, text) in &files {
@@ -44,5 +47,9 @@ fn every_kernel_waits_for_its_predecessor_first() {
         }
     }
     assert!(kernels >= 15, "found only {kernels} kernels under kernels/");
-    assert!(bad.is_empty(), "kernels not starting with KVQ_PDL_ENTER():\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "kernels not starting with KVQ_PDL_ENTER():\n{}",
+        bad.join("\n")
+    );
 }

@@ -59,6 +59,30 @@ fn main() {
 
 fn run() -> kvq::Result<()> {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "check".into());
+    if mode == "random-model" {
+        // SmolLM2-135M's shape with random weights, for step timings where the real model cannot
+        // travel (weights do not change a step's time; its shape does).
+        use kvq_model::testutil::{write_random_llama, TinySpec};
+        let dir = std::env::args()
+            .nth(2)
+            .unwrap_or_else(|| "/tmp/kvq-random-135m".into());
+        let spec = TinySpec {
+            vocab: 49152,
+            hidden: 576,
+            intermediate: 1536,
+            layers: 30,
+            heads: 9,
+            kv_heads: 3,
+            max_pos: 131072,
+            tied: true,
+            rope_theta: 100000.0,
+            seed: 5,
+            ..TinySpec::default()
+        };
+        write_random_llama(std::path::Path::new(&dir), &spec)?;
+        println!("wrote {dir} (SmolLM2-135M shape, random weights)");
+        return Ok(());
+    }
     let gpu = Gpu::new(0)?;
     eprintln!("GPU: {}", gpu.describe());
     match mode.as_str() {
@@ -170,7 +194,7 @@ fn run() -> kvq::Result<()> {
         }
         other => {
             eprintln!(
-                "kvq-gpu: unknown mode '{other}' (check | bench | engine-check | resident-check | gemm-bench)"
+                "kvq-gpu: unknown mode '{other}' (check | bench | engine-check | resident-check | gemm-bench | random-model)"
             );
             std::process::exit(2);
         }
