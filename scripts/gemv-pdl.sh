@@ -44,25 +44,26 @@ engine)
   done
   ;;
 single)
-  # One call without the real model (when device time is short): parity with every kernel a programmatic
-  # dependent, the GEMM timings with and without PDL, op checks and tiny-model engine checks, graphs vs
-  # direct launches, and decode steps of a random model of SmolLM2-135M's shape under each PDL variant.
+  # One call without the real model (when device time is short), most important first: op checks and
+  # tiny-model engine checks and graphs vs direct launches with every kernel a programmatic dependent,
+  # decode steps of a random model of SmolLM2-135M's shape under each PDL variant, the GEMM timings with
+  # and without PDL, then decode parity with every kernel a programmatic dependent (a third of the cases).
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  KVQ_PDL_ALL=1 KVQ_CHECK_FILTER="${FILTER:-hq=8 hkv=2}" timeout 100 "$S/kvq-gpu" check > "$OUT/check-pdlall.txt" 2>&1
-  echo "check (KVQ_PDL_ALL=1) rc=$?"; grep -E "^FAIL|^parity" "$OUT/check-pdlall.txt" | head
-  KVQ_PDL_ALL=1 timeout 100 "$S/kvq-gpu" engine-check > "$OUT/engine.txt" 2>&1; echo "engine-check (KVQ_PDL_ALL=1) rc=$?"
+  KVQ_PDL_ALL=1 timeout 60 "$S/kvq-gpu" engine-check > "$OUT/engine.txt" 2>&1; echo "engine-check (KVQ_PDL_ALL=1) rc=$?"
   grep -E "^FAIL|gemm.*gemv|checks" "$OUT/engine.txt" | cut -c1-160
-  KVQ_PDL_ALL=1 timeout 100 "$S/kvq-gpu" resident-check > "$OUT/resident.txt" 2>&1; echo "resident-check (KVQ_PDL_ALL=1) rc=$?"
+  KVQ_PDL_ALL=1 timeout 60 "$S/kvq-gpu" resident-check > "$OUT/resident.txt" 2>&1; echo "resident-check (KVQ_PDL_ALL=1) rc=$?"
   grep -E "FAIL|graphs|replayed" "$OUT/resident.txt" | cut -c1-200
   "$S/kvq-gpu" random-model /tmp/rm135
   for v in "KVQ_PDL_ALL=1" "KVQ_PDL=1" "KVQ_PDL=0" "KVQ_GEMV=0"; do
     echo "== $v"
-    env $v timeout 60 "$S/kvq" bench decode --model /tmp/rm135 --name "random SmolLM2-135M shape, $v" --ctx 4096,32768 --batch 1,2,8 \
+    env $v timeout 40 "$S/kvq" bench decode --model /tmp/rm135 --name "random SmolLM2-135M shape, $v" --ctx 4096,32768 --batch 1,2,8 \
       --steps 32 --json "$OUT/bench-${v/=/}.json" --kv fp16 --kv kivi:bits=2,window=0 2>&1 | tee "$OUT/bench-${v/=/}.log" | grep "T=" | cut -c1-120
   done
   for p in 1 0; do
-    echo "== KVQ_PDL=$p"; KVQ_PDL=$p timeout 60 "$S/kvq-gpu" gemm-bench 2>&1 | tee "$OUT/gemm-pdl$p.txt" | grep -v "^GPU"
+    echo "== KVQ_PDL=$p"; KVQ_PDL=$p timeout 40 "$S/kvq-gpu" gemm-bench 2>&1 | tee "$OUT/gemm-pdl$p.txt" | grep -v "^GPU"
   done
+  KVQ_PDL_ALL=1 KVQ_CHECK_FILTER="${FILTER:-hq=8 hkv=2}" timeout 60 "$S/kvq-gpu" check > "$OUT/check-pdlall.txt" 2>&1
+  echo "check (KVQ_PDL_ALL=1) rc=$?"; grep -E "^FAIL|^parity" "$OUT/check-pdlall.txt" | head
   ;;
 *) echo "usage: gemv-pdl.sh kernels|engine|single"; exit 2 ;;
 esac
