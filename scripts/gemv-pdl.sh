@@ -65,5 +65,18 @@ single)
   KVQ_PDL_ALL=1 KVQ_CHECK_FILTER="${FILTER:-hq=8 hkv=2}" timeout 60 "$S/kvq-gpu" check > "$OUT/check-pdlall.txt" 2>&1
   echo "check (KVQ_PDL_ALL=1) rc=$?"; grep -E "^FAIL|^parity" "$OUT/check-pdlall.txt" | head
   ;;
+last)
+  # The shortest useful call (about 80 s): engine/op checks with every kernel a programmatic dependent,
+  # decode steps of a random SmolLM2-135M-shape model at 4k under three variants, graphs vs direct.
+  KVQ_PDL_ALL=1 timeout 35 "$S/kvq-gpu" engine-check > "$OUT/engine.txt" 2>&1; echo "engine-check (KVQ_PDL_ALL=1) rc=$?"
+  grep -E "^FAIL|gemm.*gemv|checks" "$OUT/engine.txt" | cut -c1-150
+  "$S/kvq-gpu" random-model /tmp/rm135 >/dev/null
+  for v in "KVQ_PDL_ALL=1" "KVQ_PDL=1" "KVQ_GEMV=0"; do
+    env $v timeout 14 "$S/kvq" bench decode --model /tmp/rm135 --name "random 135M shape, $v" --ctx 4096 --batch 1,2,8 \
+      --steps 32 --json "$OUT/bench-${v/=/}.json" --kv fp16 2>&1 | tee "$OUT/bench-${v/=/}.log" | grep "T=" | sed "s/^/$v /" | cut -c1-140
+  done
+  KVQ_PDL_ALL=1 timeout 40 "$S/kvq-gpu" resident-check > "$OUT/resident.txt" 2>&1; echo "resident-check (KVQ_PDL_ALL=1) rc=$?"
+  grep -E "FAIL|graphs" "$OUT/resident.txt" | cut -c1-150
+  ;;
 *) echo "usage: gemv-pdl.sh kernels|engine|single"; exit 2 ;;
 esac
