@@ -538,10 +538,10 @@ pub struct Linear {
     pub out: usize,
 }
 
-/// The GEMMs of the engine on the GPU's stream: f16 inputs, f32 accumulation and f32 outputs. Decode
-/// steps of one or two rows go through kvq_model_gemv*, which streams the weights near the copy
-/// bandwidth and starts loading them before the previous kernel ends; everything else through cuBLAS
-/// (at 8 rows kvq_model_gemv, issue-bound on CUDA cores, measured 0.71-0.88x cuBLAS on the H100).
+/// The GEMMs of the engine on the GPU's stream: f16 inputs, f32 accumulation and f32 outputs, through
+/// cuBLAS; with `KVQ_GEMV=1` decode steps of one or two rows go through kvq_model_gemv*, which streams
+/// the weights and starts loading them before the previous kernel ends (at 8 rows it is issue-bound
+/// on CUDA cores: 0.71-0.88x cuBLAS on the H100).
 pub struct Blas {
     handle: Arc<CudaBlas>,
     gpu: Arc<Gpu>,
@@ -553,7 +553,7 @@ pub struct Blas {
     counters: CudaSlice<i32>,
     /// CTAs a GEMV aims for (4 per SM): enough 16-byte loads in flight to cover the memory latency.
     target_ctas: usize,
-    /// Whether decode-step shapes take the GEMV (`KVQ_GEMV=0` or [`Blas::set_gemv`] turn it off).
+    /// Whether decode-step shapes take the GEMV (`KVQ_GEMV=1` or [`Blas::set_gemv`] turn it on).
     gemv_on: bool,
 }
 
@@ -564,10 +564,12 @@ const GEMV_WS: usize = 1 << 20;
 /// Column tiles with a split counter.
 const GEMV_TILES: usize = 4096;
 
-/// `KVQ_GEMV=0`: every GEMM through cuBLAS (to compare with the decode-step GEMV).
+/// `KVQ_GEMV=1`: decode steps of one or two rows through kvq_model_gemv. Off by default until its
+/// dependent-launch form (weights requested before griddepcontrol.wait) has passed the GPU checks and
+/// measured faster than cuBLAS in whole steps (docs/GPU.md, scripts/gemv-pdl.sh).
 fn gemv_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KVQ_GEMV").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| std::env::var("KVQ_GEMV").is_ok_and(|v| v == "1"))
 }
 
 /// K splits of a GEMV of `n` rows over an inp x out weight: about `target` CTAs in all, at least 256
@@ -752,5 +754,41 @@ impl Blas {
             key,
             run: Box::new(run),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemv_splits_stay_within_workspace_counters_and_rows() {
+        for n in 1..=2 {
+            for (inp, out) in [
+                (576, 960),
+                (4096, 4096),
+                (14336, 4096),
+                (4096, 128_256),
+                (300, 8),
+                (5000, 4104),
+            ] {
+                for target in [4 * 132, 4 * 114, 8] {
+                    let ks = gemv_splits(n, inp, out, target);
+                    assert!(ks >= 1, "{n}x{inp}x{out}");
+                    if ks > 1 {
+                        assert!(ks * n * out <= GEMV_WS, "{n}x{inp}x{out}: ks {ks}");
+                        assert!(out.div_ceil(GEMV_COLS) <= GEMV_TILES);
+                        assert!(
+                            inp / ks >= 256,
+                            "{n}x{inp}x{out}: ks {ks} leaves too few rows"
+                        );
+                    }
+                }
+            }
+        }
+        // A one-wave grid for the 8B shape's O projection on 132 SMs: 64 tiles x 8 splits.
+        assert_eq!(gemv_splits(1, 4096, 4096, 4 * 132), 8);
+        // The lm_head has tiles enough on its own.
+        assert_eq!(gemv_splits(1, 4096, 128_256, 4 * 132), 1);
     }
 }
