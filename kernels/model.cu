@@ -265,11 +265,17 @@ __device__ __forceinline__ void gemv_row(float (&acc)[NP][8], const uint4 w, con
         for (int c = 0; c < 8; ++c) acc[r][c] = fmaf(xf[r], wf[c], acc[r][c]);
 }
 
+// The GEMV's input rows (`mode`): 0 = x, f16 [n][inp]; 1 = RMSNorm of xf [n][inp] (f32) with weight nw
+// and eps; 2 = SwiGLU of xf [n][2 inp] (gate first). Modes 1 and 2 fold the kernel that would have made
+// x (kvq_model_rmsnorm, kvq_model_swiglu) into the staging, computing it exactly as those kernels do
+// (the same per-row sum, the same expressions), so the fused and unfused steps agree.
 template <int NP>
-__device__ __forceinline__ void gemv(const __half* __restrict__ x, const __half* __restrict__ w, float* y,
-                                     float* ws, int* counters, int n, int inp, int out, int ks,
-                                     int accumulate) {
+__device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* __restrict__ xf,
+                                     const float* __restrict__ nw, float eps, int mode,
+                                     const __half* __restrict__ w, float* y, float* ws, int* counters, int n,
+                                     int inp, int out, int ks, int accumulate) {
     __shared__ __align__(16) __half xs[GEMV_CHUNK * NP];
+    __shared__ float inv_sh[NP];
     __shared__ float red[GEMV_THREADS / 32][NP][GEMV_TX * 8];
     __shared__ int last;
     const int tid = threadIdx.x, tx = tid % GEMV_TX, ry = tid / GEMV_TX;
@@ -294,13 +300,38 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const __half*
     }
     kvq_pdl_wait();
     kvq_pdl_trigger();
+    if (mode == 1) {
+        // kvq_model_rmsnorm's sum (block of 256 threads, strided loop, block_sum), every row.
+#pragma unroll
+        for (int r = 0; r < NP; ++r) {
+            float ss = 0.f;
+            if (r < n) {
+                const float* src = xf + (int64_t)r * inp;
+                for (int c = tid; c < inp; c += GEMV_THREADS) ss += src[c] * src[c];
+            }
+            ss = block_sum(ss);
+            if (tid == 0) inv_sh[r] = 1.f / sqrtf(ss / (float)inp + eps);
+        }
+    }
     bool have = true;  // wv holds this thread's first batch of rows of the first chunk
     for (int kc = k0; kc < k1; kc += GEMV_CHUNK) {
         const int len = min(GEMV_CHUNK, k1 - kc);
         __syncthreads();
         for (int e = tid; e < len * NP; e += GEMV_THREADS) {
             const int r = e / len, i = e - r * len;
-            xs[i * NP + r] = r < n ? x[(int64_t)r * inp + kc + i] : __float2half(0.f);
+            const int k = kc + i;
+            __half v = __float2half(0.f);
+            if (r < n) {
+                if (mode == 0) {
+                    v = x[(int64_t)r * inp + k];
+                } else if (mode == 1) {
+                    v = __float2half(xf[(int64_t)r * inp + k] * inv_sh[r] * nw[k]);
+                } else {
+                    const float g = xf[(int64_t)r * 2 * inp + k], u = xf[(int64_t)r * 2 * inp + inp + k];
+                    v = __float2half(g / (1.f + expf(-g)) * u);
+                }
+            }
+            xs[i * NP + r] = v;
         }
         __syncthreads();
         if (live) {
@@ -374,9 +405,10 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const __half*
 // One entry per padded row count (n <= NP; rows n..NP-1 are computed on zeros and not written).
 #define KVQ_GEMV(NP, MINB)                                                                                  \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS, MINB)                                        \
-        kvq_model_gemv##NP(const __half* x, const __half* w, float* y, float* ws, int* counters, int n,   \
-                           int inp, int out, int ks, int accumulate) {                                      \
-        gemv<NP>(x, w, y, ws, counters, n, inp, out, ks, accumulate);                                       \
+        kvq_model_gemv##NP(const __half* x, const float* xf, const float* nw, float eps, int mode,         \
+                           const __half* w, float* y, float* ws, int* counters, int n, int inp, int out,    \
+                           int ks, int accumulate) {                                                        \
+        gemv<NP>(x, xf, nw, eps, mode, w, y, ws, counters, n, inp, out, ks, accumulate);                    \
     }
 KVQ_GEMV(1, 3)
 KVQ_GEMV(2, 3)

@@ -294,10 +294,12 @@ impl DeviceKv {
     }
 
     /// (splits over sealed pages, pages per split) for `slots` resident CTAs: about one wave in all,
-    /// the window CTA of each (row, head) aside, pages per split a multiple of the warps.
-    fn split_count(slots: usize, heads: usize, max_pages: usize) -> (usize, usize) {
+    /// the window CTA of each (row, head) aside, at least `min_pps` pages per split (a split of a
+    /// page or two costs a CTA's start and a merge term for little work: short contexts at batch 1),
+    /// pages per split a multiple of the warps.
+    fn split_count(slots: usize, heads: usize, max_pages: usize, min_pps: usize) -> (usize, usize) {
         let want = (slots / heads.max(1)).max(1);
-        let mut pps = max_pages.div_ceil(want).max(1);
+        let mut pps = max_pages.div_ceil(want).max(min_pps).max(1);
         if pps > WARPS {
             pps = pps.next_multiple_of(WARPS);
         }
@@ -359,7 +361,9 @@ impl DeviceKv {
             .max()
             .unwrap_or(0)
             .max(1);
-        let (splits, pps) = Self::split_count(self.cta_slots, ws.rows.len() * hkv, max_pages);
+        let min_pps = split_min_tokens(max_pages * page_tokens).div_ceil(page_tokens);
+        let (splits, pps) =
+            Self::split_count(self.cta_slots, ws.rows.len() * hkv, max_pages, min_pps);
         let splits = splits.min(ws.most_splits);
         let pps = pps.max(max_pages.div_ceil(splits));
         let module = self.k_spec.module;
@@ -444,6 +448,21 @@ impl DeviceKv {
         self.launch(gpu, &mut ws)?;
         st.clone_dtoh(&ws.out).map_err(drv("reading the output"))
     }
+}
+
+/// Fewest sealed tokens a decode split covers, for a longest row of `tokens`: tokens / 32 within
+/// [256, 1024] (`KVQ_SPLIT_TOKENS` fixes it, for measuring). Below it a split's fixed costs (CTA start,
+/// pipeline fill, its term in the merge) outweigh its work: on the H100 (docs/BENCHMARKS.md, run 5)
+/// 256 was the fastest of 1/256/1024 at 4k and 1024 at 32k, batch 1; at batch 8 the one-wave sizing
+/// gives longer splits anyway.
+fn split_min_tokens(tokens: usize) -> usize {
+    static T: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let fixed = *T.get_or_init(|| {
+        std::env::var("KVQ_SPLIT_TOKENS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    fixed.unwrap_or((tokens / 32).clamp(256, 1024))
 }
 
 /// `KVQ_SPLIT_MERGE=1`: merge the splits in a kernel of its own after decode (the pre-fusion path,
@@ -608,4 +627,25 @@ pub struct Workspace {
     rows: Vec<(usize, usize)>,
     hq: usize,
     most_splits: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_sizing_short_long_and_batched() {
+        // KVQ_SPLIT_TOKENS unset in tests: tokens / 32 within [256, 1024].
+        assert_eq!(split_min_tokens(4096), 256);
+        assert_eq!(split_min_tokens(16384), 512);
+        assert_eq!(split_min_tokens(131072), 1024);
+        // B=1, 4k, fp16 pages of 32 tokens, 3 KV heads, 528 resident CTAs: 16 splits of 8 pages.
+        assert_eq!(DeviceKv::split_count(528, 3, 128, 8), (16, 8));
+        // B=1, 32k: 32 splits of 32 pages (1024 tokens).
+        assert_eq!(DeviceKv::split_count(528, 3, 1024, 32), (32, 32));
+        // B=8, 128k, 8 KV heads: the one-wave sizing (8 splits) already exceeds the minimum.
+        assert_eq!(DeviceKv::split_count(528, 64, 4096, 32), (8, 512));
+        // A context shorter than the minimum: one split.
+        assert_eq!(DeviceKv::split_count(528, 3, 3, 8), (1, 8));
+    }
 }

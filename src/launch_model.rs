@@ -539,9 +539,9 @@ pub struct Linear {
 }
 
 /// The GEMMs of the engine on the GPU's stream: f16 inputs, f32 accumulation and f32 outputs, through
-/// cuBLAS; with `KVQ_GEMV=1` decode steps of one or two rows go through kvq_model_gemv*, which streams
-/// the weights and starts loading them before the previous kernel ends (at 8 rows it is issue-bound
-/// on CUDA cores: 0.71-0.88x cuBLAS on the H100).
+/// cuBLAS; decode steps of one or two rows go through kvq_model_gemv* (`KVQ_GEMV=0`: cuBLAS), which
+/// streams the weights and starts loading them before the previous kernel ends (at 8 rows it is
+/// issue-bound on CUDA cores: 0.71-0.88x cuBLAS on the H100).
 pub struct Blas {
     handle: Arc<CudaBlas>,
     gpu: Arc<Gpu>,
@@ -553,27 +553,48 @@ pub struct Blas {
     counters: CudaSlice<i32>,
     /// CTAs a GEMV aims for (4 per SM): enough 16-byte loads in flight to cover the memory latency.
     target_ctas: usize,
-    /// Whether decode-step shapes take the GEMV (`KVQ_GEMV=1` or [`Blas::set_gemv`] turn it on).
+    /// Whether decode-step shapes take the GEMV (default; `KVQ_GEMV=0` or [`Blas::set_gemv`] turn it off).
     gemv_on: bool,
+}
+
+/// The input rows of a decode-step GEMV ([`Blas::gemv_from`]).
+#[derive(Clone, Copy)]
+pub enum GemvIn<'a> {
+    /// f16 rows [n][inp], as [`Blas::matmul`] takes them.
+    F16(&'a CudaSlice<f16>),
+    /// RMSNorm of the f32 rows x [n][inp] with weight `w` [inp], as [`ModelOps::rmsnorm`] computes it.
+    RmsNorm {
+        /// The residual stream rows.
+        x: &'a CudaSlice<f32>,
+        /// The norm's weight.
+        w: &'a CudaSlice<f32>,
+        /// The norm's epsilon.
+        eps: f32,
+    },
+    /// SwiGLU of the f32 gate/up rows [n][2 inp] (gate first), as [`ModelOps::swiglu`] computes it.
+    SwiGlu(&'a CudaSlice<f32>),
 }
 
 /// Output columns of one GEMV CTA (8 threads x 8 halves), as kernels/model.cu's GEMV_TX * 8.
 const GEMV_COLS: usize = 64;
 /// Floats of K-split partial sums a GEMV may use (4 MiB).
 const GEMV_WS: usize = 1 << 20;
+/// Fewest weight rows a GEMV split streams (two 16-byte loads per thread): small models' GEMVs
+/// (576 inputs) get enough CTAs to keep loads in flight instead of 2 splits of 288 rows.
+const GEMV_MIN_ROWS: usize = 64;
 /// Column tiles with a split counter.
 const GEMV_TILES: usize = 4096;
 
-/// `KVQ_GEMV=1`: decode steps of one or two rows through kvq_model_gemv. Off by default until its
-/// dependent-launch form (weights requested before griddepcontrol.wait) has passed the GPU checks and
-/// measured faster than cuBLAS in whole steps (docs/GPU.md, scripts/gemv-pdl.sh).
+/// Decode steps of one or two rows through kvq_model_gemv, with the RMSNorms and the SwiGLU folded
+/// in (`KVQ_GEMV=0` sends them to cuBLAS and the separate kernels, to compare): on the H100 whole B=1
+/// steps of the 135M shape ran 2-8% faster with it (docs/BENCHMARKS.md, run 5).
 fn gemv_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KVQ_GEMV").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("KVQ_GEMV").map_or(true, |v| v != "0"))
 }
 
-/// K splits of a GEMV of `n` rows over an inp x out weight: about `target` CTAs in all, at least 256
-/// weight rows per split, within the partial-sum workspace and the counters.
+/// K splits of a GEMV of `n` rows over an inp x out weight: about `target` CTAs in all, at least
+/// [`GEMV_MIN_ROWS`] weight rows per split, within the partial-sum workspace and the counters.
 fn gemv_splits(n: usize, inp: usize, out: usize, target: usize) -> usize {
     let tiles = out.div_ceil(GEMV_COLS);
     if tiles > GEMV_TILES {
@@ -581,7 +602,7 @@ fn gemv_splits(n: usize, inp: usize, out: usize, target: usize) -> usize {
     }
     let mut ks = ((target + tiles / 2) / tiles)
         .clamp(1, 32)
-        .min((inp / 256).max(1));
+        .min((inp / GEMV_MIN_ROWS).max(1));
     while ks > 1 && ks * n * out > GEMV_WS {
         ks -= 1;
     }
@@ -628,10 +649,41 @@ impl Blas {
         self.gemv_on && (1..=2).contains(&n) && w.out.is_multiple_of(8)
     }
 
-    /// The GEMV path of [`Blas::matmul`] (sizes already checked).
+    /// y = f(input) · W (or y += ...) through kvq_model_gemv, where f is the RMSNorm or SwiGLU the
+    /// input asks for: a decode step's norm and activation kernels folded into the GEMV that reads them.
+    /// Only for shapes [`Blas::uses_gemv`] accepts; the caller runs the separate op and
+    /// [`Blas::matmul`] otherwise.
+    pub fn gemv_from(
+        &self,
+        input: GemvIn<'_>,
+        w: &Linear,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        if !self.uses_gemv(w, n) {
+            return Err(GpuError::Shape(format!(
+                "a fused GEMV of {n} rows over {}x{} (the GEMV takes 1-2 rows, out % 8 == 0, KVQ_GEMV on)",
+                w.inp, w.out
+            )));
+        }
+        match input {
+            GemvIn::F16(x) => need("gemv input", x.len(), n * w.inp)?,
+            GemvIn::RmsNorm { x, w: nw, .. } => {
+                need("gemv rmsnorm input", x.len(), n * w.inp)?;
+                need("gemv rmsnorm weight", nw.len(), w.inp)?;
+            }
+            GemvIn::SwiGlu(gu) => need("gemv swiglu input", gu.len(), n * 2 * w.inp)?,
+        }
+        need("gemv weight", w.w.len(), w.inp * w.out)?;
+        need("gemv output", y.len(), n * w.out)?;
+        self.gemv(input, w, y, n, accumulate)
+    }
+
+    /// The GEMV path of [`Blas::matmul`] and [`Blas::gemv_from`] (sizes already checked).
     fn gemv(
         &self,
-        x: &CudaSlice<f16>,
+        input: GemvIn<'_>,
         w: &Linear,
         y: &mut CudaSlice<f32>,
         n: usize,
@@ -646,8 +698,19 @@ impl Blas {
             shared_mem_bytes: 0,
         };
         let st = self.gpu.stream();
+        let (x, xf, nw, eps, mode) = match input {
+            GemvIn::F16(x) => (x.device_ptr(st).0, 0u64, 0u64, 0f32, 0i32),
+            GemvIn::RmsNorm { x, w: nw, eps } => {
+                (0, x.device_ptr(st).0, nw.device_ptr(st).0, eps, 1)
+            }
+            GemvIn::SwiGlu(gu) => (0, gu.device_ptr(st).0, 0, 0.0, 2),
+        };
         let args = KernelArgs::default()
-            .buf(x, st)
+            .val(&x)
+            .val(&xf)
+            .val(&nw)
+            .val(&eps)
+            .val(&mode)
             .buf(&w.w, st)
             .buf(y, st)
             .buf(&self.ws, st)
@@ -657,11 +720,14 @@ impl Blas {
             .val(&to_i32("gemv out", w.out)?)
             .val(&(ks as i32))
             .val(&i32::from(accumulate));
-        // SAFETY: (types/order) kvq_model_gemv{1,2}(const __half* x, const __half* w, float* y,
-        // float* ws, int* counters, int n, int inp, int out, int ks, int accumulate) gets CudaSlice<f16>,
-        // CudaSlice<f16>, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<i32> and five i32. (aliasing) `y` is
-        // a &mut borrow distinct from `x` and `w`; ws/counters belong to this Blas and serve one launch
-        // at a time (one stream). (bounds, checked by matmul) x holds n x inp, w inp x out, y n x out;
+        // SAFETY: (types/order) kvq_model_gemv{1,2}(const __half* x, const float* xf, const float* nw,
+        // float eps, int mode, const __half* w, float* y, float* ws, int* counters, int n, int inp,
+        // int out, int ks, int accumulate) gets three device addresses (u64), f32, i32, then
+        // CudaSlice<f16>, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<i32> and five i32; the kernel reads
+        // only the input `mode` names (x for 0, xf and nw for 1, xf for 2; the others are 0).
+        // (aliasing) `y` is a &mut borrow distinct from the input slices and `w`; ws/counters belong
+        // to this Blas and serve one launch at a time (one stream). (bounds, checked by matmul and
+        // gemv_from) x or xf holds n x inp (n x 2 inp for SwiGLU), nw inp, w inp x out, y n x out;
         // n <= 2 = the rows of the kernel picked; ks * n * out <= GEMV_WS floats and tiles <=
         // GEMV_TILES when ks > 1 (gemv_splits); out % 8 == 0 and W is its own allocation (256-byte
         // aligned), so the kernel's 16-byte weight loads stay aligned and in bounds. Counters start at
@@ -689,7 +755,7 @@ impl Blas {
             return Ok(());
         }
         if self.uses_gemv(w, n) {
-            return self.gemv(x, w, y, n, accumulate);
+            return self.gemv(GemvIn::F16(x), w, y, n, accumulate);
         }
         let (m, nn, k) = (
             to_i32("gemm out", w.out)?,
@@ -779,7 +845,7 @@ mod tests {
                         assert!(ks * n * out <= GEMV_WS, "{n}x{inp}x{out}: ks {ks}");
                         assert!(out.div_ceil(GEMV_COLS) <= GEMV_TILES);
                         assert!(
-                            inp / ks >= 256,
+                            inp / ks >= GEMV_MIN_ROWS,
                             "{n}x{inp}x{out}: ks {ks} leaves too few rows"
                         );
                     }
@@ -788,6 +854,8 @@ mod tests {
         }
         // A one-wave grid for the 8B shape's O projection on 132 SMs: 64 tiles x 8 splits.
         assert_eq!(gemv_splits(1, 4096, 4096, 4 * 132), 8);
+        // SmolLM2-135M's QKV projection (15 tiles): 9 splits of 64 rows, not 2 of 288.
+        assert_eq!(gemv_splits(1, 576, 960, 4 * 132), 9);
         // The lm_head has tiles enough on its own.
         assert_eq!(gemv_splits(1, 4096, 128_256, 4 * 132), 1);
     }

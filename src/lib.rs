@@ -26,4 +26,4 @@ pub mod params;
 pub use engine::Engine;
 pub use error::{GpuError, Result};
 pub use gpu::Gpu;
-pub use launch_model::{Blas, Indices, Linear, ModelOps};
+pub use launch_model::{Blas, GemvIn, Indices, Linear, ModelOps};

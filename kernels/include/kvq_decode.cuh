@@ -339,6 +339,52 @@ __device__ __forceinline__ void merge_one(const KvqDecodeParams& P, int b, int h
     if (P.out16 != nullptr) P.out16[o] = __float2half(a / l);
 }
 
+// The fused merge of the G query heads of (row b, KV head h) by one CTA: the splits' softmax weights
+// once per head into shared memory `wsh` ([G][S] + [MAX_G] floats), then each output channel sums its
+// S partials with four loads in flight (a thread per channel looping over S dependent loads made the
+// merge the longest part of a short-context launch).
+template <int D>
+__device__ void merge_cta(const KvqDecodeParams& P, int b, int h, float* wsh) {
+    const int S = P.n_splits + 1, G = P.group;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float* lsum = wsh + G * S;
+    for (int g = warp; g < G; g += WARPS) {
+        const int64_t row0 = ((int64_t)b * P.hkv * G + (int64_t)h * G + g) * S;
+        float m = -INFINITY;
+        for (int s = lane; s < S; s += 32) m = fmaxf(m, __ldcg(P.part_ml + (row0 + s) * 2));
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        float l = 0.f;
+        for (int s = lane; s < S; s += 32) {
+            const float ms = __ldcg(P.part_ml + (row0 + s) * 2);
+            const float w = ms == -INFINITY ? 0.f : exp2f(ms - m);
+            wsh[g * S + s] = w;
+            l += w * __ldcg(P.part_ml + (row0 + s) * 2 + 1);
+        }
+        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+        if (lane == 0) lsum[g] = l;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < G * D; idx += THREADS) {
+        const int g = idx / D, c = idx % D;
+        const int64_t row0 = ((int64_t)b * P.hkv * G + (int64_t)h * G + g) * S;
+        const float* pa = P.part_acc + row0 * D + c;
+        const float* w = wsh + g * S;
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        int s = 0;
+        for (; s + 4 <= S; s += 4) {
+            a0 += w[s] * __ldcg(pa + (int64_t)s * D);
+            a1 += w[s + 1] * __ldcg(pa + (int64_t)(s + 1) * D);
+            a2 += w[s + 2] * __ldcg(pa + (int64_t)(s + 2) * D);
+            a3 += w[s + 3] * __ldcg(pa + (int64_t)(s + 3) * D);
+        }
+        for (; s < S; s++) a0 += w[s] * __ldcg(pa + (int64_t)s * D);
+        const float o = ((a0 + a1) + (a2 + a3)) / lsum[g];
+        const int64_t oi = ((int64_t)b * P.hkv * G + (int64_t)h * G + g) * D + c;
+        P.out[oi] = o;
+        if (P.out16 != nullptr) P.out16[oi] = __float2half(o);
+    }
+}
+
 // grid = (n_splits + 1, Hkv, B), block = THREADS.
 // Dynamic shared memory: max(WARPS * P.stages * page bytes (K+V), WARPS * window stage, merge scratch).
 template <int D, class F>
@@ -469,7 +515,13 @@ __device__ void decode_kernel(const KvqDecodeParams& P) {
     __syncthreads();
     if (!last_sh) return;
     __threadfence();
-    for (int idx = threadIdx.x; idx < G * D; idx += THREADS) merge_one<D>(P, b, h * G + idx / D, idx % D);
+    uint32_t smem_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+    if ((G * S + MAX_G) * 4 <= (int)smem_bytes) {
+        merge_cta<D>(P, b, h, reinterpret_cast<float*>(smem));
+    } else {
+        for (int idx = threadIdx.x; idx < G * D; idx += THREADS) merge_one<D>(P, b, h * G + idx / D, idx % D);
+    }
     if (threadIdx.x == 0) P.counters[b * P.hkv + h] = 0;
 }
 

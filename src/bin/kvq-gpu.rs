@@ -114,15 +114,27 @@ fn run() -> kvq::Result<()> {
             } else {
                 formats.iter().map(|s| s.as_str()).collect()
             };
-            for b in [1usize, 8] {
-                for t in [4096usize, 16384, 65536, 131072] {
-                    for f in &formats {
-                        let p = bench(&gpu, f, b, t, (32, 8, 128), 50)?;
-                        println!(
-                            "{{\"format\":\"{}\",\"batch\":{},\"context\":{},\"ms\":{:.4},\"bytes\":{},\"gbps\":{:.1}}}",
-                            p.format, p.batch, p.context, p.ms, p.bytes, p.bytes as f64 / p.ms / 1e6
-                        );
-                    }
+            // KVQ_BENCH_POINTS="1x4096,8x131072" (batch x context) narrows the grid.
+            let points: Vec<(usize, usize)> = match std::env::var("KVQ_BENCH_POINTS") {
+                Ok(v) => v
+                    .split(',')
+                    .filter_map(|p| {
+                        let (b, t) = p.split_once('x')?;
+                        Some((b.trim().parse().ok()?, t.trim().parse().ok()?))
+                    })
+                    .collect(),
+                Err(_) => [1usize, 8]
+                    .iter()
+                    .flat_map(|&b| [4096usize, 16384, 65536, 131072].map(|t| (b, t)))
+                    .collect(),
+            };
+            for &(b, t) in &points {
+                for f in &formats {
+                    let p = bench(&gpu, f, b, t, (32, 8, 128), 50)?;
+                    println!(
+                        "{{\"format\":\"{}\",\"batch\":{},\"context\":{},\"ms\":{:.4},\"bytes\":{},\"gbps\":{:.1}}}",
+                        p.format, p.batch, p.context, p.ms, p.bytes, p.bytes as f64 / p.ms / 1e6
+                    );
                 }
             }
         }

@@ -5,7 +5,7 @@
 use crate::engine::{argmax, Engine, SeqId};
 use crate::error::{drv, GpuError, Result};
 use crate::gpu::Gpu;
-use crate::launch_model::{Blas, Indices, Linear, ModelOps};
+use crate::launch_model::{Blas, GemvIn, Indices, Linear, ModelOps};
 use cudarc::driver::CudaSlice;
 use half::f16;
 use kvq_formats::testutil::gaussian_with_outliers;
@@ -396,6 +396,56 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
                 tol,
             );
         }
+    }
+    // The decode-step GEMV with the RMSNorm / SwiGLU folded into it against the separate kernels and
+    // the plain GEMV (expected equal: the same sums and expressions; 1e-6 allows an FMA contracted
+    // differently).
+    blas.set_gemv(true);
+    for (case, &(n, inp, outf, swiglu)) in [
+        (1usize, 576usize, 960usize, false),
+        (2, 1000, 264, false),
+        (1, 1536, 576, true),
+        (2, 3000, 136, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 70 + 5 * case as u64;
+        let width = if swiglu { 2 * inp } else { inp };
+        let xf = up(gpu, &gaussian_with_outliers(n, width, 1, seed))?;
+        let nw = up(gpu, &gaussian_with_outliers(1, inp, 0, seed + 1))?;
+        let lin = Linear {
+            w: up(gpu, &to16(&gaussian_with_outliers(inp, outf, 0, seed + 2)))?,
+            inp,
+            out: outf,
+        };
+        let y0 = gaussian_with_outliers(n, outf, 0, seed + 3);
+        let mut x16 = up(gpu, &vec![f16::NAN; n * inp])?;
+        let eps = 1e-5f32;
+        let (input, name) = if swiglu {
+            ops.swiglu(&xf, &mut x16, (n, inp))?;
+            (GemvIn::SwiGlu(&xf), "swiglu")
+        } else {
+            ops.rmsnorm(&xf, n, None, &nw, &mut x16, (n, inp), eps)?;
+            (
+                GemvIn::RmsNorm {
+                    x: &xf,
+                    w: &nw,
+                    eps,
+                },
+                "rmsnorm",
+            )
+        };
+        let mut want = up(gpu, &y0)?;
+        blas.matmul(&x16, &lin, &mut want, n, true)?;
+        let mut got = up(gpu, &y0)?;
+        blas.gemv_from(input, &lin, &mut got, n, true)?;
+        push(
+            &mut out,
+            &format!("gemv {n}x{inp}x{outf} with the {name} folded in vs {name} + gemv (rel)"),
+            max_rel(&down(gpu, &got)?, &down(gpu, &want)?),
+            1e-6,
+        );
     }
     st.synchronize().map_err(drv("finishing the op checks"))?;
     Ok(out)

@@ -35,7 +35,7 @@ pub use resident::{ResidentBackend, ResidentLimits};
 use crate::error::{drv, GpuError, Result};
 use crate::gpu::Gpu;
 use crate::graph::{GraphStats, StepGraphs};
-use crate::launch_model::{Blas, Indices, ModelOps};
+use crate::launch_model::{Blas, GemvIn, Indices, ModelOps};
 use cudarc::driver::CudaSlice;
 use half::f16;
 use kvq_formats::{CacheBytes, KvPlan, Rope, RopeStyle};
@@ -690,9 +690,25 @@ impl Engine {
         let (h, d, hq, hkv) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
         let (ops, blas, w) = (&self.ops, &self.blas, &self.weights);
         ops.embed(&w.embed, (c.vocab, h), &s.ids, &mut s.x)?;
+        // Decode steps of 1-2 rows fold each RMSNorm and the SwiGLU into the GEMV that reads them.
+        let eps = c.rms_eps;
         for (l, lw) in w.layers.iter().enumerate() {
-            ops.rmsnorm(&s.x, n, None, &lw.attn_norm, &mut s.hn, (n, h), c.rms_eps)?;
-            blas.matmul(&s.hn, &lw.wqkv, &mut s.qkv, n, false)?;
+            if blas.uses_gemv(&lw.wqkv, n) {
+                blas.gemv_from(
+                    GemvIn::RmsNorm {
+                        x: &s.x,
+                        w: &lw.attn_norm,
+                        eps,
+                    },
+                    &lw.wqkv,
+                    &mut s.qkv,
+                    n,
+                    false,
+                )?;
+            } else {
+                ops.rmsnorm(&s.x, n, None, &lw.attn_norm, &mut s.hn, (n, h), c.rms_eps)?;
+                blas.matmul(&s.hn, &lw.wqkv, &mut s.qkv, n, false)?;
+            }
             ops.qkv_split(
                 &s.qkv,
                 &s.pos,
@@ -718,10 +734,28 @@ impl Engine {
                 ops.f32_to_f16(&s.att, &mut s.att16, n * hq * d)?;
             }
             blas.matmul(&s.att16, &lw.wo, &mut s.x, n, true)?;
-            ops.rmsnorm(&s.x, n, None, &lw.ffn_norm, &mut s.hn, (n, h), c.rms_eps)?;
-            blas.matmul(&s.hn, &lw.wgu, &mut s.gu, n, false)?;
-            ops.swiglu(&s.gu, &mut s.act16, (n, c.intermediate))?;
-            blas.matmul(&s.act16, &lw.wdown, &mut s.x, n, true)?;
+            if blas.uses_gemv(&lw.wgu, n) {
+                blas.gemv_from(
+                    GemvIn::RmsNorm {
+                        x: &s.x,
+                        w: &lw.ffn_norm,
+                        eps,
+                    },
+                    &lw.wgu,
+                    &mut s.gu,
+                    n,
+                    false,
+                )?;
+            } else {
+                ops.rmsnorm(&s.x, n, None, &lw.ffn_norm, &mut s.hn, (n, h), c.rms_eps)?;
+                blas.matmul(&s.hn, &lw.wgu, &mut s.gu, n, false)?;
+            }
+            if blas.uses_gemv(&lw.wdown, n) {
+                blas.gemv_from(GemvIn::SwiGlu(&s.gu), &lw.wdown, &mut s.x, n, true)?;
+            } else {
+                ops.swiglu(&s.gu, &mut s.act16, (n, c.intermediate))?;
+                blas.matmul(&s.act16, &lw.wdown, &mut s.x, n, true)?;
+            }
         }
         ops.rmsnorm(
             &s.x,
