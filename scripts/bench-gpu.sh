@@ -161,7 +161,7 @@ big)
       --batch 1,8 --steps 16 --json "$R/bench-nographs.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-nographs.log" | grep "T="
   fi
   if [ "$GEMV_TOO" = 1 ]; then
-    KVQ_GEMV=0 timeout 120 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, cuBLAS GEMMs (KVQ_GEMV=0)" --ctx "$BIG_CTX" \
+    KVQ_GEMV=0 timeout 300 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, cuBLAS GEMMs (KVQ_GEMV=0)" --ctx "$BIG_CTX" \
       --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench-cublas.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-cublas.log" | grep "T="
   fi
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .

@@ -87,10 +87,16 @@ pub struct AsymKv {
     pub window: usize,
     /// Parsed from `kivi:` (one bit width for everything).
     pub uniform: bool,
+    /// `rot=on`: every token vector rotated before quantization (super::rotate); CPU only so far.
+    pub rot: bool,
+    /// `keys=token`: keys quantized per token in groups of `group` channels, as values are (the axis
+    /// that suits rotated keys, whose outlier channels are spread); needs `rot=on`.
+    pub keys_per_token: bool,
 }
 
 /// Parses `asymkv:lk=16,lv=0,hi=2,lo=1,group=32,window=128` (every key optional, these defaults).
 pub fn parse(mut p: Params) -> Result<FormatRef> {
+    let p_input = p.input().to_string();
     let f = AsymKv {
         lk: p.usize("lk", 16, 0, MAX_LAYERS)?,
         lv: p.usize("lv", 0, 0, MAX_LAYERS)?,
@@ -99,18 +105,24 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
         group: p.choice("group", 32, GROUPS)?,
         window: p.usize("window", 128, 0, MAX_WINDOW)?,
         uniform: false,
+        rot: p.word("rot", "off", &["on", "off"])? == "on",
+        keys_per_token: p.word("keys", "channel", &["channel", "token"])? == "token",
     };
-    p.finish(&["lk", "lv", "hi", "lo", "group", "window"])?;
+    p.finish(&["lk", "lv", "hi", "lo", "group", "window", "rot", "keys"])?;
+    f.check_axes(&p_input)?;
     Ok(Arc::new(f))
 }
 
 /// Parses `kivi:bits=2,group=32,window=128`: KIVI, AsymKV with the same bits for every K and V.
 pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
+    let p_input = p.input().to_string();
     let bits = p.choice("bits", 2, BITS)?;
     let group = p.choice("group", 32, GROUPS)?;
     let window = p.usize("window", 128, 0, MAX_WINDOW)?;
-    p.finish(&["bits", "group", "window"])?;
-    Ok(Arc::new(AsymKv {
+    let rot = p.word("rot", "off", &["on", "off"])? == "on";
+    let keys_per_token = p.word("keys", "channel", &["channel", "token"])? == "token";
+    p.finish(&["bits", "group", "window", "rot", "keys"])?;
+    let f = AsymKv {
         lk: 0,
         lv: 0,
         hi: bits,
@@ -118,10 +130,25 @@ pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
         group,
         window,
         uniform: true,
-    }))
+        rot,
+        keys_per_token,
+    };
+    f.check_axes(&p_input)?;
+    Ok(Arc::new(f))
 }
 
 impl AsymKv {
+    /// Per-token keys only behind the rotation: no CUDA kernel reads that layout as keys.
+    fn check_axes(&self, input: &str) -> Result<()> {
+        if self.keys_per_token && !self.rot {
+            return Err(crate::error::parse_err(
+                input,
+                "keys=token needs rot=on (per-token keys exist for rotated caches, CPU only)",
+            ));
+        }
+        Ok(())
+    }
+
     /// The bit width of one stream of `layer` in a model of `n_layers` layers (`lk`/`lv` clamped).
     pub fn bits_for(&self, layer: usize, n_layers: usize, stream: Stream) -> usize {
         let split = match stream {
@@ -138,14 +165,19 @@ impl AsymKv {
 
 impl Format for AsymKv {
     fn canonical(&self) -> String {
+        let rot = match (self.rot, self.keys_per_token) {
+            (false, _) => "",
+            (true, false) => ",rot=on",
+            (true, true) => ",rot=on,keys=token",
+        };
         if self.uniform {
             format!(
-                "kivi:bits={},group={},window={}",
+                "kivi:bits={},group={},window={}{rot}",
                 self.hi, self.group, self.window
             )
         } else {
             format!(
-                "asymkv:lk={},lv={},hi={},lo={},group={},window={}",
+                "asymkv:lk={},lv={},hi={},lo={},group={},window={}{rot}",
                 self.lk, self.lv, self.hi, self.lo, self.group, self.window
             )
         }
@@ -161,19 +193,30 @@ impl Format for AsymKv {
                 ),
             });
         }
+        if self.rot && !head_dim.is_power_of_two() {
+            return Err(FormatError::Unsupported {
+                format: self.canonical(),
+                what: format!("head_dim {head_dim}: rot=on needs a power of two (Hadamard)"),
+            });
+        }
         Ok(())
     }
 
     fn build(&self, ctx: &StreamCtx) -> Result<Box<dyn Codec>> {
         self.supports(ctx.head_dim)?;
         let bits = self.bits_for(ctx.layer, ctx.n_layers, ctx.stream);
-        Ok(Box::new(KiviCodec::new(
-            ctx.stream,
-            ctx.head_dim,
-            bits,
-            self.group,
-            self.window,
-        )?))
+        // Per-token keys use the value layout (and the CPU scoring from decoded vectors).
+        let layout = if self.keys_per_token {
+            Stream::Value
+        } else {
+            ctx.stream
+        };
+        let codec = KiviCodec::new(layout, ctx.head_dim, bits, self.group, self.window)?;
+        Ok(if self.rot {
+            Box::new(super::rotate::Rotated::new(Box::new(codec), ctx.head_dim))
+        } else {
+            Box::new(codec)
+        })
     }
 }
 

@@ -8,6 +8,7 @@ pub mod asymkv;
 pub mod decoquant;
 pub mod fp16;
 pub mod qjl;
+pub mod rotate;
 pub mod rvq;
 
 /// A format's parser, from its `Params`.
