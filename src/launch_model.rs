@@ -651,8 +651,7 @@ impl Blas {
 
     /// y = f(input) · W (or y += ...) through kvq_model_gemv, where f is the RMSNorm or SwiGLU the
     /// input asks for: a decode step's norm and activation kernels folded into the GEMV that reads them.
-    /// Only for shapes [`Blas::uses_gemv`] accepts; the caller runs the separate op and
-    /// [`Blas::matmul`] otherwise.
+    /// Only for shapes [`Blas::uses_gemv`] accepts ([`Blas::matmul_from`] picks for any shape).
     pub fn gemv_from(
         &self,
         input: GemvIn<'_>,
@@ -678,6 +677,33 @@ impl Blas {
         need("gemv weight", w.w.len(), w.inp * w.out)?;
         need("gemv output", y.len(), n * w.out)?;
         self.gemv(input, w, y, n, accumulate)
+    }
+
+    /// y = f(input) · W (or y += ...) for any row count: the fused GEMV where [`Blas::uses_gemv`]
+    /// takes the shape, else `ops`' RMSNorm or SwiGLU into `scratch` (f16, n x w.inp) and
+    /// [`Blas::matmul`]. The one place a forward picks between the two.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_from(
+        &self,
+        ops: &ModelOps,
+        input: GemvIn<'_>,
+        scratch: &mut CudaSlice<f16>,
+        w: &Linear,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        if self.uses_gemv(w, n) {
+            return self.gemv_from(input, w, y, n, accumulate);
+        }
+        match input {
+            GemvIn::F16(x) => return self.matmul(x, w, y, n, accumulate),
+            GemvIn::RmsNorm { x, w: nw, eps } => {
+                ops.rmsnorm(x, n, None, nw, scratch, (n, w.inp), eps)?
+            }
+            GemvIn::SwiGlu(gu) => ops.swiglu(gu, scratch, (n, w.inp))?,
+        }
+        self.matmul(scratch, w, y, n, accumulate)
     }
 
     /// The GEMV path of [`Blas::matmul`] and [`Blas::gemv_from`] (sizes already checked).

@@ -690,25 +690,16 @@ impl Engine {
         let (h, d, hq, hkv) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
         let (ops, blas, w) = (&self.ops, &self.blas, &self.weights);
         ops.embed(&w.embed, (c.vocab, h), &s.ids, &mut s.x)?;
-        // Decode steps of 1-2 rows fold each RMSNorm and the SwiGLU into the GEMV that reads them.
+        // Decode steps of 1-2 rows fold each RMSNorm and the SwiGLU into the GEMV that reads them
+        // (Blas::matmul_from); larger batches run them as kernels of their own before cuBLAS.
         let eps = c.rms_eps;
         for (l, lw) in w.layers.iter().enumerate() {
-            if blas.uses_gemv(&lw.wqkv, n) {
-                blas.gemv_from(
-                    GemvIn::RmsNorm {
-                        x: &s.x,
-                        w: &lw.attn_norm,
-                        eps,
-                    },
-                    &lw.wqkv,
-                    &mut s.qkv,
-                    n,
-                    false,
-                )?;
-            } else {
-                ops.rmsnorm(&s.x, n, None, &lw.attn_norm, &mut s.hn, (n, h), c.rms_eps)?;
-                blas.matmul(&s.hn, &lw.wqkv, &mut s.qkv, n, false)?;
-            }
+            let attn_in = GemvIn::RmsNorm {
+                x: &s.x,
+                w: &lw.attn_norm,
+                eps,
+            };
+            blas.matmul_from(ops, attn_in, &mut s.hn, &lw.wqkv, &mut s.qkv, n, false)?;
             ops.qkv_split(
                 &s.qkv,
                 &s.pos,
@@ -734,28 +725,14 @@ impl Engine {
                 ops.f32_to_f16(&s.att, &mut s.att16, n * hq * d)?;
             }
             blas.matmul(&s.att16, &lw.wo, &mut s.x, n, true)?;
-            if blas.uses_gemv(&lw.wgu, n) {
-                blas.gemv_from(
-                    GemvIn::RmsNorm {
-                        x: &s.x,
-                        w: &lw.ffn_norm,
-                        eps,
-                    },
-                    &lw.wgu,
-                    &mut s.gu,
-                    n,
-                    false,
-                )?;
-            } else {
-                ops.rmsnorm(&s.x, n, None, &lw.ffn_norm, &mut s.hn, (n, h), c.rms_eps)?;
-                blas.matmul(&s.hn, &lw.wgu, &mut s.gu, n, false)?;
-            }
-            if blas.uses_gemv(&lw.wdown, n) {
-                blas.gemv_from(GemvIn::SwiGlu(&s.gu), &lw.wdown, &mut s.x, n, true)?;
-            } else {
-                ops.swiglu(&s.gu, &mut s.act16, (n, c.intermediate))?;
-                blas.matmul(&s.act16, &lw.wdown, &mut s.x, n, true)?;
-            }
+            let ffn_in = GemvIn::RmsNorm {
+                x: &s.x,
+                w: &lw.ffn_norm,
+                eps,
+            };
+            blas.matmul_from(ops, ffn_in, &mut s.hn, &lw.wgu, &mut s.gu, n, false)?;
+            let act_in = GemvIn::SwiGlu(&s.gu);
+            blas.matmul_from(ops, act_in, &mut s.act16, &lw.wdown, &mut s.x, n, true)?;
         }
         ops.rmsnorm(
             &s.x,
