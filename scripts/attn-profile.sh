@@ -5,12 +5,8 @@
 # the 135M shape inside a decode step, and of the decode-step GEMV on a 4096x4096 weight.
 # One call, carry [".carry-bin"]; text reports in $OUT/attn-profile.tar.gz, a digest printed.
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"; R="$OUT/p"; mkdir -p "$R"
-S=/root/stash; mkdir -p "$S"
-[ -d .carry-bin ] && cp -r .carry-bin/. "$S"/
-for b in kvq kvq-gpu; do [ -f "$S/$b.xz" ] && [ ! -x "$S/$b" ] && xz -dc "$S/$b.xz" > "$S/$b" && chmod +x "$S/$b"; done
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+. "$(dirname "$0")/device-common.sh"
+R="$OUT/p"; mkdir -p "$R"
 SEC="--section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis"
 digest() { grep -E "^  [a-z_]+.*\(|Duration|Achieved Occupancy|Theoretical Occupancy|Grid Size|Registers Per|Block Size|Waves Per SM|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Warp Cycles Per Issued|Issued Warp Per Scheduler|No Eligible|Active Warps Per Scheduler|Eligible Warps|Dynamic Shared" "$1" | head -40; grep -iE "stall|on average, each warp" "$1" | head -8; }
 for f in fp16 kivi:bits=2,window=0; do

@@ -7,11 +7,8 @@
 #   bash scripts/b1-step.sh
 # Everything lands in $OUT/b1.tar.gz (the device returns a few files only).
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"; R="$OUT/r"; mkdir -p "$R"
-S=/root/stash; mkdir -p "$S"
-[ -d .carry-bin ] && cp -r .carry-bin/. "$S"/
-for b in kvq kvq-gpu; do [ -f "$S/$b.xz" ] && [ ! -x "$S/$b" ] && xz -dc "$S/$b.xz" > "$S/$b" && chmod +x "$S/$b"; done
+. "$(dirname "$0")/device-common.sh"
+R="$OUT/r"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 KVQ_GEMV=1 timeout 90 "$S/kvq-gpu" engine-check > "$R/engine.txt" 2>&1; echo "engine-check (GEMV on) rc=$?"
 grep -E "^FAIL|folded|checks" "$R/engine.txt" | cut -c1-170
@@ -31,7 +28,6 @@ for t in 1 256 1024; do
   KVQ_SPLIT_TOKENS=$t KVQ_BENCH_POINTS=1x4096,1x32768,8x131072 timeout 120 "$S/kvq-gpu" bench $F > "$R/attn-t$t.jsonl" 2> "$R/attn-t$t.err"
   echo "attention split>=$t rc=$?"; cat "$R/attn-t$t.jsonl"
 done
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 KVQ_GEMV=1 timeout 150 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
   "$S/kvq" bench decode --model /tmp/rm135 --ctx 4096 --batch 1 --steps 6 --warmup 2 --kv fp16 \
   --json "$R/ncu-b.json" > "$R/ncu-fp16.csv" 2> "$R/ncu-fp16.err"

@@ -5,12 +5,7 @@
 #   bash scripts/profile-step.sh            fp16 and KIVI-2 at 4k, batch 1
 # Leaves $OUT/ncu-<plan>.csv (raw) and prints per kernel: launches per step, mean us, share of the step.
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
-S=/root/stash; mkdir -p "$S"
-for d in .carry-bin; do [ -d "$d" ] && cp -r "$d"/. "$S"/; done
-for b in kvq kvq-gpu; do [ -f "$S/$b.xz" ] && [ ! -x "$S/$b" ] && xz -dc "$S/$b.xz" > "$S/$b" && chmod +x "$S/$b"; done
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+. "$(dirname "$0")/device-common.sh"
 "$S/kvq-gpu" random-model /tmp/rm135 >/dev/null
 STEPS=${STEPS:-6}
 for kv in fp16 "kivi:bits=2,window=0"; do

@@ -3,11 +3,8 @@
 # split size (KVQ_SPLIT_TOKENS), in one run: the attention micro-benchmark (32/8 heads, d=128) at
 # B=1 4k/32k and B=8 128k, and whole B=1 steps of a random 135M-shape model. Carry [".carry-bin"].
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"; R="$OUT/s"; mkdir -p "$R"
-S=/root/stash; mkdir -p "$S"
-[ -d .carry-bin ] && cp -r .carry-bin/. "$S"/
-for b in kvq kvq-gpu; do [ -f "$S/$b.xz" ] && [ ! -x "$S/$b" ] && xz -dc "$S/$b.xz" > "$S/$b" && chmod +x "$S/$b"; done
+. "$(dirname "$0")/device-common.sh"
+R="$OUT/s"; mkdir -p "$R"
 for st in 4 2 1; do for t in 64 256; do
   KVQ_STAGES=$st KVQ_SPLIT_TOKENS=$t KVQ_BENCH_POINTS=1x4096,1x32768,8x131072 timeout 60 "$S/kvq-gpu" bench fp16 kivi:bits=2,window=0 \
     > "$R/attn-s$st-t$t.jsonl" 2>&1
