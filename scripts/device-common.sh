@@ -4,6 +4,24 @@
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
 S=/root/stash; mkdir -p "$S"
-[ -d .carry-bin ] && cp -r .carry-bin/. "$S"/
+for c in .carry-bin .carry-bin-gpu; do [ -d $c ] && cp -r $c/. "$S"/; done
 for b in kvq kvq-gpu; do [ -f "$S/$b.xz" ] && [ ! -x "$S/$b" ] && xz -dc "$S/$b.xz" > "$S/$b" && chmod +x "$S/$b"; done
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+
+# stage_model: the real model (98 MB) is over the 64 MiB carry limit, so it travels in two parts
+# (.carry-m1/model.part.00, .carry-m2/model.part.01, made here by
+#   split -n 2 -d models/SmolLM2-135M-Instruct.Q4_1.gguf model.part.; mv model.part.00 .carry-m1/; mv model.part.01 .carry-m2/)
+# over two calls; parts wait in models/cache/ (ignored, kept while the machine stays warm) and the
+# model is assembled, sha256-checked, once both are there. Sets $MODEL when it is.
+stage_model() {
+  local model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+  local sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+  mkdir -p models/cache
+  for p in .carry-m*/model.part.*; do [ -f "$p" ] && cp "$p" models/cache/ && echo "staged $p"; done
+  if [ ! -f "$model" ] && [ -f models/cache/model.part.00 ] && [ -f models/cache/model.part.01 ]; then
+    cat models/cache/model.part.00 models/cache/model.part.01 > "$model.tmp"
+    if [ "$(sha256sum "$model.tmp" | cut -d' ' -f1)" = "$sha" ]; then mv "$model.tmp" "$model"; echo "assembled $model (sha256 ok)"
+    else echo "assembled model has the wrong sha256; ignoring it"; rm -f "$model.tmp"; fi
+  fi
+  MODEL=""; [ -f "$model" ] && MODEL=$model
+}

@@ -14,18 +14,8 @@
 #   call 2: carry [".carry", ".carry-m2"], command "bash scripts/gpu-engine-check.sh"
 # Without the model the real-model part prints SKIPPED. Logs land in $OUT.
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
-sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-# Stage carried model parts in models/cache/ (git-ignored, kept between calls), assemble when complete.
-mkdir -p models/cache
-for p in .carry-m*/model.part.*; do [ -f "$p" ] && cp "$p" models/cache/ && echo "staged $p"; done
-if [ ! -f "$model" ] && [ -f models/cache/model.part.00 ] && [ -f models/cache/model.part.01 ]; then
-  cat models/cache/model.part.00 models/cache/model.part.01 > "$model.tmp"
-  if [ "$(sha256sum "$model.tmp" | cut -d' ' -f1)" = "$sha" ]; then mv "$model.tmp" "$model"; echo "assembled $model (sha256 ok)"
-  else echo "assembled model has the wrong sha256; ignoring it"; rm -f "$model.tmp"; fi
-fi
+. "$(dirname "$0")/device-common.sh"
+stage_model
 [ "${1:-}" = "--stage-only" ] && exit 0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 bin=.carry/kvq-gpu

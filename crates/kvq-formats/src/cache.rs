@@ -35,6 +35,9 @@ pub struct StreamCache {
     len: usize,
     /// Unsealed tokens in the codec's own form (pre-RoPE keys stay unrotated), f16-rounded.
     pending: Vec<Vec<f32>>,
+    /// The first `codec.sink()` tokens, also kept f16 in the codec's form once their block is sealed
+    /// (readers take them from here, not from the block), one vector per head.
+    sinks: Vec<Vec<f32>>,
 }
 
 impl StreamCache {
@@ -49,6 +52,7 @@ impl StreamCache {
             sealed: 0,
             len: 0,
             pending: vec![Vec::new(); heads],
+            sinks: vec![Vec::new(); heads],
         }
     }
 
@@ -72,15 +76,39 @@ impl StreamCache {
         self.sealed
     }
 
+    /// Sink tokens held in f16 (the first `codec.sink()` positions); blocks stay aligned at 0.
+    pub fn sink_len(&self) -> usize {
+        self.len.min(self.codec.sink())
+    }
+
+    /// Sink tokens whose block is sealed: they cost f16 bytes on top of the block.
+    fn sealed_sinks(&self) -> usize {
+        self.sink_len().min(self.sealed)
+    }
+
+    /// The f16 token at position `t` of head `h` in the codec's form, unless only a block holds it.
+    fn f16_token(&self, h: usize, t: usize) -> Option<&[f32]> {
+        let d = self.d;
+        if t < self.sink_len() {
+            Some(&self.sinks[h][t * d..(t + 1) * d])
+        } else if t >= self.sealed && t < self.len {
+            let i = t - self.sealed;
+            Some(&self.pending[h][i * d..(i + 1) * d])
+        } else {
+            None
+        }
+    }
+
     /// The packed bytes of head `h` (all sealed blocks).
     pub fn packed(&self, h: usize) -> &[u8] {
         &self.packed[h]
     }
 
-    /// Bytes held: packed blocks plus f16 window, all heads.
+    /// Bytes held: packed blocks plus f16 sink and window tokens, all heads.
     pub fn bytes(&self) -> usize {
         let blocks = self.sealed / self.codec.block_tokens();
-        self.heads * (blocks * self.codec.block_bytes() + (self.len - self.sealed) * self.d * 2)
+        let f16_tokens = self.len - self.sealed + self.sealed_sinks();
+        self.heads * (blocks * self.codec.block_bytes() + f16_tokens * self.d * 2)
     }
 
     /// Appends `n` tokens, `x` laid out [token][head][d], already in the codec's form
@@ -104,6 +132,9 @@ impl StreamCache {
                 if let Some(r) = rope {
                     r.rotate(&mut m, self.len + t, 1.0);
                 }
+                if self.len + t < self.codec.sink() {
+                    self.sinks[hh].extend_from_slice(&v);
+                }
                 self.pending[hh].extend_from_slice(&v);
                 self.mirror[hh].extend_from_slice(&m);
             }
@@ -117,10 +148,14 @@ impl StreamCache {
     fn seal(&mut self, rope: Option<&Rope>) {
         let bt = self.codec.block_tokens();
         let d = self.d;
+        let sink = self.sink_len();
         while self.len - self.sealed >= self.codec.window() + bt {
             let mut dec = vec![0f32; bt * d];
             for h in 0..self.heads {
                 let mut block = vec![0u8; self.codec.block_bytes()];
+                // Sink tokens stay in the block's ranges (measured better than repeating the first
+                // other token there: docs/QUALITY.md); readers take them from their f16 copy.
+                let keep = sink.saturating_sub(self.sealed).min(bt);
                 self.codec.encode(&self.pending[h][..bt * d], &mut block);
                 // Our own bytes always decode; a failure here is a codec bug, surfaced as NaN.
                 if self.codec.decode(&block, &mut dec).is_err() {
@@ -131,7 +166,9 @@ impl StreamCache {
                         r.rotate(&mut dec[t * d..(t + 1) * d], self.sealed + t, 1.0);
                     }
                 }
-                self.mirror[h][self.sealed * d..(self.sealed + bt) * d].copy_from_slice(&dec);
+                // Sink tokens read as stored (the mirror already holds them that way).
+                let at = self.sealed * d;
+                self.mirror[h][at + keep * d..at + bt * d].copy_from_slice(&dec[keep * d..]);
                 self.packed[h].extend_from_slice(&block);
                 self.pending[h].drain(..bt * d);
             }
@@ -147,7 +184,7 @@ pub struct CacheBytes {
     pub tokens: usize,
     /// Packed block bytes (K and V, all heads and layers counted).
     pub packed: usize,
-    /// Full-precision window bytes.
+    /// Full-precision bytes: the f16 window and sink tokens.
     pub window: usize,
     /// Bytes that do not grow with tokens (codebooks, sketches).
     pub fixed: usize,
@@ -249,7 +286,7 @@ impl LayerCache {
 
     /// Memory held by this layer.
     pub fn bytes(&self) -> CacheBytes {
-        let win = |s: &StreamCache| s.heads * (s.len - s.sealed) * s.d * 2;
+        let win = |s: &StreamCache| s.heads * (s.len - s.sealed + s.sealed_sinks()) * s.d * 2;
         let total = self.k.bytes() + self.v.bytes();
         let window = win(&self.k) + win(&self.v);
         CacheBytes {
@@ -324,10 +361,8 @@ impl LayerCache {
             let kv = h / g;
             let qv = &q[h * d..(h + 1) * d];
             let prep = kc.prep_query(qv);
-            let ksealed = self.k.sealed.min(visible);
-            let nblk = self.k.sealed / kb;
             let mut buf = vec![0f32; kb];
-            for b in 0..nblk {
+            for b in 0..self.k.sealed / kb {
                 let lo = b * kb;
                 if lo >= visible {
                     break;
@@ -337,22 +372,21 @@ impl LayerCache {
                 let hi = (lo + kb).min(visible);
                 s[lo..hi].copy_from_slice(&buf[..hi - lo]);
             }
-            for (t, st) in s.iter_mut().enumerate().take(visible).skip(ksealed) {
-                let mut k = self.k.pending[kv]
-                    [(t - self.k.sealed) * d..(t - self.k.sealed + 1) * d]
-                    .to_vec();
-                if kc.pre_rope() {
-                    self.rope.rotate(&mut k, t, 1.0);
+            for (t, st) in s.iter_mut().enumerate() {
+                if let Some(k) = self.k.f16_token(kv, t) {
+                    let mut k = k.to_vec();
+                    if kc.pre_rope() {
+                        self.rope.rotate(&mut k, t, 1.0);
+                    }
+                    *st = dot(qv, &k);
                 }
-                *st = dot(qv, &k);
             }
             s.iter_mut().for_each(|x| *x *= scale);
             softmax(&mut s);
             let o = &mut out[h * d..(h + 1) * d];
             o.iter_mut().for_each(|x| *x = 0.0);
-            let nblk = self.v.sealed / vb;
             let mut p = vec![0f32; vb];
-            for b in 0..nblk {
+            for b in 0..self.v.sealed / vb {
                 let lo = b * vb;
                 if lo >= visible {
                     break;
@@ -360,17 +394,17 @@ impl LayerCache {
                 let hi = (lo + vb).min(visible);
                 p.iter_mut().for_each(|x| *x = 0.0);
                 p[..hi - lo].copy_from_slice(&s[lo..hi]);
+                // Sink tokens are summed from their f16 copy below, not from the block.
+                p[..self.v.sink_len().saturating_sub(lo).min(hi - lo)]
+                    .iter_mut()
+                    .for_each(|x| *x = 0.0);
                 let bytes = &self.v.packed[kv][b * vc.block_bytes()..(b + 1) * vc.block_bytes()];
                 vc.accumulate_values(bytes, &p, o);
             }
-            for (t, &st) in s
-                .iter()
-                .enumerate()
-                .take(visible)
-                .skip(self.v.sealed.min(visible))
-            {
-                let off = (t - self.v.sealed) * d;
-                axpy(st, &self.v.pending[kv][off..off + d], o);
+            for (t, &st) in s.iter().enumerate() {
+                if let Some(v) = self.v.f16_token(kv, t) {
+                    axpy(st, v, o);
+                }
             }
         }
         Ok(())

@@ -42,6 +42,12 @@ pub trait Format: Send + Sync + fmt::Debug {
     fn canonical(&self) -> String;
     /// Checked before any allocation: can this format serve heads of this size?
     fn supports(&self, head_dim: usize) -> Result<()>;
+    /// The same for one stream only (a format in a plan's `k=` slot never holds values, so it may
+    /// accept what values could not).
+    fn supports_stream(&self, head_dim: usize, stream: Stream) -> Result<()> {
+        let _ = stream;
+        self.supports(head_dim)
+    }
     /// Builds the codec of one layer's keys or values.
     fn build(&self, ctx: &StreamCtx) -> Result<Box<dyn Codec>>;
 }
@@ -84,7 +90,12 @@ pub trait Codec: Send + Sync {
     fn window(&self) -> usize {
         0
     }
-    /// Keys stored before RoPE (RVQ): the cache hands this codec unrotated keys.
+    /// Oldest tokens kept in f16 ahead of the first block: attention sinks (StreamingLLM, KVQuant),
+    /// the few first tokens most heads attend to, whose quantization error every later query pays.
+    fn sink(&self) -> usize {
+        0
+    }
+    /// Keys stored before RoPE (RVQ, KIVI `prerope=on`): the cache hands this codec unrotated keys.
     fn pre_rope(&self) -> bool {
         false
     }
@@ -124,19 +135,7 @@ pub trait Codec: Send + Sync {
         scores: &mut [f32],
     ) {
         let _ = prep;
-        let d = q.len();
-        let mut k = vec![0f32; self.block_tokens() * d];
-        if self.decode(block, &mut k).is_err() {
-            scores.iter_mut().for_each(|s| *s = f32::NAN);
-            return;
-        }
-        for (t, s) in scores.iter_mut().enumerate() {
-            let kt = &mut k[t * d..(t + 1) * d];
-            if self.pre_rope() {
-                rope.rotate(kt, pos0 + t, 1.0);
-            }
-            *s = dot(q, kt);
-        }
+        scores_from_decoded(self, q, block, pos0, rope, scores);
     }
     /// `acc += sum_t p[t] * v_t` over the block's tokens, from the packed bytes. Default: decode, axpy.
     fn accumulate_values(&self, block: &[u8], p: &[f32], acc: &mut [f32]) {
@@ -151,6 +150,31 @@ pub trait Codec: Send + Sync {
                 axpy(pt, &v[t * d..(t + 1) * d], acc);
             }
         }
+    }
+}
+
+/// `Codec::key_scores` through the decoded block (rotated at its positions for pre-RoPE codecs): the
+/// default, and the path of codecs whose fused scoring does not apply to a layout (NaN on a bad block).
+pub fn scores_from_decoded<C: Codec + ?Sized>(
+    c: &C,
+    q: &[f32],
+    block: &[u8],
+    pos0: usize,
+    rope: &Rope,
+    scores: &mut [f32],
+) {
+    let d = q.len();
+    let mut k = vec![0f32; c.block_tokens() * d];
+    if c.decode(block, &mut k).is_err() {
+        scores.iter_mut().for_each(|s| *s = f32::NAN);
+        return;
+    }
+    for (t, s) in scores.iter_mut().enumerate() {
+        let kt = &mut k[t * d..(t + 1) * d];
+        if c.pre_rope() {
+            rope.rotate(kt, pos0 + t, 1.0);
+        }
+        *s = dot(q, kt);
     }
 }
 

@@ -181,8 +181,8 @@ impl KvPlan {
     /// Checks every format against the head size before anything is allocated.
     pub fn supports(&self, head_dim: usize) -> Result<()> {
         for (k, v) in &self.layers {
-            k.supports(head_dim)?;
-            v.supports(head_dim)?;
+            k.supports_stream(head_dim, crate::Stream::Key)?;
+            v.supports_stream(head_dim, crate::Stream::Value)?;
         }
         Ok(())
     }

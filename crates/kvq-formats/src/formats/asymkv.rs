@@ -66,6 +66,8 @@ pub const GROUPS: &[usize] = &[16, 32, 64, 128];
 const MAX_LAYERS: usize = 1 << 16;
 /// Largest full-precision window accepted.
 const MAX_WINDOW: usize = 1 << 20;
+/// Largest attention-sink count accepted (a handful is what the papers keep).
+const MAX_SINK: usize = 1024;
 /// Largest finite f16.
 const F16_MAX: f32 = 65504.0;
 
@@ -92,6 +94,11 @@ pub struct AsymKv {
     /// `keys=token`: keys quantized per token in groups of `group` channels, as values are (the axis
     /// that suits rotated keys, whose outlier channels are spread); needs `rot=on`.
     pub keys_per_token: bool,
+    /// `prerope=on`: keys quantized before RoPE (KVQuant), where their outlier channels keep one
+    /// magnitude along the sequence instead of being spun across channel pairs; CPU only so far.
+    pub pre_rope: bool,
+    /// `sink=N`: the first N tokens of K and V kept in f16 (attention sinks); CPU only so far.
+    pub sink: usize,
 }
 
 /// Parses `asymkv:lk=16,lv=0,hi=2,lo=1,group=32,window=128` (every key optional, these defaults).
@@ -107,8 +114,12 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
         uniform: false,
         rot: p.word("rot", "off", &["on", "off"])? == "on",
         keys_per_token: p.word("keys", "channel", &["channel", "token"])? == "token",
+        pre_rope: p.word("prerope", "off", &["on", "off"])? == "on",
+        sink: p.usize("sink", 0, 0, MAX_SINK)?,
     };
-    p.finish(&["lk", "lv", "hi", "lo", "group", "window", "rot", "keys"])?;
+    p.finish(&[
+        "lk", "lv", "hi", "lo", "group", "window", "rot", "keys", "prerope", "sink",
+    ])?;
     f.check_axes(&p_input)?;
     Ok(Arc::new(f))
 }
@@ -121,7 +132,9 @@ pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
     let window = p.usize("window", 128, 0, MAX_WINDOW)?;
     let rot = p.word("rot", "off", &["on", "off"])? == "on";
     let keys_per_token = p.word("keys", "channel", &["channel", "token"])? == "token";
-    p.finish(&["bits", "group", "window", "rot", "keys"])?;
+    let pre_rope = p.word("prerope", "off", &["on", "off"])? == "on";
+    let sink = p.usize("sink", 0, 0, MAX_SINK)?;
+    p.finish(&["bits", "group", "window", "rot", "keys", "prerope", "sink"])?;
     let f = AsymKv {
         lk: 0,
         lv: 0,
@@ -132,6 +145,8 @@ pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
         uniform: true,
         rot,
         keys_per_token,
+        pre_rope,
+        sink,
     };
     f.check_axes(&p_input)?;
     Ok(Arc::new(f))
@@ -170,21 +185,33 @@ impl Format for AsymKv {
             (true, false) => ",rot=on",
             (true, true) => ",rot=on,keys=token",
         };
+        let pre = if self.pre_rope { ",prerope=on" } else { "" };
+        let sink = if self.sink > 0 {
+            format!(",sink={}", self.sink)
+        } else {
+            String::new()
+        };
         if self.uniform {
             format!(
-                "kivi:bits={},group={},window={}{rot}",
+                "kivi:bits={},group={},window={}{rot}{pre}{sink}",
                 self.hi, self.group, self.window
             )
         } else {
             format!(
-                "asymkv:lk={},lv={},hi={},lo={},group={},window={}{rot}",
+                "asymkv:lk={},lv={},hi={},lo={},group={},window={}{rot}{pre}{sink}",
                 self.lk, self.lv, self.hi, self.lo, self.group, self.window
             )
         }
     }
 
     fn supports(&self, head_dim: usize) -> Result<()> {
-        if head_dim == 0 || !head_dim.is_multiple_of(self.group) {
+        self.supports_stream(head_dim, Stream::Value)
+    }
+
+    /// Per-channel keys group tokens only, so a key-only format may use groups wider than a head.
+    fn supports_stream(&self, head_dim: usize, stream: Stream) -> Result<()> {
+        let channel_groups = stream == Stream::Value || self.keys_per_token;
+        if head_dim == 0 || (channel_groups && !head_dim.is_multiple_of(self.group)) {
             return Err(FormatError::Unsupported {
                 format: self.canonical(),
                 what: format!(
@@ -203,7 +230,7 @@ impl Format for AsymKv {
     }
 
     fn build(&self, ctx: &StreamCtx) -> Result<Box<dyn Codec>> {
-        self.supports(ctx.head_dim)?;
+        self.supports_stream(ctx.head_dim, ctx.stream)?;
         let bits = self.bits_for(ctx.layer, ctx.n_layers, ctx.stream);
         // Per-token keys use the value layout (and the CPU scoring from decoded vectors).
         let layout = if self.keys_per_token {
@@ -211,7 +238,8 @@ impl Format for AsymKv {
         } else {
             ctx.stream
         };
-        let codec = KiviCodec::new(layout, ctx.head_dim, bits, self.group, self.window)?;
+        let codec = KiviCodec::new(layout, ctx.head_dim, bits, self.group, self.window)?
+            .with_cache_options(self.pre_rope && ctx.stream == Stream::Key, self.sink);
         Ok(if self.rot {
             Box::new(super::rotate::Rotated::new(Box::new(codec), ctx.head_dim))
         } else {
@@ -229,6 +257,8 @@ pub struct KiviCodec {
     bits: usize,
     group: usize,
     window: usize,
+    pre_rope: bool,
+    sink: usize,
 }
 
 impl KiviCodec {
@@ -262,7 +292,17 @@ impl KiviCodec {
             bits,
             group,
             window,
+            pre_rope: false,
+            sink: 0,
         })
+    }
+
+    /// Keys taken before RoPE (`prerope=on`) and `sink` f16 sink tokens: options of the generic cache
+    /// that no CUDA kernel reads yet, so a codec with either has no [`Codec::kernel`].
+    pub fn with_cache_options(mut self, pre_rope: bool, sink: usize) -> Self {
+        self.pre_rope = pre_rope;
+        self.sink = sink;
+        self
     }
 
     /// Bit width of the codes.
@@ -375,8 +415,14 @@ impl Codec for KiviCodec {
             Stream::Key => "k",
             Stream::Value => "v",
         };
+        let pre = if self.pre_rope { ",prerope=on" } else { "" };
+        let sink = if self.sink > 0 {
+            format!(",sink={}", self.sink)
+        } else {
+            String::new()
+        };
         format!(
-            "kivi-{s}:bits={},group={},window={}",
+            "kivi-{s}:bits={},group={},window={}{pre}{sink}",
             self.bits, self.group, self.window
         )
     }
@@ -393,7 +439,18 @@ impl Codec for KiviCodec {
         self.window
     }
 
+    fn sink(&self) -> usize {
+        self.sink
+    }
+
+    fn pre_rope(&self) -> bool {
+        self.pre_rope
+    }
+
     fn kernel(&self) -> Option<KernelSpec> {
+        if self.pre_rope || self.sink > 0 {
+            return None;
+        }
         // kernels/formats/kivi.cu reads 32-token blocks with unpadded rows (d*bits a multiple of 32);
         // 1, 2 and 4 bits have specialised kernels, other widths the generic one ("k0"/"v0").
         let tag = match (self.stream, self.bits) {
@@ -501,17 +558,10 @@ impl Codec for KiviCodec {
             scores.iter_mut().for_each(|s| *s = f32::NAN);
             return;
         }
-        if self.stream == Stream::Value {
-            // Not a key layout: score from decoded vectors.
-            let _ = (prep, pos0, rope);
-            let mut k = vec![0f32; g * d];
-            if self.decode(block, &mut k).is_err() {
-                scores.iter_mut().for_each(|s| *s = f32::NAN);
-                return;
-            }
-            for (t, s) in scores.iter_mut().enumerate() {
-                *s = dot(q, &k[t * d..(t + 1) * d]);
-            }
+        if self.stream == Stream::Value || self.pre_rope {
+            // Not a key layout, or keys that RoPE turns per token: score from decoded vectors.
+            let _ = prep;
+            crate::codec::scores_from_decoded(self, q, block, pos0, rope, scores);
             return;
         }
         let (scales, zeros) = self.pairs(block);

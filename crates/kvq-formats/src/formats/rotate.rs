@@ -93,6 +93,9 @@ impl Codec for Rotated {
     fn window(&self) -> usize {
         self.inner.window()
     }
+    fn sink(&self) -> usize {
+        self.inner.sink()
+    }
     fn pre_rope(&self) -> bool {
         self.inner.pre_rope()
     }
