@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # A whole re-verification of the GPU side after kernel or engine changes, in two back-to-back calls
 # (the model travels in two parts, see stage_model in device-common.sh). Built here first:
-#   cargo build --release -p kvq --bin kvq-gpu && cargo build --release -p kvq-cli
-#   mkdir -p .carry-bin && for b in kvq kvq-gpu; do strip -o /tmp/$b target/release/$b; xz -T2 -6 -c /tmp/$b > .carry-bin/$b.xz; done
-#   call 1: carry [".carry-bin", ".carry-m1"], command "bash scripts/verify-gpu.sh kernels"
+#   cargo build --release -p kvq --bin kvq-gpu
+#   mkdir -p .carry-bin-gpu && strip -o /tmp/kvq-gpu target/release/kvq-gpu && xz -T2 -6 -c /tmp/kvq-gpu > .carry-bin-gpu/kvq-gpu.xz
+#   (only kvq-gpu is needed; with a 47 MiB model part and the tree that is what fits in one carry)
+#   call 1: carry [".carry-bin-gpu", ".carry-m1"], command "bash scripts/verify-gpu.sh kernels"
 #     every kernel vs its CPU reference (kvq-gpu check), then compute-sanitizer memcheck and racecheck
 #     on the hq=8 third of the decode cases and every encoder case, then B=1 4k attention timings of
 #     fp16, DecoQuant-4 and QJL three times over;
-#   call 2: carry [".carry-bin", ".carry-m2"], command "bash scripts/verify-gpu.sh engine"
+#   (or "bash scripts/verify-gpu.sh quick": parity, memcheck on the encoder cases, racecheck on one QJL
+#   configuration and the B=1 4k timings, for a small device budget)
+#   call 2: carry [".carry-bin-gpu", ".carry-m2"], command "bash scripts/verify-gpu.sh engine"
 #     engine-check and resident-check (tiny random models and the real model vs the CPU path), then
 #     the attention micro-benchmark (32/8 heads, d=128) of fp16 and each compressed format at B=1 4k,
 #     B=1 32k and B=8 128k, all in the same run so the ratios to fp16 compare.
@@ -15,7 +18,7 @@
 set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
 stage_model
-stage=${1:?usage: verify-gpu.sh kernels|engine}
+stage=${1:?usage: verify-gpu.sh kernels|quick|engine}
 R="$OUT/$stage"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 rc=0
@@ -28,6 +31,21 @@ kernels)
       > "$R/$tool.txt" 2>&1; r=$?; echo "$tool rc=$r"; tail -n 2 "$R/$tool.txt"; [ $r = 0 ] || rc=1
   done
   # B=1 4k timings of the formats nearest issue 5's 1.5x bound, three times over (run-to-run spread).
+  for i in 1 2 3; do
+    KVQ_BENCH_POINTS=1x4096 timeout 60 "$S/kvq-gpu" bench fp16 decoquant:bits=4,chunk=256 qjl:m=256,m0=256,buffer=0 \
+      >> "$R/attn-b1.jsonl" 2>> "$R/attn-b1.err"
+  done
+  cat "$R/attn-b1.jsonl" ;;
+quick)
+  # A short form of `kernels` for a small device budget: full parity, memcheck on the encoder cases
+  # (where the host probes each module's symbols), racecheck on one QJL configuration, B=1 4k timings.
+  timeout 200 "$S/kvq-gpu" check > "$R/check.txt" 2>&1 || rc=1
+  grep -E "^FAIL|^parity" "$R/check.txt" | head
+  for tf in memcheck:encode racecheck:qjl:buffer=0; do
+    tool=${tf%%:*}; filt=${tf#*:}
+    KVQ_CHECK_FILTER=$filt timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 "$S/kvq-gpu" check \
+      > "$R/$tool.txt" 2>&1; r=$?; echo "$tool ($filt) rc=$r"; tail -n 2 "$R/$tool.txt"; [ $r = 0 ] || rc=1
+  done
   for i in 1 2 3; do
     KVQ_BENCH_POINTS=1x4096 timeout 60 "$S/kvq-gpu" bench fp16 decoquant:bits=4,chunk=256 qjl:m=256,m0=256,buffer=0 \
       >> "$R/attn-b1.jsonl" 2>> "$R/attn-b1.err"
