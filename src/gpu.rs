@@ -173,8 +173,9 @@ impl Gpu {
     }
 
     /// Dynamic shared memory (bytes) of a format's block encoder at head_dim `d`, from the module's
-    /// optional `kvq_encode_smem` global ({D=64, D=128}), for encoders that do not stage the block as
-    /// f32 (large blocks); `None` when the module does not state it (the staging default applies).
+    /// `kvq_encode_smem` global ({D=64, D=128}), for encoders that do not stage the block as f32 (large
+    /// blocks); `None` when it holds 0 or the module lacks it (the staging default applies). Every
+    /// module states it, so the lookup never fails (compute-sanitizer reports failed lookups).
     pub fn encode_smem(&self, module: &'static str, d: usize) -> Result<Option<usize>> {
         let m = self.module(module)?;
         let Ok(sym) = m.get_global("kvq_encode_smem", &self.stream) else {
@@ -194,7 +195,7 @@ impl Gpu {
         })?;
         let v = i32::from_le_bytes([w[0], w[1], w[2], w[3]]);
         usize::try_from(v)
-            .map(Some)
+            .map(|v| (v > 0).then_some(v))
             .map_err(|_| GpuError::Shape(format!("{module}'s kvq_encode_smem holds {v}")))
     }
 

@@ -169,13 +169,28 @@ struct QjlPolicy {
         for (int i = threadIdx.x; i < MAX_G * D; i += THREADS)
             q_sh[i / D][i % D] = i / D < G ? P.q[((int64_t)b * P.hkv * G + (int64_t)h * G) * D + i] : 0.f;
         __syncthreads();
-        // S q for the G heads: thread per (head, sketch row), S^T read along rows (coalesced).
-        for (int i = threadIdx.x; i < MAX_G * m; i += THREADS) {
-            const int hh = i / m, j = i % m;
-            float a = 0.f;
-            if (hh < G)
-                for (int c = 0; c < D; c++) a = fmaf(__half2float(S[c * m + j]), q_sh[hh][c], a);
-            sq_sh[hh][j] = a;
+        // S q for the G heads: a thread owns two adjacent sketch rows for every head, so each S^T pair
+        // (one coalesced 4-byte load, 8 in flight) feeds 2 MAX_G FMAs (heads past G see zero queries);
+        // per (head, row) the sum runs over c in order, as before.
+        for (int j2 = threadIdx.x; j2 < m / 2; j2 += THREADS) {
+            float a0[MAX_G], a1[MAX_G];
+#pragma unroll
+            for (int hh = 0; hh < MAX_G; hh++) a0[hh] = a1[hh] = 0.f;
+            const __half2* s2 = reinterpret_cast<const __half2*>(S) + j2;
+#pragma unroll 8
+            for (int c = 0; c < D; c++) {
+                const float2 sv = __half22float2(__ldg(s2 + c * (m / 2)));
+#pragma unroll
+                for (int hh = 0; hh < MAX_G; hh++) {
+                    a0[hh] = fmaf(sv.x, q_sh[hh][c], a0[hh]);
+                    a1[hh] = fmaf(sv.y, q_sh[hh][c], a1[hh]);
+                }
+            }
+#pragma unroll
+            for (int hh = 0; hh < MAX_G; hh++) {
+                sq_sh[hh][2 * j2] = a0[hh];
+                sq_sh[hh][2 * j2 + 1] = a1[hh];
+            }
         }
         __syncthreads();
         constexpr int TT = PAGE_BLOCKS * BT;
