@@ -22,35 +22,30 @@ stage=${1:?usage: verify-gpu.sh kernels|quick|engine}
 R="$OUT/$stage"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 rc=0
+# Kernel stages: full parity, compute-sanitizer `tool` on the cases matching `filter`, and B=1 4k
+# timings of the formats nearest issue 5's 1.5x bound, three times over (run-to-run spread).
+parity() {
+  timeout 200 "$S/kvq-gpu" check > "$R/check.txt" 2>&1 || rc=1
+  grep -E "^FAIL|^parity" "$R/check.txt" | head
+}
+sanitize() {  # tool filter timeout_s
+  KVQ_CHECK_FILTER=$2 timeout "$3" compute-sanitizer --tool "$1" --error-exitcode 9 "$S/kvq-gpu" check \
+    > "$R/$1.txt" 2>&1; local r=$?; echo "$1 ($2) rc=$r"; tail -n 2 "$R/$1.txt"; [ $r = 0 ] || rc=1
+}
+b1_timings() {
+  for i in 1 2 3; do
+    KVQ_BENCH_POINTS=1x4096 timeout 60 "$S/kvq-gpu" bench fp16 decoquant:bits=4,chunk=256 qjl:m=256,m0=256,buffer=0 \
+      >> "$R/attn-b1.jsonl" 2>> "$R/attn-b1.err"
+  done
+  cat "$R/attn-b1.jsonl"
+}
 case "$stage" in
 kernels)
-  timeout 200 "$S/kvq-gpu" check > "$R/check.txt" 2>&1 || rc=1
-  grep -E "^FAIL|^parity" "$R/check.txt" | head
-  for tool in memcheck racecheck; do
-    KVQ_CHECK_FILTER=hq=8 timeout 170 compute-sanitizer --tool $tool --error-exitcode 9 "$S/kvq-gpu" check \
-      > "$R/$tool.txt" 2>&1; r=$?; echo "$tool rc=$r"; tail -n 2 "$R/$tool.txt"; [ $r = 0 ] || rc=1
-  done
-  # B=1 4k timings of the formats nearest issue 5's 1.5x bound, three times over (run-to-run spread).
-  for i in 1 2 3; do
-    KVQ_BENCH_POINTS=1x4096 timeout 60 "$S/kvq-gpu" bench fp16 decoquant:bits=4,chunk=256 qjl:m=256,m0=256,buffer=0 \
-      >> "$R/attn-b1.jsonl" 2>> "$R/attn-b1.err"
-  done
-  cat "$R/attn-b1.jsonl" ;;
+  parity; sanitize memcheck hq=8 170; sanitize racecheck hq=8 170; b1_timings ;;
 quick)
-  # A short form of `kernels` for a small device budget: full parity, memcheck on the encoder cases
-  # (where the host probes each module's symbols), racecheck on one QJL configuration, B=1 4k timings.
-  timeout 200 "$S/kvq-gpu" check > "$R/check.txt" 2>&1 || rc=1
-  grep -E "^FAIL|^parity" "$R/check.txt" | head
-  for tf in memcheck:encode racecheck:qjl:buffer=0; do
-    tool=${tf%%:*}; filt=${tf#*:}
-    KVQ_CHECK_FILTER=$filt timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 "$S/kvq-gpu" check \
-      > "$R/$tool.txt" 2>&1; r=$?; echo "$tool ($filt) rc=$r"; tail -n 2 "$R/$tool.txt"; [ $r = 0 ] || rc=1
-  done
-  for i in 1 2 3; do
-    KVQ_BENCH_POINTS=1x4096 timeout 60 "$S/kvq-gpu" bench fp16 decoquant:bits=4,chunk=256 qjl:m=256,m0=256,buffer=0 \
-      >> "$R/attn-b1.jsonl" 2>> "$R/attn-b1.err"
-  done
-  cat "$R/attn-b1.jsonl" ;;
+  # A short form of `kernels` for a small device budget: memcheck on the encoder cases (where the host
+  # probes each module's symbols), racecheck on one QJL configuration.
+  parity; sanitize memcheck encode 120; sanitize racecheck qjl:buffer=0 120; b1_timings ;;
 engine)
   timeout 200 "$S/kvq-gpu" engine-check > "$R/engine.txt" 2>&1 || rc=1
   grep -E "^(FAIL|SKIPPED|decode:|engine-check:)" "$R/engine.txt" | cut -c1-170

@@ -81,9 +81,11 @@ impl StreamCache {
         self.len.min(self.codec.sink())
     }
 
-    /// Sink tokens whose block is sealed: they cost f16 bytes on top of the block.
-    fn sealed_sinks(&self) -> usize {
-        self.sink_len().min(self.sealed)
+    /// Bytes of the f16 tokens, all heads: the window, and sink tokens whose block is sealed (those
+    /// cost f16 bytes on top of the block).
+    fn f16_bytes(&self) -> usize {
+        let sealed_sinks = self.sink_len().min(self.sealed);
+        self.heads * (self.len - self.sealed + sealed_sinks) * self.d * 2
     }
 
     /// The f16 token at position `t` of head `h` in the codec's form, unless only a block holds it.
@@ -107,8 +109,7 @@ impl StreamCache {
     /// Bytes held: packed blocks plus f16 sink and window tokens, all heads.
     pub fn bytes(&self) -> usize {
         let blocks = self.sealed / self.codec.block_tokens();
-        let f16_tokens = self.len - self.sealed + self.sealed_sinks();
-        self.heads * (blocks * self.codec.block_bytes() + f16_tokens * self.d * 2)
+        self.heads * blocks * self.codec.block_bytes() + self.f16_bytes()
     }
 
     /// Appends `n` tokens, `x` laid out [token][head][d], already in the codec's form
@@ -151,11 +152,12 @@ impl StreamCache {
         let sink = self.sink_len();
         while self.len - self.sealed >= self.codec.window() + bt {
             let mut dec = vec![0f32; bt * d];
+            // Sink tokens in this block: encoded with the others (they stay in its ranges, measured
+            // better than repeating the first other token there: docs/QUALITY.md), but read from their
+            // f16 copy, which the mirror already holds.
+            let keep = sink.saturating_sub(self.sealed).min(bt);
             for h in 0..self.heads {
                 let mut block = vec![0u8; self.codec.block_bytes()];
-                // Sink tokens stay in the block's ranges (measured better than repeating the first
-                // other token there: docs/QUALITY.md); readers take them from their f16 copy.
-                let keep = sink.saturating_sub(self.sealed).min(bt);
                 self.codec.encode(&self.pending[h][..bt * d], &mut block);
                 // Our own bytes always decode; a failure here is a codec bug, surfaced as NaN.
                 if self.codec.decode(&block, &mut dec).is_err() {
@@ -166,7 +168,6 @@ impl StreamCache {
                         r.rotate(&mut dec[t * d..(t + 1) * d], self.sealed + t, 1.0);
                     }
                 }
-                // Sink tokens read as stored (the mirror already holds them that way).
                 let at = self.sealed * d;
                 self.mirror[h][at + keep * d..at + bt * d].copy_from_slice(&dec[keep * d..]);
                 self.packed[h].extend_from_slice(&block);
@@ -286,9 +287,8 @@ impl LayerCache {
 
     /// Memory held by this layer.
     pub fn bytes(&self) -> CacheBytes {
-        let win = |s: &StreamCache| s.heads * (s.len - s.sealed + s.sealed_sinks()) * s.d * 2;
         let total = self.k.bytes() + self.v.bytes();
-        let window = win(&self.k) + win(&self.v);
+        let window = self.k.f16_bytes() + self.v.f16_bytes();
         CacheBytes {
             tokens: self.len(),
             packed: total - window,

@@ -152,6 +152,17 @@ pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
     Ok(Arc::new(f))
 }
 
+/// The `,prerope=on` / `,sink=N` suffix of a config string (empty for the defaults), shared by the
+/// format's canonical string and each codec's description.
+fn cache_options(pre_rope: bool, sink: usize) -> String {
+    let pre = if pre_rope { ",prerope=on" } else { "" };
+    if sink > 0 {
+        format!("{pre},sink={sink}")
+    } else {
+        pre.to_string()
+    }
+}
+
 impl AsymKv {
     /// Per-token keys only behind the rotation: no CUDA kernel reads that layout as keys.
     fn check_axes(&self, input: &str) -> Result<()> {
@@ -185,20 +196,15 @@ impl Format for AsymKv {
             (true, false) => ",rot=on",
             (true, true) => ",rot=on,keys=token",
         };
-        let pre = if self.pre_rope { ",prerope=on" } else { "" };
-        let sink = if self.sink > 0 {
-            format!(",sink={}", self.sink)
-        } else {
-            String::new()
-        };
+        let opts = cache_options(self.pre_rope, self.sink);
         if self.uniform {
             format!(
-                "kivi:bits={},group={},window={}{rot}{pre}{sink}",
+                "kivi:bits={},group={},window={}{rot}{opts}",
                 self.hi, self.group, self.window
             )
         } else {
             format!(
-                "asymkv:lk={},lv={},hi={},lo={},group={},window={}{rot}{pre}{sink}",
+                "asymkv:lk={},lv={},hi={},lo={},group={},window={}{rot}{opts}",
                 self.lk, self.lv, self.hi, self.lo, self.group, self.window
             )
         }
@@ -415,14 +421,9 @@ impl Codec for KiviCodec {
             Stream::Key => "k",
             Stream::Value => "v",
         };
-        let pre = if self.pre_rope { ",prerope=on" } else { "" };
-        let sink = if self.sink > 0 {
-            format!(",sink={}", self.sink)
-        } else {
-            String::new()
-        };
+        let opts = cache_options(self.pre_rope, self.sink);
         format!(
-            "kivi-{s}:bits={},group={},window={}{pre}{sink}",
+            "kivi-{s}:bits={},group={},window={}{opts}",
             self.bits, self.group, self.window
         )
     }
