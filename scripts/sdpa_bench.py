@@ -23,14 +23,15 @@ def bench(backend, b, t, hq=32, hkv=8, d=128, reps=50):
     times.sort()
     return times[len(times) // 2], 2 * b * hkv * t * d * 2
 
-for b in (1, 8):
-    for t in (4096, 16384, 65536, 131072):
-        for name, be in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
-            try:
-                ms, by = bench(be, b, t)
-                print(json.dumps({"format": name, "batch": b, "context": t, "ms": round(ms, 4), "bytes": by, "gbps": round(by / ms / 1e6, 1)}), flush=True)
-            except Exception as ex:  # a backend that refuses the shape is reported, not hidden
-                print(json.dumps({"format": name, "batch": b, "context": t, "error": str(ex)[:200]}), flush=True)
+# --copy-only: just the device copy bandwidth below (the denominator of "% of copy BW").
+points = [] if "--copy-only" in sys.argv[1:] else [(b, t) for b in (1, 8) for t in (4096, 16384, 65536, 131072)]
+for b, t in points:
+    for name, be in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            ms, by = bench(be, b, t)
+            print(json.dumps({"format": name, "batch": b, "context": t, "ms": round(ms, 4), "bytes": by, "gbps": round(by / ms / 1e6, 1)}), flush=True)
+        except Exception as ex:  # a backend that refuses the shape is reported, not hidden
+            print(json.dumps({"format": name, "batch": b, "context": t, "error": str(ex)[:200]}), flush=True)
 
 # The bandwidth wall in the same run: device-to-device copy of 2 GiB (read + write bytes / time).
 x = torch.empty(1 << 30, dtype=torch.float16, device="cuda")

@@ -14,11 +14,14 @@
 #     engine-check and resident-check (tiny random models and the real model vs the CPU path), then
 #     the attention micro-benchmark (32/8 heads, d=128) of fp16 and each compressed format at B=1 4k,
 #     B=1 32k and B=8 128k, all in the same run so the ratios to fp16 compare.
+# After a kernel change, "ab" (parity, then attention timings of this build against the previous one
+# carried in .carry-bin-old/, interleaved in one run) and "sanitize" (memcheck and racecheck on the hq=8
+# third, B=1 4k timings) split the kernels stage over two calls with room for the A/B timings.
 # Each call leaves $OUT/<stage>.tar.gz.
 set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
 stage_model
-stage=${1:?usage: verify-gpu.sh kernels|quick|engine}
+stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|engine|ppl}
 R="$OUT/$stage"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 rc=0
@@ -39,7 +42,39 @@ b1_timings() {
   done
   cat "$R/attn-b1.jsonl"
 }
+# A/B attention timings of this build ($S/kvq-gpu) against an earlier one carried in .carry-bin-old/
+# (kvq-gpu.xz of the commit before a kernel change), interleaved new/old/new/old in one run, with the
+# device copy bandwidth of the same run (the "% of copy BW" denominator).
+ab_timings() {
+  local old=/root/stash-old; mkdir -p $old
+  [ -f .carry-bin-old/kvq-gpu.xz ] && xz -dc .carry-bin-old/kvq-gpu.xz > $old/kvq-gpu && chmod +x $old/kvq-gpu
+  local F="fp16 kivi:bits=4,window=0 kivi:bits=2,window=0 asymkv:lk=1,lv=0,window=0 kivi:bits=1,window=0 decoquant:bits=4,chunk=256 qjl:m=256,m0=256,buffer=0"
+  for i in 1 2; do
+    for b in "$S/kvq-gpu" "$old/kvq-gpu"; do
+      [ -x "$b" ] || continue
+      local tag=new; [ "$b" = "$S/kvq-gpu" ] || tag=old
+      KVQ_BENCH_POINTS=${AB_POINTS:-1x4096,8x131072} timeout 120 "$b" bench $F 2>> "$R/ab.err" | sed "s/^{/{\"build\":\"$tag\",\"rep\":$i,/" >> "$R/ab.jsonl"
+    done
+  done
+  python3 scripts/sdpa_bench.py --copy-only >> "$R/ab.jsonl" 2>> "$R/ab.err"
+  cat "$R/ab.jsonl"
+}
 case "$stage" in
+ab)
+  # Parity of this build, then the A/B timings; the sanitizers are the next call (stage `sanitize`).
+  parity; ab_timings ;;
+sanitize)
+  sanitize memcheck hq=8 200; sanitize racecheck hq=8 200; b1_timings ;;
+ppl)
+  # Perplexity through the GPU engine (resident cache, fused kernels) on the main sweep's setting
+  # (alice29.txt, 16 windows of 1024), every main.plans row a kernel reads (RVQ has none), to set
+  # against the CPU sweep's values (docs/results/2026-11-24-quality/sweep-main.json). Needs the model
+  # (both parts staged), the kvq CLI in .carry-bin/kvq.xz and data/corpus carried.
+  [ -n "$MODEL" ] || { echo "ppl: model not staged"; exit 3; }
+  P=$(grep -v '^#' docs/sweeps/main.plans | grep -v '^rvq' | sed '/^$/d' | sed 's/^/--kv /' | tr '\n' ' ')
+  timeout 420 "$S/kvq" eval ppl --device cuda --model "$MODEL" --text data/corpus/alice29.txt --ctx 1024 \
+    --max-windows 16 $P --json "$R/ppl-gpu.json" > "$R/ppl-gpu.txt" 2>&1 || rc=1
+  tail -n 30 "$R/ppl-gpu.txt" ;;
 kernels)
   parity; sanitize memcheck hq=8 170; sanitize racecheck hq=8 170; b1_timings ;;
 quick)

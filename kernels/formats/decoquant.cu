@@ -47,6 +47,7 @@ struct DecoPolicy {
     static constexpr int STAGES = 2;
     static constexpr int MIN_CTAS = 2;
     static constexpr bool CUSTOM_SEALED = true;
+    static constexpr bool Q_PAIR8 = false;
     static __device__ __forceinline__ int stage_off(int byte) { return byte; }
     static __device__ __forceinline__ int out_chan(int mb, int row) {
         return (D / 8) * (row & 7) + (D / 16) * (row >> 3) + mb;

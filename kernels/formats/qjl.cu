@@ -3,7 +3,8 @@
 //   [signs of S_o k_out: mo bits/token]
 // score_t = a_in |k_in|_t <S q - g, sign_in_t> + a_out |k_out|_t <g[:mo], sign_out_t>, g = S P_out q.
 // fmt.i = {m, mo, outliers, -, v_bits, v_group, -, -}; fmt.p[0] = S^T as f16 [D][m] (the layer's sketch).
-// Per CTA, S q of its G heads goes to shared memory once. Per block, g comes from one tensor-core product
+// Per CTA, S q of its G heads goes to shared memory once (one tensor-core product over S^T staged in
+// shared memory). Per block, g comes from one tensor-core product
 // (A = the query's outlier channels, hi/lo rows; B = those columns of S^T), lands in C fragments that are
 // exactly the A fragments of the next product, and the sign bits become +-1 f16 B fragments, so both
 // estimator sums run on the tensor cores. Values: KIVI's policy. Kernels kvq_qjl_decode_kq{M}v{VB},
@@ -47,6 +48,7 @@ struct QjlPolicy {
     static constexpr int STAGES = 2;
     static constexpr int MIN_CTAS = 3;
     static constexpr bool CUSTOM_SEALED = true;
+    static constexpr bool Q_PAIR8 = false;
     using V = KiviPolicy<D, 2, VB>;
     static __device__ __forceinline__ int stage_off(int byte) { return byte; }
     static __device__ __forceinline__ int out_chan(int mb, int row) { return V::out_chan(mb, row); }
@@ -169,27 +171,48 @@ struct QjlPolicy {
         for (int i = threadIdx.x; i < MAX_G * D; i += THREADS)
             q_sh[i / D][i % D] = i / D < G ? P.q[((int64_t)b * P.hkv * G + (int64_t)h * G) * D + i] : 0.f;
         __syncthreads();
-        // S q for the G heads: a thread owns two adjacent sketch rows for every head, so each S^T pair
-        // (one coalesced 4-byte load, 8 in flight) feeds 2 MAX_G FMAs (heads past G see zero queries);
-        // per (head, row) the sum runs over c in order, as before.
-        for (int j2 = threadIdx.x; j2 < m / 2; j2 += THREADS) {
-            float a0[MAX_G], a1[MAX_G];
-#pragma unroll
-            for (int hh = 0; hh < MAX_G; hh++) a0[hh] = a1[hh] = 0.f;
-            const __half2* s2 = reinterpret_cast<const __half2*>(S) + j2;
-#pragma unroll 8
-            for (int c = 0; c < D; c++) {
-                const float2 sv = __half22float2(__ldg(s2 + c * (m / 2)));
-#pragma unroll
-                for (int hh = 0; hh < MAX_G; hh++) {
-                    a0[hh] = fmaf(sv.x, q_sh[hh][c], a0[hh]);
-                    a1[hh] = fmaf(sv.y, q_sh[hh][c], a1[hh]);
+        // S q for the G heads on the tensor cores: C = Q S^T with A = the query's hi/lo rows (cx, as in
+        // scores_f16rows) and B = columns of S^T staged in the (still unused) dynamic shared memory in
+        // chunks of JC sketch rows (row stride JC + 8 halves: ldmatrix.trans conflict-free). One
+        // cp.async round trip per chunk instead of a dependent chain of D global loads per thread.
+        {
+            uint32_t smem_bytes;
+            asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+            // Widest multiple of 64 columns that fits; >= 64 always (the window stage alone is 256 D bytes).
+            const int jc = min(m, ((int)(smem_bytes / (2 * D)) - 8) / 64 * 64);
+            if (jc < 64) __trap();
+            const int rs = jc + 8;  // halves per staged row
+            __half* sst = reinterpret_cast<__half*>(smem);
+#pragma unroll 1
+            for (int j0 = 0; j0 < m; j0 += jc) {
+                const int w = min(jc, m - j0), cpr = w / 8;  // 16-byte chunks per row
+                for (int i = threadIdx.x; i < D * cpr; i += THREADS) {
+                    const int c = i / cpr, k = i % cpr;
+                    cp_async16(reinterpret_cast<uint8_t*>(sst + c * rs + 8 * k),
+                               reinterpret_cast<const uint8_t*>(S + (int64_t)c * m + j0 + 8 * k), true);
                 }
-            }
+                cp_async_commit();
+                cp_async_wait<0>();
+                __syncthreads();
+                // Warp `warp` takes the column pairs (16 sketch rows) warp, warp + WARPS, ...
+                for (int pi = warp; pi < w / 16; pi += WARPS) {
+                    float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+                    const int mi = lane >> 3;
 #pragma unroll
-            for (int hh = 0; hh < MAX_G; hh++) {
-                sq_sh[hh][2 * j2] = a0[hh];
-                sq_sh[hh][2 * j2 + 1] = a1[hh];
+                    for (int kb = 0; kb < D / 16; kb++) {
+                        uint32_t bf[4];  // (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+                        ldmatrix_x4_trans(bf, reinterpret_cast<const uint8_t*>(
+                                                  sst + (16 * kb + 8 * (mi & 1) + (lane & 7)) * rs + 16 * pi + 8 * (mi >> 1)));
+                        mma(c0, cx.hi[kb][0], cx.lo[kb][0], cx.hi[kb][1], cx.lo[kb][1], bf[0], bf[1]);
+                        mma(c1, cx.hi[kb][0], cx.lo[kb][0], cx.hi[kb][1], cx.lo[kb][1], bf[2], bf[3]);
+                    }
+                    const int r = lane >> 2, jq = j0 + 16 * pi + 2 * (lane & 3);
+                    sq_sh[r][jq] = c0[0] + c0[2];
+                    sq_sh[r][jq + 1] = c0[1] + c0[3];
+                    sq_sh[r][jq + 8] = c1[0] + c1[2];
+                    sq_sh[r][jq + 9] = c1[1] + c1[3];
+                }
+                __syncthreads();  // the chunk buffer is refilled (or becomes the warps' stages)
             }
         }
         __syncthreads();

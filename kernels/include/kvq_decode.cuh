@@ -9,6 +9,9 @@
 // A format is a policy struct `F` (see formats/*.cu) with:
 //   MIN_CTAS                                   CTAs per SM the registers must allow (launch bounds)
 //   CUSTOM_SEALED                              true: the policy runs its sealed pages itself (run_sealed)
+//   Q_PAIR8                                    true: on sealed pages cx.hi/lo hold channel pairs
+//                                              {c, c+8} | {c+1, c+9} (c = 16 kb + 2q) instead of
+//                                              {c, c+1} | {c+8, c+9}: the MMA's k order of packed codes
 //   BT, PAGE_BLOCKS, STAGES                   tokens per block, blocks per page (= one warp tile), most
 //                                              stages (the host may run fewer when pages are large)
 //   stage_off(byte)                            where staged byte `byte` of a page goes in shared memory
@@ -170,6 +173,7 @@ struct F16Rows {
     static constexpr int STAGES = NSTAGES;
     static constexpr int MIN_CTAS = 1;
     static constexpr bool CUSTOM_SEALED = false;
+    static constexpr bool Q_PAIR8 = false;
     static __device__ __forceinline__ int out_chan(int mb, int row) { return 16 * mb + row; }
     static __device__ __forceinline__ int stage_off(int byte) {
         const int tok = byte / (2 * D), chunk = (byte % (2 * D)) >> 4;
@@ -411,6 +415,7 @@ __device__ void decode_kernel(const KvqDecodeParams& P) {
     {
         const float* qp = P.q + ((int64_t)b * P.hkv * G + (int64_t)h * G + min(r, G - 1)) * D;
         const bool live = r < G;
+        const bool pair8 = F::Q_PAIR8 && split < P.n_splits;  // the window CTA reads f16 rows
 #pragma unroll
         for (int kb = 0; kb < D / 16; kb++) {
             const float2 a = *reinterpret_cast<const float2*>(qp + 16 * kb + 2 * q4);
@@ -419,8 +424,8 @@ __device__ void decode_kernel(const KvqDecodeParams& P) {
             cx.x[kb][1] = live ? a.y : 0.f;
             cx.x[kb][2] = live ? c.x : 0.f;
             cx.x[kb][3] = live ? c.y : 0.f;
-            split2(cx.x[kb][0], cx.x[kb][1], cx.hi[kb][0], cx.lo[kb][0]);
-            split2(cx.x[kb][2], cx.x[kb][3], cx.hi[kb][1], cx.lo[kb][1]);
+            split2(cx.x[kb][0], pair8 ? cx.x[kb][2] : cx.x[kb][1], cx.hi[kb][0], cx.lo[kb][0]);
+            split2(pair8 ? cx.x[kb][1] : cx.x[kb][2], cx.x[kb][3], cx.hi[kb][1], cx.lo[kb][1]);
         }
     }
     WarpState<D> st;

@@ -22,6 +22,11 @@ struct KiviPolicy {
         return (D / 8) * (row & 7) + (D / 16) * (row >> 3) + mb;
     }
 
+    // S = Q K^T with keys decoded straight into f16 B fragments: per block and k-step the lane's scale
+    // and zero pairs {c, c+8}, {c+1, c+9} (c = 16 kb + 2q), then one half2 FMA per exact code pair
+    // (k = s code + z rounded once, as the value path does). The query's A fragments are cx's hi/lo
+    // rows in the same channel order (Q_PAIR8), so nothing is refolded per block.
+    static constexpr bool Q_PAIR8 = true;
     static __device__ __forceinline__ void scores(const uint8_t* ks, const Ctx<D>& cx, float (*s)[2]) {
         const int bits = KB ? KB : cx.fa->i[0];
         const int kbb = (int)cx.k_block_bytes, row_bytes = D * bits / 8;
@@ -34,32 +39,30 @@ struct KiviPolicy {
             float c[BT / 8][4];
 #pragma unroll
             for (int j = 0; j < BT / 8; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
-            float bias = 0.f;
 #pragma unroll
             for (int kbi = 0; kbi < D / 16; kbi++) {
                 const int ch = 16 * kbi + 2 * q;
-                const float2 s01 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * ch));
-                const float2 s89 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * (ch + 8)));
-                const float2 z01 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * (D + ch)));
-                const float2 z89 = __half22float2(*reinterpret_cast<const __half2*>(kb + 2 * (D + ch + 8)));
-                const float* x = cx.x[kbi];  // channels ch, ch+1, ch+8, ch+9
-                uint32_t ahi0, alo0, ahi1, alo1;
-                split2(x[0] * s01.x, x[2] * s89.x, ahi0, alo0);
-                split2(x[1] * s01.y, x[3] * s89.y, ahi1, alo1);
-                bias = fmaf(x[0], z01.x, fmaf(x[1], z01.y, fmaf(x[2], z89.x, fmaf(x[3], z89.y, bias))));
+                const uint32_t s01 = *reinterpret_cast<const uint32_t*>(kb + 2 * ch);
+                const uint32_t s89 = *reinterpret_cast<const uint32_t*>(kb + 2 * (ch + 8));
+                const uint32_t z01 = *reinterpret_cast<const uint32_t*>(kb + 2 * (D + ch));
+                const uint32_t z89 = *reinterpret_cast<const uint32_t*>(kb + 2 * (D + ch + 8));
+                const uint32_t sa = __byte_perm(s01, s89, 0x5410u), sb = __byte_perm(s01, s89, 0x7632u);
+                const __half2 ha = *reinterpret_cast<const __half2*>(&sa), hb = *reinterpret_cast<const __half2*>(&sb);
+                const uint32_t za = __byte_perm(z01, z89, 0x5410u), zb = __byte_perm(z01, z89, 0x7632u);
+                const __half2 hza = *reinterpret_cast<const __half2*>(&za), hzb = *reinterpret_cast<const __half2*>(&zb);
 #pragma unroll
                 for (int j = 0; j < BT / 8; j++) {
-                    uint32_t b0, b1;
-                    key_codes<KB>(codes + (8 * j + r) * row_bytes, kbi, q, bits, b0, b1);
-                    mma(c[j], ahi0, alo0, ahi1, alo1, b0, b1);
+                    uint32_t x0, x1;
+                    key_codes<KB>(codes + (8 * j + r) * row_bytes, kbi, q, bits, x0, x1);
+                    const uint32_t b0 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&x0), ha, hza));
+                    const uint32_t b1 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&x1), hb, hzb));
+                    mma(c[j], cx.hi[kbi][0], cx.lo[kbi][0], cx.hi[kbi][1], cx.lo[kbi][1], b0, b1);
                 }
             }
-            bias += __shfl_xor_sync(0xffffffffu, bias, 1);
-            bias += __shfl_xor_sync(0xffffffffu, bias, 2);
 #pragma unroll
             for (int j = 0; j < BT / 8; j++) {
-                s[blk * (BT / 8) + j][0] = c[j][0] + c[j][2] + bias;
-                s[blk * (BT / 8) + j][1] = c[j][1] + c[j][3] + bias;
+                s[blk * (BT / 8) + j][0] = c[j][0] + c[j][2];
+                s[blk * (BT / 8) + j][1] = c[j][1] + c[j][3];
             }
         }
     }

@@ -34,11 +34,11 @@
 //! There are always `d` pairs (keys: `d` channels; values: `G` tokens x `d/G` groups), so the metadata
 //! is `4d` bytes, every section starts 4-byte aligned, and a block is `4d + G*R` bytes. One token's
 //! codes are contiguous (`R` = 16 bytes for d=64, b=2: one 128-bit load), so a warp lane can own a
-//! token. For keys a kernel folds the scales into the query once per block:
-//! `q.k_t = sum_c (q_c s_c) code_{t,c} + sum_c q_c z_c`. For values it accumulates
-//! `sum_t (p_t s_{t,g}) code_{t,c}` and adds `sum_t p_t z_{t,g}` once per group.
-//! `KiviCodec`'s `key_scores` and `accumulate_values` do exactly that on the bytes: they
-//! are the CPU model of the CUDA kernel.
+//! token. `KiviCodec`'s `key_scores` and `accumulate_values` read attention straight from the bytes
+//! in f32, keys with the scales folded into the query once per block
+//! (`q.k_t = sum_c (q_c s_c) code_{t,c} + sum_c q_c z_c`), values as `sum_t (p_t s_{t,g}) code_{t,c}`
+//! plus `sum_t p_t z_{t,g}` once per group: the exact reference the CUDA kernel is checked against
+//! (the kernel decodes codes to f16 keys and values for its tensor-core MMAs, kernels/formats/kivi.cu).
 //!
 //! **Bits/elem as stored** (every byte counted): `(4d*8 + G*R*8) / (G*d)` = `b + 32/G` when `32 | d`:
 //! with `G = 32`: 2.0 (1-bit), 3.0 (2-bit), 5.0 (4-bit), 9.0 (8-bit). At 1 bit the f16 scale and zero
