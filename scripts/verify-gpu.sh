@@ -21,7 +21,7 @@
 set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
 stage_model
-stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|engine|ppl}
+stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|engine|ppl|prefill}
 R="$OUT/$stage"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 rc=0
@@ -75,6 +75,22 @@ ppl)
   timeout 420 "$S/kvq" eval ppl --device cuda --model "$MODEL" --text data/corpus/alice29.txt --ctx 1024 \
     --max-windows 16 $P --json "$R/ppl-gpu.json" > "$R/ppl-gpu.txt" 2>&1 || rc=1
   tail -n 30 "$R/ppl-gpu.txt" ;;
+prefill)
+  # Issue 6: the Llama-3-8B shape (random f16 weights; the default model's tokenizer, carried as
+  # .carry-peers/tokenizer.gguf and expanded here by random-llama-gguf.py with the gguf wheel) prefills
+  # 32k real (random) tokens through the whole engine, then decodes, in every format with CUDA kernels.
+  # One call, carry [".carry-bin", ".carry-peers"] (.carry-bin/kvq.xz: the kvq CLI).
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry-peers/gguf-*.whl && export PYTHONPATH=/tmp/site
+  big=$S/llama3-8b-f16.gguf
+  if [ ! -f "$big" ]; then
+    t0=$(date +%s); timeout 200 python3 .carry-peers/random-llama-gguf.py .carry-peers/tokenizer.gguf "$big" llama3-8b f16 \
+      > "$R/gguf.log" 2>&1; echo "8B GGUF rc=$? in $(( $(date +%s) - t0 )) s"
+  fi
+  F="fp16 kivi:bits=4,window=0 kivi:bits=2,window=0 asymkv:lk=1,lv=0,window=0 decoquant:bits=4,chunk=256 qjl:m=256,m0=256,buffer=0"
+  timeout ${PREFILL_TIMEOUT:-380} "$S/kvq" bench decode --prefill --model "$big" --name "Llama-3-8B shape, random f16" \
+    --ctx ${PREFILL_CTX:-32768} --batch 1 --steps 8 --warmup 2 --chunk 2048 $(for f in $F; do echo "--kv $f"; done) \
+    --json "$R/prefill.json" > "$R/prefill.txt" 2>&1 || rc=1
+  grep -v "^\s*$" "$R/prefill.txt" | tail -n 16 ;;
 kernels)
   parity; sanitize memcheck hq=8 170; sanitize racecheck hq=8 170; b1_timings ;;
 quick)

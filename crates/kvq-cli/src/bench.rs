@@ -5,7 +5,8 @@
 //! Each point fills B sequences to the context with synthetic K/V (`Engine::fill_synthetic`: the
 //! decode kernels' work does not depend on the values) and times full decode steps of the model:
 //! embedding, every layer's GEMMs, the compressed cache's append and fused attention, logits and the
-//! greedy pick, one host sync per step (the picked tokens).
+//! greedy pick, one host sync per step (the picked tokens). With `--prefill` the context is instead
+//! prefilled from seeded random tokens through the whole model (timed as prefill tokens/s).
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -38,6 +39,9 @@ pub struct DecodeOpts {
     pub model_name: String,
     /// Decode steps replayed as CUDA graphs (else every kernel issued on its own).
     pub graphs: bool,
+    /// Fill the context by prefilling seeded random tokens through the model (timed) instead of
+    /// appending synthetic K/V: the whole prompt path, chunk by chunk.
+    pub prefill: bool,
 }
 
 /// One measured (or skipped) point.
@@ -129,7 +133,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                 }
                 let r = measure(&mut engine, model, &plan, t, b, o);
                 match r {
-                    Ok((ms, host_ms, kv, graphs)) => {
+                    Ok((ms, host_ms, kv, graphs, fill)) => {
                         let kv_bytes = (kv.packed + kv.window) as f64 * b as f64;
                         let step_bytes = weight_bytes as f64 + kv_bytes;
                         let tok_s = b as f64 * 1e3 / ms;
@@ -141,12 +145,23 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                             kv.bits_per_elem(),
                             frac * 100.0
                         );
+                        let line = match fill["prefill_s"].as_f64() {
+                            Some(p) => format!(
+                                "{line}  (prefill {p:.1} s, {:.0} tok/s)",
+                                fill["prefill_tok_s"].as_f64().unwrap_or(0.0)
+                            ),
+                            None => line,
+                        };
                         pb.suspend(|| eprintln!("{line}"));
-                        points.push(point(&desc, t, b, "ok", json!({
+                        let mut extra = json!({
                             "ms_per_step": ms, "host_ms_per_step": host_ms, "graphs": graphs, "tok_s": tok_s, "kv_gib": kv_bytes / 1073741824.0,
                             "bits_per_elem": kv.bits_per_elem(), "kv_bytes_read": kv_bytes,
                             "weight_bytes": weight_bytes, "bw_fraction": frac,
-                        })));
+                        });
+                        if let (Some(e), Value::Object(f)) = (extra.as_object_mut(), fill) {
+                            e.extend(f);
+                        }
+                        points.push(point(&desc, t, b, "ok", extra));
                     }
                     Err(e) => {
                         pb.suspend(|| eprintln!("{desc} T={t} B={b}: {e:#}"));
@@ -172,7 +187,11 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
     let doc = json!({
         "model": o.model_name, "gpu": gpu.describe(), "copy_bandwidth_bytes_s": bw,
         "weight_bytes": weight_bytes, "steps": o.steps, "warmup": o.warmup,
-        "fill": "synthetic K/V (seeded normal) appended through the GPU encoders; timed steps are full model decode steps",
+        "fill": if o.prefill {
+            "prefill of seeded random tokens through the model (prefill_s per point); timed steps are full model decode steps"
+        } else {
+            "synthetic K/V (seeded normal) appended through the GPU encoders; timed steps are full model decode steps"
+        },
         "points": points, "peers": peers, "fits": fits, "free_bytes_without_cache": free_once,
     });
     std::fs::write(&o.json, serde_json::to_string_pretty(&doc)?)
@@ -235,7 +254,7 @@ fn measure(
     t: usize,
     b: usize,
     o: &DecodeOpts,
-) -> Result<(f64, f64, kvq_formats::CacheBytes, Value)> {
+) -> Result<(f64, f64, kvq_formats::CacheBytes, Value, Value)> {
     let cap = t + o.warmup + o.steps + 1;
     let limits = kvq::engine::ResidentLimits {
         slots: b,
@@ -244,11 +263,17 @@ fn measure(
     };
     engine.set_resident(plan.clone(), &model.rope, limits)?;
     let mut seqs = Vec::with_capacity(b);
+    let t_fill = Instant::now();
     for i in 0..b {
         let s = engine.new_sequence(cap)?;
-        engine.fill_synthetic(s, t, o.chunk, i as u64)?;
+        if o.prefill {
+            engine.prefill(s, &random_tokens(t, model.config.vocab, i as u64), o.chunk)?;
+        } else {
+            engine.fill_synthetic(s, t, o.chunk, i as u64)?;
+        }
         seqs.push(s);
     }
+    let fill_s = t_fill.elapsed().as_secs_f64();
     let mut batch: Vec<(kvq::engine::SeqId, u32)> = seqs.iter().map(|&s| (s, 1)).collect();
     for _ in 0..o.warmup {
         let next = engine.step_greedy(&batch)?;
@@ -281,7 +306,20 @@ fn measure(
     for s in seqs {
         engine.free(s);
     }
-    Ok((ms, host_ms, kv, graphs))
+    let fill = if o.prefill {
+        json!({"prefill_s": fill_s, "prefill_tok_s": (b * t) as f64 / fill_s})
+    } else {
+        json!({})
+    };
+    Ok((ms, host_ms, kv, graphs, fill))
+}
+
+/// `n` token ids in `[0, vocab)` from a seeded generator: a prompt whose content does not matter
+/// (random weights) but whose every position runs the model.
+fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
 }
 
 /// Reads `LABEL=PATH`, a llama-batched-bench `--output-format jsonl` file: one point per line.

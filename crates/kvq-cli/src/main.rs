@@ -231,9 +231,13 @@ enum BenchCmd {
         /// Untimed steps before them.
         #[arg(long, default_value_t = 4)]
         warmup: usize,
-        /// Tokens per synthetic cache append.
+        /// Tokens per synthetic cache append (per prefill chunk with --prefill).
         #[arg(long, default_value_t = 4096)]
         chunk: usize,
+        /// Fill each context by prefilling seeded random tokens through the model (timed), not by
+        /// appending synthetic K/V.
+        #[arg(long)]
+        prefill: bool,
         /// JSON results; PNGs are written beside it.
         #[arg(long, default_value = "out/bench-decode.json")]
         json: String,
@@ -873,6 +877,7 @@ fn run(cli: Cli) -> Result<()> {
                     name,
                     replot,
                     no_graphs,
+                    prefill,
                 },
         } => {
             if replot {
@@ -911,6 +916,7 @@ fn run(cli: Cli) -> Result<()> {
                     peers: peer,
                     model_name,
                     graphs: !no_graphs,
+                    prefill,
                 },
             )?;
         }
