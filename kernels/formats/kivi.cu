@@ -7,10 +7,11 @@
 // KB, VB in {1, 2, 4} decode with a few bit operations per code pair; 0 is any width (3, 8), slower.
 //
 // Keys: decoded straight into f16 B fragments, k = s * code + z as one half2 FMA per exact code pair
-// (rounded once, like the values), against the query's hi/lo A fragments built once per CTA. The MMA's k order is free as long as A and B agree: lane q's B pairs
-// are channels (2q, 2q+8) and (2q+1, 2q+9), which sit 8 codes apart in the packed row, so one shift and
-// one mask extract both; the query is split in that order (Q_PAIR8). (Earlier the block's scales were
-// folded into the query per block; that fold was about a third of the key work.)
+// (rounded once, like the values), against the query's hi/lo A fragments built once per CTA (folding
+// each block's scales into the query instead cost about a third of the key work). The MMA's k order is
+// free as long as A and B agree: lane q's B pairs are channels (2q, 2q+8) and (2q+1, 2q+9), which sit
+// 8 codes apart in the packed row, so one shift and one mask extract both; the query is split in that
+// order (Q_PAIR8).
 // Values (O^T = V^T P^T): lane r owns channels [r D/8, (r+1) D/8) of every token (one code word per
 // token, one scale group) as its rows of V^T, so output channels are permuted (out_chan); each pair of
 // tokens decodes with one shift, one mask, one subtract and one fused multiply-add in half2.
