@@ -25,6 +25,8 @@ stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|engine|ppl|prefill}
 R="$OUT/$stage"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 rc=0
+# fp16 and one setting of each compressed format that has CUDA kernels: the formats every timing stage runs.
+FORMATS="fp16 kivi:bits=4,window=0 kivi:bits=2,window=0 asymkv:lk=1,lv=0,window=0 decoquant:bits=4,chunk=256 qjl:m=256,m0=256,buffer=0"
 # Kernel stages: full parity, compute-sanitizer `tool` on the cases matching `filter`, and B=1 4k
 # timings of the formats nearest issue 5's 1.5x bound, three times over (run-to-run spread).
 parity() {
@@ -48,7 +50,7 @@ b1_timings() {
 ab_timings() {
   local old=/root/stash-old; mkdir -p $old
   [ -f .carry-bin-old/kvq-gpu.xz ] && xz -dc .carry-bin-old/kvq-gpu.xz > $old/kvq-gpu && chmod +x $old/kvq-gpu
-  local F="fp16 kivi:bits=4,window=0 kivi:bits=2,window=0 asymkv:lk=1,lv=0,window=0 kivi:bits=1,window=0 decoquant:bits=4,chunk=256 qjl:m=256,m0=256,buffer=0"
+  local F="$FORMATS kivi:bits=1,window=0"
   for i in 1 2; do
     for b in "$S/kvq-gpu" "$old/kvq-gpu"; do
       [ -x "$b" ] || continue
@@ -86,9 +88,8 @@ prefill)
     t0=$(date +%s); timeout 200 python3 .carry-peers/random-llama-gguf.py .carry-peers/tokenizer.gguf "$big" llama3-8b f16 \
       > "$R/gguf.log" 2>&1; echo "8B GGUF rc=$? in $(( $(date +%s) - t0 )) s"
   fi
-  F="fp16 kivi:bits=4,window=0 kivi:bits=2,window=0 asymkv:lk=1,lv=0,window=0 decoquant:bits=4,chunk=256 qjl:m=256,m0=256,buffer=0"
   timeout ${PREFILL_TIMEOUT:-380} "$S/kvq" bench decode --prefill --model "$big" --name "Llama-3-8B shape, random f16" \
-    --ctx ${PREFILL_CTX:-32768} --batch 1 --steps 8 --warmup 2 --chunk 2048 $(for f in $F; do echo "--kv $f"; done) \
+    --ctx ${PREFILL_CTX:-32768} --batch 1 --steps 8 --warmup 2 --chunk 2048 $(for f in $FORMATS; do echo "--kv $f"; done) \
     --json "$R/prefill.json" > "$R/prefill.txt" 2>&1 || rc=1
   grep -v "^\s*$" "$R/prefill.txt" | tail -n 16 ;;
 kernels)
@@ -102,8 +103,7 @@ engine)
   grep -E "^(FAIL|SKIPPED|decode:|engine-check:)" "$R/engine.txt" | cut -c1-170
   timeout 150 "$S/kvq-gpu" resident-check > "$R/resident.txt" 2>&1 || rc=1
   grep -E "^FAIL|SKIPPED|resident-check:" "$R/resident.txt" | cut -c1-170
-  F="fp16 kivi:bits=4,window=0 kivi:bits=2,window=0 asymkv:lk=1,lv=0,window=0 decoquant:bits=4,chunk=256 qjl:m=256,m0=256,buffer=0"
-  KVQ_BENCH_POINTS=1x4096,1x32768,8x131072 timeout 150 "$S/kvq-gpu" bench $F > "$R/attn.jsonl" 2> "$R/attn.err"
+  KVQ_BENCH_POINTS=1x4096,1x32768,8x131072 timeout 150 "$S/kvq-gpu" bench $FORMATS > "$R/attn.jsonl" 2> "$R/attn.err"
   echo "attention bench rc=$?"; cat "$R/attn.jsonl" ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac
