@@ -590,7 +590,7 @@ __device__ void deco_encode_kernel(const KvqEncodeParams& P) {
 
 }  // namespace kvq
 
-extern "C" __device__ const int kvq_encode_smem[2] = {kvq::DecoEncode<64>::SMEM, kvq::DecoEncode<128>::SMEM};
+KVQ_ENCODE_SMEM(kvq::DecoEncode<64>::SMEM, kvq::DecoEncode<128>::SMEM)
 extern "C" __global__ void __launch_bounds__(kvq::ENC_THREADS) KVQ_NAME(decoquant, encode, f16, 64)(const KvqEncodeParams P) {
     KVQ_PDL_ENTER();
     kvq::deco_encode_kernel<64>(P);

@@ -17,8 +17,7 @@ template <int D>
 using Fp16Policy = kvq::F16Rows<D, 32, 3>;
 
 KVQ_LAYOUT(Fp16Policy<128>)
-// Encoders stage their block as f32 (the default), stated so the host's lookup always finds the symbol.
-extern "C" __device__ const int kvq_encode_smem[2] = {0, 0};
+KVQ_ENCODE_SMEM(0, 0)
 KVQ_DECODE_KERNELS(fp16, Fp16Policy<64>, 64)
 KVQ_DECODE_KERNELS(fp16, Fp16Policy<128>, 128)
 KVQ_ENCODE_KERNEL(fp16, Fp16Encode<64>, 1, 64)

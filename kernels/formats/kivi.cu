@@ -30,8 +30,7 @@
 
 using KiviLayout = kvq::KiviPolicy<128, 2, 2>;
 KVQ_LAYOUT(KiviLayout)
-// Encoders stage their block as f32 (the default), stated so the host's lookup always finds the symbol.
-extern "C" __device__ const int kvq_encode_smem[2] = {0, 0};
+KVQ_ENCODE_SMEM(0, 0)
 KIVI_D(64)
 KIVI_D(128)
 KVQ_ENCODE_KERNEL(kivi, kvq::KiviEncode<64>, 32, 64)

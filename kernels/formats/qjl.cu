@@ -420,5 +420,4 @@ QJL_D(64)
 QJL_D(128)
 KVQ_ENCODE_KERNEL(qjl, kvq::QjlEncode<64>, 32, 64)
 KVQ_ENCODE_KERNEL(qjl, kvq::QjlEncode<128>, 32, 128)
-// The encoder's dynamic shared memory ({D = 64, D = 128}, staged x included), read by Gpu::encode_smem.
-extern "C" __device__ const int kvq_encode_smem[2] = {kvq::QjlEncode<64>::SMEM, kvq::QjlEncode<128>::SMEM};
+KVQ_ENCODE_SMEM(kvq::QjlEncode<64>::SMEM, kvq::QjlEncode<128>::SMEM)  // staged x included

@@ -55,6 +55,11 @@ __device__ void encode_kernel(const KvqEncodeParams& P) {
 
 }  // namespace kvq
 
+// The module's encoder dynamic shared memory {D = 64, D = 128} in bytes, read by the host
+// (Gpu::encode_smem); 0 = the default (the block staged as f32 plus the default scratch). Every module
+// states it, so the host's symbol lookup never fails (compute-sanitizer reports failed lookups).
+#define KVQ_ENCODE_SMEM(d64, d128) extern "C" __device__ const int kvq_encode_smem[2] = {d64, d128};
+
 #define KVQ_ENCODE_KERNEL(fmt, E, BT, D)                                                                   \
     extern "C" __global__ void __launch_bounds__(kvq::ENC_THREADS)                                         \
         KVQ_NAME(fmt, encode, f16, D)(const KvqEncodeParams P) {                                           \
