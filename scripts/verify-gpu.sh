@@ -21,7 +21,7 @@
 set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
 stage_model
-stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|engine|ppl|prefill}
+stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|engine|ppl|prefill|rvq|ppl-rvq}
 R="$OUT/$stage"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 rc=0
@@ -94,6 +94,25 @@ prefill)
   grep -v "^\s*$" "$R/prefill.txt" | tail -n 16 ;;
 kernels)
   parity; sanitize memcheck hq=8 170; sanitize racecheck hq=8 170; b1_timings ;;
+rvq)
+  # RVQ's kernels (kernels/formats/rvq.cu): full parity (kvq-gpu check writes the synthetic RVQ
+  # codebooks to /tmp), memcheck on every RVQ case, racecheck on one RVQ setting, then attention
+  # timings of RVQ (8 stages of 256 codes, 2.25 bits/elem at d=128... see the JSON's bits) against
+  # fp16 and KIVI-2 in the same run. One call, carry [".carry-bin-gpu"].
+  parity; sanitize memcheck rvq 200; sanitize racecheck rvq:codes=16 200
+  CB=${TMPDIR:-/tmp}/kvq-check-rvq-256x8.safetensors
+  KVQ_BENCH_POINTS=1x4096,1x32768,8x131072 timeout 150 "$S/kvq-gpu" bench fp16 kivi:bits=2,window=0 \
+    "rvq:codes=256,depth=8,window=0,codebooks=$CB" > "$R/attn.jsonl" 2> "$R/attn.err"
+  echo "attention bench rc=$?"; cat "$R/attn.jsonl" ;;
+ppl-rvq)
+  # The main sweep's RVQ rows through the GPU engine (resident cache, RVQ's CUDA encoder and decode
+  # kernel), to set against the CPU sweep. Needs the model (both parts staged), .carry-bin/kvq.xz,
+  # data/corpus and the codebooks data/rvq-lcet10-256x8.safetensors carried.
+  [ -n "$MODEL" ] || { echo "ppl-rvq: model not staged"; exit 3; }
+  P=$(grep '^rvq' docs/sweeps/main.plans | sed 's/^/--kv /' | tr '\n' ' ')
+  timeout 420 "$S/kvq" eval ppl --device cuda --model "$MODEL" --text data/corpus/alice29.txt --ctx 1024 \
+    --max-windows 16 --kv fp16 $P --json "$R/ppl-gpu.json" > "$R/ppl-gpu.txt" 2>&1 || rc=1
+  tail -n 30 "$R/ppl-gpu.txt" ;;
 quick)
   # A short form of `kernels` for a small device budget: memcheck on the encoder cases (where the host
   # probes each module's symbols), racecheck on one QJL configuration.

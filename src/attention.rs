@@ -35,8 +35,12 @@ pub struct KvShape {
 
 /// One layer's K/V of several sequences, resident on the GPU in the kernels' layout.
 pub struct DeviceKv {
-    /// The key format's per-layer table (QJL's sketch), `KvqFmtArgs.p[0]`.
+    /// The key format's per-layer table (QJL's sketch, RVQ's codebooks), `KvqFmtArgs.p[0]`.
     table: Option<CudaSlice<u8>>,
+    /// The value format's per-layer table (RVQ's codebooks), `KvqFmtArgs.p[1]`.
+    v_table: Option<CudaSlice<u8>>,
+    /// Dynamic shared memory the kernel keeps past the page stages (RVQ's decoded rows), all warps.
+    extra_smem: usize,
     pub(crate) k_pages: CudaSlice<u8>,
     pub(crate) v_pages: CudaSlice<u8>,
     pub(crate) page_table: CudaSlice<i32>,
@@ -89,7 +93,13 @@ impl DeviceKv {
         // Blocks sit at a stride padded to 16 bytes (16-byte copies; QJL blocks are 4-byte multiples).
         let (kreal, vreal, bt) = (kc.block_bytes(), vc.block_bytes(), kc.block_tokens());
         let (kbb, vbb) = (kreal.next_multiple_of(16), vreal.next_multiple_of(16));
-        let (page_blocks, max_stages, tile_tokens) = gpu.layout(k_spec.module)?;
+        let (page_blocks, max_stages, tile_tokens, rows_per_ch) = gpu.layout(k_spec.module)?;
+        if kc.pre_rope() != k_spec.pre_rope {
+            return Err(GpuError::Shape(format!(
+                "{} stores keys before RoPE, its kernel does not rotate them: not on the GPU yet",
+                kc.describe()
+            )));
+        }
         // As many pipeline stages as fit (large blocks, e.g. 8-bit codes, get fewer), 24 KiB kept for
         // the kernels' static shared memory (QJL's S q and queries take 21 KiB). KVQ_STAGES lowers it (tuning experiments).
         let per_stage = WARPS
@@ -99,7 +109,11 @@ impl DeviceKv {
                 let tile = |t: (usize, usize, usize)| t.0 + tile_tokens * t.1;
                 tile(k_spec.tile) + tile(v_spec.tile)
             };
-        let limit = gpu.max_smem_per_block()?.saturating_sub(24 << 10);
+        let rows = WARPS * rows_per_ch * shape.d;
+        let limit = gpu
+            .max_smem_per_block()?
+            .saturating_sub(24 << 10)
+            .saturating_sub(rows);
         let mut stages = max_stages.min(4).min(limit / per_stage);
         if let Some(s) = std::env::var("KVQ_STAGES")
             .ok()
@@ -132,7 +146,7 @@ impl DeviceKv {
                 free,
             });
         }
-        let smem = Self::smem(stages * per_stage, s.d);
+        let smem = Self::smem(stages * per_stage + rows, s.d);
         let decode = gpu.function(k_spec.module, &Self::decode_name(&k_spec, &v_spec, s.d))?;
         let per_sm = decode
             .occupancy_max_active_blocks_per_multiprocessor(128, smem, None)
@@ -140,12 +154,17 @@ impl DeviceKv {
             .max(1) as usize;
         let st = gpu.stream();
         let a = |what: &str| drv(format!("allocating {what}"));
-        let table = match kc.kernel_table() {
-            Some(t) => Some(st.clone_htod(&t).map_err(a("the format's table"))?),
-            None => None,
+        let upload = |c: &dyn Codec| -> Result<Option<CudaSlice<u8>>> {
+            match c.kernel_table() {
+                Some(t) => Ok(Some(st.clone_htod(&t).map_err(a("the format's table"))?)),
+                None => Ok(None),
+            }
         };
+        let (table, v_table) = (upload(kc)?, upload(vc)?);
         Ok(Self {
             table,
+            v_table,
+            extra_smem: rows,
             k_pages: st.alloc_zeros(pool * kbb).map_err(a("the K page pool"))?,
             v_pages: st.alloc_zeros(pool * vbb).map_err(a("the V page pool"))?,
             page_table: st
@@ -181,9 +200,11 @@ impl DeviceKv {
         })
     }
 
-    /// Device address of the key format's table (`KvqFmtArgs.p[0]` of decode and encode), 0 if none.
-    pub(crate) fn table_ptr(&self, st: &std::sync::Arc<cudarc::driver::CudaStream>) -> u64 {
-        self.table.as_ref().map(|t| t.device_ptr(st).0).unwrap_or(0)
+    /// Device addresses of the key and value formats' tables (`KvqFmtArgs.p[0..2]` of decode and
+    /// encode), 0 where none.
+    pub(crate) fn table_ptrs(&self, st: &std::sync::Arc<cudarc::driver::CudaStream>) -> [u64; 2] {
+        let p = |t: &Option<CudaSlice<u8>>| t.as_ref().map(|t| t.device_ptr(st).0).unwrap_or(0);
+        [p(&self.table), p(&self.v_table)]
     }
 
     /// Tokens per format block.
@@ -408,10 +429,13 @@ impl DeviceKv {
             stages: self.stages as i32,
             fmt: KvqFmtArgs {
                 i: ints,
-                p: [self.table_ptr(st), 0, 0, 0],
+                p: {
+                    let [k, v] = self.table_ptrs(st);
+                    [k, v, 0, 0]
+                },
             },
         };
-        let smem = Self::smem(self.stages * self.stage_bytes, d);
+        let smem = Self::smem(self.stages * self.stage_bytes + self.extra_smem, d);
         launch::decode(
             gpu,
             &decode,
@@ -495,7 +519,7 @@ impl GpuBatch {
         let bt = kc.block_tokens();
         let d = first.decoded(Stream::Key, 0).len() / first.len().max(1);
         let hkv = first.bytes().elems / (2 * first.len().max(1) * d.max(1));
-        let (page_blocks, _, _) = gpu.layout(
+        let (page_blocks, ..) = gpu.layout(
             kc.kernel()
                 .ok_or_else(|| {
                     GpuError::Shape(format!("{} has no CUDA kernel yet", kc.describe()))

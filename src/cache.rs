@@ -32,6 +32,9 @@ pub struct CacheConfig {
 /// One layer's compressed K/V for `slots` sequences on the GPU.
 pub struct GpuLayerCache {
     kv: DeviceKv,
+    /// Pre-RoPE key codecs: the window's keys before RoPE (what the encoder reads), beside the rotated
+    /// ring attention reads.
+    k_pre: Option<CudaSlice<u16>>,
     window: usize,
     max_tokens: usize,
     max_append: usize,
@@ -68,23 +71,23 @@ impl GpuLayerCache {
                 vc.describe()
             )));
         }
-        if kc.pre_rope() {
+        let bt = kc.block_tokens();
+        let spec = kc
+            .kernel()
+            .ok_or_else(|| GpuError::Shape(format!("{} has no CUDA kernel yet", kc.describe())))?;
+        if kc.pre_rope() && !spec.pre_rope {
             return Err(GpuError::Shape(format!(
-                "{} stores keys before RoPE: not on the GPU yet",
+                "{} stores keys before RoPE and its kernel does not rotate them: not on the GPU yet",
                 kc.describe()
             )));
         }
-        let bt = kc.block_tokens();
-        let module = kc
-            .kernel()
-            .ok_or_else(|| GpuError::Shape(format!("{} has no CUDA kernel yet", kc.describe())))?
-            .module;
-        let (page_blocks, _, _) = gpu.layout(module)?;
+        let module = spec.module;
+        let (page_blocks, ..) = gpu.layout(module)?;
         // The format needs its CUDA encoder (not every decode kernel has one yet).
         gpu.function(module, &kernel_name(module, "encode", "f16", cfg.d))
             .map_err(|_| {
                 GpuError::Shape(format!(
-                    "{} has no CUDA encoder for head_dim {} (encoders: fp16, KIVI/AsymKV, QJL, DecoQuant at 64, 128)",
+                    "{} has no CUDA encoder for head_dim {} (encoders: fp16, KIVI/AsymKV, QJL, DecoQuant, RVQ at 64, 128)",
                     kc.describe(),
                     cfg.d
                 ))
@@ -107,7 +110,18 @@ impl GpuLayerCache {
             },
         )?;
         let ints = |c: &dyn Codec| c.kernel().map(|s| s.ints).unwrap_or_default();
+        let k_pre = if kc.pre_rope() {
+            let n = cfg.slots * cfg.hkv * win_cap * cfg.d;
+            Some(
+                gpu.stream()
+                    .alloc_zeros::<u16>(n)
+                    .map_err(drv("allocating the pre-RoPE key window"))?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
+            k_pre,
             kv,
             window: kc.window(),
             max_tokens: cfg.max_tokens,
@@ -155,8 +169,8 @@ impl GpuLayerCache {
     }
 
     /// Appends tokens: `counts[i]` = (slot, n) in the order of the rows of `k` / `v` ([rows][Hkv][D],
-    /// f32, keys already rotated), then seals every block that has left the window. Checks lengths and
-    /// pool space before touching anything.
+    /// f32, keys already rotated, or before RoPE when [`GpuLayerCache::wants_unrotated_keys`]), then
+    /// seals every block that has left the window. Checks lengths and pool space before touching anything.
     pub fn append(
         &mut self,
         gpu: &Gpu,
@@ -207,6 +221,7 @@ impl GpuLayerCache {
             v_pages: kv.v_pages.device_ptr(st).0,
             k_win: kv.k_win.device_ptr(st).0,
             v_win: kv.v_win.device_ptr(st).0,
+            k_pre: self.k_pre.as_ref().map_or(0, |r| r.device_ptr(st).0),
             k_new: k.device_ptr(st).0,
             v_new: v.device_ptr(st).0,
             row_slot: at(0),
@@ -223,13 +238,22 @@ impl GpuLayerCache {
             win_cap: kv.shape.win_cap as i32,
             page_blocks: kv.page_blocks as i32,
             block_tokens: kv.block_tokens as i32,
-            // p[0]: the key format's table (QJL's sketch), as the decode kernel gets it.
+            // p[0], p[1]: the key and value formats' tables (QJL's sketch, RVQ's codebooks and the
+            // pre-RoPE rope header), as the decode kernel gets them.
             fmt: KvqFmtArgs {
                 i: ints,
-                p: [kv.table_ptr(st), 0, 0, 0],
+                p: {
+                    let [k, v] = kv.table_ptrs(st);
+                    [k, v, 0, 0]
+                },
             },
         };
-        let append = gpu.function("cache", &kernel_name("cache", "append", "f32", d))?;
+        let op = if self.k_pre.is_some() {
+            "append_prerope"
+        } else {
+            "append"
+        };
+        let append = gpu.function("cache", &kernel_name("cache", op, "f32", d))?;
         launch::append(gpu, &append, &p, d)?;
         let module = kv.k_spec.module;
         let encode = gpu.function(module, &kernel_name(module, "encode", "f16", d))?;
@@ -278,6 +302,12 @@ impl GpuLayerCache {
         } else {
             (len - window) / bt * bt
         }
+    }
+
+    /// True when [`GpuLayerCache::append`] takes keys before RoPE (a pre-RoPE key codec: the cache
+    /// rotates the window's copy itself), false when it takes them rotated.
+    pub fn wants_unrotated_keys(&self) -> bool {
+        self.k_pre.is_some()
     }
 
     /// Rows and seal jobs of an append; takes the pages it needs from the pool (all or none).

@@ -42,6 +42,51 @@ pub fn random_cache(format: &str, t: usize, hkv: usize, d: usize, seed: u64) -> 
     Ok(c)
 }
 
+/// Writes random RVQ codebooks for one layer (`codes` codewords of 32 channels, `depth` stages,
+/// stage s scaled by 0.6^s like the shrinking residuals of learned books) to the temp directory and
+/// returns the path: the parity checks need a codebook file and the real one does not travel.
+pub fn synthetic_codebooks(codes: usize, depth: usize) -> Result<String> {
+    let path = std::env::temp_dir().join(format!("kvq-check-rvq-{codes}x{depth}.safetensors"));
+    let path = path.to_string_lossy().into_owned();
+    let mut tables = std::collections::BTreeMap::new();
+    for (i, key) in [true, false].into_iter().enumerate() {
+        let mut t = gaussian_with_outliers(depth * codes, 32, 0, 4242 + i as u64);
+        for (s, stage) in t.chunks_mut(codes * 32).enumerate() {
+            let f = 0.6f32.powi(s as i32) * 0.5;
+            stage.iter_mut().for_each(|v| *v *= f);
+        }
+        tables.insert(kvq_formats::calibrate::table_name(0, key), t);
+    }
+    kvq_formats::calibrate::Codebooks {
+        group: 32,
+        codes,
+        depth,
+        key_groups: "strided".into(),
+        tables,
+    }
+    .save(&path)?;
+    Ok(path)
+}
+
+/// RVQ settings of the parity checks, over synthetic codebooks: 8-bit codes (the paper's codebook
+/// size class), 10-bit codes straddling words with an f16 window, 4-bit codes at the kernel's 16 stages.
+pub fn rvq_check_formats() -> Result<Vec<String>> {
+    Ok(vec![
+        format!(
+            "rvq:codes=256,depth=8,window=0,codebooks={}",
+            synthetic_codebooks(256, 8)?
+        ),
+        format!(
+            "rvq:codes=1000,depth=3,window=16,codebooks={}",
+            synthetic_codebooks(1000, 3)?
+        ),
+        format!(
+            "rvq:codes=16,depth=16,window=0,codebooks={}",
+            synthetic_codebooks(16, 16)?
+        ),
+    ])
+}
+
 /// Tolerance of GPU vs CPU reference on the same bytes: f32 arithmetic in a different order, `exp2f`,
 /// and dequantized keys/values rounded to f16 for the MMAs (worst measured 1.3e-3, docs/BENCHMARKS.md run 7).
 pub const PARITY_TOL: f64 = 2e-3;
@@ -237,7 +282,9 @@ pub fn encode_parity(gpu: &Gpu, formats: &[&str]) -> Result<Vec<ParityResult>> {
                     let (a, b) = (done[i] * hkv * d, (done[i] + n) * hkv * d);
                     cpu[i].append(&k[a..b], &v[a..b], n)?;
                     let mut kr = k[a..b].to_vec();
-                    for tt in 0..n {
+                    // Keys rotated as the engine hands them, unless the codec is pre-RoPE.
+                    let rotations = if gc.wants_unrotated_keys() { 0 } else { n };
+                    for tt in 0..rotations {
                         for h in 0..hkv {
                             let o = (tt * hkv + h) * d;
                             rope.rotate(&mut kr[o..o + d], done[i] + tt, 1.0);

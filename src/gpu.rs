@@ -146,9 +146,10 @@ impl Gpu {
     }
 
     /// A format module's page layout `(blocks per page, most pipeline stages, tokens per tile or 0 when
-    /// a tile is a whole page)`, read from the module's `kvq_layout` global so the kernel's constants
-    /// are stated once, in the .cu file.
-    pub fn layout(&self, module: &'static str) -> Result<(usize, usize, usize)> {
+    /// a tile is a whole page, dynamic shared memory per warp and head channel past the page stages)`,
+    /// read from the module's `kvq_layout` global so the kernel's constants are stated once, in the .cu
+    /// file.
+    pub fn layout(&self, module: &'static str) -> Result<(usize, usize, usize, usize)> {
         let m = self.module(module)?;
         let sym = m
             .get_global("kvq_layout", &self.stream)
@@ -169,7 +170,7 @@ impl Gpu {
                 .filter(|&v| v > 0 || zero_ok)
                 .ok_or_else(|| GpuError::Shape(format!("{module}'s kvq_layout holds {v}")))
         };
-        Ok((int(0, false)?, int(1, false)?, int(2, true)?))
+        Ok((int(0, false)?, int(1, false)?, int(2, true)?, int(3, true)?))
     }
 
     /// Dynamic shared memory (bytes) of a format's block encoder at head_dim `d`, from the module's

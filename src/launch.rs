@@ -76,8 +76,9 @@ pub(crate) fn append(gpu: &Gpu, f: &CudaFunction, p: &KvqEncodeParams, d: usize)
         shared_mem_bytes: 0,
     };
     // SAFETY: (types/order) the kernel takes one `KvqEncodeParams` by value, layout asserted equal on
-    // both sides. (aliasing) it writes only k_win/v_win, which no concurrent launch touches (one
-    // stream). (bounds) GpuLayerCache allocated k_new/v_new as [rows][Hkv][D], row_slot/row_tok with
+    // both sides. (aliasing) it writes only k_win/v_win (and k_pre, the pre-RoPE variant), which no
+    // concurrent launch touches (one stream). (rope) the pre-RoPE variant reads fmt.p[0]'s header,
+    // 16 + 2 D bytes, which every pre-RoPE codec's table starts with (KernelSpec::pre_rope). (bounds) GpuLayerCache allocated k_new/v_new as [rows][Hkv][D], row_slot/row_tok with
     // `rows` entries, slots < its slot count and rings [slots][Hkv][win_cap][D]; rows index by
     // blockIdx.x < rows, channels by threadIdx.x < D, ring rows by tok % win_cap.
     unsafe {

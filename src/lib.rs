@@ -7,7 +7,7 @@
 //! | KIVI / AsymKV (group 32) | yes (`kernels/formats/kivi.cu`) | yes |
 //! | DecoQuant (sub 16, chunk a multiple of 64) | yes (`kernels/formats/decoquant.cu`) | yes |
 //! | QJL (group 32, m in {128, 256, 512}) | yes (`kernels/formats/qjl.cu`) | yes |
-//! | RVQ | not yet (CPU reference only) | not yet |
+//! | RVQ (group 32, <= 16 stages, strided key groups; keys pre-RoPE, rotated in the kernel) | yes (`kernels/formats/rvq.cu`) | yes |
 //!
 //! The GPU engine ([`engine`]) runs whole LLaMA-family models: f16 weights, cuBLAS GEMMs, the
 //! model-op kernels of kernels/model.cu, attention behind [`engine::AttentionBackend`].

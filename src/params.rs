@@ -56,6 +56,7 @@ pub struct KvqEncodeParams {
     pub v_pages: u64,
     pub k_win: u64,
     pub v_win: u64,
+    pub k_pre: u64,
     pub k_new: u64,
     pub v_new: u64,
     pub row_slot: u64,
@@ -75,8 +76,8 @@ pub struct KvqEncodeParams {
     pub fmt: KvqFmtArgs,
 }
 
-const _: () = assert!(std::mem::size_of::<KvqEncodeParams>() == 200);
-const _: () = assert!(std::mem::offset_of!(KvqEncodeParams, fmt) == 136);
+const _: () = assert!(std::mem::size_of::<KvqEncodeParams>() == 208);
+const _: () = assert!(std::mem::offset_of!(KvqEncodeParams, fmt) == 144);
 
 // SAFETY: as for KvqDecodeParams: plain-old-data with the asserted C layout.
 unsafe impl cudarc::driver::DeviceRepr for KvqEncodeParams {}

@@ -298,7 +298,7 @@ struct DecoPolicy {
 
 // Layout: one block per page, 2 stages, tiles of 64 tokens (the host splits sealed tokens in units of
 // U tokens, KernelSpec::tile of the codec).
-extern "C" __device__ const int kvq_layout[3] = {1, 2, kvq::DECO_TT};
+extern "C" __device__ const int kvq_layout[4] = {1, 2, kvq::DECO_TT, 0};
 DECO_D(64)
 DECO_D(128)
 

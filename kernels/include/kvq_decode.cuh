@@ -539,8 +539,11 @@ __device__ void merge_kernel(const KvqDecodeParams& P) {
 }  // namespace kvq
 
 // The module's page layout (blocks per page, most stages, tokens per tile or 0 when a tile is a whole
-// page), read by the host (Gpu::layout) so these constants are stated once, here.
-#define KVQ_LAYOUT(F) extern "C" __device__ const int kvq_layout[3] = {F::PAGE_BLOCKS, F::STAGES, 0};
+// page, dynamic shared memory per warp and head channel past the page stages), read by the host
+// (Gpu::layout) so these constants are stated once, here.
+#define KVQ_LAYOUT(F) extern "C" __device__ const int kvq_layout[4] = {F::PAGE_BLOCKS, F::STAGES, 0, 0};
+#define KVQ_LAYOUT_ROWS(F, per_ch) \
+    extern "C" __device__ const int kvq_layout[4] = {F::PAGE_BLOCKS, F::STAGES, 0, per_ch};
 
 // Instantiates decode kernel `op` of format policy F for head_dim D, and the split merge, under derived
 // names (kvq_{fmt}_{op}_f16_hd{D}, kvq_{fmt}_merge_f16_hd{D}).

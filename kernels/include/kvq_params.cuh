@@ -55,7 +55,9 @@ struct KvqEncodeParams {
     uint8_t* v_pages;           // V page pool
     uint16_t* k_win;            // window rings [slots][Hkv][win_cap][D]
     uint16_t* v_win;
-    const float* k_new;         // appended tokens [rows][Hkv][D] (keys rotated)
+    uint16_t* k_pre;            // pre-RoPE key codecs: a third ring of the keys before RoPE (what the
+                                // encoder reads; k_win holds them rotated for attention), else null
+    const float* k_new;         // appended tokens [rows][Hkv][D] (keys rotated, unless k_pre is set)
     const float* v_new;
     const int32_t* row_slot;    // [rows] cache slot of each appended token
     const int32_t* row_tok;     // [rows] its absolute index in the sequence
@@ -77,5 +79,5 @@ struct KvqEncodeParams {
 #ifdef __cplusplus
 static_assert(sizeof(KvqFmtArgs) == 64, "KvqFmtArgs layout");
 static_assert(sizeof(KvqDecodeParams) == 240, "KvqDecodeParams layout");
-static_assert(sizeof(KvqEncodeParams) == 200, "KvqEncodeParams layout");
+static_assert(sizeof(KvqEncodeParams) == 208, "KvqEncodeParams layout");
 #endif

@@ -87,8 +87,19 @@ fn run() -> kvq::Result<()> {
     eprintln!("GPU: {}", gpu.describe());
     match mode.as_str() {
         "check" => {
-            let mut res = parity(&gpu, FORMATS)?;
-            res.extend(encode_parity(&gpu, ENCODE_FORMATS)?);
+            // RVQ needs codebook files: synthetic ones, written now.
+            let rvq = kvq::check::rvq_check_formats()?;
+            let with_rvq = |base: &[&'static str]| -> Vec<String> {
+                base.iter()
+                    .map(|s| s.to_string())
+                    .chain(rvq.iter().cloned())
+                    .collect()
+            };
+            let (formats, encode_formats) = (with_rvq(FORMATS), with_rvq(ENCODE_FORMATS));
+            let formats: Vec<&str> = formats.iter().map(|s| s.as_str()).collect();
+            let encode_formats: Vec<&str> = encode_formats.iter().map(|s| s.as_str()).collect();
+            let mut res = parity(&gpu, &formats)?;
+            res.extend(encode_parity(&gpu, &encode_formats)?);
             let mut bad = 0;
             for r in &res {
                 let ok = r.rel_err < PARITY_TOL && r.non_finite == 0;
@@ -524,6 +535,30 @@ mod tests {
                 assert!(k.kernel().is_some(), "{fmt} d={d}: {}", k.describe());
                 assert!(v.kernel().is_some(), "{fmt} d={d}: {}", v.describe());
                 assert_eq!(k.block_tokens(), v.block_tokens(), "{fmt} d={d}");
+            }
+        }
+    }
+
+    /// The RVQ settings `check` adds have CUDA kernels at both head dims, the keys' kernel rotating
+    /// them (pre-RoPE), and tables of the size kernels/formats/rvq.cu reads.
+    #[test]
+    fn rvq_check_formats_have_cuda_kernels() {
+        for fmt in kvq::check::rvq_check_formats().unwrap() {
+            for d in [64usize, 128] {
+                let rope = Rope::new(d, 10000.0, RopeStyle::Interleaved);
+                let c = KvPlan::parse(&fmt, 1)
+                    .unwrap()
+                    .build_caches(2, &rope)
+                    .unwrap()
+                    .remove(0);
+                let (k, v) = (c.keys().codec(), c.values().codec());
+                let (ks, vs) = (k.kernel().unwrap(), v.kernel().unwrap());
+                assert!(ks.pre_rope && !vs.pre_rope, "{fmt}");
+                let [depth, _, codes, _] = ks.ints;
+                let books = (depth * codes * 32) as usize;
+                let want = 16 + 2 * d + 4 * d + books * 6;
+                assert_eq!(k.kernel_table().unwrap().len(), want, "{fmt} d={d}");
+                assert_eq!(v.kernel_table().unwrap().len(), want, "{fmt} d={d}");
             }
         }
     }

@@ -49,9 +49,11 @@ pub struct Heads {
 pub trait AttentionBackend {
     /// What runs where (logged by the engine: nothing falls back silently).
     fn describe(&self) -> String;
-    /// True when `append_and_attend` wants keys already rotated by RoPE (GPU-resident caches store
-    /// them so); false (the default) hands keys before RoPE, as the CPU caches take them.
-    fn wants_rotated_keys(&self) -> bool {
+    /// True when `append_and_attend` wants layer `layer`'s keys already rotated by RoPE (GPU-resident
+    /// caches store them so, unless the layer's key codec is pre-RoPE); false (the default) hands keys
+    /// before RoPE, as the CPU caches take them.
+    fn wants_rotated_keys(&self, layer: usize) -> bool {
+        let _ = layer;
         false
     }
     /// True when `append_and_attend` only queues device work through the [`crate::Gpu`] (never reads
@@ -158,7 +160,9 @@ impl HostCacheBackend {
                 }
                 _ if g > 8 => Some(format!("{g} query heads per KV head (kernels: <= 8)")),
                 (Some(ks), Some(vs))
-                    if ks.module == vs.module && kc.block_tokens() == vc.block_tokens() =>
+                    if ks.module == vs.module
+                        && kc.block_tokens() == vc.block_tokens()
+                        && kc.pre_rope() == ks.pre_rope =>
                 {
                     None
                 }

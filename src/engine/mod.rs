@@ -709,7 +709,7 @@ impl Engine {
                 &mut s.v,
                 (n, hq, hkv, d),
                 self.rope_style,
-                self.backend.wants_rotated_keys(),
+                self.backend.wants_rotated_keys(l),
             )?;
             let has16 = self.backend.append_and_attend(
                 &self.gpu,

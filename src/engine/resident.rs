@@ -2,7 +2,8 @@
 //! ([`GpuLayerCache`]: window rings, CUDA encoders, shared page pool); a forward appends the rotated
 //! keys and the values there and runs the fused decode kernel over one row per token (a prefill chunk
 //! is rows with growing visible prefixes, i.e. causal). Nothing crosses to the host but bookkeeping.
-//! It serves plans whose every layer has a CUDA encoder and decoder (fp16, KIVI/AsymKV, QJL, DecoQuant today).
+//! It serves plans whose every layer has a CUDA encoder and decoder (fp16, KIVI/AsymKV, QJL, DecoQuant,
+//! RVQ today).
 
 use super::backend::{AttentionBackend, Heads, SeqId, SeqRows};
 use crate::attention::Workspace;
@@ -106,8 +107,10 @@ impl AttentionBackend for ResidentBackend {
         )
     }
 
-    fn wants_rotated_keys(&self) -> bool {
-        true
+    fn wants_rotated_keys(&self, layer: usize) -> bool {
+        self.layers
+            .get(layer)
+            .is_none_or(|c| !c.wants_unrotated_keys())
     }
 
     fn device_only(&self) -> bool {

@@ -71,6 +71,26 @@ pub struct KernelSpec {
     /// per token, tokens per work unit the sequence is split in); (0, 0, 0) when the kernel stages
     /// whole pages and splits in pages.
     pub tile: (usize, usize, usize),
+    /// The kernel takes this stream's keys before RoPE and rotates them itself (pre-RoPE codecs); its
+    /// table then starts with the rope: `[i32 style, 0, 0, 0][f32 inv_freq; d/2]` (see rope_header).
+    pub pre_rope: bool,
+}
+
+/// The rope at the start of a pre-RoPE codec's kernel table: i32 style (0 interleaved pairs, 1
+/// rotate-half), three zero i32s, then the d/2 inverse frequencies as f32.
+pub fn rope_header(rope: &Rope) -> Vec<u8> {
+    let style: i32 = match rope.style {
+        crate::rope::RopeStyle::Interleaved => 0,
+        crate::rope::RopeStyle::Half => 1,
+    };
+    let mut b = Vec::with_capacity(16 + 4 * rope.inv_freq.len());
+    for v in [style, 0, 0, 0] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    for f in &rope.inv_freq {
+        b.extend_from_slice(&f.to_le_bytes());
+    }
+    b
 }
 
 /// One layer's K or V codec: encodes and reads whole blocks of one KV head.

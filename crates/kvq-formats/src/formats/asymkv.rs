@@ -469,6 +469,7 @@ impl Codec for KiviCodec {
             ints: [self.bits as i32, 32, 0, 0],
             tag,
             tile: (0, 0, 0),
+            pre_rope: false,
         })
     }
 

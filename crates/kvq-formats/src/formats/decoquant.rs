@@ -214,6 +214,7 @@ impl Codec for DecoCodec {
             ints: [b as i32, c as i32, unit as i32, self.f.svd as i32],
             tag,
             tile: (self.ts_bytes(), 2 + self.token_bytes(), unit),
+            pre_rope: false,
         })
     }
 

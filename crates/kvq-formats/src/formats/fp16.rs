@@ -57,6 +57,7 @@ impl Codec for Fp16Codec {
             ints: [0; 4],
             tag: "",
             tile: (0, 0, 0),
+            pre_rope: false,
         })
     }
     fn encode(&self, x: &[f32], out: &mut [u8]) {

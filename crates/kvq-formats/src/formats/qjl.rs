@@ -408,6 +408,7 @@ impl Codec for QjlKeys {
             ints: [self.m as i32, self.mo as i32, self.outliers as i32, 0],
             tag,
             tile: (0, 0, 0),
+            pre_rope: false,
         })
     }
 

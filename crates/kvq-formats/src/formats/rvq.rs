@@ -16,9 +16,10 @@
 
 use crate::bits;
 use crate::calibrate::{nearest, table_name, Codebooks};
-use crate::codec::{Codec, Format, FormatRef, Stream, StreamCtx};
+use crate::codec::{rope_header, Codec, Format, FormatRef, KernelSpec, Stream, StreamCtx};
 use crate::config::Params;
 use crate::error::{parse_err, FormatError, Result};
+use crate::rope::Rope;
 use std::sync::Arc;
 
 const BLOCK: usize = 32;
@@ -130,6 +131,8 @@ impl Format for Rvq {
             cbits: usize::BITS - (self.codes - 1).leading_zeros(),
             window: self.window,
             key,
+            strided: self.strided,
+            rope: ctx.rope.clone(),
             channels: channel_groups(ctx, self.group, key && self.strided),
             books: t[..self.depth * per_stage].to_vec(),
         }))
@@ -182,6 +185,8 @@ struct RvqCodec {
     cbits: u32,
     window: usize,
     key: bool,
+    strided: bool,
+    rope: Rope,
     channels: Vec<usize>,
     books: Vec<f32>,
 }
@@ -219,6 +224,36 @@ impl Codec for RvqCodec {
     }
     fn fixed_bytes(&self) -> usize {
         self.books.len() * 2
+    }
+    /// kernels/formats/rvq.cu: groups of 32, at most 16 stages, keys in strided groups (a rotary pair
+    /// then sits in one group, 16 positions apart, so the kernel rotates each group on its own).
+    fn kernel(&self) -> Option<KernelSpec> {
+        let ok = self.group == 32
+            && self.depth <= 16
+            && matches!(self.d, 64 | 128)
+            && (self.strided || !self.key);
+        ok.then_some(KernelSpec {
+            module: "rvq",
+            ints: [self.depth as i32, self.cbits as i32, self.codes as i32, 0],
+            tag: "",
+            tile: (0, 0, 0),
+            pre_rope: self.key,
+        })
+    }
+    /// `[rope header][i32 channel of each group position; d][f32 books][f16 books]`, the layout
+    /// kernels/formats/rvq.cu reads (the encoder searches the f32 books, attention sums the f16 ones).
+    fn kernel_table(&self) -> Option<Vec<u8>> {
+        let mut b = rope_header(&self.rope);
+        for &c in &self.channels {
+            b.extend_from_slice(&(c as i32).to_le_bytes());
+        }
+        for v in &self.books {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in &self.books {
+            b.extend_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes());
+        }
+        Some(b)
     }
 
     fn encode(&self, x: &[f32], out: &mut [u8]) {
