@@ -88,8 +88,14 @@ prefill)
     t0=$(date +%s); timeout 200 python3 .carry-peers/random-llama-gguf.py .carry-peers/tokenizer.gguf "$big" llama3-8b f16 \
       > "$R/gguf.log" 2>&1; echo "8B GGUF rc=$? in $(( $(date +%s) - t0 )) s"
   fi
+  # RVQ with random codebooks (8 stages of 256 codes, the 8B shape's 32 layers) when kvq-gpu is carried
+  # too (.carry-bin-gpu): a random-weight model's own calibration would mean nothing.
+  RVQ=""
+  if [ -x "$S/kvq-gpu" ] && "$S/kvq-gpu" rvq-books 32 256 8 /tmp/rvq-8b.safetensors; then
+    RVQ="--kv rvq:codes=256,depth=8,window=0,codebooks=/tmp/rvq-8b.safetensors"
+  fi
   timeout ${PREFILL_TIMEOUT:-380} "$S/kvq" bench decode --prefill --model "$big" --name "Llama-3-8B shape, random f16" \
-    --ctx ${PREFILL_CTX:-32768} --batch 1 --steps 8 --warmup 2 --chunk 2048 $(for f in $FORMATS; do echo "--kv $f"; done) \
+    --ctx ${PREFILL_CTX:-32768} --batch 1 --steps 8 --warmup 2 --chunk 2048 $(for f in ${PREFILL_FORMATS:-$FORMATS}; do echo "--kv $f"; done) $RVQ \
     --json "$R/prefill.json" > "$R/prefill.txt" 2>&1 || rc=1
   grep -v "^\s*$" "$R/prefill.txt" | tail -n 16 ;;
 kernels)

@@ -39,7 +39,8 @@ pub struct DeviceKv {
     table: Option<CudaSlice<u8>>,
     /// The value format's per-layer table (RVQ's codebooks), `KvqFmtArgs.p[1]`.
     v_table: Option<CudaSlice<u8>>,
-    /// Dynamic shared memory the kernel keeps past the page stages (RVQ's decoded rows), all warps.
+    /// Dynamic shared memory the kernel keeps past the page stages (RVQ's decoded rows, buffered scores
+    /// and, when they fit, codebooks), all warps.
     extra_smem: usize,
     pub(crate) k_pages: CudaSlice<u8>,
     pub(crate) v_pages: CudaSlice<u8>,
@@ -146,6 +147,15 @@ impl DeviceKv {
                 free,
             });
         }
+        // The formats' tables the kernel copies into shared memory (RVQ's f16 books), when they fit
+        // beside the stages and rows (the kernel reads them from global memory otherwise).
+        let books = k_spec.smem_table.max(v_spec.smem_table);
+        let room = gpu.max_smem_per_block()?.saturating_sub(24 << 10);
+        let rows = if stages * per_stage + rows + books <= room {
+            rows + books
+        } else {
+            rows
+        };
         let smem = Self::smem(stages * per_stage + rows, s.d);
         let decode = gpu.function(k_spec.module, &Self::decode_name(&k_spec, &v_spec, s.d))?;
         let per_sm = decode

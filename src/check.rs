@@ -48,14 +48,29 @@ pub fn random_cache(format: &str, t: usize, hkv: usize, d: usize, seed: u64) -> 
 pub fn synthetic_codebooks(codes: usize, depth: usize) -> Result<String> {
     let path = std::env::temp_dir().join(format!("kvq-check-rvq-{codes}x{depth}.safetensors"));
     let path = path.to_string_lossy().into_owned();
+    write_synthetic_codebooks(&path, 1, codes, depth)?;
+    Ok(path)
+}
+
+/// Random RVQ codebooks (see [`synthetic_codebooks`]) for `layers` layers at `path`: timings of RVQ on
+/// random-weight models, whose own calibration would mean nothing.
+pub fn write_synthetic_codebooks(
+    path: &str,
+    layers: usize,
+    codes: usize,
+    depth: usize,
+) -> Result<()> {
     let mut tables = std::collections::BTreeMap::new();
-    for (i, key) in [true, false].into_iter().enumerate() {
-        let mut t = gaussian_with_outliers(depth * codes, 32, 0, 4242 + i as u64);
-        for (s, stage) in t.chunks_mut(codes * 32).enumerate() {
-            let f = 0.6f32.powi(s as i32) * 0.5;
-            stage.iter_mut().for_each(|v| *v *= f);
+    for l in 0..layers {
+        for (i, key) in [true, false].into_iter().enumerate() {
+            let seed = 4242 + i as u64 + 2 * l as u64;
+            let mut t = gaussian_with_outliers(depth * codes, 32, 0, seed);
+            for (s, stage) in t.chunks_mut(codes * 32).enumerate() {
+                let f = 0.6f32.powi(s as i32) * 0.5;
+                stage.iter_mut().for_each(|v| *v *= f);
+            }
+            tables.insert(kvq_formats::calibrate::table_name(l, key), t);
         }
-        tables.insert(kvq_formats::calibrate::table_name(0, key), t);
     }
     kvq_formats::calibrate::Codebooks {
         group: 32,
@@ -64,8 +79,8 @@ pub fn synthetic_codebooks(codes: usize, depth: usize) -> Result<String> {
         key_groups: "strided".into(),
         tables,
     }
-    .save(&path)?;
-    Ok(path)
+    .save(path)?;
+    Ok(())
 }
 
 /// RVQ settings of the parity checks, over synthetic codebooks: 8-bit codes (the paper's codebook

@@ -10,12 +10,13 @@
 //   [f32 books; depth x codes x 32][f16 books; the same]
 // where chan[g * 32 + j] is the model channel of position j of group g.
 //
-// Decode: each warp decodes its 32-token tile into f16 rows in shared memory (lane = token; a
-// codeword is four 16-byte loads of the f16 books, which stay in L1/L2: every token reads them), keys
-// rotated to their positions (the tile's base angle in f64 once per pair, the in-tile step from a
-// per-CTA table), then runs the fp16 path's tensor-core products on those rows. Nothing decoded leaves
-// shared memory. The decode is per-token work (depth x D/32 codeword loads), not bytes: RVQ's cache is
-// small, its kernel is not bandwidth-bound.
+// Decode: per chunk of a split, the K books go to shared memory and each warp decodes its 32-token
+// tiles (blocks copied to shared memory by cp.async, the next one in flight) into f16 rows in shared memory (lane = token; a codeword is four 16-byte loads), keys rotated to
+// their positions (the tile's base angle in f64 once per pair, the in-tile step from a per-CTA table),
+// and runs the fp16 path's tensor-core product for the scores, which wait in shared memory; then the V
+// books replace the K books and the warps run the online softmax and P V over decoded values. Nothing
+// decoded leaves shared memory. The decode is per-token work (depth x D/32 codeword loads), not bytes:
+// RVQ's cache is small, its kernel is not bandwidth-bound.
 //
 // Encoder (RvqEncode): matches RvqCodec::encode byte for byte. The CPU's f32 operations are repeated in
 // its order with the rounding intrinsics (no contraction into FMAs): std over channels in order (thread
@@ -50,11 +51,15 @@ __device__ __forceinline__ RvqTab rvq_tab(const void* p, int depth, int codes) {
 }
 
 // Decodes token `t` (this lane's) of block `blk` into row t of `rows` (f16, swz<D> layout); keys are
-// rotated by base[i] (cos, sin of the tile's first position) times delta[t][i] (of the in-tile step).
+// rotated by base[i] (cos, sin of the tile's first position) times delta[i][t] (of the in-tile step;
+// lane-contiguous, so conflict-free). Channels come from the layout, not the table's map: values in
+// contiguous groups (channel 32 g + j: four 16-byte stores), keys in strided groups (HF channel
+// g + j D/32, its pair partner 16 positions on: one 4-byte store per pair in the interleaved style).
 template <int D, bool KEY>
 __device__ __forceinline__ void rvq_decode_row(const uint8_t* blk, int t, const RvqTab& tb, int depth, int cbits,
                                                int codes, const float2* base, const float2* delta, uint8_t* rows) {
     constexpr int NG = D / RVQ_G;
+    const int cpt = NG * depth;  // codes per token
     const float s = f16_at(blk + 2 * t);
     const uint8_t* cw = blk + 2 * 32;
 #pragma unroll 1
@@ -62,13 +67,14 @@ __device__ __forceinline__ void rvq_decode_row(const uint8_t* blk, int t, const 
         float acc[RVQ_G];
 #pragma unroll
         for (int j = 0; j < RVQ_G; j++) acc[j] = 0.f;
-#pragma unroll 1
-        for (int st = 0; st < depth; st++) {
-            const int code = (int)bits_at(cw, ((t * NG + g) * depth + st) * cbits, cbits);
+#pragma unroll 4
+        for (int st = 0; st < depth; st++) {  // unrolled: several codewords' loads in flight
+            const int ci = t * cpt + g * depth + st;
+            const int code = cbits == 8 ? (int)cw[ci] : (int)bits_at(cw, ci * cbits, cbits);
             const uint4* w = reinterpret_cast<const uint4*>(tb.books16 + ((int64_t)st * codes + code) * RVQ_G);
 #pragma unroll
             for (int q = 0; q < 4; q++) {
-                const uint4 u = __ldg(w + q);
+                const uint4 u = w[q];  // shared memory, or global (books too large to stage)
                 const uint32_t uu[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
@@ -84,17 +90,37 @@ __device__ __forceinline__ void rvq_decode_row(const uint8_t* blk, int t, const 
 #pragma unroll
             for (int j = 0; j < RVQ_G / 2; j++) {
                 const int i = g + j * NG;
-                const float2 b = base[i], dl = delta[t * (D / 2) + i];
+                const float2 b = base[i], dl = delta[i * 32 + t];
                 const float c = b.x * dl.x - b.y * dl.y, sn = b.y * dl.x + b.x * dl.y;
                 const float xa = acc[j], xb = acc[j + RVQ_G / 2];
                 acc[j] = xa * c - xb * sn;
                 acc[j + RVQ_G / 2] = xa * sn + xb * c;
             }
         }
+        if constexpr (KEY) {
 #pragma unroll
-        for (int j = 0; j < RVQ_G; j++) {
-            const int c = __ldg(tb.chan + g * RVQ_G + j);
-            *reinterpret_cast<__half*>(rows + swz<D>(t, c >> 3) + 2 * (c & 7)) = __float2half_rn(acc[j]);
+            for (int j = 0; j < RVQ_G / 2; j++) {
+                const int i = g + j * NG;  // HF channel i and i + D/2
+                if (tb.style == 0) {       // model channels 2i, 2i + 1
+                    *reinterpret_cast<uint32_t*>(rows + swz<D>(t, (2 * i) >> 3) + 2 * ((2 * i) & 7)) =
+                        pack2(acc[j], acc[j + RVQ_G / 2]);
+                } else {  // model channels i, i + D/2
+                    const int i2 = i + D / 2;
+                    *reinterpret_cast<__half*>(rows + swz<D>(t, i >> 3) + 2 * (i & 7)) = __float2half_rn(acc[j]);
+                    *reinterpret_cast<__half*>(rows + swz<D>(t, i2 >> 3) + 2 * (i2 & 7)) =
+                        __float2half_rn(acc[j + RVQ_G / 2]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                uint4 u;
+                u.x = pack2(acc[8 * q], acc[8 * q + 1]);
+                u.y = pack2(acc[8 * q + 2], acc[8 * q + 3]);
+                u.z = pack2(acc[8 * q + 4], acc[8 * q + 5]);
+                u.w = pack2(acc[8 * q + 6], acc[8 * q + 7]);
+                *reinterpret_cast<uint4*>(rows + swz<D>(t, 4 * g + q)) = u;
+            }
         }
     }
 }
@@ -103,81 +129,150 @@ template <int D>
 struct RvqPolicy {
     static constexpr int BT = 32;
     static constexpr int PAGE_BLOCKS = 1;
-    static constexpr int STAGES = 3;
+    static constexpr int STAGES = 2;  // two block buffers per warp: the next tile's copy is in flight
     static constexpr int MIN_CTAS = 1;
     static constexpr bool CUSTOM_SEALED = true;
     static constexpr bool Q_PAIR8 = false;
-    // Dynamic shared memory per warp past the page stages, per head channel: K and V rows of a tile
-    // (2 x 32 x 2 bytes) and the tile's base angles (D/2 x 8 bytes).
-    static constexpr int ROWS_PER_CH = 2 * BT * 2 + 4;
+    // Tokens per K/V phase: the chunk's raw scores wait in shared memory ([CHUNK][MAX_G] f32) while
+    // the V books replace the K books.
+    static constexpr int CHUNK = 4 * D;
+    // Dynamic shared memory per warp and head channel: a tile's f16 rows (32 x 2 bytes), its base
+    // angles (D/2 x 8 bytes) and a quarter of the chunk's scores (CHUNK x MAX_G x 4 / WARPS / D).
+    static constexpr int ROWS_PER_CH = 2 * BT + 4 + CHUNK * MAX_G * 4 / WARPS / D;
     static __device__ __forceinline__ int stage_off(int byte) { return byte; }
     static __device__ __forceinline__ int out_chan(int mb, int row) { return 16 * mb + row; }
 
-    struct Body {
-        const Ctx<D>& cx;
-        RvqTab kt, vt;
-        int kdepth, kcbits, kcodes, vdepth, vcbits, vcodes;
-        uint8_t* krows;
-        uint8_t* vrows;
-        float2* base;
-        const float2* delta;
-        int first_page;  // the warp's first page (tile i is page first_page + i * WARPS)
+    // Copies one stream's f16 books into shared memory (whole CTA), or leaves them in global memory
+    // when they do not fit the launch's dynamic shared memory (large codebooks): returns the pointer.
+    static __device__ __forceinline__ const __half* books_in(const RvqTab& t, int depth, int codes, uint8_t* dst,
+                                                             int room) {
+        const int bytes = depth * codes * RVQ_G * 2;
+        if (bytes > room) return t.books16;
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(t.books16);
+        for (int o = threadIdx.x * 16; o < bytes; o += THREADS * 16) cp_async16(dst + o, src + o, true);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        return reinterpret_cast<const __half*>(dst);
+    }
 
-        __device__ __forceinline__ void scores(const uint8_t* ks, int i, float (*s)[2]) const {
-            const int lane = cx.lane;
-            const double p0 = (double)((first_page + i * WARPS) * BT);
-            for (int ii = lane; ii < D / 2; ii += 32) {
-                double sd, cd;
-                sincos(p0 * (double)kt.inv_freq[ii], &sd, &cd);
-                base[ii] = make_float2((float)cd, (float)sd);
-            }
-            __syncwarp();
-            rvq_decode_row<D, true>(ks, lane, kt, kdepth, kcbits, kcodes, base, delta, krows);
-            __syncwarp();
-            scores_f16rows<D, BT>(krows, cx, s);
-        }
-        __device__ __forceinline__ void rescale(float, float, float) const {}
-        __device__ __forceinline__ void pv(const uint8_t* vb, int, const uint32_t (*pa)[2], float (*acc)[4]) const {
-            rvq_decode_row<D, false>(vb, cx.lane, vt, vdepth, vcbits, vcodes, nullptr, nullptr, vrows);
-            __syncwarp();
-            pv_f16rows<D, BT>(vrows, cx, pa, acc);
-        }
-        __device__ __forceinline__ void done(const uint8_t*, int, int, float (*)[4]) const {}
-    };
-
+    // Per split, in chunks of CHUNK tokens: K books to shared memory, every warp decodes its tiles'
+    // keys (rotated) into f16 rows and writes the raw scores S = Q K^T to the chunk buffer; then V books
+    // replace them and the warps run the online softmax over the buffered scores and P V on decoded
+    // values. Each codeword load hits shared memory, not L1/L2 (run 8: gathering the books from L2 per
+    // token made attention 8.5x slower than fp16 at B=8, 128k).
     template <int DD>
     static __device__ __forceinline__ void run_sealed(const KvqDecodeParams& P, int slot, int h, int split, int warp,
                                                       int lane, int ns, uint8_t* smem, float scale_log2,
                                                       const Ctx<D>& cx, WarpState<D>& st) {
-        __shared__ float2 delta_sh[BT * (D / 2)];  // (cos, sin) of t * inv_freq[i], t < 32
+        __shared__ float2 delta_sh[(D / 2) * BT];  // [i][t]: (cos, sin) of t * inv_freq[i], t < 32
         const KvqFmtArgs& fa = P.fmt;
         const RvqTab kt = rvq_tab<D>(fa.p[0], fa.i[0], fa.i[2]);
         const RvqTab vt = rvq_tab<D>(fa.p[1], fa.i[4], fa.i[6]);
+        const int32_t* table = P.page_table + (int64_t)slot * P.max_pages;
         for (int idx = threadIdx.x; idx < BT * (D / 2); idx += THREADS) {
-            const int t = idx / (D / 2), i = idx % (D / 2);
+            const int i = idx / BT, t = idx % BT;
             float sn, c;
             sincosf((float)t * kt.inv_freq[i], &sn, &c);
             delta_sh[idx] = make_float2(c, sn);
         }
-        __syncthreads();
+        uint32_t dyn;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
         const int kbb = (int)P.k_block_bytes, vbb = (int)P.v_block_bytes;
+        // Dynamic shared memory: [block buffers: WARPS x stages x (kbb + vbb)][rows + base: WARPS x
+        // WARP_BYTES][scores][books].
+        const int stage_area = WARPS * P.stages * (kbb + vbb);
+        constexpr int ROWS = 2 * BT * D, BASE = 4 * D, WARP_BYTES = ROWS + BASE;
+        uint8_t* rows = smem + stage_area + warp * WARP_BYTES;
+        float2* base = reinterpret_cast<float2*>(rows + ROWS);
+        float* sc = reinterpret_cast<float*>(smem + stage_area + WARPS * WARP_BYTES);  // [CHUNK][MAX_G]
+        uint8_t* books = smem + stage_area + WARPS * ROWS_PER_CH * D;
+        const int room = (int)dyn - stage_area - WARPS * ROWS_PER_CH * D;
+        // This warp's block buffers: two when they fit (the next tile's copy in flight), else one.
+        uint8_t* buf = smem + warp * P.stages * (kbb + vbb);
+        const int bb = max(kbb, vbb);
+        const int nbuf = 2 * bb <= P.stages * (kbb + vbb) ? 2 : 1;
+        // Copies page pg's block of one pool into buffer `slot` (one commit group per call).
+        auto issue = [&](const uint8_t* pool, int bytes, int pg, int slot) {
+            const uint8_t* src = pool + ((int64_t)table[pg] * P.hkv + h) * bytes;
+            for (int o = lane * 16; o < bytes; o += 32 * 16) cp_async16(buf + slot * bb + o, src + o, true);
+            cp_async_commit();
+        };
         const int npages = (ns + BT - 1) / BT;
         const int lo = split * P.pages_per_split;
         const int hi = min(npages, lo + P.pages_per_split);
-        const int n_tiles = hi > lo + warp ? (hi - lo - warp + WARPS - 1) / WARPS : 0;
-        const int32_t* table = P.page_table + (int64_t)slot * P.max_pages;
-        auto count = [&](int i) { return min(BT, ns - (lo + warp + i * WARPS) * BT); };
-        auto fill = [&](int i, uint8_t* kb, uint8_t* vb) {
-            const int64_t page = table[lo + warp + i * WARPS];
-            stage<RvqPolicy>(kb, P.k_pages + (page * P.hkv + h) * kbb, kbb, kbb, lane);
-            stage<RvqPolicy>(vb, P.v_pages + (page * P.hkv + h) * vbb, vbb, vbb, lane);
-        };
-        uint8_t* extra = smem + WARPS * P.stages * (kbb + vbb) + warp * ROWS_PER_CH * D;
-        Body body{cx,    kt,      vt,      fa.i[0], fa.i[1],         fa.i[2],
-                  fa.i[4], fa.i[5], fa.i[6], extra,  extra + 2 * BT * D, reinterpret_cast<float2*>(extra + 4 * BT * D),
-                  delta_sh, lo + warp};
-        warp_run<D, BT>(n_tiles, count, fill, body, smem + warp * P.stages * (kbb + vbb), kbb, vbb, P.stages,
-                        scale_log2, lane, st);
+        const int r = lane >> 2, q4 = lane & 3;
+        constexpr int CP = CHUNK / BT;  // pages per chunk
+#pragma unroll 1
+        for (int c0 = lo; c0 < hi; c0 += CP) {
+            const int c1 = min(hi, c0 + CP);
+            __syncthreads();  // the previous chunk's V books are no longer read
+            const __half* kb16 = books_in(kt, fa.i[0], fa.i[2], books, room);
+            if (c0 + warp < c1) issue(P.k_pages, kbb, c0 + warp, 0);
+#pragma unroll 1
+            for (int pg = c0 + warp, i = 0; pg < c1; pg += WARPS, i++) {
+                const int cur = nbuf == 2 ? i & 1 : 0;
+                if (nbuf == 2 && pg + WARPS < c1) {
+                    issue(P.k_pages, kbb, pg + WARPS, cur ^ 1);
+                    cp_async_wait<1>();
+                } else {
+                    cp_async_wait<0>();
+                }
+                __syncwarp();
+                const uint8_t* blk = buf + cur * bb;
+                const double p0 = (double)pg * BT;
+                for (int i = lane; i < D / 2; i += 32) {
+                    double sd, cd;
+                    sincos(p0 * (double)kt.inv_freq[i], &sd, &cd);
+                    base[i] = make_float2((float)cd, (float)sd);
+                }
+                __syncwarp();
+                RvqTab t = kt;
+                t.books16 = kb16;
+                rvq_decode_row<D, true>(blk, lane, t, fa.i[0], fa.i[1], fa.i[2], base, delta_sh, rows);
+                __syncwarp();
+                float s[BT / 8][2];
+                scores_f16rows<D, BT>(rows, cx, s);
+                float* out = sc + (pg - c0) * BT * MAX_G;
+#pragma unroll
+                for (int j = 0; j < BT / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) out[(8 * j + 2 * q4 + e) * MAX_G + r] = s[j][e];
+                __syncwarp();  // rows, base and this buffer are rewritten by later tiles
+                if (nbuf == 1 && pg + WARPS < c1) issue(P.k_pages, kbb, pg + WARPS, 0);
+            }
+            __syncthreads();  // scores complete, K books no longer read
+            const __half* vb16 = books_in(vt, fa.i[4], fa.i[6], books, room);
+            if (c0 + warp < c1) issue(P.v_pages, vbb, c0 + warp, 0);
+#pragma unroll 1
+            for (int pg = c0 + warp, i = 0; pg < c1; pg += WARPS, i++) {
+                const int cur = nbuf == 2 ? i & 1 : 0;
+                if (nbuf == 2 && pg + WARPS < c1) {
+                    issue(P.v_pages, vbb, pg + WARPS, cur ^ 1);
+                    cp_async_wait<1>();
+                } else {
+                    cp_async_wait<0>();
+                }
+                __syncwarp();
+                const uint8_t* blk = buf + cur * bb;
+                const float* in = sc + (pg - c0) * BT * MAX_G;
+                float s[BT / 8][2];
+#pragma unroll
+                for (int j = 0; j < BT / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) s[j][e] = in[(8 * j + 2 * q4 + e) * MAX_G + r];
+                uint32_t pa[BT / 16][2];
+                float corr0, corr1;
+                softmax_tile<D, BT>(s, min(BT, ns - pg * BT), scale_log2, q4, st, pa, corr0, corr1);
+                RvqTab t = vt;
+                t.books16 = vb16;
+                rvq_decode_row<D, false>(blk, lane, t, fa.i[4], fa.i[5], fa.i[6], nullptr, nullptr, rows);
+                __syncwarp();
+                pv_f16rows<D, BT>(rows, cx, pa, st.acc);
+                __syncwarp();
+                if (nbuf == 1 && pg + WARPS < c1) issue(P.v_pages, vbb, pg + WARPS, 0);
+            }
+        }
     }
 };
 

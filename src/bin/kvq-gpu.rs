@@ -83,6 +83,21 @@ fn run() -> kvq::Result<()> {
         println!("wrote {dir} (SmolLM2-135M shape, random weights)");
         return Ok(());
     }
+    if mode == "rvq-books" {
+        // kvq-gpu rvq-books LAYERS CODES DEPTH PATH: random RVQ codebooks for a random-weight model.
+        let a: Vec<String> = std::env::args().skip(2).collect();
+        let num = |i: usize| -> kvq::Result<usize> {
+            a.get(i).and_then(|s| s.parse().ok()).ok_or_else(|| {
+                kvq::GpuError::Input("usage: kvq-gpu rvq-books LAYERS CODES DEPTH PATH".into())
+            })
+        };
+        let path = a.get(3).ok_or_else(|| {
+            kvq::GpuError::Input("usage: kvq-gpu rvq-books LAYERS CODES DEPTH PATH".into())
+        })?;
+        kvq::check::write_synthetic_codebooks(path, num(0)?, num(1)?, num(2)?)?;
+        println!("wrote {path}");
+        return Ok(());
+    }
     let gpu = Gpu::new(0)?;
     eprintln!("GPU: {}", gpu.describe());
     match mode.as_str() {

@@ -74,6 +74,9 @@ pub struct KernelSpec {
     /// The kernel takes this stream's keys before RoPE and rotates them itself (pre-RoPE codecs); its
     /// table then starts with the rope: `[i32 style, 0, 0, 0][f32 inv_freq; d/2]` (see rope_header).
     pub pre_rope: bool,
+    /// Bytes of this stream's table the kernel copies into shared memory when they fit (RVQ's f16
+    /// codebooks); 0 for none.
+    pub smem_table: usize,
 }
 
 /// The rope at the start of a pre-RoPE codec's kernel table: i32 style (0 interleaved pairs, 1

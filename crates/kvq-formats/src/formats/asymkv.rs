@@ -470,6 +470,7 @@ impl Codec for KiviCodec {
             tag,
             tile: (0, 0, 0),
             pre_rope: false,
+            smem_table: 0,
         })
     }
 

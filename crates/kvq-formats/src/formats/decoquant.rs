@@ -215,6 +215,7 @@ impl Codec for DecoCodec {
             tag,
             tile: (self.ts_bytes(), 2 + self.token_bytes(), unit),
             pre_rope: false,
+            smem_table: 0,
         })
     }
 

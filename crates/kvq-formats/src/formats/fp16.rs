@@ -58,6 +58,7 @@ impl Codec for Fp16Codec {
             tag: "",
             tile: (0, 0, 0),
             pre_rope: false,
+            smem_table: 0,
         })
     }
     fn encode(&self, x: &[f32], out: &mut [u8]) {

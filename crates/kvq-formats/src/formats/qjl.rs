@@ -409,6 +409,7 @@ impl Codec for QjlKeys {
             tag,
             tile: (0, 0, 0),
             pre_rope: false,
+            smem_table: 0,
         })
     }
 
