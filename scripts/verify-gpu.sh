@@ -69,7 +69,7 @@ sanitize)
   sanitize memcheck hq=8 200; sanitize racecheck hq=8 200; b1_timings ;;
 ppl)
   # Perplexity through the GPU engine (resident cache, fused kernels) on the main sweep's setting
-  # (alice29.txt, 16 windows of 1024), every main.plans row a kernel reads (RVQ has none), to set
+  # (alice29.txt, 16 windows of 1024), every main.plans row but RVQ's (stage ppl-rvq: they need the codebooks), to set
   # against the CPU sweep's values (docs/results/2026-11-24-quality/sweep-main.json). Needs the model
   # (both parts staged), the kvq CLI in .carry-bin/kvq.xz and data/corpus carried.
   [ -n "$MODEL" ] || { echo "ppl: model not staged"; exit 3; }
