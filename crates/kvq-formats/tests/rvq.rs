@@ -195,3 +195,47 @@ fn hostile_values_give_finite_attention() {
     }
     let _ = std::fs::remove_file(&f);
 }
+
+/// The CUDA kernel's contract (kernels/formats/rvq.cu): which settings it serves, its integers, and the
+/// per-stream table it reads byte by byte (rope header, channel map, f32 and f16 books).
+#[test]
+fn kernel_spec_and_table_match_the_cuda_layout() {
+    let file = codebook_file("kernel", true);
+    let books = Codebooks::load(&file).unwrap();
+    for stream in [Stream::Key, Stream::Value] {
+        let key = stream == Stream::Key;
+        let cx = ctx(stream);
+        let c = parse_format(&format!("rvq:codes=64,depth=5,codebooks={file}"))
+            .unwrap()
+            .build(&cx)
+            .unwrap();
+        let spec = c.kernel().expect("group 32, depth 5: a kernel");
+        assert_eq!(spec.module, "rvq");
+        assert_eq!(spec.ints, [5, 6, 64, 0]);
+        assert_eq!(spec.pre_rope, key);
+        assert_eq!(spec.smem_table, 5 * 64 * 32 * 2);
+        let t = c.kernel_table().unwrap();
+        let i32_at = |o: usize| i32::from_le_bytes(t[o..o + 4].try_into().unwrap());
+        let f32_at = |o: usize| f32::from_le_bytes(t[o..o + 4].try_into().unwrap());
+        assert_eq!([i32_at(0), i32_at(4), i32_at(8), i32_at(12)], [0, 0, 0, 0]);
+        for (i, f) in cx.rope.inv_freq.iter().enumerate() {
+            assert_eq!(f32_at(16 + 4 * i), *f);
+        }
+        let chan = channel_groups(&cx, 32, key);
+        for (i, c) in chan.iter().enumerate() {
+            assert_eq!(i32_at(16 + 2 * D + 4 * i) as usize, *c);
+        }
+        let want = &books.tables[&table_name(0, key)][..5 * 64 * 32];
+        let (o32, o16) = (16 + 6 * D, 16 + 6 * D + 4 * want.len());
+        assert_eq!(t.len(), o16 + 2 * want.len());
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(f32_at(o32 + 4 * i), *w);
+            let h = u16::from_le_bytes([t[o16 + 2 * i], t[o16 + 2 * i + 1]]);
+            assert_eq!(h, half::f16::from_f32(*w).to_bits());
+        }
+    }
+    // Contiguous key groups split rotary pairs across groups: no kernel (values are always contiguous).
+    let c = parse_format(&format!("rvq:codes=64,groups=contiguous,codebooks={file}")).unwrap();
+    assert!(c.build(&ctx(Stream::Key)).unwrap().kernel().is_none());
+    assert!(c.build(&ctx(Stream::Value)).unwrap().kernel().is_some());
+}
