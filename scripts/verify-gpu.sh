@@ -103,8 +103,8 @@ kernels)
 rvq)
   # RVQ's kernels (kernels/formats/rvq.cu): full parity (kvq-gpu check writes the synthetic RVQ
   # codebooks to /tmp), memcheck on every RVQ case, racecheck on one RVQ setting, then attention
-  # timings of RVQ (8 stages of 256 codes, 2.25 bits/elem at d=128... see the JSON's bits) against
-  # fp16 and KIVI-2 in the same run. One call, carry [".carry-bin-gpu"].
+  # timings of RVQ (8 stages of 256 codes: 2.125 bits/elem at d=128) against fp16 and KIVI-2 in the
+  # same run. One call, carry [".carry-bin-gpu"].
   parity; sanitize memcheck rvq 200; sanitize racecheck rvq:codes=16 200
   CB=${TMPDIR:-/tmp}/kvq-check-rvq-256x8.safetensors
   KVQ_BENCH_POINTS=1x4096,1x32768,8x131072 timeout 150 "$S/kvq-gpu" bench fp16 kivi:bits=2,window=0 \

@@ -151,12 +151,12 @@ impl DeviceKv {
         // beside the stages and rows (the kernel reads them from global memory otherwise).
         let books = k_spec.smem_table.max(v_spec.smem_table);
         let room = gpu.max_smem_per_block()?.saturating_sub(24 << 10);
-        let rows = if stages * per_stage + rows + books <= room {
+        let extra = if stages * per_stage + rows + books <= room {
             rows + books
         } else {
             rows
         };
-        let smem = Self::smem(stages * per_stage + rows, s.d);
+        let smem = Self::smem(stages * per_stage + extra, s.d);
         let decode = gpu.function(k_spec.module, &Self::decode_name(&k_spec, &v_spec, s.d))?;
         let per_sm = decode
             .occupancy_max_active_blocks_per_multiprocessor(128, smem, None)
@@ -174,7 +174,7 @@ impl DeviceKv {
         Ok(Self {
             table,
             v_table,
-            extra_smem: rows,
+            extra_smem: extra,
             k_pages: st.alloc_zeros(pool * kbb).map_err(a("the K page pool"))?,
             v_pages: st.alloc_zeros(pool * vbb).map_err(a("the V page pool"))?,
             page_table: st
