@@ -2,19 +2,13 @@
 // key codecs) to the f16 window rings.
 #include "kvq_encode.cuh"
 
-extern "C" __global__ void KVQ_NAME(cache, append, f32, 64)(const KvqEncodeParams P) {
-    KVQ_PDL_ENTER();
-    kvq::append_kernel<64>(P);
-}
-extern "C" __global__ void KVQ_NAME(cache, append, f32, 128)(const KvqEncodeParams P) {
-    KVQ_PDL_ENTER();
-    kvq::append_kernel<128>(P);
-}
-extern "C" __global__ void KVQ_NAME(cache, append_prerope, f32, 64)(const KvqEncodeParams P) {
-    KVQ_PDL_ENTER();
-    kvq::append_prerope_kernel<64>(P);
-}
-extern "C" __global__ void KVQ_NAME(cache, append_prerope, f32, 128)(const KvqEncodeParams P) {
-    KVQ_PDL_ENTER();
-    kvq::append_prerope_kernel<128>(P);
-}
+#define KVQ_APPEND_KERNEL(op, fn, D)                                                   \
+    extern "C" __global__ void KVQ_NAME(cache, op, f32, D)(const KvqEncodeParams P) { \
+        KVQ_PDL_ENTER();                                                                \
+        kvq::fn<D>(P);                                                                  \
+    }
+
+KVQ_APPEND_KERNEL(append, append_kernel, 64)
+KVQ_APPEND_KERNEL(append, append_kernel, 128)
+KVQ_APPEND_KERNEL(append_prerope, append_prerope_kernel, 64)
+KVQ_APPEND_KERNEL(append_prerope, append_prerope_kernel, 128)

@@ -111,10 +111,8 @@ impl DeviceKv {
                 tile(k_spec.tile) + tile(v_spec.tile)
             };
         let rows = WARPS * rows_per_ch * shape.d;
-        let limit = gpu
-            .max_smem_per_block()?
-            .saturating_sub(24 << 10)
-            .saturating_sub(rows);
+        let room = gpu.max_smem_per_block()?.saturating_sub(24 << 10);
+        let limit = room.saturating_sub(rows);
         let mut stages = max_stages.min(4).min(limit / per_stage);
         if let Some(s) = std::env::var("KVQ_STAGES")
             .ok()
@@ -150,7 +148,6 @@ impl DeviceKv {
         // The formats' tables the kernel copies into shared memory (RVQ's f16 books), when they fit
         // beside the stages and rows (the kernel reads them from global memory otherwise).
         let books = k_spec.smem_table.max(v_spec.smem_table);
-        let room = gpu.max_smem_per_block()?.saturating_sub(24 << 10);
         let extra = if stages * per_stage + rows + books <= room {
             rows + books
         } else {

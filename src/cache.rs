@@ -72,16 +72,11 @@ impl GpuLayerCache {
             )));
         }
         let bt = kc.block_tokens();
-        let spec = kc
+        // (A pre-RoPE codec whose kernel does not rotate keys is refused by DeviceKv::new below.)
+        let module = kc
             .kernel()
-            .ok_or_else(|| GpuError::Shape(format!("{} has no CUDA kernel yet", kc.describe())))?;
-        if kc.pre_rope() && !spec.pre_rope {
-            return Err(GpuError::Shape(format!(
-                "{} stores keys before RoPE and its kernel does not rotate them: not on the GPU yet",
-                kc.describe()
-            )));
-        }
-        let module = spec.module;
+            .ok_or_else(|| GpuError::Shape(format!("{} has no CUDA kernel yet", kc.describe())))?
+            .module;
         let (page_blocks, ..) = gpu.layout(module)?;
         // The format needs its CUDA encoder (not every decode kernel has one yet).
         gpu.function(module, &kernel_name(module, "encode", "f16", cfg.d))

@@ -130,14 +130,6 @@ fn stride_cfg(n: usize) -> LaunchConfig {
     }
 }
 
-/// RoPE channel layouts as the kernels number them.
-fn style_code(style: kvq_formats::RopeStyle) -> i32 {
-    match style {
-        kvq_formats::RopeStyle::Interleaved => 0,
-        kvq_formats::RopeStyle::Half => 1,
-    }
-}
-
 /// The model-op kernels of kernels/model.cu, loaded once, with typed launchers (asynchronous, on the
 /// GPU's one stream).
 pub struct ModelOps {
@@ -297,7 +289,7 @@ impl ModelOps {
         }
         let (n32, h32, d32) = (to_i32("rows", n)?, to_i32("heads", heads)?, to_i32("d", d)?);
         let stride = row_stride as i64;
-        let style_c = style_code(style);
+        let style_c = style.kernel_code();
         let cfg = LaunchConfig {
             grid_dim: (n as u32, heads as u32, 1),
             block_dim: (THREADS, 1, 1),
@@ -360,7 +352,7 @@ impl ModelOps {
             to_i32("hq", hq)?,
             to_i32("hkv", hkv)?,
             to_i32("d", d)?,
-            style_code(style),
+            style.kernel_code(),
             i32::from(rotate_k),
         ];
         let cfg = LaunchConfig {

@@ -198,6 +198,23 @@ struct RvqPolicy {
             for (int o = lane * 16; o < bytes; o += 32 * 16) cp_async16(buf + slot * bb + o, src + o, true);
             cp_async_commit();
         };
+        // Waits for tile i (page pg) of one pool, its successor's copy issued first when two buffers
+        // take turns; returns the tile's block. `done` issues the successor after the tile when there
+        // is one buffer.
+        auto acquire = [&](const uint8_t* pool, int bytes, int pg, int i, int c1) -> const uint8_t* {
+            const int cur = nbuf == 2 ? i & 1 : 0;
+            if (nbuf == 2 && pg + WARPS < c1) {
+                issue(pool, bytes, pg + WARPS, cur ^ 1);
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncwarp();
+            return buf + cur * bb;
+        };
+        auto done = [&](const uint8_t* pool, int bytes, int pg, int c1) {
+            if (nbuf == 1 && pg + WARPS < c1) issue(pool, bytes, pg + WARPS, 0);
+        };
         const int npages = (ns + BT - 1) / BT;
         const int lo = split * P.pages_per_split;
         const int hi = min(npages, lo + P.pages_per_split);
@@ -211,15 +228,7 @@ struct RvqPolicy {
             if (c0 + warp < c1) issue(P.k_pages, kbb, c0 + warp, 0);
 #pragma unroll 1
             for (int pg = c0 + warp, i = 0; pg < c1; pg += WARPS, i++) {
-                const int cur = nbuf == 2 ? i & 1 : 0;
-                if (nbuf == 2 && pg + WARPS < c1) {
-                    issue(P.k_pages, kbb, pg + WARPS, cur ^ 1);
-                    cp_async_wait<1>();
-                } else {
-                    cp_async_wait<0>();
-                }
-                __syncwarp();
-                const uint8_t* blk = buf + cur * bb;
+                const uint8_t* blk = acquire(P.k_pages, kbb, pg, i, c1);
                 const double p0 = (double)pg * BT;
                 for (int i = lane; i < D / 2; i += 32) {
                     double sd, cd;
@@ -239,22 +248,14 @@ struct RvqPolicy {
 #pragma unroll
                     for (int e = 0; e < 2; e++) out[(8 * j + 2 * q4 + e) * MAX_G + r] = s[j][e];
                 __syncwarp();  // rows, base and this buffer are rewritten by later tiles
-                if (nbuf == 1 && pg + WARPS < c1) issue(P.k_pages, kbb, pg + WARPS, 0);
+                done(P.k_pages, kbb, pg, c1);
             }
             __syncthreads();  // scores complete, K books no longer read
             const __half* vb16 = books_in(vt, fa.i[4], fa.i[6], books, room);
             if (c0 + warp < c1) issue(P.v_pages, vbb, c0 + warp, 0);
 #pragma unroll 1
             for (int pg = c0 + warp, i = 0; pg < c1; pg += WARPS, i++) {
-                const int cur = nbuf == 2 ? i & 1 : 0;
-                if (nbuf == 2 && pg + WARPS < c1) {
-                    issue(P.v_pages, vbb, pg + WARPS, cur ^ 1);
-                    cp_async_wait<1>();
-                } else {
-                    cp_async_wait<0>();
-                }
-                __syncwarp();
-                const uint8_t* blk = buf + cur * bb;
+                const uint8_t* blk = acquire(P.v_pages, vbb, pg, i, c1);
                 const float* in = sc + (pg - c0) * BT * MAX_G;
                 float s[BT / 8][2];
 #pragma unroll
@@ -270,7 +271,7 @@ struct RvqPolicy {
                 __syncwarp();
                 pv_f16rows<D, BT>(rows, cx, pa, st.acc);
                 __syncwarp();
-                if (nbuf == 1 && pg + WARPS < c1) issue(P.v_pages, vbb, pg + WARPS, 0);
+                done(P.v_pages, vbb, pg, c1);
             }
         }
     }

@@ -86,14 +86,12 @@ fn run() -> kvq::Result<()> {
     if mode == "rvq-books" {
         // kvq-gpu rvq-books LAYERS CODES DEPTH PATH: random RVQ codebooks for a random-weight model.
         let a: Vec<String> = std::env::args().skip(2).collect();
+        let usage =
+            || kvq::GpuError::Input("usage: kvq-gpu rvq-books LAYERS CODES DEPTH PATH".into());
         let num = |i: usize| -> kvq::Result<usize> {
-            a.get(i).and_then(|s| s.parse().ok()).ok_or_else(|| {
-                kvq::GpuError::Input("usage: kvq-gpu rvq-books LAYERS CODES DEPTH PATH".into())
-            })
+            a.get(i).and_then(|s| s.parse().ok()).ok_or_else(usage)
         };
-        let path = a.get(3).ok_or_else(|| {
-            kvq::GpuError::Input("usage: kvq-gpu rvq-books LAYERS CODES DEPTH PATH".into())
-        })?;
+        let path = a.get(3).ok_or_else(usage)?;
         kvq::check::write_synthetic_codebooks(path, num(0)?, num(1)?, num(2)?)?;
         println!("wrote {path}");
         return Ok(());

@@ -82,12 +82,8 @@ pub struct KernelSpec {
 /// The rope at the start of a pre-RoPE codec's kernel table: i32 style (0 interleaved pairs, 1
 /// rotate-half), three zero i32s, then the d/2 inverse frequencies as f32.
 pub fn rope_header(rope: &Rope) -> Vec<u8> {
-    let style: i32 = match rope.style {
-        crate::rope::RopeStyle::Interleaved => 0,
-        crate::rope::RopeStyle::Half => 1,
-    };
     let mut b = Vec::with_capacity(16 + 4 * rope.inv_freq.len());
-    for v in [style, 0, 0, 0] {
+    for v in [rope.style.kernel_code(), 0, 0, 0] {
         b.extend_from_slice(&v.to_le_bytes());
     }
     for f in &rope.inv_freq {

@@ -19,6 +19,17 @@ pub struct Rope {
     pub style: RopeStyle,
 }
 
+impl RopeStyle {
+    /// The style as the CUDA kernels number it (kernels/model.cu, pre-RoPE kernel tables): 0
+    /// interleaved pairs, 1 rotate-half.
+    pub fn kernel_code(self) -> i32 {
+        match self {
+            RopeStyle::Interleaved => 0,
+            RopeStyle::Half => 1,
+        }
+    }
+}
+
 impl Rope {
     /// Plain RoPE with base `theta` (no scaling) for `head_dim` channels.
     pub fn new(head_dim: usize, theta: f32, style: RopeStyle) -> Self {
