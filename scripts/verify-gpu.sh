@@ -21,7 +21,7 @@
 set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
 stage_model
-stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|engine|ppl|prefill|rvq|ppl-rvq}
+stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|engine|ppl|prefill|rvq|ppl-rvq|formats}
 R="$OUT/$stage"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 rc=0
@@ -119,6 +119,26 @@ ppl-rvq)
   timeout 420 "$S/kvq" eval ppl --device cuda --model "$MODEL" --text data/corpus/alice29.txt --ctx 1024 \
     --max-windows 16 --kv fp16 $P --json "$R/ppl-gpu.json" > "$R/ppl-gpu.txt" 2>&1 || rc=1
   tail -n 30 "$R/ppl-gpu.txt" ;;
+formats)
+  # Issue 6, every format on the real model through the GPU engine: greedy `kvq generate --device cuda`
+  # (32 tokens after a ~500-token passage of alice29.txt, so every format seals blocks; compare with the
+  # same command on the CPU, scripts/formats-cpu.sh) and `eval ppl --device cuda` of the AsymKV plans
+  # that do not wreck the model (4-bit keys; values 4-bit in the first 15 layers, 2-bit after; or 2-bit
+  # values with a 128-token window), against their CPU values. Needs the model (both parts staged),
+  # .carry-bin/kvq.xz, data/corpus/alice29.txt and the codebooks data/rvq-lcet10-256x8.safetensors.
+  [ -n "$MODEL" ] || { echo "formats: model not staged"; exit 3; }
+  . scripts/formats-plans.sh
+  for kv in "${GEN_PLANS[@]}"; do
+    echo "== $kv" >> "$R/generate-gpu.txt"
+    timeout 60 "$S/kvq" generate --device cuda --model "$MODEL" --kv "$kv" --max-tokens 32 "$PROMPT" \
+      >> "$R/generate-gpu.txt" 2>> "$R/generate-gpu.err" || { echo "generate $kv failed"; rc=1; }
+    echo >> "$R/generate-gpu.txt"
+  done
+  cat "$R/generate-gpu.txt" | cut -c1-200
+  timeout 300 "$S/kvq" eval ppl --device cuda --model "$MODEL" --text data/corpus/alice29.txt --ctx 1024 \
+    --max-windows 16 --kv fp16 $(for p in "${PPL_PLANS[@]}"; do echo "--kv $p"; done) --json "$R/ppl-gpu.json" \
+    > "$R/ppl-gpu.txt" 2>&1 || rc=1
+  tail -n 8 "$R/ppl-gpu.txt" ;;
 quick)
   # A short form of `kernels` for a small device budget: memcheck on the encoder cases (where the host
   # probes each module's symbols), racecheck on one QJL configuration.

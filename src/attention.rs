@@ -66,8 +66,14 @@ pub struct DeviceKv {
     pub(crate) stages: usize,
     /// Shared memory of one pipeline stage, all warps.
     stage_bytes: usize,
-    /// Tokens per unit the kernel splits a sequence in (a page, or the format's work unit).
+    /// Tokens per unit the kernel splits a sequence in (a page, or the format's largest work unit).
     split_tokens: usize,
+    /// Tokens per tile of formats read in tiles smaller than a block (0: whole pages), the smallest
+    /// work unit such a format can be split in.
+    tile_tokens: usize,
+    /// Keeps tiled formats at their largest work unit at every context (the parity check runs them
+    /// both ways, since its short cases would otherwise only ever see shrunken units).
+    pub whole_units: bool,
     pub(crate) k_spec: KernelSpec,
     pub(crate) v_spec: KernelSpec,
     /// Decode CTAs resident at once on the whole GPU (sizes the split count to one wave).
@@ -201,6 +207,8 @@ impl DeviceKv {
             } else {
                 page_blocks * bt
             },
+            tile_tokens: if k_spec.tile.2 > 0 { tile_tokens } else { 0 },
+            whole_units: false,
             k_spec,
             v_spec,
             cta_slots: gpu.sm_count()? * per_sm,
@@ -334,6 +342,33 @@ impl DeviceKv {
         (max_pages.div_ceil(pps), pps)
     }
 
+    /// (tokens per split unit, splits, units per split) for the rows of `ws`. Tiled formats fold the
+    /// query once per work unit and a warp takes whole units, so where a split would hold fewer units
+    /// than warps (short contexts: DecoQuant at batch 1, 4k left three of four warps idle) the unit is
+    /// halved, down to one tile, until every warp has one.
+    fn split_plan(&self, ws: &Workspace) -> (usize, usize, usize) {
+        let longest = ws
+            .rows
+            .iter()
+            .map(|&(s, len)| self.host_sealed[s].min(len))
+            .max()
+            .unwrap_or(0);
+        let tile = if self.whole_units {
+            0
+        } else {
+            self.tile_tokens
+        };
+        let heads = ws.rows.len() * self.shape.hkv;
+        plan_units(
+            longest,
+            heads,
+            self.cta_slots,
+            ws.most_splits,
+            self.split_tokens,
+            tile,
+        )
+    }
+
     /// Launches decode attention for the rows of `ws` on the queries in `ws.q`, result in `ws.out`
     /// (asynchronous).
     pub fn launch(&self, gpu: &Gpu, ws: &mut Workspace) -> Result<()> {
@@ -381,19 +416,7 @@ impl DeviceKv {
                 ws.hq
             )));
         }
-        let page_tokens = self.split_tokens;
-        let max_pages = ws
-            .rows
-            .iter()
-            .map(|&(s, len)| self.host_sealed[s].min(len).div_ceil(page_tokens))
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let min_pps = split_min_tokens(max_pages * page_tokens).div_ceil(page_tokens);
-        let (splits, pps) =
-            Self::split_count(self.cta_slots, ws.rows.len() * hkv, max_pages, min_pps);
-        let splits = splits.min(ws.most_splits);
-        let pps = pps.max(max_pages.div_ceil(splits));
+        let (unit, splits, pps) = self.split_plan(ws);
         let module = self.k_spec.module;
         let decode = gpu.function(module, &Self::decode_name(&self.k_spec, &self.v_spec, d))?;
         let merge = gpu.function(module, &kernel_name(module, "merge", "f16", d))?;
@@ -434,6 +457,7 @@ impl DeviceKv {
             scale: 1.0 / (d as f32).sqrt(),
             page_blocks: self.page_blocks as i32,
             stages: self.stages as i32,
+            unit_tokens: unit as i32,
             fmt: KvqFmtArgs {
                 i: ints,
                 p: {
@@ -494,6 +518,32 @@ fn split_min_tokens(tokens: usize) -> usize {
             .and_then(|v| v.parse().ok())
     });
     fixed.unwrap_or((tokens / 32).clamp(256, 1024))
+}
+
+/// (unit, splits, units per split) for a longest row of `longest` sealed tokens over `heads` (row, KV
+/// head) pairs on `slots` resident CTAs (at most `most_splits` splits), starting from `unit` tokens and
+/// halving it (not below `tile` tokens, and only while it stays a multiple of it; `tile` 0: never)
+/// while a split holds fewer units than a CTA has warps.
+fn plan_units(
+    longest: usize,
+    heads: usize,
+    slots: usize,
+    most_splits: usize,
+    mut unit: usize,
+    tile: usize,
+) -> (usize, usize, usize) {
+    loop {
+        let max_pages = longest.div_ceil(unit).max(1);
+        let min_pps = split_min_tokens(max_pages * unit).div_ceil(unit);
+        let (splits, pps) = DeviceKv::split_count(slots, heads, max_pages, min_pps);
+        let splits = splits.min(most_splits).max(1);
+        let pps = pps.max(max_pages.div_ceil(splits));
+        let finer = unit / 2;
+        if tile == 0 || pps >= WARPS || finer < tile || !finer.is_multiple_of(tile) {
+            return (unit, splits, pps);
+        }
+        unit = finer;
+    }
 }
 
 /// `KVQ_SPLIT_MERGE=1`: merge the splits in a kernel of its own after decode (the pre-fusion path,
@@ -637,6 +687,11 @@ impl GpuBatch {
         self.kv.attend(gpu, &self.rows, q, hq)
     }
 
+    /// Whether the format is read in tiles with work units the host may shrink (DecoQuant).
+    pub fn tiled(&self) -> bool {
+        self.kv.tile_tokens > 0
+    }
+
     /// Tokens per block of this batch's format.
     pub fn block_tokens(&self) -> usize {
         self.kv.block_tokens
@@ -670,6 +725,21 @@ mod tests {
         assert_eq!(split_min_tokens(4096), 256);
         assert_eq!(split_min_tokens(16384), 512);
         assert_eq!(split_min_tokens(131072), 1024);
+    }
+
+    #[test]
+    fn work_units_shrink_until_every_warp_has_one() {
+        // B=1, 4k, 8 KV heads, 132 SMs x 2 CTAs: 256-token units leave one per 256-token split.
+        assert_eq!(plan_units(4096, 8, 264, 1 << 20, 256, 64), (64, 16, 4));
+        // Page formats (tile 0) and whole units keep their unit.
+        assert_eq!(plan_units(4096, 8, 264, 1 << 20, 256, 0).0, 256);
+        // Long contexts already give every warp units: 256 stays.
+        let (unit, splits, pps) = plan_units(131072, 64, 264, 1 << 20, 256, 64);
+        assert_eq!(unit, 256);
+        assert!(pps >= WARPS && splits * pps * unit >= 131072);
+        // Never below a tile, nor to a unit the tile does not divide (192-token blocks).
+        assert_eq!(plan_units(100, 1, 264, 1 << 20, 64, 64).0, 64);
+        assert_eq!(plan_units(100, 1, 264, 1 << 20, 192, 64).0, 192);
         // B=1, 4k, fp16 pages of 32 tokens, 3 KV heads, 528 resident CTAs: 16 splits of 8 pages.
         assert_eq!(DeviceKv::split_count(528, 3, 128, 8), (16, 8));
         // B=1, 32k: 32 splits of 32 pages (1024 tokens).

@@ -130,20 +130,34 @@ pub fn parity(gpu: &Gpu, formats: &[&str]) -> Result<Vec<ParityResult>> {
                         .map(|(i, &t)| random_cache(fmt, t, hkv, d, seed * 31 + i as u64))
                         .collect::<Result<_>>()?;
                     let refs: Vec<&LayerCache> = caches.iter().collect();
-                    let batch = GpuBatch::upload(gpu, &refs, 1, seed)?;
+                    let mut batch = GpuBatch::upload(gpu, &refs, 1, seed)?;
                     let q = gaussian_with_outliers(lens.len() * hq, d, 0, seed + 7);
-                    let got = batch.attend(gpu, &q, hq)?;
-                    let mut worst = 0f64;
+                    let mut wants = Vec::with_capacity(caches.len());
                     for (b, c) in caches.iter().enumerate() {
                         let mut want = vec![0f32; hq * d];
                         c.attend_fused(&q[b * hq * d..(b + 1) * hq * d], c.len(), &mut want)?;
-                        worst = worst.max(rel_err(&got[b * hq * d..(b + 1) * hq * d], &want));
+                        wants.push(want);
                     }
-                    out.push(ParityResult {
-                        case,
-                        rel_err: worst,
-                        non_finite: got.iter().filter(|x| !x.is_finite()).count(),
-                    });
+                    // Tiled formats: the shrunken work units these short cases get, then the whole ones.
+                    let passes: &[(bool, &str)] = if batch.tiled() {
+                        &[(false, ""), (true, " whole-units")]
+                    } else {
+                        &[(false, "")]
+                    };
+                    for &(whole, tag) in passes {
+                        batch.kv.whole_units = whole;
+                        let got = batch.attend(gpu, &q, hq)?;
+                        let worst = wants
+                            .iter()
+                            .enumerate()
+                            .map(|(b, want)| rel_err(&got[b * hq * d..(b + 1) * hq * d], want))
+                            .fold(0f64, f64::max);
+                        out.push(ParityResult {
+                            case: format!("{case}{tag}"),
+                            rel_err: worst,
+                            non_finite: got.iter().filter(|x| !x.is_finite()).count(),
+                        });
+                    }
                 }
             }
         }

@@ -41,12 +41,14 @@ pub struct KvqDecodeParams {
     pub scale: f32,
     pub page_blocks: i32,
     pub stages: i32,
+    pub unit_tokens: i32,
     pub fmt: KvqFmtArgs,
 }
 
 const _: () = assert!(std::mem::size_of::<KvqFmtArgs>() == 64);
-const _: () = assert!(std::mem::size_of::<KvqDecodeParams>() == 240);
-const _: () = assert!(std::mem::offset_of!(KvqDecodeParams, fmt) == 176);
+const _: () = assert!(std::mem::offset_of!(KvqDecodeParams, unit_tokens) == 176);
+const _: () = assert!(std::mem::size_of::<KvqDecodeParams>() == 248);
+const _: () = assert!(std::mem::offset_of!(KvqDecodeParams, fmt) == 184);
 
 /// Appending tokens to the window rings and sealing blocks (see the header for each field).
 #[repr(C)]

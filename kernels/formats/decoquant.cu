@@ -9,8 +9,9 @@
 //           accumulated on the tensor cores with p*scale as the B operand, T_S applied once per block
 //           (a lane owns whole pieces of its channels, or half a piece shared with lane ^ 4).
 // Kernels kvq_decoquant_decode_k{KB}v{VB}, KB, VB in {2, 4, 8}, for sub = 16 (the default).
-// Work is split in units of U = 256 tokens (or the block, if smaller): a warp folds q once per unit and
-// applies T_S once per unit, so short contexts still spread over many warps.
+// Work is split in units of U = 256 tokens (or the block, if smaller; fmt.i[2]): a warp folds q once per
+// unit and applies T_S once per unit. The launch's unit is P.unit_tokens: the host halves it, down to one
+// 64-token tile, when a split would hold fewer units than warps (short contexts), so no warp idles.
 //
 // Encoder (kvq_decoquant_encode_f16_hd{D}, end of file): one CTA of 128 threads per (block, KV head),
 // keys then values. A block is up to 4096 tokens, too big to stage as f32 (encode_kernel's scheme), so it
@@ -244,7 +245,8 @@ struct DecoPolicy {
         const int krb = D * kbits / 8, vrb = D * vbits / 8;
         const int kbytes = ts_bytes + 2 * DECO_TT + DECO_TT * krb;
         const int vbytes = ts_bytes + 2 * DECO_TT + DECO_TT * vrb;
-        const int U = fa.i[2], tpu = U / DECO_TT;
+        const int U = P.unit_tokens, tpu = U / DECO_TT;  // the host's unit: fa.i[2] or a divisor of it
+        if (U < DECO_TT || U % DECO_TT != 0 || C % U != 0) __trap();
         const int nunits = (ns + U - 1) / U;
         const int lo = split * P.pages_per_split;  // the host splits in units of U tokens
         const int hi = min(nunits, lo + P.pages_per_split);

@@ -1,6 +1,7 @@
 // Parameter structs shared with Rust (src/params.rs mirrors them #[repr(C)]; sizes asserted on both sides).
 #pragma once
 #include <cuda_fp16.h>
+#include <stddef.h>
 #include <stdint.h>
 
 // Kernel names are derived, never typed: kvq_{fmt}_{op}_{dtype}_hd{D}.
@@ -46,6 +47,8 @@ struct KvqDecodeParams {
     float scale;                // softmax scale (1/sqrt(D))
     int32_t page_blocks;        // format blocks per page (checked against the kernel's own constant)
     int32_t stages;             // pipeline stages per warp (checked likewise)
+    int32_t unit_tokens;        // tokens per split unit: a page, or a tiled format's (DecoQuant) work unit,
+                                // which the host shrinks at short contexts so every warp gets one
     KvqFmtArgs fmt;
 };
 
@@ -78,6 +81,7 @@ struct KvqEncodeParams {
 
 #ifdef __cplusplus
 static_assert(sizeof(KvqFmtArgs) == 64, "KvqFmtArgs layout");
-static_assert(sizeof(KvqDecodeParams) == 240, "KvqDecodeParams layout");
+static_assert(sizeof(KvqDecodeParams) == 248, "KvqDecodeParams layout");
+static_assert(offsetof(KvqDecodeParams, unit_tokens) == 176, "KvqDecodeParams layout");
 static_assert(sizeof(KvqEncodeParams) == 208, "KvqEncodeParams layout");
 #endif

@@ -68,8 +68,8 @@ pub struct KernelSpec {
     /// `k2`, `v1`), so bit widths known at compile time get their own fast kernel; "" for none.
     pub tag: &'static str,
     /// For formats read in tiles smaller than a block (DecoQuant): (bytes staged once per tile, bytes
-    /// per token, tokens per work unit the sequence is split in); (0, 0, 0) when the kernel stages
-    /// whole pages and splits in pages.
+    /// per token, largest work unit the sequence is split in, tokens: the host may halve it down to
+    /// one tile at short contexts); (0, 0, 0) when the kernel stages whole pages and splits in pages.
     pub tile: (usize, usize, usize),
     /// The kernel takes this stream's keys before RoPE and rotates them itself (pre-RoPE codecs); its
     /// table then starts with the rope: `[i32 style, 0, 0, 0][f32 inv_freq; d/2]` (see rope_header).
