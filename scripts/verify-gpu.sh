@@ -50,7 +50,8 @@ b1_timings() {
 ab_timings() {
   local old=/root/stash-old; mkdir -p $old
   [ -f .carry-bin-old/kvq-gpu.xz ] && xz -dc .carry-bin-old/kvq-gpu.xz > $old/kvq-gpu && chmod +x $old/kvq-gpu
-  local F="$FORMATS kivi:bits=1,window=0"
+  local F="$FORMATS kivi:bits=1,window=0 ${AB_EXTRA:-}"  # AB_EXTRA: more formats (after parity, RVQ's
+  # synthetic books are at ${TMPDIR:-/tmp}/kvq-check-rvq-256x8.safetensors)
   for i in 1 2; do
     for b in "$S/kvq-gpu" "$old/kvq-gpu"; do
       [ -x "$b" ] || continue

@@ -359,6 +359,11 @@ impl DeviceKv {
             self.tile_tokens
         };
         let heads = ws.rows.len() * self.shape.hkv;
+        let item = if self.tile_tokens > 0 {
+            self.tile_tokens
+        } else {
+            self.split_tokens
+        };
         plan_units(
             longest,
             heads,
@@ -366,6 +371,7 @@ impl DeviceKv {
             ws.most_splits,
             self.split_tokens,
             tile,
+            item,
         )
     }
 
@@ -505,25 +511,27 @@ impl DeviceKv {
     }
 }
 
-/// Fewest sealed tokens a decode split covers, for a longest row of `tokens`: tokens / 32 within
-/// [256, 1024] (`KVQ_SPLIT_TOKENS` fixes it, for measuring). Below it a split's fixed costs (CTA start,
-/// pipeline fill, its term in the merge) outweigh its work: on the H100 (docs/BENCHMARKS.md, run 5)
-/// 256 was the fastest of 1/256/1024 at 4k and 1024 at 32k, batch 1; at batch 8 the one-wave sizing
-/// gives longer splits anyway.
-fn split_min_tokens(tokens: usize) -> usize {
+/// Fewest sealed tokens a decode split covers, for a longest row of `tokens` and warps that take `item`
+/// tokens at a time (a page, or a tiled format's tile): tokens / 32 within [WARPS x item, 1024]
+/// (`KVQ_SPLIT_TOKENS` fixes it, for measuring). Below it a split's fixed costs (CTA start, pipeline
+/// fill, its term in the merge) outweigh its work: on the H100 (docs/BENCHMARKS.md, run 5) 256 was the
+/// fastest of 1/256/1024 for 64-token pages at 4k and 1024 at 32k, batch 1; at batch 8 the one-wave
+/// sizing gives longer splits anyway. The lower bound gives each warp of a split one item.
+fn split_min_tokens(tokens: usize, item: usize) -> usize {
     static T: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let fixed = *T.get_or_init(|| {
         std::env::var("KVQ_SPLIT_TOKENS")
             .ok()
             .and_then(|v| v.parse().ok())
     });
-    fixed.unwrap_or((tokens / 32).clamp(256, 1024))
+    let lo = (WARPS * item).min(1024);
+    fixed.unwrap_or((tokens / 32).clamp(lo, 1024))
 }
 
 /// (unit, splits, units per split) for a longest row of `longest` sealed tokens over `heads` (row, KV
 /// head) pairs on `slots` resident CTAs (at most `most_splits` splits), starting from `unit` tokens and
 /// halving it (not below `tile` tokens, and only while it stays a multiple of it; `tile` 0: never)
-/// while a split holds fewer units than a CTA has warps.
+/// while a split holds fewer units than a CTA has warps; `item` is what a warp takes at a time.
 fn plan_units(
     longest: usize,
     heads: usize,
@@ -531,10 +539,11 @@ fn plan_units(
     most_splits: usize,
     mut unit: usize,
     tile: usize,
+    item: usize,
 ) -> (usize, usize, usize) {
     loop {
         let max_pages = longest.div_ceil(unit).max(1);
-        let min_pps = split_min_tokens(max_pages * unit).div_ceil(unit);
+        let min_pps = split_min_tokens(max_pages * unit, item).div_ceil(unit);
         let (splits, pps) = DeviceKv::split_count(slots, heads, max_pages, min_pps);
         let splits = splits.min(most_splits).max(1);
         let pps = pps.max(max_pages.div_ceil(splits));
@@ -721,25 +730,28 @@ mod tests {
 
     #[test]
     fn split_sizing_short_long_and_batched() {
-        // KVQ_SPLIT_TOKENS unset in tests: tokens / 32 within [256, 1024].
-        assert_eq!(split_min_tokens(4096), 256);
-        assert_eq!(split_min_tokens(16384), 512);
-        assert_eq!(split_min_tokens(131072), 1024);
+        // KVQ_SPLIT_TOKENS unset in tests: tokens / 32 within [4 x item, 1024].
+        assert_eq!(split_min_tokens(4096, 64), 256);
+        assert_eq!(split_min_tokens(16384, 64), 512);
+        assert_eq!(split_min_tokens(131072, 64), 1024);
+        // One-block pages (QJL, RVQ): 128 tokens give each of the four warps a page.
+        assert_eq!(split_min_tokens(4096, 32), 128);
+        assert_eq!(split_min_tokens(1 << 20, 32), 1024);
     }
 
     #[test]
     fn work_units_shrink_until_every_warp_has_one() {
         // B=1, 4k, 8 KV heads, 132 SMs x 2 CTAs: 256-token units leave one per 256-token split.
-        assert_eq!(plan_units(4096, 8, 264, 1 << 20, 256, 64), (64, 16, 4));
+        assert_eq!(plan_units(4096, 8, 264, 1 << 20, 256, 64, 64), (64, 16, 4));
         // Page formats (tile 0) and whole units keep their unit.
-        assert_eq!(plan_units(4096, 8, 264, 1 << 20, 256, 0).0, 256);
+        assert_eq!(plan_units(4096, 8, 264, 1 << 20, 256, 0, 64).0, 256);
         // Long contexts already give every warp units: 256 stays.
-        let (unit, splits, pps) = plan_units(131072, 64, 264, 1 << 20, 256, 64);
+        let (unit, splits, pps) = plan_units(131072, 64, 264, 1 << 20, 256, 64, 64);
         assert_eq!(unit, 256);
         assert!(pps >= WARPS && splits * pps * unit >= 131072);
         // Never below a tile, nor to a unit the tile does not divide (192-token blocks).
-        assert_eq!(plan_units(100, 1, 264, 1 << 20, 64, 64).0, 64);
-        assert_eq!(plan_units(100, 1, 264, 1 << 20, 192, 64).0, 192);
+        assert_eq!(plan_units(100, 1, 264, 1 << 20, 64, 64, 64).0, 64);
+        assert_eq!(plan_units(100, 1, 264, 1 << 20, 192, 64, 64).0, 192);
         // B=1, 4k, fp16 pages of 32 tokens, 3 KV heads, 528 resident CTAs: 16 splits of 8 pages.
         assert_eq!(DeviceKv::split_count(528, 3, 128, 8), (16, 8));
         // B=1, 32k: 32 splits of 32 pages (1024 tokens).

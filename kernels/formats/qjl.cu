@@ -44,18 +44,19 @@ __device__ __forceinline__ uint32_t signs2(uint32_t two_bits) {
 template <int D, int M, int VB>
 struct QjlPolicy {
     static constexpr int BT = 32;
-    static constexpr int PAGE_BLOCKS = 2;
+    static constexpr int PAGE_BLOCKS = 1;  // a warp's tile is one block: at batch 1, 4k twice the warps share the work
     static constexpr int STAGES = 2;
     static constexpr int MIN_CTAS = 3;
     static constexpr bool CUSTOM_SEALED = true;
     static constexpr bool Q_PAIR8 = false;
-    using V = KiviPolicy<D, 2, VB>;
+    using V = KiviPolicy<D, 2, VB, PAGE_BLOCKS>;
     static __device__ __forceinline__ int stage_off(int byte) { return byte; }
     static __device__ __forceinline__ int out_chan(int mb, int row) { return V::out_chan(mb, row); }
 
     struct Body {
         const Ctx<D>& cx;
-        const float (*sq)[M];  // S q per head, shared memory
+        const float (*sq)[M + 8];  // S q per head, shared memory (rows padded: the float2 reads of lanes
+                                   // r = 0..3 and q = 0..3 fall in distinct bank pairs)
         const float (*qs)[D];          // the queries, shared memory
         const __half* st;              // S^T [D][m], global
         int mo, outliers, kbb, off_norm, off_bits, off_obits;
@@ -119,8 +120,10 @@ struct QjlPolicy {
                     const float g8 = g[1][0] + g[1][2], g9 = g[1][1] + g[1][3];
                     const int jq = 16 * kbi + 2 * q;
                     uint32_t ah0, al0, ah1, al1;
-                    split2(sq[r][jq] - g0, sq[r][jq + 1] - g1, ah0, al0);
-                    split2(sq[r][jq + 8] - g8, sq[r][jq + 9] - g9, ah1, al1);
+                    const float2 s01 = *reinterpret_cast<const float2*>(&sq[r][jq]);
+                    const float2 s89 = *reinterpret_cast<const float2*>(&sq[r][jq + 8]);
+                    split2(s01.x - g0, s01.y - g1, ah0, al0);
+                    split2(s89.x - g8, s89.y - g9, ah1, al1);
                     const bool out = 16 * kbi < mo;
                     uint32_t oh0 = 0, ol0 = 0, oh1 = 0, ol1 = 0;
                     if (out) {
@@ -161,7 +164,7 @@ struct QjlPolicy {
     static __device__ __forceinline__ void run_sealed(const KvqDecodeParams& P, int slot, int h, int split, int warp,
                                                       int lane, int ns, uint8_t* smem, float scale_log2,
                                                       const Ctx<D>& cx, WarpState<D>& st) {
-        __shared__ float sq_sh[MAX_G][M];
+        __shared__ __align__(16) float sq_sh[MAX_G][M + 8];
         __shared__ float q_sh[MAX_G][D];
         const KvqFmtArgs& fa = P.fmt;
         constexpr int m = M;

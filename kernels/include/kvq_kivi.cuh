@@ -10,10 +10,11 @@
 
 namespace kvq {
 
-template <int D, int KB, int VB>
+// PB: blocks per page (QJL, whose value stream this is too, reads pages of one block).
+template <int D, int KB, int VB, int PB = 2>
 struct KiviPolicy {
     static constexpr int BT = 32;
-    static constexpr int PAGE_BLOCKS = 2;
+    static constexpr int PAGE_BLOCKS = PB;
     static constexpr int STAGES = 2;
     static constexpr int MIN_CTAS = KVQ_KIVI_MIN_CTAS;
     static constexpr bool CUSTOM_SEALED = false;
