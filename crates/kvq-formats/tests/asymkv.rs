@@ -711,6 +711,7 @@ proptest! {
         for stream in [Stream::Key, Stream::Value] {
             let plain = codec(&format!("kivi:bits={b},group={g},window=0"), stream, D);
             let clip = codec(&format!("kivi:bits={b},group={g},window=0,clip=mse"), stream, D);
+            let fit = codec(&format!("kivi:bits={b},group={g},window=0,clip=fit"), stream, D);
             let mut x: Vec<f32> = gaussian_with_outliers(2 * g, D, outliers, seed)
                 .iter()
                 .map(|v| v * scale)
@@ -722,6 +723,9 @@ proptest! {
             }
             let (ep, ec) = (sq_err(plain.as_ref(), &x, D), sq_err(clip.as_ref(), &x, D));
             prop_assert!(ec <= ep * (1.0 + 1e-12), "{stream:?} bits {b} group {g}: clip {ec} > min-max {ep}");
+            // clip=fit starts from clip=mse's pair and keeps only refits that lower the error.
+            let ef = sq_err(fit.as_ref(), &x, D);
+            prop_assert!(ef <= ec * (1.0 + 1e-12), "{stream:?} bits {b} group {g}: fit {ef} > mse {ec}");
         }
     }
 }
@@ -738,11 +742,17 @@ fn clip_mse_lowers_error_on_outlier_data() {
             let f = format!("kivi:bits={b},group=64,window=0");
             let ep = sq_err(codec(&f, stream, D).as_ref(), &x, D);
             let ec = sq_err(codec(&format!("{f},clip=mse"), stream, D).as_ref(), &x, D);
+            let ef = sq_err(codec(&format!("{f},clip=fit"), stream, D).as_ref(), &x, D);
             eprintln!(
-                "bits {b} {stream:?}: clip=mse / min-max squared error {:.4}",
-                ec / ep
+                "bits {b} {stream:?}: squared error / min-max's: clip=mse {:.4}, clip=fit {:.4}",
+                ec / ep,
+                ef / ep
             );
             assert!(ec <= at_most * ep, "bits {b} {stream:?}: {ec} vs {ep}");
+            assert!(
+                ef <= ec * (1.0 + 1e-12),
+                "bits {b} {stream:?}: fit {ef} vs mse {ec}"
+            );
         }
     }
 }
@@ -763,6 +773,10 @@ fn clip_parses_prints_back_and_has_no_kernel() {
             "asymkv:lk=4,lv=0,hi=2,lo=1,group=32,window=0,clip=mse",
         ),
         ("kivi:bits=2,clip=off", "kivi:bits=2,group=32,window=128"),
+        (
+            "kivi:bits=3,clip=fit,window=0",
+            "kivi:bits=3,group=32,window=0,clip=fit",
+        ),
     ] {
         let f = parse_format(s).unwrap();
         assert_eq!(f.canonical(), canon, "{s}");
@@ -781,10 +795,16 @@ fn clip_parses_prints_back_and_has_no_kernel() {
     for stream in [Stream::Key, Stream::Value] {
         let plain = codec("kivi:bits=4,window=0", stream, D);
         assert!(plain.kernel().is_some());
-        let c = codec("kivi:bits=4,window=0,clip=mse", stream, D);
-        assert!(c.kernel().is_none(), "{:?}", c.kernel());
-        assert!(c.describe().contains("clip=mse"), "{}", c.describe());
-        assert_eq!(c.block_bytes(), plain.block_bytes());
+        for clip in ["mse", "fit"] {
+            let c = codec(&format!("kivi:bits=4,window=0,clip={clip}"), stream, D);
+            assert!(c.kernel().is_none(), "{:?}", c.kernel());
+            assert!(
+                c.describe().contains(&format!("clip={clip}")),
+                "{}",
+                c.describe()
+            );
+            assert_eq!(c.block_bytes(), plain.block_bytes());
+        }
     }
 }
 
@@ -795,6 +815,7 @@ fn clipped_blocks_keep_readers_equal() {
         "kivi:bits=4,group=64,window=0,prerope=on,clip=mse",
         "k=kivi:bits=3,group=64,window=0,prerope=on,clip=mse;v=kivi:bits=2,group=32,window=0,rot=on,clip=mse",
         "kivi:bits=2,window=16,clip=mse",
+        "kivi:bits=4,group=16,window=8,clip=fit,sink=3",
     ] {
         for t in [1, 63, 64, 65, 300] {
             let c = attention_check(fmt, t, D, 2, 8, 7, 90 + t as u64).unwrap();

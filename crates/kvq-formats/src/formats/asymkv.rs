@@ -93,6 +93,9 @@ pub const CLIP_CUTS: &[f32] = &[
     24.0 / 64.0,
 ];
 
+/// Most least-squares refits `clip=fit` makes per group.
+const REFITS: usize = 3;
+
 /// How a group's quantization range is chosen (`clip=`); the stored scale and zero are f16 either way,
 /// so the choice costs no bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -102,15 +105,19 @@ pub enum Clip {
     Off,
     /// `clip=mse`: the grid range with the least squared error in the group (outliers clamped).
     Mse,
+    /// `clip=fit`: `mse`'s range, then least-squares refits of scale and zero to the codes it gave
+    /// (Lloyd steps on the uniform grid, kept only while they lower the error; zero may leave the range).
+    Fit,
 }
 
 impl Clip {
     /// The option's words, default first.
-    const WORDS: &'static [&'static str] = &["off", "mse"];
+    const WORDS: &'static [&'static str] = &["off", "mse", "fit"];
 
     fn parse(p: &mut Params) -> Result<Self> {
         Ok(match p.word("clip", "off", Self::WORDS)?.as_str() {
             "mse" => Clip::Mse,
+            "fit" => Clip::Fit,
             _ => Clip::Off,
         })
     }
@@ -120,6 +127,7 @@ impl Clip {
         match self {
             Clip::Off => "",
             Clip::Mse => ",clip=mse",
+            Clip::Fit => ",clip=fit",
         }
     }
 }
@@ -466,6 +474,7 @@ impl KiviCodec {
         match self.clip {
             Clip::Off => min_max,
             Clip::Mse => self.clipped(xs, lo, hi, min_max),
+            Clip::Fit => self.refit(xs, self.clipped(xs, lo, hi, min_max)),
         }
     }
 
@@ -480,6 +489,45 @@ impl KiviCodec {
             z = f16r(0.5 * (lo + hi) - 0.5 * s * l);
         }
         (f16r(s.max(0.0)), z)
+    }
+
+    /// `clip=fit`: up to [`REFITS`] least-squares fits `x ~ z + s * code` to the codes of the pair so
+    /// far, each rounded to f16 and re-coded; a fit is kept only when it lowers the squared error.
+    fn refit(&self, xs: &[f32], start: (f32, f32)) -> (f32, f32) {
+        let Some(e0) = self.sq_err_below(xs, start, f64::INFINITY) else {
+            return start;
+        };
+        let mut best = (e0, start);
+        let n = xs.len() as f64;
+        for _ in 0..REFITS {
+            let (s, z) = best.1;
+            if s <= 0.0 || best.0 == 0.0 {
+                break;
+            }
+            let (mut sc, mut sx, mut scc, mut scx) = (0f64, 0f64, 0f64, 0f64);
+            for &x in xs {
+                let (c, x) = (self.code(x, s, z) as f64, x as f64);
+                sc += c;
+                sx += x;
+                scc += c * c;
+                scx += c * x;
+            }
+            let var = scc - sc * sc / n;
+            if var <= 0.0 {
+                break;
+            }
+            let s_fit = (scx - sc * sx / n) / var;
+            let z_fit = (sx - s_fit * sc) / n;
+            if !(s_fit > 0.0 && s_fit <= F16_MAX as f64 && z_fit.abs() <= F16_MAX as f64) {
+                break;
+            }
+            let cand = (f16r(s_fit as f32), f16r(z_fit as f32));
+            match self.sq_err_below(xs, cand, best.0) {
+                Some(e) => best = (e, cand),
+                None => break,
+            }
+        }
+        best.1
     }
 
     /// Squared error of `xs` reconstructed through `(s, z)` exactly as [`Codec::decode`] does, or
