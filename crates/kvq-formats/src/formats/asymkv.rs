@@ -50,8 +50,11 @@
 //! per group, the range `[lo', hi']` inside `[min, max]` with the least squared error of that group's
 //! own reconstruction (codes clamped to `0..=L`, against the stored f16 `s` and `z`), from a fixed grid
 //! of cuts off each end ([`CLIP_CUTS`], min-max included, ties keep min-max): AWQ's and OmniQuant's
-//! clipped ranges, searched per group instead of learned. Same bytes layout and bits/elem, readers
-//! unchanged; the CUDA encoder writes min-max only, so a clipped codec has no [`Codec::kernel`].
+//! clipped ranges, searched per group instead of learned. `clip=fit` follows that with up to three
+//! least-squares refits of `(s, z)` to the codes (kept only while the error drops). Same bytes layout
+//! and bits/elem, readers unchanged; the CUDA encoder writes min-max only, so a clipped codec has no
+//! [`Codec::kernel`]. Measured in docs/QUALITY.md ("MSE-clipped ranges"): a lower squared error is not
+//! always a lower perplexity; clipping helps behind `rot=on` and hurts unrotated values.
 //!
 //! Range overflow: a `b = 1` block whose range exceeds 65504 (e.g. -6e4 and +6e4 in one group) cannot
 //! store `s` in f16; `s` is clamped to 65504 and `z` centred on the range, so decoding stays finite.
