@@ -624,3 +624,202 @@ fn key_groups_may_be_wider_than_a_head_in_a_key_slot() {
     // 44 tokens still f16).
     assert!(ok.fused_vs_mirror < 1e-4 && ok.key_err < 0.12, "{ok:?}");
 }
+
+/// FNV-1a over bytes: a compact fingerprint of encoded blocks.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Fingerprint of one block per stream of `fmt` encoded from outlier-heavy data (seeded).
+fn block_fingerprints(fmt: &str) -> [u64; 2] {
+    [Stream::Key, Stream::Value].map(|stream| {
+        let c = codec(fmt, stream, D);
+        let x = gaussian_with_outliers(c.block_tokens(), D, 4, 21);
+        let mut block = vec![0u8; c.block_bytes()];
+        c.encode(&x, &mut block);
+        fnv1a(&block)
+    })
+}
+
+#[test]
+fn min_max_bytes_are_pinned() {
+    // Fingerprints of the min-max encoder as it was before `clip=` existed (commit 0dbc87d): the
+    // default range choice, and `clip=off` spelled out, must keep writing exactly these bytes.
+    let cases = [
+        (
+            "kivi:bits=1,window=0",
+            [7226644399127729644, 8196768703285554440],
+        ),
+        (
+            "kivi:bits=2,window=0",
+            [17870555763815409150, 16435324690276116861],
+        ),
+        (
+            "kivi:bits=3,group=64,window=0",
+            [690373289196635318, 8756160274868820101],
+        ),
+        (
+            "kivi:bits=4,group=64,window=0",
+            [18426502281180052956, 13852755711486861586],
+        ),
+        (
+            "kivi:bits=8,group=16,window=0",
+            [6758252892871629555, 2169296215402561176],
+        ),
+        (
+            "kivi:bits=4,group=64,window=0,prerope=on",
+            [18426502281180052956, 13852755711486861586],
+        ),
+    ];
+    for (fmt, want) in cases {
+        assert_eq!(block_fingerprints(fmt), want, "{fmt}");
+        let off = format!("{fmt},clip=off");
+        assert_eq!(block_fingerprints(&off), want, "{off}");
+        assert_eq!(
+            parse_format(&off).unwrap().canonical(),
+            parse_format(fmt).unwrap().canonical()
+        );
+    }
+}
+
+/// Squared error of `x` through `c`, block by block (f64).
+fn sq_err(c: &dyn Codec, x: &[f32], d: usize) -> f64 {
+    roundtrip(c, x, d)
+        .iter()
+        .zip(x)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Min-max is one of clip=mse's candidates and wins ties, so no group, hence no block, gets worse.
+    #[test]
+    fn clip_mse_error_never_exceeds_min_max(
+        seed in 0u64..10_000,
+        bits in 0usize..5,
+        group in 0usize..3,
+        outliers in 0usize..6,
+        scale in prop_oneof![Just(1.0f32), 1e-3f32..1e3],
+        spike in prop_oneof![Just(0.0f32), 5.0f32..200.0],
+    ) {
+        let b = [1, 2, 3, 4, 8][bits];
+        let g = [16, 32, 64][group];
+        for stream in [Stream::Key, Stream::Value] {
+            let plain = codec(&format!("kivi:bits={b},group={g},window=0"), stream, D);
+            let clip = codec(&format!("kivi:bits={b},group={g},window=0,clip=mse"), stream, D);
+            let fit = codec(&format!("kivi:bits={b},group={g},window=0,clip=fit"), stream, D);
+            let mut x: Vec<f32> = gaussian_with_outliers(2 * g, D, outliers, seed)
+                .iter()
+                .map(|v| v * scale)
+                .collect();
+            // A few single-element spikes (outlier tokens) on top of the outlier channels.
+            let n = x.len();
+            for i in 0..3 {
+                x[(seed as usize * 7919 + i * 104_729) % n] += spike * scale * if i % 2 == 0 { 1.0 } else { -1.0 };
+            }
+            let (ep, ec) = (sq_err(plain.as_ref(), &x, D), sq_err(clip.as_ref(), &x, D));
+            prop_assert!(ec <= ep * (1.0 + 1e-12), "{stream:?} bits {b} group {g}: clip {ec} > min-max {ep}");
+            // clip=fit starts from clip=mse's pair and keeps only refits that lower the error.
+            let ef = sq_err(fit.as_ref(), &x, D);
+            prop_assert!(ef <= ec * (1.0 + 1e-12), "{stream:?} bits {b} group {g}: fit {ef} > mse {ec}");
+        }
+    }
+}
+
+#[test]
+fn clip_mse_lowers_error_on_outlier_data() {
+    // Outlier tokens (spikes) stretch min-max ranges; the clipped range trades them for a finer step.
+    let mut x = gaussian_with_outliers(8 * 64, D, 4, 5);
+    for i in (0..x.len()).step_by(997) {
+        x[i] *= 6.0;
+    }
+    for (b, at_most) in [(2, 0.9), (3, 0.95), (4, 1.0)] {
+        for stream in [Stream::Key, Stream::Value] {
+            let f = format!("kivi:bits={b},group=64,window=0");
+            let ep = sq_err(codec(&f, stream, D).as_ref(), &x, D);
+            let ec = sq_err(codec(&format!("{f},clip=mse"), stream, D).as_ref(), &x, D);
+            let ef = sq_err(codec(&format!("{f},clip=fit"), stream, D).as_ref(), &x, D);
+            eprintln!(
+                "bits {b} {stream:?}: squared error / min-max's: clip=mse {:.4}, clip=fit {:.4}",
+                ec / ep,
+                ef / ep
+            );
+            assert!(ec <= at_most * ep, "bits {b} {stream:?}: {ec} vs {ep}");
+            assert!(
+                ef <= ec * (1.0 + 1e-12),
+                "bits {b} {stream:?}: fit {ef} vs mse {ec}"
+            );
+        }
+    }
+}
+
+#[test]
+fn clip_parses_prints_back_and_has_no_kernel() {
+    for (s, canon) in [
+        (
+            "kivi:bits=4,group=32,window=0,clip=mse",
+            "kivi:bits=4,group=32,window=0,clip=mse",
+        ),
+        (
+            "kivi:clip=mse,prerope=on,sink=4,rot=on,bits=4,group=64,window=0",
+            "kivi:bits=4,group=64,window=0,rot=on,clip=mse,prerope=on,sink=4",
+        ),
+        (
+            "asymkv:lk=4,window=0,clip=mse",
+            "asymkv:lk=4,lv=0,hi=2,lo=1,group=32,window=0,clip=mse",
+        ),
+        ("kivi:bits=2,clip=off", "kivi:bits=2,group=32,window=128"),
+        (
+            "kivi:bits=3,clip=fit,window=0",
+            "kivi:bits=3,group=32,window=0,clip=fit",
+        ),
+    ] {
+        let f = parse_format(s).unwrap();
+        assert_eq!(f.canonical(), canon, "{s}");
+        assert_eq!(parse_format(canon).unwrap().canonical(), canon);
+    }
+    for bad in [
+        "kivi:clip=on",
+        "kivi:clip=",
+        "asymkv:clip=max",
+        "kivi:clip=mse,clip=off",
+    ] {
+        assert!(parse_format(bad).is_err(), "{bad} parsed");
+    }
+    // Group 32, 64 channels: a kernel layout; the CUDA encoder writes min-max bytes, so a clipped codec
+    // must claim no kernel (the GPU path then refuses it by its name, or computes it on the CPU).
+    for stream in [Stream::Key, Stream::Value] {
+        let plain = codec("kivi:bits=4,window=0", stream, D);
+        assert!(plain.kernel().is_some());
+        for clip in ["mse", "fit"] {
+            let c = codec(&format!("kivi:bits=4,window=0,clip={clip}"), stream, D);
+            assert!(c.kernel().is_none(), "{:?}", c.kernel());
+            assert!(
+                c.describe().contains(&format!("clip={clip}")),
+                "{}",
+                c.describe()
+            );
+            assert_eq!(c.block_bytes(), plain.block_bytes());
+        }
+    }
+}
+
+#[test]
+fn clipped_blocks_keep_readers_equal() {
+    // Same bytes layout: the fused readers and decode-then-reference still agree on clipped blocks.
+    for fmt in [
+        "kivi:bits=4,group=64,window=0,prerope=on,clip=mse",
+        "k=kivi:bits=3,group=64,window=0,prerope=on,clip=mse;v=kivi:bits=2,group=32,window=0,rot=on,clip=mse",
+        "kivi:bits=2,window=16,clip=mse",
+        "kivi:bits=4,group=16,window=8,clip=fit,sink=3",
+    ] {
+        for t in [1, 63, 64, 65, 300] {
+            let c = attention_check(fmt, t, D, 2, 8, 7, 90 + t as u64).unwrap();
+            assert!(c.fused_vs_mirror < 1e-4, "{fmt} T={t}: {c:?}");
+        }
+    }
+}

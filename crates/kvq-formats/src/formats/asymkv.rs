@@ -46,6 +46,16 @@
 //!
 //! Details, bit tables and measured errors: docs/formats/asymkv.md.
 //!
+//! **Range choice (`clip=`).** `clip=off` (the default) is KIVI's min-max above. `clip=mse` picks,
+//! per group, the range `[lo', hi']` inside `[min, max]` with the least squared error of that group's
+//! own reconstruction (codes clamped to `0..=L`, against the stored f16 `s` and `z`), from a fixed grid
+//! of cuts off each end ([`CLIP_CUTS`], min-max included, ties keep min-max): AWQ's and OmniQuant's
+//! clipped ranges, searched per group instead of learned. `clip=fit` follows that with up to three
+//! least-squares refits of `(s, z)` to the codes (kept only while the error drops). Same bytes layout
+//! and bits/elem, readers unchanged; the CUDA encoder writes min-max only, so a clipped codec has no
+//! [`Codec::kernel`]. Measured in docs/QUALITY.md ("MSE-clipped ranges"): a lower squared error is not
+//! always a lower perplexity; clipping helps behind `rot=on` and hurts unrotated values.
+//!
 //! Range overflow: a `b = 1` block whose range exceeds 65504 (e.g. -6e4 and +6e4 in one group) cannot
 //! store `s` in f16; `s` is clamped to 65504 and `z` centred on the range, so decoding stays finite.
 
@@ -70,6 +80,60 @@ const MAX_WINDOW: usize = 1 << 20;
 const MAX_SINK: usize = 1024;
 /// Largest finite f16.
 const F16_MAX: f32 = 65504.0;
+/// `clip=mse` candidates: fractions of a group's range `max - min` cut off its low end and, separately,
+/// its high end (every pair is tried; 37.5% each at most). Fine near 0, where 4-bit groups settle, and
+/// coarser further out, where 2-bit groups do.
+pub const CLIP_CUTS: &[f32] = &[
+    0.0,
+    1.0 / 64.0,
+    2.0 / 64.0,
+    3.0 / 64.0,
+    4.0 / 64.0,
+    6.0 / 64.0,
+    8.0 / 64.0,
+    12.0 / 64.0,
+    16.0 / 64.0,
+    24.0 / 64.0,
+];
+
+/// Most least-squares refits `clip=fit` makes per group.
+const REFITS: usize = 3;
+
+/// How a group's quantization range is chosen (`clip=`); the stored scale and zero are f16 either way,
+/// so the choice costs no bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Clip {
+    /// `clip=off`: the group's min and max (KIVI's quantizer, what the CUDA encoder writes).
+    #[default]
+    Off,
+    /// `clip=mse`: the grid range with the least squared error in the group (outliers clamped).
+    Mse,
+    /// `clip=fit`: `mse`'s range, then least-squares refits of scale and zero to the codes it gave
+    /// (Lloyd steps on the uniform grid, kept only while they lower the error; zero may leave the range).
+    Fit,
+}
+
+impl Clip {
+    /// The option's words, default first.
+    const WORDS: &'static [&'static str] = &["off", "mse", "fit"];
+
+    fn parse(p: &mut Params) -> Result<Self> {
+        Ok(match p.word("clip", "off", Self::WORDS)?.as_str() {
+            "mse" => Clip::Mse,
+            "fit" => Clip::Fit,
+            _ => Clip::Off,
+        })
+    }
+
+    /// `,clip=...` for a config string (empty for the default).
+    fn suffix(self) -> &'static str {
+        match self {
+            Clip::Off => "",
+            Clip::Mse => ",clip=mse",
+            Clip::Fit => ",clip=fit",
+        }
+    }
+}
 
 /// A parsed AsymKV or KIVI config; `uniform` remembers which syntax it came from so that
 /// [`Format::canonical`] prints it back the same way.
@@ -99,6 +163,8 @@ pub struct AsymKv {
     pub pre_rope: bool,
     /// `sink=N`: the first N tokens of K and V kept in f16 (attention sinks); CPU only so far.
     pub sink: usize,
+    /// `clip=mse`: each group's range chosen for least squared error instead of min-max; CPU only.
+    pub clip: Clip,
 }
 
 /// Parses `asymkv:lk=16,lv=0,hi=2,lo=1,group=32,window=128` (every key optional, these defaults).
@@ -116,9 +182,10 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
         keys_per_token: p.word("keys", "channel", &["channel", "token"])? == "token",
         pre_rope: p.word("prerope", "off", &["on", "off"])? == "on",
         sink: p.usize("sink", 0, 0, MAX_SINK)?,
+        clip: Clip::parse(&mut p)?,
     };
     p.finish(&[
-        "lk", "lv", "hi", "lo", "group", "window", "rot", "keys", "prerope", "sink",
+        "lk", "lv", "hi", "lo", "group", "window", "rot", "keys", "prerope", "sink", "clip",
     ])?;
     f.check_axes(&p_input)?;
     Ok(Arc::new(f))
@@ -134,7 +201,10 @@ pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
     let keys_per_token = p.word("keys", "channel", &["channel", "token"])? == "token";
     let pre_rope = p.word("prerope", "off", &["on", "off"])? == "on";
     let sink = p.usize("sink", 0, 0, MAX_SINK)?;
-    p.finish(&["bits", "group", "window", "rot", "keys", "prerope", "sink"])?;
+    let clip = Clip::parse(&mut p)?;
+    p.finish(&[
+        "bits", "group", "window", "rot", "keys", "prerope", "sink", "clip",
+    ])?;
     let f = AsymKv {
         lk: 0,
         lv: 0,
@@ -147,19 +217,21 @@ pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
         keys_per_token,
         pre_rope,
         sink,
+        clip,
     };
     f.check_axes(&p_input)?;
     Ok(Arc::new(f))
 }
 
-/// The `,prerope=on` / `,sink=N` suffix of a config string (empty for the defaults), shared by the
-/// format's canonical string and each codec's description.
-fn cache_options(pre_rope: bool, sink: usize) -> String {
+/// The `,clip=mse` / `,prerope=on` / `,sink=N` suffix of a config string (empty for the defaults),
+/// shared by the format's canonical string and each codec's description.
+fn cache_options(clip: Clip, pre_rope: bool, sink: usize) -> String {
     let pre = if pre_rope { ",prerope=on" } else { "" };
+    let clip = clip.suffix();
     if sink > 0 {
-        format!("{pre},sink={sink}")
+        format!("{clip}{pre},sink={sink}")
     } else {
-        pre.to_string()
+        format!("{clip}{pre}")
     }
 }
 
@@ -196,7 +268,7 @@ impl Format for AsymKv {
             (true, false) => ",rot=on",
             (true, true) => ",rot=on,keys=token",
         };
-        let opts = cache_options(self.pre_rope, self.sink);
+        let opts = cache_options(self.clip, self.pre_rope, self.sink);
         if self.uniform {
             format!(
                 "kivi:bits={},group={},window={}{rot}{opts}",
@@ -245,7 +317,8 @@ impl Format for AsymKv {
             ctx.stream
         };
         let codec = KiviCodec::new(layout, ctx.head_dim, bits, self.group, self.window)?
-            .with_cache_options(self.pre_rope && ctx.stream == Stream::Key, self.sink);
+            .with_cache_options(self.pre_rope && ctx.stream == Stream::Key, self.sink)
+            .with_clip(self.clip);
         Ok(if self.rot {
             Box::new(super::rotate::Rotated::new(Box::new(codec), ctx.head_dim))
         } else {
@@ -265,6 +338,7 @@ pub struct KiviCodec {
     window: usize,
     pre_rope: bool,
     sink: usize,
+    clip: Clip,
 }
 
 impl KiviCodec {
@@ -300,6 +374,7 @@ impl KiviCodec {
             window,
             pre_rope: false,
             sink: 0,
+            clip: Clip::Off,
         })
     }
 
@@ -308,6 +383,13 @@ impl KiviCodec {
     pub fn with_cache_options(mut self, pre_rope: bool, sink: usize) -> Self {
         self.pre_rope = pre_rope;
         self.sink = sink;
+        self
+    }
+
+    /// How each group's range is chosen: `Clip::Mse` lowers the CPU encoder's error at the same bytes
+    /// layout, but the CUDA encoder writes min-max only, so such a codec has no [`Codec::kernel`].
+    pub fn with_clip(mut self, clip: Clip) -> Self {
+        self.clip = clip;
         self
     }
 
@@ -380,16 +462,27 @@ impl KiviCodec {
         }
     }
 
-    /// Quantizes the values `xs` (an iterator over one group) into (stored scale, stored zero).
-    fn params(&self, xs: impl Iterator<Item = f32>) -> (f32, f32) {
+    /// The stored (scale, zero) of one group's values `xs`: its min-max range, or with `clip=mse`
+    /// the grid range of least squared error.
+    fn params(&self, xs: &[f32]) -> (f32, f32) {
         let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-        for x in xs {
+        for &x in xs {
             lo = lo.min(x);
             hi = hi.max(x);
         }
         if lo > hi {
             return (0.0, 0.0);
         }
+        let min_max = self.pair(lo, hi);
+        match self.clip {
+            Clip::Off => min_max,
+            Clip::Mse => self.clipped(xs, lo, hi, min_max),
+            Clip::Fit => self.refit(xs, self.clipped(xs, lo, hi, min_max)),
+        }
+    }
+
+    /// (stored scale, stored zero) of the range `[lo, hi]` (`lo <= hi`).
+    fn pair(&self, lo: f32, hi: f32) -> (f32, f32) {
         let l = self.levels() as f32;
         let mut z = f16r(lo);
         let mut s = (hi - z) / l;
@@ -399,6 +492,84 @@ impl KiviCodec {
             z = f16r(0.5 * (lo + hi) - 0.5 * s * l);
         }
         (f16r(s.max(0.0)), z)
+    }
+
+    /// `clip=fit`: up to [`REFITS`] least-squares fits `x ~ z + s * code` to the codes of the pair so
+    /// far, each rounded to f16 and re-coded; a fit is kept only when it lowers the squared error.
+    fn refit(&self, xs: &[f32], start: (f32, f32)) -> (f32, f32) {
+        let Some(e0) = self.sq_err_below(xs, start, f64::INFINITY) else {
+            return start;
+        };
+        let mut best = (e0, start);
+        let n = xs.len() as f64;
+        for _ in 0..REFITS {
+            let (s, z) = best.1;
+            if s <= 0.0 || best.0 == 0.0 {
+                break;
+            }
+            let (mut sc, mut sx, mut scc, mut scx) = (0f64, 0f64, 0f64, 0f64);
+            for &x in xs {
+                let (c, x) = (self.code(x, s, z) as f64, x as f64);
+                sc += c;
+                sx += x;
+                scc += c * c;
+                scx += c * x;
+            }
+            let var = scc - sc * sc / n;
+            if var <= 0.0 {
+                break;
+            }
+            let s_fit = (scx - sc * sx / n) / var;
+            let z_fit = (sx - s_fit * sc) / n;
+            if !(s_fit > 0.0 && s_fit <= F16_MAX as f64 && z_fit.abs() <= F16_MAX as f64) {
+                break;
+            }
+            let cand = (f16r(s_fit as f32), f16r(z_fit as f32));
+            match self.sq_err_below(xs, cand, best.0) {
+                Some(e) => best = (e, cand),
+                None => break,
+            }
+        }
+        best.1
+    }
+
+    /// Squared error of `xs` reconstructed through `(s, z)` exactly as [`Codec::decode`] does, or
+    /// `None` as soon as it reaches `bound` (the candidate cannot win).
+    fn sq_err_below(&self, xs: &[f32], (s, z): (f32, f32), bound: f64) -> Option<f64> {
+        let mut e = 0f64;
+        for &x in xs {
+            let r = z + s * self.code(x, s, z) as f32;
+            e += ((r - x) as f64).powi(2);
+            if e >= bound {
+                return None;
+            }
+        }
+        Some(e)
+    }
+
+    /// `clip=mse`: every pair of [`CLIP_CUTS`] off the low and high ends of `[lo, hi]`; the first
+    /// strictly better than `min_max` (itself the cut pair (0, 0)) in grid order wins.
+    fn clipped(&self, xs: &[f32], lo: f32, hi: f32, min_max: (f32, f32)) -> (f32, f32) {
+        let r = hi - lo;
+        if !(r > 0.0 && r.is_finite()) {
+            return min_max;
+        }
+        let Some(e0) = self.sq_err_below(xs, min_max, f64::INFINITY) else {
+            return min_max;
+        };
+        let mut best = (e0, min_max);
+        for &a in CLIP_CUTS {
+            for &b in CLIP_CUTS {
+                if a == 0.0 && b == 0.0 {
+                    continue;
+                }
+                let cand = self.pair(lo + a * r, hi - b * r);
+                if let Some(e) = self.sq_err_below(xs, cand, best.0) {
+                    best = (e, cand);
+                }
+            }
+        }
+        best.1
     }
 
     fn code(&self, x: f32, s: f32, z: f32) -> u32 {
@@ -421,7 +592,7 @@ impl Codec for KiviCodec {
             Stream::Key => "k",
             Stream::Value => "v",
         };
-        let opts = cache_options(self.pre_rope, self.sink);
+        let opts = cache_options(self.clip, self.pre_rope, self.sink);
         format!(
             "kivi-{s}:bits={},group={},window={}{opts}",
             self.bits, self.group, self.window
@@ -449,7 +620,9 @@ impl Codec for KiviCodec {
     }
 
     fn kernel(&self) -> Option<KernelSpec> {
-        if self.pre_rope || self.sink > 0 {
+        // Pre-RoPE keys and sinks: no kernel reads them; clipped ranges: the CUDA encoder would
+        // write other (min-max) bytes than this codec, so the cache must stay on the CPU encoder.
+        if self.pre_rope || self.sink > 0 || self.clip != Clip::Off {
             return None;
         }
         // kernels/formats/kivi.cu reads 32-token blocks with unpadded rows (d*bits a multiple of 32);
@@ -485,13 +658,22 @@ impl Codec for KiviCodec {
         let x: Vec<f32> = x.iter().map(|&v| sanitize(v)).collect();
         // (s, z) of the d pairs, in pair order.
         let pairs: Vec<(f32, f32)> = match self.stream {
-            Stream::Key => (0..d)
-                .map(|c| self.params((0..g).map(|t| x[t * d + c])))
-                .collect(),
+            Stream::Key => {
+                let mut column = vec![0f32; g];
+                (0..d)
+                    .map(|c| {
+                        column
+                            .iter_mut()
+                            .enumerate()
+                            .for_each(|(t, v)| *v = x[t * d + c]);
+                        self.params(&column)
+                    })
+                    .collect()
+            }
             Stream::Value => (0..g * self.groups_per_token())
                 .map(|i| {
                     let (t, gi) = (i / self.groups_per_token(), i % self.groups_per_token());
-                    self.params(x[t * d + gi * g..t * d + (gi + 1) * g].iter().copied())
+                    self.params(&x[t * d + gi * g..t * d + (gi + 1) * g])
                 })
                 .collect(),
         };
