@@ -4,9 +4,9 @@
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
 S=/root/stash; mkdir -p "$S"
-for c in .carry-bin .carry-bin-gpu; do [ -d $c ] && cp -r $c/. "$S"/; done
+for c in .carry-bin .carry-bin-gpu .carry-ex; do [ -d $c ] && cp -r $c/. "$S"/; done
 # (unpacked again when a call carries a newer .xz: the machine may still hold an older binary)
-for b in kvq kvq-gpu; do [ -f "$S/$b.xz" ] && { [ ! -x "$S/$b" ] || [ "$S/$b.xz" -nt "$S/$b" ]; } && xz -dc "$S/$b.xz" > "$S/$b" && chmod +x "$S/$b"; done
+for b in kvq kvq-gpu generate; do [ -f "$S/$b.xz" ] && { [ ! -x "$S/$b" ] || [ "$S/$b.xz" -nt "$S/$b" ]; } && xz -dc "$S/$b.xz" > "$S/$b" && chmod +x "$S/$b"; done
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 
 # stage_model: the real model (98 MB) is over the 64 MiB carry limit, so it travels in two parts

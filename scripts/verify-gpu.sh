@@ -126,7 +126,8 @@ formats)
   # same command on the CPU, scripts/formats-cpu.sh) and `eval ppl --device cuda` of the AsymKV plans
   # that do not wreck the model (4-bit keys; values 4-bit in the first 15 layers, 2-bit after; or 2-bit
   # values with a 128-token window), against their CPU values. Needs the model (both parts staged),
-  # .carry-bin/kvq.xz, data/corpus/alice29.txt and the codebooks data/rvq-lcet10-256x8.safetensors.
+  # .carry-bin/kvq.xz, data/corpus/alice29.txt and the codebooks
+  # data/rvq-lcet10-256x8.safetensors.
   [ -n "$MODEL" ] || { echo "formats: model not staged"; exit 3; }
   . scripts/formats-plans.sh
   for kv in "${GEN_PLANS[@]}"; do
@@ -136,6 +137,15 @@ formats)
     echo >> "$R/generate-gpu.txt"
   done
   cat "$R/generate-gpu.txt" | cut -c1-200
+  # The embedding example (examples/generate.rs, built here by `cargo build --release --example generate`
+  # and carried as .carry-ex/generate.xz, in any call of the same warm machine: the stash keeps it):
+  # the library API end to end, fp16 and one compressed plan.
+  if [ -x "$S/generate" ]; then
+    for kv in fp16 kivi:bits=4,window=0; do
+      timeout 60 "$S/generate" "$MODEL" "$PROMPT" "$kv" 32 > "$R/example-$kv.txt" 2>&1; echo "example $kv rc=$?"
+      tail -n 3 "$R/example-$kv.txt" | cut -c1-200
+    done
+  fi
   timeout 300 "$S/kvq" eval ppl --device cuda --model "$MODEL" --text data/corpus/alice29.txt --ctx 1024 \
     --max-windows 16 --kv fp16 $(for p in "${PPL_PLANS[@]}"; do echo "--kv $p"; done) --json "$R/ppl-gpu.json" \
     > "$R/ppl-gpu.txt" 2>&1 || rc=1
