@@ -73,7 +73,7 @@ pub struct DeviceKv {
     tile_tokens: usize,
     /// Keeps tiled formats at their largest work unit at every context (the parity check runs them
     /// both ways, since its short cases would otherwise only ever see shrunken units).
-    pub whole_units: bool,
+    pub(crate) whole_units: bool,
     pub(crate) k_spec: KernelSpec,
     pub(crate) v_spec: KernelSpec,
     /// Decode CTAs resident at once on the whole GPU (sizes the split count to one wave).
@@ -697,7 +697,7 @@ impl GpuBatch {
     }
 
     /// Whether the format is read in tiles with work units the host may shrink (DecoQuant).
-    pub fn tiled(&self) -> bool {
+    pub(crate) fn tiled(&self) -> bool {
         self.kv.tile_tokens > 0
     }
 
