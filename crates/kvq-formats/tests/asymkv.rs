@@ -862,3 +862,65 @@ fn clipped_blocks_keep_readers_equal() {
         }
     }
 }
+
+#[test]
+fn nf_levels_parse_and_stay_on_the_cpu() {
+    let f = parse_format("kivi:levels=nf,bits=4,group=64,window=0,rot=on,clip=mse").unwrap();
+    assert_eq!(
+        f.canonical(),
+        "kivi:bits=4,group=64,window=0,rot=on,clip=mse,levels=nf"
+    );
+    assert_eq!(
+        parse_format("kivi:bits=4,levels=uniform")
+            .unwrap()
+            .canonical(),
+        parse_format("kivi:bits=4").unwrap().canonical()
+    );
+    assert!(parse_format("asymkv:hi=4,lo=4,levels=nf").is_ok());
+    for bad in [
+        "kivi:bits=2,levels=nf",
+        "asymkv:hi=4,lo=2,levels=nf",
+        "kivi:bits=4,levels=lloyd",
+    ] {
+        assert!(parse_format(bad).is_err(), "{bad} parsed");
+    }
+    for stream in [Stream::Key, Stream::Value] {
+        let c = codec("kivi:bits=4,window=0,levels=nf", stream, D);
+        assert!(c.kernel().is_none(), "{:?}", c.kernel());
+        assert!(c.describe().contains("levels=nf"), "{}", c.describe());
+        assert_eq!(
+            c.block_bytes(),
+            codec("kivi:bits=4,window=0", stream, D).block_bytes()
+        );
+    }
+}
+
+#[test]
+fn nf_levels_lower_the_error_of_gaussian_groups() {
+    // Rotated groups are near-Gaussian; Lloyd-Max levels suit them better than even steps.
+    let x = gaussian_with_outliers(4 * 64, D, 0, 17);
+    for stream in [Stream::Key, Stream::Value] {
+        let f = "kivi:bits=4,group=64,window=0,clip=mse";
+        let even = sq_err(codec(f, stream, D).as_ref(), &x, D);
+        let nf = sq_err(codec(&format!("{f},levels=nf"), stream, D).as_ref(), &x, D);
+        eprintln!(
+            "{stream:?}: squared error levels=nf / even {:.3}",
+            nf / even
+        );
+        assert!(nf < 0.95 * even, "{stream:?}: {nf} vs {even}");
+    }
+}
+
+#[test]
+fn nf_blocks_keep_readers_equal() {
+    for fmt in [
+        "kivi:bits=4,group=64,window=0,levels=nf",
+        "k=kivi:bits=4,group=64,window=0,prerope=on,rot=on,clip=mse,levels=nf;v=kivi:bits=4,group=64,window=0,rot=on,clip=mse,levels=nf",
+        "kivi:bits=4,window=16,levels=nf",
+    ] {
+        for t in [1, 63, 64, 65, 300] {
+            let c = attention_check(fmt, t, D, 2, 8, 7, 190 + t as u64).unwrap();
+            assert!(c.fused_vs_mirror < 1e-4, "{fmt} T={t}: {c:?}");
+        }
+    }
+}

@@ -165,6 +165,9 @@ pub struct AsymKv {
     pub sink: usize,
     /// `clip=mse`: each group's range chosen for least squared error instead of min-max; CPU only.
     pub clip: Clip,
+    /// `levels=nf`: 4-bit codes stand for Lloyd-Max levels of a normal distribution across the
+    /// group's range instead of 16 even steps (suits rotated groups, which are near-Gaussian); CPU only.
+    pub nf: bool,
 }
 
 /// Parses `asymkv:lk=16,lv=0,hi=2,lo=1,group=32,window=128` (every key optional, these defaults).
@@ -183,9 +186,11 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
         pre_rope: p.word("prerope", "off", &["on", "off"])? == "on",
         sink: p.usize("sink", 0, 0, MAX_SINK)?,
         clip: Clip::parse(&mut p)?,
+        nf: p.word("levels", "uniform", &["uniform", "nf"])? == "nf",
     };
     p.finish(&[
         "lk", "lv", "hi", "lo", "group", "window", "rot", "keys", "prerope", "sink", "clip",
+        "levels",
     ])?;
     f.check_axes(&p_input)?;
     Ok(Arc::new(f))
@@ -202,8 +207,9 @@ pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
     let pre_rope = p.word("prerope", "off", &["on", "off"])? == "on";
     let sink = p.usize("sink", 0, 0, MAX_SINK)?;
     let clip = Clip::parse(&mut p)?;
+    let nf = p.word("levels", "uniform", &["uniform", "nf"])? == "nf";
     p.finish(&[
-        "bits", "group", "window", "rot", "keys", "prerope", "sink", "clip",
+        "bits", "group", "window", "rot", "keys", "prerope", "sink", "clip", "levels",
     ])?;
     let f = AsymKv {
         lk: 0,
@@ -218,26 +224,34 @@ pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
         pre_rope,
         sink,
         clip,
+        nf,
     };
     f.check_axes(&p_input)?;
     Ok(Arc::new(f))
 }
 
-/// The `,clip=mse` / `,prerope=on` / `,sink=N` suffix of a config string (empty for the defaults),
-/// shared by the format's canonical string and each codec's description.
-fn cache_options(clip: Clip, pre_rope: bool, sink: usize) -> String {
+/// The `,clip=mse` / `,levels=nf` / `,prerope=on` / `,sink=N` suffix of a config string (empty for
+/// the defaults), shared by the format's canonical string and each codec's description.
+fn cache_options(clip: Clip, nf: bool, pre_rope: bool, sink: usize) -> String {
     let pre = if pre_rope { ",prerope=on" } else { "" };
     let clip = clip.suffix();
+    let nf = if nf { ",levels=nf" } else { "" };
     if sink > 0 {
-        format!("{clip}{pre},sink={sink}")
+        format!("{clip}{nf}{pre},sink={sink}")
     } else {
-        format!("{clip}{pre}")
+        format!("{clip}{nf}{pre}")
     }
 }
 
 impl AsymKv {
     /// Per-token keys only behind the rotation: no CUDA kernel reads that layout as keys.
     fn check_axes(&self, input: &str) -> Result<()> {
+        if self.nf && (self.hi != 4 || self.lo != 4) {
+            return Err(crate::error::parse_err(
+                input,
+                "levels=nf is a table of 16 levels: it needs 4-bit codes (bits=4, or hi=4 and lo=4)",
+            ));
+        }
         if self.keys_per_token && !self.rot {
             return Err(crate::error::parse_err(
                 input,
@@ -268,7 +282,7 @@ impl Format for AsymKv {
             (true, false) => ",rot=on",
             (true, true) => ",rot=on,keys=token",
         };
-        let opts = cache_options(self.clip, self.pre_rope, self.sink);
+        let opts = cache_options(self.clip, self.nf, self.pre_rope, self.sink);
         if self.uniform {
             format!(
                 "kivi:bits={},group={},window={}{rot}{opts}",
@@ -318,7 +332,8 @@ impl Format for AsymKv {
         };
         let codec = KiviCodec::new(layout, ctx.head_dim, bits, self.group, self.window)?
             .with_cache_options(self.pre_rope && ctx.stream == Stream::Key, self.sink)
-            .with_clip(self.clip);
+            .with_clip(self.clip)
+            .with_levels(self.nf);
         Ok(if self.rot {
             Box::new(super::rotate::Rotated::new(Box::new(codec), ctx.head_dim))
         } else {
@@ -339,6 +354,7 @@ pub struct KiviCodec {
     pre_rope: bool,
     sink: usize,
     clip: Clip,
+    nf: bool,
 }
 
 impl KiviCodec {
@@ -375,6 +391,7 @@ impl KiviCodec {
             pre_rope: false,
             sink: 0,
             clip: Clip::Off,
+            nf: false,
         })
     }
 
@@ -390,6 +407,13 @@ impl KiviCodec {
     /// layout, but the CUDA encoder writes min-max only, so such a codec has no [`Codec::kernel`].
     pub fn with_clip(mut self, clip: Clip) -> Self {
         self.clip = clip;
+        self
+    }
+
+    /// `nf`: 4-bit codes index [`nf_levels`] (Lloyd-Max levels of a normal distribution) instead of
+    /// even steps; other widths ignore it. The CUDA kernels read even steps, so no [`Codec::kernel`].
+    pub fn with_levels(mut self, nf: bool) -> Self {
+        self.nf = nf && self.bits == 4;
         self
     }
 
@@ -445,7 +469,7 @@ impl KiviCodec {
                 let per = 8 / self.bits;
                 let mask = (1u8 << b) - 1;
                 for (c, o) in out.iter_mut().enumerate() {
-                    *o = ((row[c / per] >> ((c % per) as u32 * b)) & mask) as f32;
+                    *o = self.lv(((row[c / per] >> ((c % per) as u32 * b)) & mask) as u32);
                 }
             }
             _ => out
@@ -509,7 +533,7 @@ impl KiviCodec {
             }
             let (mut sc, mut sx, mut scc, mut scx) = (0f64, 0f64, 0f64, 0f64);
             for &x in xs {
-                let (c, x) = (self.code(x, s, z) as f64, x as f64);
+                let (c, x) = (self.lv(self.code(x, s, z)) as f64, x as f64);
                 sc += c;
                 sx += x;
                 scc += c * c;
@@ -538,7 +562,7 @@ impl KiviCodec {
     fn sq_err_below(&self, xs: &[f32], (s, z): (f32, f32), bound: f64) -> Option<f64> {
         let mut e = 0f64;
         for &x in xs {
-            let r = z + s * self.code(x, s, z) as f32;
+            let r = z + s * self.lv(self.code(x, s, z));
             e += ((r - x) as f64).powi(2);
             if e >= bound {
                 return None;
@@ -576,10 +600,54 @@ impl KiviCodec {
         if s <= 0.0 {
             return 0;
         }
+        if self.nf {
+            // Nearest level (the first of two equally near ones).
+            let u = (x - z) / s;
+            let t = &NF_LEVELS;
+            let mut best = 0;
+            for (i, l) in t.iter().enumerate().skip(1) {
+                if (l - u).abs() < (t[best] - u).abs() {
+                    best = i;
+                }
+            }
+            return best as u32;
+        }
         let q = ((x - z) / s).round();
         q.clamp(0.0, self.levels() as f32) as u32
     }
+
+    /// The level a code stands for, in steps of `s` above `z`.
+    fn lv(&self, c: u32) -> f32 {
+        if self.nf {
+            NF_LEVELS[c as usize]
+        } else {
+            c as f32
+        }
+    }
 }
+
+/// The positive Lloyd-Max reconstruction levels of N(0, 1) for 16 levels (Max 1960), symmetric.
+const LLOYD_MAX_16: [f32; 8] = [
+    0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6181, 2.0690, 2.7326,
+];
+
+/// `levels=nf`: the 16 Lloyd-Max levels of a normal distribution mapped onto `[0, 15]` (outermost
+/// levels at the range's ends), in steps of the stored scale above the stored zero.
+pub const fn nf_levels() -> [f32; 16] {
+    let top = LLOYD_MAX_16[7];
+    let mut t = [0f32; 16];
+    let mut i = 0;
+    while i < 8 {
+        let v = LLOYD_MAX_16[i];
+        t[8 + i] = (top + v) / (2.0 * top) * 15.0;
+        t[7 - i] = (top - v) / (2.0 * top) * 15.0;
+        i += 1;
+    }
+    t
+}
+
+/// [`nf_levels`], computed once.
+const NF_LEVELS: [f32; 16] = nf_levels();
 
 /// Rounds to the nearest f16 (what the block stores).
 fn f16r(x: f32) -> f32 {
@@ -592,7 +660,7 @@ impl Codec for KiviCodec {
             Stream::Key => "k",
             Stream::Value => "v",
         };
-        let opts = cache_options(self.clip, self.pre_rope, self.sink);
+        let opts = cache_options(self.clip, self.nf, self.pre_rope, self.sink);
         format!(
             "kivi-{s}:bits={},group={},window={}{opts}",
             self.bits, self.group, self.window
@@ -622,7 +690,7 @@ impl Codec for KiviCodec {
     fn kernel(&self) -> Option<KernelSpec> {
         // Pre-RoPE keys and sinks: no kernel reads them; clipped ranges: the CUDA encoder would
         // write other (min-max) bytes than this codec, so the cache must stay on the CPU encoder.
-        if self.pre_rope || self.sink > 0 || self.clip != Clip::Off {
+        if self.pre_rope || self.sink > 0 || self.clip != Clip::Off || self.nf {
             return None;
         }
         // kernels/formats/kivi.cu reads 32-token blocks with unpadded rows (d*bits a multiple of 32);
