@@ -831,19 +831,22 @@ fn clip_parses_prints_back_and_has_no_kernel() {
     }
     // Group 32, 64 channels: a kernel layout; the CUDA encoder writes min-max bytes, so a clipped codec
     // must claim no kernel (the GPU path then refuses it by its name, or computes it on the CPU).
+    for clip in ["clip=mse", "clip=fit"] {
+        assert_cpu_only(clip);
+    }
+}
+
+/// `kivi:bits=4,window=0` plus the CPU-only `option`: same block bytes as without it, which has a
+/// kernel, but no kernel of its own (the CUDA encoder writes min-max, even steps), and a description
+/// that names it.
+fn assert_cpu_only(option: &str) {
     for stream in [Stream::Key, Stream::Value] {
         let plain = codec("kivi:bits=4,window=0", stream, D);
         assert!(plain.kernel().is_some());
-        for clip in ["mse", "fit"] {
-            let c = codec(&format!("kivi:bits=4,window=0,clip={clip}"), stream, D);
-            assert!(c.kernel().is_none(), "{:?}", c.kernel());
-            assert!(
-                c.describe().contains(&format!("clip={clip}")),
-                "{}",
-                c.describe()
-            );
-            assert_eq!(c.block_bytes(), plain.block_bytes());
-        }
+        let c = codec(&format!("kivi:bits=4,window=0,{option}"), stream, D);
+        assert!(c.kernel().is_none(), "{:?}", c.kernel());
+        assert!(c.describe().contains(option), "{}", c.describe());
+        assert_eq!(c.block_bytes(), plain.block_bytes());
     }
 }
 
@@ -884,15 +887,7 @@ fn nf_levels_parse_and_stay_on_the_cpu() {
     ] {
         assert!(parse_format(bad).is_err(), "{bad} parsed");
     }
-    for stream in [Stream::Key, Stream::Value] {
-        let c = codec("kivi:bits=4,window=0,levels=nf", stream, D);
-        assert!(c.kernel().is_none(), "{:?}", c.kernel());
-        assert!(c.describe().contains("levels=nf"), "{}", c.describe());
-        assert_eq!(
-            c.block_bytes(),
-            codec("kivi:bits=4,window=0", stream, D).block_bytes()
-        );
-    }
+    assert_cpu_only("levels=nf");
 }
 
 #[test]
