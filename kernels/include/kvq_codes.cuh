@@ -10,6 +10,13 @@ namespace kvq {
 
 constexpr uint32_t MAGIC = 0x64006400u;  // half2 {1024, 1024}
 
+// (x & mask) | MAGIC as one LOP3: written plainly, the compiler splits the two constants over two LOP3s
+// (one immediate each), a tenth of a KIVI-2 page's instructions.
+__device__ __forceinline__ uint32_t mask_magic(uint32_t x, uint32_t mask) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "r"(mask), "r"(MAGIC));
+    return d;
+}
 __device__ __forceinline__ uint32_t unbias(uint32_t h) {
     const __half2 x = *reinterpret_cast<const __half2*>(&h), m = __float2half2_rn(1024.f);
     return h2_bits(__hsub2(x, m));
@@ -25,18 +32,18 @@ __device__ __forceinline__ void key_codes(const uint8_t* row, int kb, int q, int
                                           uint32_t& b1) {
     if constexpr (B == 2) {
         const uint32_t w = reinterpret_cast<const uint32_t*>(row)[kb];
-        b0 = unbias(((w >> (4 * q)) & 0x00030003u) | MAGIC);
-        b1 = unbias(((w >> (4 * q + 2)) & 0x00030003u) | MAGIC);
+        b0 = unbias(mask_magic(w >> (4 * q), 0x00030003u));
+        b1 = unbias(mask_magic(w >> (4 * q + 2), 0x00030003u));
     } else if constexpr (B == 4) {
         const uint2 w = reinterpret_cast<const uint2*>(row)[kb];
         const uint32_t u = __byte_perm(w.x, w.y, 0x4400u + 0x1111u * q);
-        b0 = unbias((u & 0x000F000Fu) | MAGIC);
-        b1 = unbias(((u >> 4) & 0x000F000Fu) | MAGIC);
+        b0 = unbias(mask_magic(u, 0x000F000Fu));
+        b1 = unbias(mask_magic(u >> 4, 0x000F000Fu));
     } else if constexpr (B == 1) {
         const uint32_t u = (uint32_t)reinterpret_cast<const uint16_t*>(row)[kb] >> (2 * q);
         const uint32_t v = u | (u << 8);
-        b0 = unbias((v & 0x00010001u) | MAGIC);
-        b1 = unbias(((v >> 1) & 0x00010001u) | MAGIC);
+        b0 = unbias(mask_magic(v, 0x00010001u));
+        b1 = unbias(mask_magic(v >> 1, 0x00010001u));
     } else {
         const int c = 16 * kb + 2 * q;
         b0 = halves(bits_at(row, c * bits, bits), bits_at(row, (c + 8) * bits, bits));
@@ -60,7 +67,7 @@ __device__ __forceinline__ uint32_t val_pair(uint64_t wa, uint64_t wb, int nb) {
     constexpr uint32_t M = (1u << B) - 1u;
     const int bit = nb * B, k = bit / 16, o = bit % 16;
     const uint32_t u = ((uint32_t)(wa >> (16 * k)) & 0xFFFFu) | ((uint32_t)(wb >> (16 * k)) << 16);
-    return ((u >> o) & (M | (M << 16))) | MAGIC;
+    return mask_magic(u >> o, M | (M << 16));
 }
 
 }  // namespace kvq
