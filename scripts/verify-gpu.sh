@@ -21,7 +21,7 @@
 set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
 stage_model
-stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|engine|ppl|prefill|rvq|ppl-rvq|formats}
+stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|engine|ppl|prefill|rvq|ppl-rvq|formats|example}
 R="$OUT/$stage"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 rc=0
@@ -150,6 +150,21 @@ formats)
     --max-windows 16 --kv fp16 $(for p in "${PPL_PLANS[@]}"; do echo "--kv $p"; done) --json "$R/ppl-gpu.json" \
     > "$R/ppl-gpu.txt" 2>&1 || rc=1
   tail -n 8 "$R/ppl-gpu.txt" ;;
+example)
+  # The embedding example alone (examples/generate.rs through the library API, carried as
+  # .carry-ex/generate.xz) on every GEN_PLANS plan whose files are here (RVQ needs its codebooks), with
+  # the model staged and data/corpus carried.
+  [ -n "$MODEL" ] || { echo "example: model not staged"; exit 3; }
+  [ -x "$S/generate" ] || { echo "example: no generate binary in the stash (.carry-ex)"; exit 3; }
+  . scripts/formats-plans.sh
+  for kv in "${GEN_PLANS[@]}"; do
+    case "$kv" in *codebooks=*) [ -f "${kv##*codebooks=}" ] || { echo "skip $kv (no codebooks)"; continue; } ;; esac
+    echo "== $kv" >> "$R/example.txt"
+    timeout 60 "$S/generate" "$MODEL" "$PROMPT" "$kv" 32 >> "$R/example.txt" 2>> "$R/example.err"
+    r=$?; echo "example $kv rc=$r" | tee -a "$R/example.txt"; [ $r = 0 ] || rc=1
+    tail -c 240 "$R/example.txt" | head -n -1
+  done
+  tail -n 20 "$R/example.err" | cut -c1-200 ;;
 quick)
   # A short form of `kernels` for a small device budget: memcheck on the encoder cases (where the host
   # probes each module's symbols), racecheck on one QJL configuration.
