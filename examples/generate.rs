@@ -1,9 +1,13 @@
-//! The embeddable API end to end: load a model onto the GPU with a KV plan, prefill a prompt, decode
-//! greedily token by token, print the text, free the sequence.
+//! The embeddable API end to end: load a model onto the GPU with a KV plan and the GPU-resident
+//! compressed cache (fused CUDA kernels), prefill a prompt, decode greedily token by token, print the
+//! text, free the sequence.
 //!
 //! cargo run --release --example generate -- MODEL_PATH "The capital of France is" [KV_PLAN] [TOKENS]
 
-use kvq::engine::{argmax, Engine};
+use kvq::engine::{argmax, Engine, ResidentLimits};
+
+/// Tokens the example's one sequence may hold (prompt and generated); the GPU cache is sized for it.
+const CONTEXT: usize = 4096;
 
 fn main() {
     if let Err(e) = run() {
@@ -26,10 +30,21 @@ fn run() -> kvq::Result<()> {
             .parse()
             .map_err(|_| kvq::GpuError::Input(format!("TOKENS '{s}': expected a number")))?,
     };
-    let mut engine = Engine::load(path, kv)?;
+    let limits = ResidentLimits {
+        slots: 1,
+        max_tokens: CONTEXT,
+        max_chunk: 256,
+    };
+    let mut engine = Engine::load_resident(path, kv, limits)?;
     eprintln!("{}", engine.describe());
     let ids = engine.tokenizer()?.encode_prompt(prompt)?;
     let cap = (ids.len() + n).min(engine.config().max_ctx);
+    if cap > CONTEXT {
+        return Err(kvq::GpuError::Input(format!(
+            "PROMPT of {} tokens + TOKENS {n}: more than the example's {CONTEXT}-token cache",
+            ids.len()
+        )));
+    }
     let seq = engine.new_sequence(cap)?;
     let mut next = argmax(&engine.prefill(seq, &ids, 256)?);
     let mut out = vec![next];

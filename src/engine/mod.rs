@@ -3,15 +3,18 @@
 //! sequences, prefill prompts in chunks, decode batches of sequences step by step, read logits or
 //! greedy tokens, free sequences.
 //!
-//! Attention sits behind [`AttentionBackend`]; the engine never branches on the cache format. The
-//! backend built today is [`HostCacheBackend`], a *reference* that round-trips K/V through the host
-//! and encodes them on the CPU (correct, slow); a GPU-resident backend plugs in through
-//! [`Engine::with_backend`].
+//! Attention sits behind [`AttentionBackend`]; the engine never branches on the cache format. Two
+//! backends exist: [`ResidentBackend`] keeps every layer's compressed cache on the GPU and runs the
+//! fused CUDA encode/attention kernels (what [`Engine::load_resident`] gives: the fast path), and
+//! [`HostCacheBackend`], a *reference* that round-trips K/V through the host and encodes them on the
+//! CPU (correct, slow; [`Engine::load`]), for checking the other and for plans without kernels.
 //!
 //! ```no_run
-//! use kvq::engine::Engine;
+//! use kvq::engine::{Engine, ResidentLimits};
 //! # fn main() -> kvq::Result<()> {
-//! let mut engine = Engine::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", "fp16")?;
+//! let limits = ResidentLimits { slots: 1, max_tokens: 4096, max_chunk: 256 };
+//! let mut engine =
+//!     Engine::load_resident("models/SmolLM2-135M-Instruct.Q4_1.gguf", "kivi:bits=4", limits)?;
 //! let prompt = engine.tokenizer()?.encode_prompt("The capital of France is")?;
 //! let seq = engine.new_sequence(prompt.len() + 16)?;
 //! let logits = engine.prefill(seq, &prompt, 256)?;
@@ -183,6 +186,18 @@ impl Engine {
         Ok(e)
     }
 
+    /// Loads like [`Engine::load`] but onto the GPU-resident backend sized by `limits` (sequences,
+    /// tokens each, prefill chunk): the fused compressed-attention kernels, for programs that want speed.
+    /// Fails with the reason when a layer's format has no CUDA kernels or the caches do not fit.
+    pub fn load_resident(path: &str, kv: &str, limits: ResidentLimits) -> Result<Self> {
+        let gpu = Arc::new(Gpu::new(0)?);
+        let model = Model::load(path)?;
+        let plan = KvPlan::parse(kv, model.config.n_layers)?;
+        let mut e = Self::from_model_resident(gpu, &model, plan, limits)?;
+        e.tokenizer = Some(model.tokenizer);
+        Ok(e)
+    }
+
     /// Uploads an already loaded CPU model (kept by the caller, e.g. to compare with) with `plan`
     /// and the host-cache reference backend. The engine has no tokenizer then.
     pub fn from_model(gpu: Arc<Gpu>, model: &Model, plan: KvPlan) -> Result<Self> {
@@ -335,7 +350,7 @@ impl Engine {
         &self.gpu
     }
 
-    /// The tokenizer (engines made by [`Engine::load`] have one).
+    /// The tokenizer (engines made by [`Engine::load`] or [`Engine::load_resident`] have one).
     pub fn tokenizer(&self) -> Result<&Tok> {
         self.tokenizer.as_ref().ok_or_else(|| {
             GpuError::Input("this engine was built from a borrowed model and holds no tokenizer; use the model's".into())
