@@ -64,6 +64,13 @@ struct DecoPolicy {
         float bias;
         float acc_u[D / 16][4];
         float psum;  // sum_t p_t scale_t of head r (this lane's share)
+        // 2- and 4-bit codes enter the MMAs in the top form (kvq_codes.cuh: 1 + c / 2^b, no unbias
+        // subtract per pair): keys undone in bias and scores(), values per unit in done()
+        // (acc_u = sum p s + 2^-b sum p s c, so u = 2^b acc_u - (2^b + qmax) psum).
+        static constexpr float KTOP = (KB == 2 || KB == 4) ? (float)(1 << KB) : 1.f;
+        static constexpr float KTOP_OFF = (KB == 2 || KB == 4) ? (float)(1 << KB) : 0.f;
+        static constexpr float VTOP = (VB == 2 || VB == 4) ? (float)(1 << VB) : 1.f;
+        static constexpr float VTOP_OFF = (VB == 2 || VB == 4) ? (float)(1 << VB) : 0.f;
 
         // q' = T_S q per piece for this lane's A positions; bias = -qmax * sum_c q'_c.
         __device__ __forceinline__ void fold(const uint8_t* kb) {
@@ -95,7 +102,9 @@ struct DecoPolicy {
             }
             part += __shfl_xor_sync(0xffffffffu, part, 1);
             part += __shfl_xor_sync(0xffffffffu, part, 2);
-            bias = -kqmax * part;
+            // Top-form key codes (1 + c / 2^b) make the MMA sum q' + 2^-b sum q' c: scores() scales
+            // by 2^b, and bias takes sum q' off with the qmax term.
+            bias = -(KTOP_OFF + kqmax) / KTOP * part;
         }
 
         __device__ __forceinline__ void scores(const uint8_t* kb, int i, float (*s)[2]) {
@@ -111,14 +120,15 @@ struct DecoPolicy {
 #pragma unroll
                 for (int j = 0; j < DECO_TT / 8; j++) {
                     uint32_t b0, b1;
-                    key_codes<KB>(codes + (8 * j + r) * krb, kbi, q, kbits, b0, b1);
+                    if constexpr (KTOP_OFF != 0.f) key_codes_top<KB>(codes + (8 * j + r) * krb, kbi, q, b0, b1);
+                    else key_codes<KB>(codes + (8 * j + r) * krb, kbi, q, kbits, b0, b1);
                     mma(c[j], ahi[kbi][0], alo[kbi][0], ahi[kbi][1], alo[kbi][1], b0, b1);
                 }
 #pragma unroll
             for (int j = 0; j < DECO_TT / 8; j++)
 #pragma unroll
                 for (int e = 0; e < 2; e++)
-                    s[j][e] = __half2float(sc[8 * j + 2 * q + e]) * (c[j][e] + c[j][e + 2] + bias);
+                    s[j][e] = __half2float(sc[8 * j + 2 * q + e]) * (KTOP * (c[j][e] + c[j][e + 2] + bias));
         }
 
         __device__ __forceinline__ void rescale(float corr, float corr0, float corr1) {
@@ -153,8 +163,8 @@ struct DecoPolicy {
                         const uint64_t w1 = val_word<VB, D>(codes + ts[1] * vrb, r);
                         const uint64_t w8 = val_word<VB, D>(codes + ts[2] * vrb, r);
                         const uint64_t w9 = val_word<VB, D>(codes + ts[3] * vrb, r);
-                        v01 = unbias(val_pair<VB>(w0, w1, i));
-                        v89 = unbias(val_pair<VB>(w8, w9, i));
+                        v01 = val_pair_top<VB>(w0, w1, i);
+                        v89 = val_pair_top<VB>(w8, w9, i);
                     } else {
                         const int c = (D / 8) * r + i;
                         v01 = halves(bits_at(codes + ts[0] * vrb, c * vbits, vbits),
@@ -173,7 +183,8 @@ struct DecoPolicy {
             }
         }
 
-        // At the block's last tile: u = acc_u - qmax psum, x = u T_S per piece, into acc; reset.
+        // At the block's last tile: u = acc_u - qmax psum (top form: 2^b acc_u - (2^b + qmax) psum),
+        // x = u T_S per piece, into acc; reset.
         __device__ __forceinline__ void done(const uint8_t* buf, int i, int n_tiles, float (*acc)[4]) {
             if (i % tpu != tpu - 1 && i != n_tiles - 1) return;
             const int r = cx.lane >> 2, q = cx.lane & 3;
@@ -189,7 +200,7 @@ struct DecoPolicy {
 #pragma unroll
                 for (int i2 = 0; i2 < NC; i2++) {
                     const float a = i2 < D / 16 ? acc_u[i2][e] : acc_u[i2 - D / 16][2 + e];
-                    u[i2] = a - vqmax * pse[e];
+                    u[i2] = fmaf(VTOP, a, -(VTOP_OFF + vqmax) * pse[e]);
                 }
                 float x[NC];
                 if (svd) {

@@ -9,12 +9,19 @@
 namespace kvq {
 
 constexpr uint32_t MAGIC = 0x64006400u;  // half2 {1024, 1024}
+constexpr uint32_t ONE2 = 0x3C003C00u;   // half2 {1, 1}
 
 // (x & mask) | MAGIC as one LOP3: written plainly, the compiler splits the two constants over two LOP3s
 // (one immediate each), a tenth of a KIVI-2 page's instructions.
 __device__ __forceinline__ uint32_t mask_magic(uint32_t x, uint32_t mask) {
     uint32_t d;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "r"(mask), "r"(MAGIC));
+    return d;
+}
+// (x & mask) | ONE2 as one LOP3: the top-of-mantissa form below.
+__device__ __forceinline__ uint32_t mask_one(uint32_t x, uint32_t mask) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "r"(mask), "r"(ONE2));
     return d;
 }
 __device__ __forceinline__ uint32_t unbias(uint32_t h) {
@@ -68,6 +75,47 @@ __device__ __forceinline__ uint32_t val_pair(uint64_t wa, uint64_t wb, int nb) {
     const int bit = nb * B, k = bit / 16, o = bit % 16;
     const uint32_t u = ((uint32_t)(wa >> (16 * k)) & 0xFFFFu) | ((uint32_t)(wb >> (16 * k)) << 16);
     return mask_magic(u >> o, M | (M << 16));
+}
+
+// Top-of-mantissa code pairs, for readers that scale the codes anyway (KIVI/AsymKV, DecoQuant): a
+// b-bit code c placed in the top b mantissa bits of 1.0 reads as the exact half h = 1 + c / 2^b, so
+// s h - s = s c / 2^b is one HFMA2 (s and -s exact) with no unbias subtract, and an MMA over such codes
+// gives sum x + 2^-b sum x c; the reader undoes 2^-b in f32. Zeros stay out of that FMA (z - s as
+// its addend, rounded to f16, cost 2-3x the kernels' f16 error in H100 parity) and enter by their own MMA.
+
+// key_codes's pairs in the top form (B = 1, 2, 4): the shift that brought codes to bits 0 / 16 brings
+// them to bits 10 - B / 26 - B instead (a rotate where the distance's sign depends on the lane).
+template <int B>
+__device__ __forceinline__ void key_codes_top(const uint8_t* row, int kb, int q, uint32_t& b0, uint32_t& b1) {
+    static_assert(B == 1 || B == 2 || B == 4, "top-form key codes for 1, 2 and 4 bits");
+    if constexpr (B == 2) {
+        const uint32_t w = reinterpret_cast<const uint32_t*>(row)[kb];
+        // bit 4q (+16) to bit 8 (+16), bit 4q + 2 likewise: rotate left by 8 - 4q and 6 - 4q (mod 32).
+        b0 = mask_one(__funnelshift_l(w, w, (8 - 4 * q) & 31), 0x03000300u);
+        b1 = mask_one(__funnelshift_l(w, w, (6 - 4 * q) & 31), 0x03000300u);
+    } else if constexpr (B == 4) {
+        const uint2 w = reinterpret_cast<const uint2*>(row)[kb];
+        const uint32_t u = __byte_perm(w.x, w.y, 0x4400u + 0x1111u * q);
+        b0 = mask_one(u << 6, 0x03C003C0u);
+        b1 = mask_one(u << 2, 0x03C003C0u);
+    } else {
+        // channel 2q to bit 9, 2q + 8 to bit 25 (through v | v << 8), 2q + 1 / 2q + 9 one bit lower.
+        const uint32_t u = (uint32_t)reinterpret_cast<const uint16_t*>(row)[kb] << (9 - 2 * q);
+        const uint32_t v = u | (u << 8);
+        b0 = mask_one(v, 0x02000200u);
+        b1 = mask_one(v >> 1, 0x02000200u);
+    }
+}
+
+// val_pair in the top form: {1 + a / 2^B, 1 + b / 2^B} for tokens a, b at lane-channel nb.
+template <int B>
+__device__ __forceinline__ uint32_t val_pair_top(uint64_t wa, uint64_t wb, int nb) {
+    constexpr uint32_t M = (1u << B) - 1u;
+    const int bit = nb * B, k = bit / 16, o = bit % 16;
+    const uint32_t u = ((uint32_t)(wa >> (16 * k)) & 0xFFFFu) | ((uint32_t)(wb >> (16 * k)) << 16);
+    constexpr int TOP = 10 - B;  // the code's lowest bit in the half
+    const uint32_t x = o <= TOP ? u << (TOP - o) : u >> (o - TOP);
+    return mask_one(x, (M | (M << 16)) << TOP);
 }
 
 }  // namespace kvq

@@ -17,6 +17,10 @@
 //   stage_off(byte)                            where staged byte `byte` of a page goes in shared memory
 //   scores(ks, cx, s)                          S = Q K^T for the page's tokens (C fragments, see below)
 //   pv(vs, cx, pa, acc)                        acc += P V for the page's tokens
+//   VALUE_ZEROS                                true (run_pages policies): pv_z(vs, cx, pa, acc, zacc)
+//                                              instead of pv, with the rows' zero terms sum_t z P kept
+//                                              apart in zacc (one C fragment, the same for every m-block);
+//                                              after the warp's last page acc = VALUE_UP acc + zacc
 //   out_chan(mb, row)                          the channel of row `row` of V^T m-block `mb`
 // reading the page's raw bytes from shared memory, so nothing dequantized ever touches global memory.
 //
@@ -174,6 +178,7 @@ struct F16Rows {
     static constexpr int MIN_CTAS = 1;
     static constexpr bool CUSTOM_SEALED = false;
     static constexpr bool Q_PAIR8 = false;
+    static constexpr bool VALUE_ZEROS = false;
     static __device__ __forceinline__ int out_chan(int mb, int row) { return 16 * mb + row; }
     static __device__ __forceinline__ int stage_off(int byte) {
         const int tok = byte / (2 * D), chunk = (byte % (2 * D)) >> 4;
@@ -258,6 +263,31 @@ struct PagedBody {
     __device__ __forceinline__ void done(const uint8_t*, int, int, float (*)[4]) const {}
 };
 
+// PagedBody for VALUE_ZEROS policies: the zero terms' accumulator zacc is rescaled with acc and folded
+// into every m-block of acc (scaled by F::VALUE_UP) after the warp's last tile (no rescale follows).
+template <int D, class F>
+struct ZeroAccBody {
+    const Ctx<D>& cx;
+    float zacc[4] = {0.f, 0.f, 0.f, 0.f};
+    __device__ __forceinline__ void scores(const uint8_t* kb, int, float (*s)[2]) const { F::scores(kb, cx, s); }
+    __device__ __forceinline__ void rescale(float, float corr0, float corr1) {
+        zacc[0] *= corr0;
+        zacc[1] *= corr1;
+        zacc[2] *= corr0;
+        zacc[3] *= corr1;
+    }
+    __device__ __forceinline__ void pv(const uint8_t* vb, int, const uint32_t (*pa)[2], float (*acc)[4]) {
+        F::pv_z(vb, cx, pa, acc, zacc);
+    }
+    __device__ __forceinline__ void done(const uint8_t*, int i, int n_tiles, float (*acc)[4]) const {
+        if (i != n_tiles - 1) return;
+#pragma unroll
+        for (int mb = 0; mb < D / 16; mb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mb][e] = fmaf(F::VALUE_UP, acc[mb][e], zacc[e]);
+    }
+};
+
 // One warp runs its tiles: `count(i)` is tile i's valid token count, `fill(i, kbuf, vbuf)` issues the
 // cp.async copies of its K and V bytes into a stage (tokens past the count zero-filled).
 template <int D, int TT, class CountFn, class FillFn, class Body>
@@ -317,9 +347,14 @@ __device__ __forceinline__ void run_pages(const KvqDecodeParams& P, int slot, in
         stage<F>(kb, P.k_pages + (page * P.hkv + h) * kbytes, kbytes, nblk * kbb, lane);
         stage<F>(vb, P.v_pages + (page * P.hkv + h) * vbytes, vbytes, nblk * vbb, lane);
     };
-    PagedBody<D, F> body{cx};
-    warp_run<D, TT>(n_tiles, count, fill, body, smem + warp * P.stages * (kbytes + vbytes), kbytes, vbytes,
-                    P.stages, scale_log2, lane, st);
+    uint8_t* wsm = smem + warp * P.stages * (kbytes + vbytes);
+    if constexpr (F::VALUE_ZEROS) {
+        ZeroAccBody<D, F> body{cx};
+        warp_run<D, TT>(n_tiles, count, fill, body, wsm, kbytes, vbytes, P.stages, scale_log2, lane, st);
+    } else {
+        PagedBody<D, F> body{cx};
+        warp_run<D, TT>(n_tiles, count, fill, body, wsm, kbytes, vbytes, P.stages, scale_log2, lane, st);
+    }
 }
 
 // Output channel c of query head hq of row b from the S partials (loads past L1: in the fused merge

@@ -18,17 +18,24 @@ struct KiviPolicy {
     static constexpr int STAGES = 2;
     static constexpr int MIN_CTAS = KVQ_KIVI_MIN_CTAS;
     static constexpr bool CUSTOM_SEALED = false;
+    // 1/2/4-bit values take pv_z: codes in the top form, zeros through one MMA per k-step into zacc.
+    static constexpr bool VALUE_ZEROS = VB == 1 || VB == 2 || VB == 4;
+    static constexpr float VALUE_UP = VALUE_ZEROS ? (float)(1 << (VALUE_ZEROS ? VB : 0)) : 1.f;
     static __device__ __forceinline__ int stage_off(int byte) { return byte; }
     static __device__ __forceinline__ int out_chan(int mb, int row) {
         return (D / 8) * (row & 7) + (D / 16) * (row >> 3) + mb;
     }
 
     // S = Q K^T with keys decoded straight into f16 B fragments: per block and k-step the lane's scale
-    // and zero pairs {c, c+8}, {c+1, c+9} (c = 16 kb + 2q), then one half2 FMA per exact code pair
-    // (k = s code + z rounded once, as the value path does). The query's A fragments are cx's hi/lo
-    // rows in the same channel order (Q_PAIR8), so nothing is refolded per block.
+    // and zero pairs {c, c+8}, {c+1, c+9} (c = 16 kb + 2q), then one half2 FMA per exact code pair.
+    // 1/2/4-bit codes come in the top form (kvq_codes.cuh: h = 1 + c / 2^b), so s h - s = s code / 2^b
+    // rounded once with no unbias subtract (the 2^b undone in f32 on the score: no f16 overflow); the
+    // zeros, the same for every token of the block, enter through one more MMA chain per block (q . z
+    // in f32, added to each token's score). Other widths: k = s code + z rounded once. The query's A fragments are cx's hi/lo rows in the same
+    // channel order (Q_PAIR8), so nothing is refolded per block.
     static constexpr bool Q_PAIR8 = true;
     static __device__ __forceinline__ void scores(const uint8_t* ks, const Ctx<D>& cx, float (*s)[2]) {
+        constexpr bool TOP = KB == 1 || KB == 2 || KB == 4;
         const int bits = KB ? KB : cx.fa->i[0];
         const int kbb = (int)cx.k_block_bytes, row_bytes = D * bits / 8;
         const int r = cx.lane >> 2, q = cx.lane & 3;
@@ -36,8 +43,9 @@ struct KiviPolicy {
         for (int blk = 0; blk < PAGE_BLOCKS; blk++) {
             const uint8_t* kb = ks + blk * kbb;
             const uint8_t* codes = kb + 4 * D;
-            // Independent MMA chains, one per token block of 8; A rows 8..15 carry the lo halves.
-            float c[BT / 8][4];
+            // Independent MMA chains, one per token block of 8 (and cz for the zeros); A rows 8..15
+            // carry the lo halves.
+            float c[BT / 8][4], cz[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int j = 0; j < BT / 8; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
 #pragma unroll
@@ -48,22 +56,29 @@ struct KiviPolicy {
                 const uint32_t z01 = *reinterpret_cast<const uint32_t*>(kb + 2 * (D + ch));
                 const uint32_t z89 = *reinterpret_cast<const uint32_t*>(kb + 2 * (D + ch + 8));
                 const uint32_t sa = __byte_perm(s01, s89, 0x5410u), sb = __byte_perm(s01, s89, 0x7632u);
-                const __half2 ha = *reinterpret_cast<const __half2*>(&sa), hb = *reinterpret_cast<const __half2*>(&sb);
                 const uint32_t za = __byte_perm(z01, z89, 0x5410u), zb = __byte_perm(z01, z89, 0x7632u);
-                const __half2 hza = *reinterpret_cast<const __half2*>(&za), hzb = *reinterpret_cast<const __half2*>(&zb);
+                __half2 ha = *reinterpret_cast<const __half2*>(&sa), hb = *reinterpret_cast<const __half2*>(&sb);
+                __half2 oa = *reinterpret_cast<const __half2*>(&za), ob = *reinterpret_cast<const __half2*>(&zb);
+                if constexpr (TOP) {
+                    oa = __hneg2(ha), ob = __hneg2(hb);
+                    mma(cz, cx.hi[kbi][0], cx.lo[kbi][0], cx.hi[kbi][1], cx.lo[kbi][1], za, zb);
+                }
 #pragma unroll
                 for (int j = 0; j < BT / 8; j++) {
                     uint32_t x0, x1;
-                    key_codes<KB>(codes + (8 * j + r) * row_bytes, kbi, q, bits, x0, x1);
-                    const uint32_t b0 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&x0), ha, hza));
-                    const uint32_t b1 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&x1), hb, hzb));
+                    if constexpr (TOP) key_codes_top<TOP ? KB : 1>(codes + (8 * j + r) * row_bytes, kbi, q, x0, x1);
+                    else key_codes<KB>(codes + (8 * j + r) * row_bytes, kbi, q, bits, x0, x1);
+                    const uint32_t b0 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&x0), ha, oa));
+                    const uint32_t b1 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&x1), hb, ob));
                     mma(c[j], cx.hi[kbi][0], cx.lo[kbi][0], cx.hi[kbi][1], cx.lo[kbi][1], b0, b1);
                 }
             }
+            constexpr float UP = TOP ? (float)(1 << (TOP ? KB : 0)) : 1.f;  // the codes' 2^-b, undone
+            const float z0 = cz[0] + cz[2], z1 = cz[1] + cz[3];
 #pragma unroll
             for (int j = 0; j < BT / 8; j++) {
-                s[blk * (BT / 8) + j][0] = c[j][0] + c[j][2];
-                s[blk * (BT / 8) + j][1] = c[j][1] + c[j][3];
+                s[blk * (BT / 8) + j][0] = fmaf(UP, c[j][0] + c[j][2], z0);
+                s[blk * (BT / 8) + j][1] = fmaf(UP, c[j][1] + c[j][3], z1);
             }
         }
     }
@@ -110,6 +125,54 @@ struct KiviPolicy {
                     v01 = pack2(v[0], v[1]);
                     v89 = pack2(v[2], v[3]);
                 }
+            };
+#pragma unroll
+            for (int mb = 0; mb < D / 16; mb++) {
+                uint32_t a0, a1, a2, a3;
+                pair(mb, a0, a2);           // row r:     channel mb of the lane
+                pair(D / 16 + mb, a1, a3);  // row r + 8: channel D/16 + mb
+                mma(acc[mb], a0, a1, a2, a3, pa[kk][0], pa[kk][1]);
+            }
+        }
+    }
+
+    // pv for VALUE_ZEROS: a token's values are s code + z per (token, channel group), and lane r's
+    // channels (both A rows it supplies) lie in one group, so V^T = S o C + Z with Z's rows constant
+    // per group: S o C / 2^b from top-form codes (s h - s rounded once, no unbias subtract per pair;
+    // ZeroAccBody::done scales acc by VALUE_UP = 2^b in f32), Z P^T by one MMA per k-step into zacc
+    // (its rows equal for every m-block).
+    static __device__ __forceinline__ void pv_z(const uint8_t* vs, const Ctx<D>& cx, const uint32_t (*pa)[2],
+                                                float (*acc)[4], float (&zacc)[4]) {
+        constexpr int VT = VALUE_ZEROS ? VB : 1;
+        const int group = cx.fa->i[5];
+        const int vbb = (int)cx.v_block_bytes, row_bytes = D * VT / 8;
+        const int gpt = D / group;
+        const int r = cx.lane >> 2, q = cx.lane & 3;
+        const int g = (D / 8) * r / group;
+#pragma unroll
+        for (int kk = 0; kk < PAGE_BLOCKS * BT / 16; kk++) {
+            const uint8_t* vb = vs + (kk / 2) * vbb;
+            const uint8_t* codes = vb + 4 * D;
+            const int t0 = 16 * (kk % 2) + 2 * q;
+            const int ts[4] = {t0, t0 + 1, t0 + 8, t0 + 9};
+            __half sc[4], z[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                sc[e] = *reinterpret_cast<const __half*>(vb + 2 * (ts[e] * gpt + g));
+                z[e] = *reinterpret_cast<const __half*>(vb + 2 * (D + ts[e] * gpt + g));
+            }
+            const __half2 s01 = __halves2half2(sc[0], sc[1]), s89 = __halves2half2(sc[2], sc[3]);
+            const __half2 n01 = __hneg2(s01), n89 = __hneg2(s89);
+            const uint32_t z01 = h2_bits(__halves2half2(z[0], z[1])), z89 = h2_bits(__halves2half2(z[2], z[3]));
+            mma(zacc, z01, z01, z89, z89, pa[kk][0], pa[kk][1]);
+            const uint64_t w0 = val_word<VT, D>(codes + ts[0] * row_bytes, r);
+            const uint64_t w1 = val_word<VT, D>(codes + ts[1] * row_bytes, r);
+            const uint64_t w8 = val_word<VT, D>(codes + ts[2] * row_bytes, r);
+            const uint64_t w9 = val_word<VT, D>(codes + ts[3] * row_bytes, r);
+            auto pair = [&](int i, uint32_t& v01, uint32_t& v89) {
+                const uint32_t u01 = val_pair_top<VT>(w0, w1, i), u89 = val_pair_top<VT>(w8, w9, i);
+                v01 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u01), s01, n01));
+                v89 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u89), s89, n89));
             };
 #pragma unroll
             for (int mb = 0; mb < D / 16; mb++) {
