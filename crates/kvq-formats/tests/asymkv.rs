@@ -832,18 +832,18 @@ fn clip_parses_prints_back_and_has_no_kernel() {
     // Group 32, 64 channels: a kernel layout; the CUDA encoder writes min-max bytes, so a clipped codec
     // must claim no kernel (the GPU path then refuses it by its name, or computes it on the CPU).
     for clip in ["clip=mse", "clip=fit"] {
-        assert_cpu_only(clip);
+        assert_cpu_only(4, clip);
     }
 }
 
-/// `kivi:bits=4,window=0` plus the CPU-only `option`: same block bytes as without it, which has a
+/// `kivi:bits={bits},window=0` plus the CPU-only `option`: same block bytes as without it, which has a
 /// kernel, but no kernel of its own (the CUDA encoder writes min-max, even steps), and a description
 /// that names it.
-fn assert_cpu_only(option: &str) {
+fn assert_cpu_only(bits: usize, option: &str) {
     for stream in [Stream::Key, Stream::Value] {
-        let plain = codec("kivi:bits=4,window=0", stream, D);
+        let plain = codec(&format!("kivi:bits={bits},window=0"), stream, D);
         assert!(plain.kernel().is_some());
-        let c = codec(&format!("kivi:bits=4,window=0,{option}"), stream, D);
+        let c = codec(&format!("kivi:bits={bits},window=0,{option}"), stream, D);
         assert!(c.kernel().is_none(), "{:?}", c.kernel());
         assert!(c.describe().contains(option), "{}", c.describe());
         assert_eq!(c.block_bytes(), plain.block_bytes());
@@ -879,30 +879,115 @@ fn nf_levels_parse_and_stay_on_the_cpu() {
             .canonical(),
         parse_format("kivi:bits=4").unwrap().canonical()
     );
-    assert!(parse_format("asymkv:hi=4,lo=4,levels=nf").is_ok());
+    for (s, canon) in [
+        (
+            "kivi:levels=nf,bits=3,group=128,window=0,prerope=on",
+            "kivi:bits=3,group=128,window=0,levels=nf,prerope=on",
+        ),
+        (
+            "kivi:bits=2,levels=nf,rot=on,clip=mse",
+            "kivi:bits=2,group=32,window=128,rot=on,clip=mse,levels=nf",
+        ),
+        (
+            "asymkv:hi=4,lo=2,lk=3,lv=1,levels=nf,window=0",
+            "asymkv:lk=3,lv=1,hi=4,lo=2,group=32,window=0,levels=nf",
+        ),
+        (
+            "asymkv:hi=4,lo=4,levels=nf",
+            "asymkv:lk=16,lv=0,hi=4,lo=4,group=32,window=128,levels=nf",
+        ),
+    ] {
+        assert_eq!(parse_format(s).unwrap().canonical(), canon, "{s}");
+        assert_eq!(parse_format(canon).unwrap().canonical(), canon);
+    }
+    // 1-bit codes are the range's two ends with either levels, and 8-bit codes have no table.
     for bad in [
-        "kivi:bits=2,levels=nf",
-        "asymkv:hi=4,lo=2,levels=nf",
+        "kivi:bits=1,levels=nf",
+        "kivi:bits=8,levels=nf",
+        "asymkv:levels=nf",
+        "asymkv:hi=2,lo=1,levels=nf",
+        "asymkv:hi=8,lo=4,levels=nf",
         "kivi:bits=4,levels=lloyd",
     ] {
-        assert!(parse_format(bad).is_err(), "{bad} parsed");
+        let e = parse_format(bad)
+            .err()
+            .unwrap_or_else(|| panic!("{bad} parsed"));
+        if bad.contains("levels=nf") {
+            assert!(e.to_string().contains("2-, 3- and 4-bit"), "{bad}: {e}");
+        }
     }
-    assert_cpu_only("levels=nf");
+    for bits in [2, 3, 4] {
+        assert_cpu_only(bits, "levels=nf");
+    }
+}
+
+#[test]
+fn nf_tables_are_max_1960_laid_across_the_range() {
+    use kvq_formats::formats::asymkv::{nf_levels, NF_BITS};
+    // Positive Lloyd-Max levels of N(0, 1) for 4, 8 and 16 levels (Max 1960).
+    let max: [&[f32]; 3] = [
+        &[0.4528, 1.5104],
+        &[0.2451, 0.7560, 1.3439, 2.1520],
+        &[
+            0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6181, 2.0690, 2.7326,
+        ],
+    ];
+    assert_eq!(NF_BITS, &[2, 3, 4]);
+    for (b, half) in [2usize, 3, 4].into_iter().zip(max) {
+        let t = nf_levels(b);
+        let l = ((1 << b) - 1) as f32;
+        assert_eq!(t.len(), 1 << b);
+        assert_eq!(
+            (t[0], t[t.len() - 1]),
+            (0.0, l),
+            "bits {b}: ends of the range"
+        );
+        let top = half[half.len() - 1];
+        for (i, w) in t.windows(2).enumerate() {
+            assert!(w[0] < w[1], "bits {b}: not ascending at {i}");
+        }
+        for (i, &v) in t.iter().enumerate() {
+            // Symmetric about the range's centre, and the normal's levels scaled onto [0, L].
+            assert!(
+                (v + t[t.len() - 1 - i] - l).abs() < 1e-5,
+                "bits {b} level {i}"
+            );
+            let want = (v / l * 2.0 - 1.0) * top;
+            let h = t.len() / 2;
+            let got = if i >= h {
+                half[i - h]
+            } else {
+                -half[h - 1 - i]
+            };
+            assert!(
+                (want - got).abs() < 1e-5,
+                "bits {b} level {i}: {want} vs {got}"
+            );
+        }
+    }
+    for b in [0, 1, 5, 8] {
+        assert!(nf_levels(b).is_empty(), "bits {b}");
+    }
 }
 
 #[test]
 fn nf_levels_lower_the_error_of_gaussian_groups() {
-    // Rotated groups are near-Gaussian; Lloyd-Max levels suit them better than even steps.
+    // Rotated groups are near-Gaussian; Lloyd-Max levels suit them better than even steps. The gain
+    // is smallest at 2 bits, whose Lloyd-Max levels are nearly even (0, 1.05, 1.95, 3 on [0, 3]).
     let x = gaussian_with_outliers(4 * 64, D, 0, 17);
-    for stream in [Stream::Key, Stream::Value] {
-        let f = "kivi:bits=4,group=64,window=0,clip=mse";
-        let even = sq_err(codec(f, stream, D).as_ref(), &x, D);
-        let nf = sq_err(codec(&format!("{f},levels=nf"), stream, D).as_ref(), &x, D);
-        eprintln!(
-            "{stream:?}: squared error levels=nf / even {:.3}",
-            nf / even
-        );
-        assert!(nf < 0.95 * even, "{stream:?}: {nf} vs {even}");
+    for (bits, at_most) in [(2, 0.99), (3, 0.95), (4, 0.95)] {
+        for clip in ["", ",clip=mse"] {
+            for stream in [Stream::Key, Stream::Value] {
+                let f = format!("kivi:bits={bits},group=64,window=0{clip}");
+                let even = sq_err(codec(&f, stream, D).as_ref(), &x, D);
+                let nf = sq_err(codec(&format!("{f},levels=nf"), stream, D).as_ref(), &x, D);
+                eprintln!(
+                    "{f} {stream:?}: squared error levels=nf / even {:.3}",
+                    nf / even
+                );
+                assert!(nf < at_most * even, "{f} {stream:?}: {nf} vs {even}");
+            }
+        }
     }
 }
 
@@ -912,6 +997,10 @@ fn nf_blocks_keep_readers_equal() {
         "kivi:bits=4,group=64,window=0,levels=nf",
         "k=kivi:bits=4,group=64,window=0,prerope=on,rot=on,clip=mse,levels=nf;v=kivi:bits=4,group=64,window=0,rot=on,clip=mse,levels=nf",
         "kivi:bits=4,window=16,levels=nf",
+        "kivi:bits=3,group=64,window=0,levels=nf",
+        "kivi:bits=2,group=32,window=16,levels=nf",
+        "k=kivi:bits=3,group=128,window=0,prerope=on,rot=on,clip=mse,levels=nf;v=kivi:bits=2,group=64,window=0,rot=on,clip=mse,levels=nf",
+        "asymkv:lk=1,lv=0,hi=3,lo=2,group=16,window=8,levels=nf",
     ] {
         for t in [1, 63, 64, 65, 300] {
             let c = attention_check(fmt, t, D, 2, 8, 7, 190 + t as u64).unwrap();

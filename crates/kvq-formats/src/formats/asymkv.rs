@@ -56,6 +56,13 @@
 //! [`Codec::kernel`]. Measured in docs/QUALITY.md ("MSE-clipped ranges"): a lower squared error is not
 //! always a lower perplexity; clipping helps behind `rot=on` and hurts unrotated values.
 //!
+//! **Levels (`levels=nf`).** At 2, 3 and 4 bits a code may stand for one of the `2^b` Lloyd-Max levels
+//! of a normal distribution laid across the group's range (outermost levels at its ends;
+//! [`nf_levels`]) instead of `2^b` even steps; the encoder takes the nearest level. Same bytes and
+//! bits/elem; the CPU readers use the level where they used the code; the CUDA kernels read even steps,
+//! so such a codec has no [`Codec::kernel`]. 1-bit codes are the range's two ends either way, so
+//! `levels=nf` refuses them (and 8 bits) at parse time.
+//!
 //! Range overflow: a `b = 1` block whose range exceeds 65504 (e.g. -6e4 and +6e4 in one group) cannot
 //! store `s` in f16; `s` is clamped to 65504 and `z` centred on the range, so decoding stays finite.
 
@@ -165,8 +172,8 @@ pub struct AsymKv {
     pub sink: usize,
     /// `clip=mse`: each group's range chosen for least squared error instead of min-max; CPU only.
     pub clip: Clip,
-    /// `levels=nf`: 4-bit codes stand for Lloyd-Max levels of a normal distribution across the
-    /// group's range instead of 16 even steps (suits rotated groups, which are near-Gaussian); CPU only.
+    /// `levels=nf`: 2-, 3- and 4-bit codes stand for Lloyd-Max levels of a normal distribution across
+    /// the group's range instead of even steps (suits rotated groups, which are near-Gaussian); CPU only.
     pub nf: bool,
 }
 
@@ -246,10 +253,11 @@ fn cache_options(clip: Clip, nf: bool, pre_rope: bool, sink: usize) -> String {
 impl AsymKv {
     /// Per-token keys only behind the rotation: no CUDA kernel reads that layout as keys.
     fn check_axes(&self, input: &str) -> Result<()> {
-        if self.nf && (self.hi != 4 || self.lo != 4) {
+        if self.nf && !(NF_BITS.contains(&self.hi) && NF_BITS.contains(&self.lo)) {
             return Err(crate::error::parse_err(
                 input,
-                "levels=nf is a table of 16 levels: it needs 4-bit codes (bits=4, or hi=4 and lo=4)",
+                "levels=nf has tables for 2-, 3- and 4-bit codes only (bits, or hi and lo, in 2..=4): \
+                 1-bit codes are the range's two ends either way, 8-bit codes stay even steps",
             ));
         }
         if self.keys_per_token && !self.rot {
@@ -410,10 +418,11 @@ impl KiviCodec {
         self
     }
 
-    /// `nf`: 4-bit codes index [`nf_levels`] (Lloyd-Max levels of a normal distribution) instead of
-    /// even steps; other widths ignore it. The CUDA kernels read even steps, so no [`Codec::kernel`].
+    /// `nf`: 2- to 4-bit codes index [`nf_levels`] (Lloyd-Max levels of a normal distribution)
+    /// instead of even steps; other widths ignore it. The CUDA kernels read even steps, so no
+    /// [`Codec::kernel`].
     pub fn with_levels(mut self, nf: bool) -> Self {
-        self.nf = nf && self.bits == 4;
+        self.nf = nf && NF_BITS.contains(&self.bits);
         self
     }
 
@@ -475,7 +484,7 @@ impl KiviCodec {
             _ => out
                 .iter_mut()
                 .enumerate()
-                .for_each(|(c, o)| *o = bits::get(row, b, c) as f32),
+                .for_each(|(c, o)| *o = self.lv(bits::get(row, b, c))),
         }
     }
 
@@ -603,7 +612,7 @@ impl KiviCodec {
         if self.nf {
             // Nearest level (the first of two equally near ones).
             let u = (x - z) / s;
-            let t = &NF_LEVELS;
+            let t = nf_levels(self.bits);
             let mut best = 0;
             for (i, l) in t.iter().enumerate().skip(1) {
                 if (l - u).abs() < (t[best] - u).abs() {
@@ -619,35 +628,55 @@ impl KiviCodec {
     /// The level a code stands for, in steps of `s` above `z`.
     fn lv(&self, c: u32) -> f32 {
         if self.nf {
-            NF_LEVELS[c as usize]
+            nf_levels(self.bits)[c as usize]
         } else {
             c as f32
         }
     }
 }
 
-/// The positive Lloyd-Max reconstruction levels of N(0, 1) for 16 levels (Max 1960), symmetric.
+/// Code widths `levels=nf` has a table for (1-bit codes are the range's ends either way).
+pub const NF_BITS: &[usize] = &[2, 3, 4];
+
+/// The positive Lloyd-Max reconstruction levels of N(0, 1) (Max 1960) for 4, 8 and 16 levels,
+/// symmetric about 0.
+const LLOYD_MAX_4: [f32; 2] = [0.4528, 1.5104];
+const LLOYD_MAX_8: [f32; 4] = [0.2451, 0.7560, 1.3439, 2.1520];
 const LLOYD_MAX_16: [f32; 8] = [
     0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6181, 2.0690, 2.7326,
 ];
 
-/// `levels=nf`: the 16 Lloyd-Max levels of a normal distribution mapped onto `[0, 15]` (outermost
-/// levels at the range's ends), in steps of the stored scale above the stored zero.
-pub const fn nf_levels() -> [f32; 16] {
-    let top = LLOYD_MAX_16[7];
-    let mut t = [0f32; 16];
+/// The `2n` levels `+-half[i]` mapped onto `[0, 2n - 1]` (outermost levels at the range's ends), in
+/// steps of the stored scale above the stored zero.
+const fn lay_out<const N: usize>(half: &[f32]) -> [f32; N] {
+    let h = N / 2;
+    let top = half[h - 1];
+    let last = (N - 1) as f32;
+    let mut t = [0f32; N];
     let mut i = 0;
-    while i < 8 {
-        let v = LLOYD_MAX_16[i];
-        t[8 + i] = (top + v) / (2.0 * top) * 15.0;
-        t[7 - i] = (top - v) / (2.0 * top) * 15.0;
+    while i < h {
+        let v = half[i];
+        t[h + i] = (top + v) / (2.0 * top) * last;
+        t[h - 1 - i] = (top - v) / (2.0 * top) * last;
         i += 1;
     }
     t
 }
 
-/// [`nf_levels`], computed once.
-const NF_LEVELS: [f32; 16] = nf_levels();
+const NF_LEVELS_2: [f32; 4] = lay_out::<4>(&LLOYD_MAX_4);
+const NF_LEVELS_3: [f32; 8] = lay_out::<8>(&LLOYD_MAX_8);
+const NF_LEVELS_4: [f32; 16] = lay_out::<16>(&LLOYD_MAX_16);
+
+/// `levels=nf`: the `2^bits` Lloyd-Max levels of a normal distribution mapped onto `[0, 2^bits - 1]`
+/// (outermost levels at the range's ends), ascending; empty for widths without a table ([`NF_BITS`]).
+pub fn nf_levels(bits: usize) -> &'static [f32] {
+    match bits {
+        2 => &NF_LEVELS_2,
+        3 => &NF_LEVELS_3,
+        4 => &NF_LEVELS_4,
+        _ => &[],
+    }
+}
 
 /// Rounds to the nearest f16 (what the block stores).
 fn f16r(x: f32) -> f32 {
