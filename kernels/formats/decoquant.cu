@@ -4,7 +4,8 @@
 // fmt.i = {k_bits, C, U, svd, v_bits, C, U, svd}, U = tokens per work unit (chosen by the codec). A page is one block; a warp reads its block in
 // tiles of 64 tokens (T_S, the tile's scales and codes staged together) and never reconstructs x:
 //   keys:   q.x_t = scale_t * (sum_c q'_c code_{t,c} - qmax sum_c q'_c), q' = T_S q per piece, formed
-//           once per block and fed to the tensor cores as f16 hi + lo rows, codes as exact integers;
+//           once per block and fed to the tensor cores as f16 hi + lo rows, codes as exact halves
+//           (2/4-bit codes in the top form 1 + c / 2^b, kvq_codes.cuh, undone in f32; 8-bit as integers);
 //   values: sum_t p_t x_t = (sum_t (p_t scale_t) code_t - qmax sum_t p_t scale_t) T_S, the codes
 //           accumulated on the tensor cores with p*scale as the B operand, T_S applied once per block
 //           (a lane owns whole pieces of its channels, or half a piece shared with lane ^ 4).
@@ -72,7 +73,7 @@ struct DecoPolicy {
         static constexpr float VTOP = (VB == 2 || VB == 4) ? (float)(1 << VB) : 1.f;
         static constexpr float VTOP_OFF = (VB == 2 || VB == 4) ? (float)(1 << VB) : 0.f;
 
-        // q' = T_S q per piece for this lane's A positions; bias = -qmax * sum_c q'_c.
+        // q' = T_S q per piece for this lane's A positions; bias = -qmax * sum_c q'_c (top form below).
         __device__ __forceinline__ void fold(const uint8_t* kb) {
             const int q = cx.lane & 3;
             const __half* ts = reinterpret_cast<const __half*>(kb);
