@@ -55,5 +55,16 @@ fn engine_without_gpu_is_a_clear_error() {
         .expect("no GPU: loading fails")
         .to_string();
     assert!(e.contains("CUDA") || e.contains("setup-cuda.sh"), "{e}");
+    // The resident entry point fails the same way, before sizing any cache.
+    let limits = kvq::engine::ResidentLimits {
+        slots: 1,
+        max_tokens: 64,
+        max_chunk: 16,
+    };
+    let e = kvq::Engine::load_resident(dir.to_str().unwrap(), "kivi:bits=2", limits)
+        .err()
+        .expect("no GPU: loading fails")
+        .to_string();
+    assert!(e.contains("CUDA") || e.contains("setup-cuda.sh"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
