@@ -11,17 +11,11 @@ namespace kvq {
 constexpr uint32_t MAGIC = 0x64006400u;  // half2 {1024, 1024}
 constexpr uint32_t ONE2 = 0x3C003C00u;   // half2 {1, 1}
 
-// (x & mask) | MAGIC as one LOP3: written plainly, the compiler splits the two constants over two LOP3s
-// (one immediate each), a tenth of a KIVI-2 page's instructions.
-__device__ __forceinline__ uint32_t mask_magic(uint32_t x, uint32_t mask) {
+// (x & mask) | base as one LOP3 (base: MAGIC or ONE2): written plainly, the compiler splits the two
+// constants over two LOP3s (one immediate each), a tenth of a KIVI-2 page's instructions.
+__device__ __forceinline__ uint32_t mask_or(uint32_t x, uint32_t mask, uint32_t base) {
     uint32_t d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "r"(mask), "r"(MAGIC));
-    return d;
-}
-// (x & mask) | ONE2 as one LOP3: the top-of-mantissa form below.
-__device__ __forceinline__ uint32_t mask_one(uint32_t x, uint32_t mask) {
-    uint32_t d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "r"(mask), "r"(ONE2));
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "r"(mask), "r"(base));
     return d;
 }
 __device__ __forceinline__ uint32_t unbias(uint32_t h) {
@@ -39,18 +33,18 @@ __device__ __forceinline__ void key_codes(const uint8_t* row, int kb, int q, int
                                           uint32_t& b1) {
     if constexpr (B == 2) {
         const uint32_t w = reinterpret_cast<const uint32_t*>(row)[kb];
-        b0 = unbias(mask_magic(w >> (4 * q), 0x00030003u));
-        b1 = unbias(mask_magic(w >> (4 * q + 2), 0x00030003u));
+        b0 = unbias(mask_or(w >> (4 * q), 0x00030003u, MAGIC));
+        b1 = unbias(mask_or(w >> (4 * q + 2), 0x00030003u, MAGIC));
     } else if constexpr (B == 4) {
         const uint2 w = reinterpret_cast<const uint2*>(row)[kb];
         const uint32_t u = __byte_perm(w.x, w.y, 0x4400u + 0x1111u * q);
-        b0 = unbias(mask_magic(u, 0x000F000Fu));
-        b1 = unbias(mask_magic(u >> 4, 0x000F000Fu));
+        b0 = unbias(mask_or(u, 0x000F000Fu, MAGIC));
+        b1 = unbias(mask_or(u >> 4, 0x000F000Fu, MAGIC));
     } else if constexpr (B == 1) {
         const uint32_t u = (uint32_t)reinterpret_cast<const uint16_t*>(row)[kb] >> (2 * q);
         const uint32_t v = u | (u << 8);
-        b0 = unbias(mask_magic(v, 0x00010001u));
-        b1 = unbias(mask_magic(v >> 1, 0x00010001u));
+        b0 = unbias(mask_or(v, 0x00010001u, MAGIC));
+        b1 = unbias(mask_or(v >> 1, 0x00010001u, MAGIC));
     } else {
         const int c = 16 * kb + 2 * q;
         b0 = halves(bits_at(row, c * bits, bits), bits_at(row, (c + 8) * bits, bits));
@@ -74,7 +68,7 @@ __device__ __forceinline__ uint32_t val_pair(uint64_t wa, uint64_t wb, int nb) {
     constexpr uint32_t M = (1u << B) - 1u;
     const int bit = nb * B, k = bit / 16, o = bit % 16;
     const uint32_t u = ((uint32_t)(wa >> (16 * k)) & 0xFFFFu) | ((uint32_t)(wb >> (16 * k)) << 16);
-    return mask_magic(u >> o, M | (M << 16));
+    return mask_or(u >> o, M | (M << 16), MAGIC);
 }
 
 // Top-of-mantissa code pairs, for readers that scale the codes anyway (KIVI/AsymKV, DecoQuant): a
@@ -91,19 +85,19 @@ __device__ __forceinline__ void key_codes_top(const uint8_t* row, int kb, int q,
     if constexpr (B == 2) {
         const uint32_t w = reinterpret_cast<const uint32_t*>(row)[kb];
         // bit 4q (+16) to bit 8 (+16), bit 4q + 2 likewise: rotate left by 8 - 4q and 6 - 4q (mod 32).
-        b0 = mask_one(__funnelshift_l(w, w, (8 - 4 * q) & 31), 0x03000300u);
-        b1 = mask_one(__funnelshift_l(w, w, (6 - 4 * q) & 31), 0x03000300u);
+        b0 = mask_or(__funnelshift_l(w, w, (8 - 4 * q) & 31), 0x03000300u, ONE2);
+        b1 = mask_or(__funnelshift_l(w, w, (6 - 4 * q) & 31), 0x03000300u, ONE2);
     } else if constexpr (B == 4) {
         const uint2 w = reinterpret_cast<const uint2*>(row)[kb];
         const uint32_t u = __byte_perm(w.x, w.y, 0x4400u + 0x1111u * q);
-        b0 = mask_one(u << 6, 0x03C003C0u);
-        b1 = mask_one(u << 2, 0x03C003C0u);
+        b0 = mask_or(u << 6, 0x03C003C0u, ONE2);
+        b1 = mask_or(u << 2, 0x03C003C0u, ONE2);
     } else {
         // channel 2q to bit 9, 2q + 8 to bit 25 (through v | v << 8), 2q + 1 / 2q + 9 one bit lower.
         const uint32_t u = (uint32_t)reinterpret_cast<const uint16_t*>(row)[kb] << (9 - 2 * q);
         const uint32_t v = u | (u << 8);
-        b0 = mask_one(v, 0x02000200u);
-        b1 = mask_one(v >> 1, 0x02000200u);
+        b0 = mask_or(v, 0x02000200u, ONE2);
+        b1 = mask_or(v >> 1, 0x02000200u, ONE2);
     }
 }
 
@@ -115,7 +109,7 @@ __device__ __forceinline__ uint32_t val_pair_top(uint64_t wa, uint64_t wb, int n
     const uint32_t u = ((uint32_t)(wa >> (16 * k)) & 0xFFFFu) | ((uint32_t)(wb >> (16 * k)) << 16);
     constexpr int TOP = 10 - B;  // the code's lowest bit in the half
     const uint32_t x = o <= TOP ? u << (TOP - o) : u >> (o - TOP);
-    return mask_one(x, (M | (M << 16)) << TOP);
+    return mask_or(x, (M | (M << 16)) << TOP, ONE2);
 }
 
 }  // namespace kvq
