@@ -817,9 +817,7 @@ fn clip_parses_prints_back_and_has_no_kernel() {
             "kivi:bits=3,group=32,window=0,clip=fit",
         ),
     ] {
-        let f = parse_format(s).unwrap();
-        assert_eq!(f.canonical(), canon, "{s}");
-        assert_eq!(parse_format(canon).unwrap().canonical(), canon);
+        assert_canonical(s, canon);
     }
     for bad in [
         "kivi:clip=on",
@@ -834,6 +832,12 @@ fn clip_parses_prints_back_and_has_no_kernel() {
     for clip in ["clip=mse", "clip=fit"] {
         assert_cpu_only(4, clip);
     }
+}
+
+/// `s` parses to the canonical string `canon`, which parses back to itself.
+fn assert_canonical(s: &str, canon: &str) {
+    assert_eq!(parse_format(s).unwrap().canonical(), canon, "{s}");
+    assert_eq!(parse_format(canon).unwrap().canonical(), canon);
 }
 
 /// `kivi:bits={bits},window=0` plus the CPU-only `option`: same block bytes as without it, which has a
@@ -897,8 +901,7 @@ fn nf_levels_parse_and_stay_on_the_cpu() {
             "asymkv:lk=16,lv=0,hi=4,lo=4,group=32,window=128,levels=nf",
         ),
     ] {
-        assert_eq!(parse_format(s).unwrap().canonical(), canon, "{s}");
-        assert_eq!(parse_format(canon).unwrap().canonical(), canon);
+        assert_canonical(s, canon);
     }
     // 1-bit codes are the range's two ends with either levels, and 8-bit codes have no table.
     for bad in [

@@ -179,15 +179,39 @@ pub struct AsymKv {
 
 /// Parses `asymkv:lk=16,lv=0,hi=2,lo=1,group=32,window=128` (every key optional, these defaults).
 pub fn parse(mut p: Params) -> Result<FormatRef> {
+    let lk = p.usize("lk", 16, 0, MAX_LAYERS)?;
+    let lv = p.usize("lv", 0, 0, MAX_LAYERS)?;
+    let hi = p.choice("hi", 2, BITS)?;
+    let lo = p.choice("lo", 1, BITS)?;
+    parse_shared(p, [lk, lv, hi, lo], false, &["lk", "lv", "hi", "lo"])
+}
+
+/// Parses `kivi:bits=2,group=32,window=128`: KIVI, AsymKV with the same bits for every K and V.
+pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
+    let bits = p.choice("bits", 2, BITS)?;
+    parse_shared(p, [0, 0, bits, bits], true, &["bits"])
+}
+
+/// The keys both spellings share (group, window and the cache options), after each took its own
+/// (`own`, giving `[lk, lv, hi, lo]`); then unknown keys and the options' combinations are checked.
+fn parse_shared(
+    mut p: Params,
+    [lk, lv, hi, lo]: [usize; 4],
+    uniform: bool,
+    own: &[&str],
+) -> Result<FormatRef> {
+    const SHARED: [&str; 8] = [
+        "group", "window", "rot", "keys", "prerope", "sink", "clip", "levels",
+    ];
     let p_input = p.input().to_string();
     let f = AsymKv {
-        lk: p.usize("lk", 16, 0, MAX_LAYERS)?,
-        lv: p.usize("lv", 0, 0, MAX_LAYERS)?,
-        hi: p.choice("hi", 2, BITS)?,
-        lo: p.choice("lo", 1, BITS)?,
+        lk,
+        lv,
+        hi,
+        lo,
         group: p.choice("group", 32, GROUPS)?,
         window: p.usize("window", 128, 0, MAX_WINDOW)?,
-        uniform: false,
+        uniform,
         rot: p.word("rot", "off", &["on", "off"])? == "on",
         keys_per_token: p.word("keys", "channel", &["channel", "token"])? == "token",
         pre_rope: p.word("prerope", "off", &["on", "off"])? == "on",
@@ -195,44 +219,8 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
         clip: Clip::parse(&mut p)?,
         nf: p.word("levels", "uniform", &["uniform", "nf"])? == "nf",
     };
-    p.finish(&[
-        "lk", "lv", "hi", "lo", "group", "window", "rot", "keys", "prerope", "sink", "clip",
-        "levels",
-    ])?;
-    f.check_axes(&p_input)?;
-    Ok(Arc::new(f))
-}
-
-/// Parses `kivi:bits=2,group=32,window=128`: KIVI, AsymKV with the same bits for every K and V.
-pub fn parse_kivi(mut p: Params) -> Result<FormatRef> {
-    let p_input = p.input().to_string();
-    let bits = p.choice("bits", 2, BITS)?;
-    let group = p.choice("group", 32, GROUPS)?;
-    let window = p.usize("window", 128, 0, MAX_WINDOW)?;
-    let rot = p.word("rot", "off", &["on", "off"])? == "on";
-    let keys_per_token = p.word("keys", "channel", &["channel", "token"])? == "token";
-    let pre_rope = p.word("prerope", "off", &["on", "off"])? == "on";
-    let sink = p.usize("sink", 0, 0, MAX_SINK)?;
-    let clip = Clip::parse(&mut p)?;
-    let nf = p.word("levels", "uniform", &["uniform", "nf"])? == "nf";
-    p.finish(&[
-        "bits", "group", "window", "rot", "keys", "prerope", "sink", "clip", "levels",
-    ])?;
-    let f = AsymKv {
-        lk: 0,
-        lv: 0,
-        hi: bits,
-        lo: bits,
-        group,
-        window,
-        uniform: true,
-        rot,
-        keys_per_token,
-        pre_rope,
-        sink,
-        clip,
-        nf,
-    };
+    let known: Vec<&str> = own.iter().chain(SHARED.iter()).copied().collect();
+    p.finish(&known)?;
     f.check_axes(&p_input)?;
     Ok(Arc::new(f))
 }
