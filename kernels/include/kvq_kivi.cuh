@@ -18,8 +18,9 @@ struct KiviPolicy {
     static constexpr int STAGES = 2;
     static constexpr int MIN_CTAS = KVQ_KIVI_MIN_CTAS;
     static constexpr bool CUSTOM_SEALED = false;
-    // 1/2/4-bit values take pv_z: codes in the top form, zeros through one MMA per k-step into zacc.
-    static constexpr bool VALUE_ZEROS = VB == 1 || VB == 2 || VB == 4;
+    // 1/2-bit values take pv_z: codes in the top form, zeros through one MMA per k-step into zacc.
+    // (4-bit too measured 6% slower on the H100 at B=8, 128k: register spills; run 11.)
+    static constexpr bool VALUE_ZEROS = VB == 1 || VB == 2;
     static constexpr float VALUE_UP = VALUE_ZEROS ? (float)(1 << (VALUE_ZEROS ? VB : 0)) : 1.f;
     static __device__ __forceinline__ int stage_off(int byte) { return byte; }
     static __device__ __forceinline__ int out_chan(int mb, int row) {
@@ -28,14 +29,14 @@ struct KiviPolicy {
 
     // S = Q K^T with keys decoded straight into f16 B fragments: per block and k-step the lane's scale
     // and zero pairs {c, c+8}, {c+1, c+9} (c = 16 kb + 2q), then one half2 FMA per exact code pair.
-    // 1/2/4-bit codes come in the top form (kvq_codes.cuh: h = 1 + c / 2^b), so s h - s = s code / 2^b
+    // 1/2-bit codes come in the top form (kvq_codes.cuh: h = 1 + c / 2^b), so s h - s = s code / 2^b
     // rounded once with no unbias subtract (the 2^b undone in f32 on the score: no f16 overflow); the
     // zeros, the same for every token of the block, enter through one more MMA chain per block (q . z
     // in f32, added to each token's score). Other widths: k = s code + z rounded once. The query's A fragments are cx's hi/lo rows in the same
     // channel order (Q_PAIR8), so nothing is refolded per block.
     static constexpr bool Q_PAIR8 = true;
     static __device__ __forceinline__ void scores(const uint8_t* ks, const Ctx<D>& cx, float (*s)[2]) {
-        constexpr bool TOP = KB == 1 || KB == 2 || KB == 4;
+        constexpr bool TOP = KB == 1 || KB == 2;
         const int bits = KB ? KB : cx.fa->i[0];
         const int kbb = (int)cx.k_block_bytes, row_bytes = D * bits / 8;
         const int r = cx.lane >> 2, q = cx.lane & 3;
