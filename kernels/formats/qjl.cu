@@ -35,11 +35,25 @@
 
 namespace kvq {
 
-// {+-1, +-1} as half2 from two sign bits (bit set = +1).
-__device__ __forceinline__ uint32_t signs2(uint32_t two_bits) {
-    const uint32_t n = ~two_bits;
-    return 0x3C003C00u | ((n & 1u) << 15) | ((n & 2u) << 30);
+// The B fragment pair of one token's 16 sign bits `w` of a k-step (bit j = sketch row j, set = +1):
+// b0 = {+-1 of row 2q, of row 2q+1}, b1 = rows 2q+8, 2q+9, as half2. v = w | w << 15 puts row 2q + i
+// 16 bits above row 2q + i - 1's copy, so one shift brings a pair to the sign bits 15 and 31, and one
+// LOP3 (~x & 0x80008000) | 0x3C003C00 makes the two halves (for both pairs: 5 instructions a token).
+__device__ __forceinline__ uint32_t sign_half2(uint32_t x) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xAE;" : "=r"(d) : "r"(x), "r"(0x80008000u), "r"(0x3C003C00u));
+    return d;
 }
+__device__ __forceinline__ void sign_pairs(uint32_t w, int q, uint32_t& b0, uint32_t& b1) {
+    const uint32_t v = w | (w << 15);
+    b0 = sign_half2(v << (15 - 2 * q));
+    b1 = sign_half2(v << (7 - 2 * q));
+}
+
+template <bool B>
+struct BoolC {
+    static constexpr bool value = B;
+};
 
 template <int D, int M, int VB>
 struct QjlPolicy {
@@ -104,8 +118,11 @@ struct QjlPolicy {
                 };
                 uint32_t bnext[2][2];
                 load_b(0, bnext);
-#pragma unroll 4
-                for (int kbi = 0; kbi < m / 16; kbi++) {
+                // One k-step; OUT: its sketch rows also carry the outlier estimator (16 kbi < mo). The
+                // k-steps with and without it run as two loops, so no lane-uniform branch (and its warp
+                // syncs around the MMAs) sits in the loop body.
+                auto kstep = [&](int kbi, auto out_tag) {
+                    constexpr bool OUT = decltype(out_tag)::value;
                     // g for sketch rows 16 kbi + (0..7) and + (8..15): C fragments = A fragments below.
                     uint32_t bcur[2][2] = {{bnext[0][0], bnext[0][1]}, {bnext[1][0], bnext[1][1]}};
                     if (kbi + 1 < m / 16) load_b(kbi + 1, bnext);
@@ -124,24 +141,29 @@ struct QjlPolicy {
                     const float2 s89 = *reinterpret_cast<const float2*>(&sq[r][jq + 8]);
                     split2(s01.x - g0, s01.y - g1, ah0, al0);
                     split2(s89.x - g8, s89.y - g9, ah1, al1);
-                    const bool out = 16 * kbi < mo;
                     uint32_t oh0 = 0, ol0 = 0, oh1 = 0, ol1 = 0;
-                    if (out) {
+                    if constexpr (OUT) {
                         split2(g0, g1, oh0, ol0);
                         split2(g8, g9, oh1, ol1);
                     }
 #pragma unroll
                     for (int j = 0; j < BT / 8; j++) {
                         const int t = 8 * j + r;
-                        const uint32_t w = reinterpret_cast<const uint16_t*>(sg + t * (m / 8))[kbi];
-                        mma(ci[j], ah0, al0, ah1, al1, signs2((w >> (2 * q)) & 3u), signs2((w >> (2 * q + 8)) & 3u));
-                        if (out) {
-                            const uint32_t wo = reinterpret_cast<const uint16_t*>(osg + t * (mo / 8))[kbi];
-                            mma(co[j], oh0, ol0, oh1, ol1, signs2((wo >> (2 * q)) & 3u),
-                                signs2((wo >> (2 * q + 8)) & 3u));
+                        uint32_t b0, b1;
+                        sign_pairs(reinterpret_cast<const uint16_t*>(sg + t * (m / 8))[kbi], q, b0, b1);
+                        mma(ci[j], ah0, al0, ah1, al1, b0, b1);
+                        if constexpr (OUT) {
+                            sign_pairs(reinterpret_cast<const uint16_t*>(osg + t * (mo / 8))[kbi], q, b0, b1);
+                            mma(co[j], oh0, ol0, oh1, ol1, b0, b1);
                         }
                     }
-                }
+                };
+                const int kout = mo / 16;  // mo: a multiple of 16, <= m
+                int kbi = 0;
+#pragma unroll 4
+                for (; kbi < kout; kbi++) kstep(kbi, BoolC<true>{});
+#pragma unroll 4
+                for (; kbi < m / 16; kbi++) kstep(kbi, BoolC<false>{});
 #pragma unroll
                 for (int j = 0; j < BT / 8; j++)
 #pragma unroll
