@@ -64,6 +64,9 @@ struct QjlPolicy {
     static constexpr bool CUSTOM_SEALED = true;
     static constexpr bool Q_PAIR8 = false;
     using V = KiviPolicy<D, 2, VB, PAGE_BLOCKS>;
+    // Outlier rows of S^T per warp in static shared memory (4 x 8 x 264 halves at m = 256); m = 512 would
+    // pass the 48 KB static limit with S q, so it keeps the per-k-step global loads.
+    static constexpr bool TBL_M = M <= 256;
     static __device__ __forceinline__ int stage_off(int byte) { return byte; }
     static __device__ __forceinline__ int out_chan(int mb, int row) { return V::out_chan(mb, row); }
 
@@ -73,11 +76,21 @@ struct QjlPolicy {
                                    // r = 0..3 and q = 0..3 fall in distinct bank pairs)
         const float (*qs)[D];          // the queries, shared memory
         const __half* st;              // S^T [D][m], global
+        __half* tb;                    // this warp's outlier rows of S^T (TBL_M: [8][m + 8]), shared memory
         int mo, outliers, kbb, off_norm, off_bits, off_obits;
         static constexpr int m = M;
         float a_in, a_out;
 
         __device__ __forceinline__ void scores(const uint8_t* ks, int, float (*s)[2]) const {
+            if (TBL_M && outliers <= 8) scores_impl<true>(ks, s);
+            else scores_impl<false>(ks, s);
+        }
+        // TBL: the block's (<= 8) outlier rows of S^T are copied once into the warp's table `tb` (rows
+        // padded by 8 halves: the 8 row reads of an ldmatrix fall in distinct banks), and each k-step's
+        // B fragments of g come from one ldmatrix.x2.trans instead of 8 scalar global loads and their
+        // address arithmetic; slots 8..15 are zero. Otherwise the loads go to global memory per k-step.
+        template <bool TBL>
+        __device__ __forceinline__ void scores_impl(const uint8_t* ks, float (*s)[2]) const {
             const int r = cx.lane >> 2, q = cx.lane & 3;
 #pragma unroll
             for (int blk = 0; blk < PAGE_BLOCKS; blk++) {
@@ -103,17 +116,39 @@ struct QjlPolicy {
                     for (int e = 0; e < 4; e++) ci[j][e] = co[j][e] = 0.f;
                 const uint8_t* sg = kb + off_bits;
                 const uint8_t* osg = kb + off_obits;
-                // S^T entries of the next k-step are loaded one step ahead (their latency hides behind
+                if constexpr (TBL) {
+                    // Row o of the table = S^T row of outlier slot o (zeros past `outliers`), 16 bytes per
+                    // lane and step; the warp's reads of the previous block's table are done (syncwarp).
+                    constexpr int CPR = m / 8;  // 16-byte chunks per row
+                    __syncwarp();
+#pragma unroll 4
+                    for (int i = cx.lane; i < 8 * CPR; i += 32) {
+                        const int o = i / CPR, c = i % CPR;
+                        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                        if (o < outliers) v = __ldg(reinterpret_cast<const uint4*>(st + (int)kb[o] * m) + c);
+                        *reinterpret_cast<uint4*>(tb + o * (m + 8) + 8 * c) = v;
+                    }
+                    __syncwarp();
+                }
+                // The B fragments of g for a k-step, loaded one step ahead (their latency hides behind
                 // this step's MMAs).
                 auto load_b = [&](int kbi, uint32_t (&bb)[2][2]) {
-                    const __half z = __float2half(0.f);
+                    if constexpr (TBL) {
+                        // matrix 0: slots 0..7 x sketch rows 16 kbi + 0..7; matrix 1: rows + 8..15 (lanes 8..15).
+                        const int l = cx.lane & 15;
+                        uint32_t x[2];
+                        ldmatrix_x2_trans(x, reinterpret_cast<const uint8_t*>(tb + (l & 7) * (m + 8) + 16 * kbi + 8 * (l >> 3)));
+                        bb[0][0] = x[0], bb[1][0] = x[1], bb[0][1] = bb[1][1] = 0u;
+                    } else {
+                        const __half z = __float2half(0.f);
 #pragma unroll
-                    for (int h2 = 0; h2 < 2; h2++) {
-                        const int j = 16 * kbi + 8 * h2 + r;  // B column (sketch row) this lane loads
-                        const __half b00 = oc[0] >= 0 ? st[oc[0] * m + j] : z, b01 = oc[1] >= 0 ? st[oc[1] * m + j] : z;
-                        const __half b10 = oc[2] >= 0 ? st[oc[2] * m + j] : z, b11 = oc[3] >= 0 ? st[oc[3] * m + j] : z;
-                        bb[h2][0] = h2_bits(__halves2half2(b00, b01));
-                        bb[h2][1] = h2_bits(__halves2half2(b10, b11));
+                        for (int h2 = 0; h2 < 2; h2++) {
+                            const int j = 16 * kbi + 8 * h2 + r;  // B column (sketch row) this lane loads
+                            const __half b00 = oc[0] >= 0 ? st[oc[0] * m + j] : z, b01 = oc[1] >= 0 ? st[oc[1] * m + j] : z;
+                            const __half b10 = oc[2] >= 0 ? st[oc[2] * m + j] : z, b11 = oc[3] >= 0 ? st[oc[3] * m + j] : z;
+                            bb[h2][0] = h2_bits(__halves2half2(b00, b01));
+                            bb[h2][1] = h2_bits(__halves2half2(b10, b11));
+                        }
                     }
                 };
                 uint32_t bnext[2][2];
@@ -188,6 +223,7 @@ struct QjlPolicy {
                                                       const Ctx<D>& cx, WarpState<D>& st) {
         __shared__ __align__(16) float sq_sh[MAX_G][M + 8];
         __shared__ float q_sh[MAX_G][D];
+        __shared__ __align__(16) __half tb_sh[WARPS][8][TBL_M ? M + 8 : 8];
         const KvqFmtArgs& fa = P.fmt;
         constexpr int m = M;
         const int mo = fa.i[1], outliers = fa.i[2];
@@ -259,7 +295,7 @@ struct QjlPolicy {
         const int off_norm = (outliers + 3) / 4 * 4;
         const int off_bits = off_norm + 4 * BT;
         const int off_obits = off_bits + BT * m / 8;
-        Body body{cx, sq_sh, q_sh, S, mo, outliers, kbb, off_norm, off_bits, off_obits,
+        Body body{cx, sq_sh, q_sh, S, &tb_sh[warp][0][0], mo, outliers, kbb, off_norm, off_bits, off_obits,
                   1.2533141373155003f / m, mo > 0 ? 1.2533141373155003f / mo : 0.f};
         warp_run<D, TT>(n_tiles, count, fill, body, smem + warp * P.stages * (kbytes + vbytes), kbytes, vbytes,
                         P.stages, scale_log2, lane, st);
