@@ -3,7 +3,7 @@
 // and token t's piece p (channels p*sub ..) is x = u T_S with u = scale_t * (code - qmax).
 // fmt.i = {k_bits, C, U, svd, v_bits, C, U, svd}, U = tokens per work unit (chosen by the codec). A page is one block; a warp reads its block in
 // tiles of 64 tokens (T_S, the tile's scales and codes staged together) and never reconstructs x:
-//   keys:   q.x_t = scale_t * (sum_c q'_c code_{t,c} - qmax sum_c q'_c), q' = T_S q per piece, formed
+//   keys:   q.x_t = scale_t * (sum_c q'_c code_{t,c} - qmax sum_c q'_c), q' = T_S q per piece (on the tensor cores), formed
 //           once per block and fed to the tensor cores as f16 hi + lo rows, codes as exact halves
 //           (2/4-bit codes in the top form 1 + c / 2^b, kvq_codes.cuh, undone in f32; 8-bit as integers);
 //   values: sum_t p_t x_t = (sum_t (p_t scale_t) code_t - qmax sum_t p_t scale_t) T_S, the codes
@@ -58,7 +58,6 @@ struct DecoPolicy {
     // Per-warp block state and per-tile work (see warp_run).
     struct Body {
         const Ctx<D>& cx;
-        const float* qp;  // this lane's head's query (f32, shared memory), null for padding heads
         int tpu, kbytes, svd, kbits, vbits, kts, vts, krb, vrb;
         float kqmax, vqmax;
         uint32_t ahi[D / 16][2], alo[D / 16][2];
@@ -74,30 +73,33 @@ struct DecoPolicy {
         static constexpr float VTOP_OFF = (VB == 2 || VB == 4) ? (float)(1 << VB) : 0.f;
 
         // q' = T_S q per piece for this lane's A positions; bias = -qmax * sum_c q'_c (top form below).
+        // On the tensor cores: per piece, C = Q B with A = the query's hi/lo rows (cx, channels of the
+        // piece) and B = T_S^T (column n = output k': T_S row k', two MMAs for k' = 0..7 and 8..15, the
+        // same B fragments for every piece), so C rows r and r + 8 sum to q'[r][k'] in f32.
         __device__ __forceinline__ void fold(const uint8_t* kb) {
-            const int q = cx.lane & 3;
+            const int r = cx.lane >> 2, q = cx.lane & 3;
             const __half* ts = reinterpret_cast<const __half*>(kb);
+            uint32_t tb[2][2] = {{0u, 0u}, {0u, 0u}};
+            if (svd) {
+#pragma unroll
+                for (int nh = 0; nh < 2; nh++) {
+                    tb[nh][0] = *reinterpret_cast<const uint32_t*>(ts + (8 * nh + r) * DECO_SUB + 2 * q);
+                    tb[nh][1] = *reinterpret_cast<const uint32_t*>(ts + (8 * nh + r) * DECO_SUB + 2 * q + 8);
+                }
+            }
             float part = 0.f;
 #pragma unroll
             for (int kbi = 0; kbi < D / 16; kbi++) {
-                float w[4];
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int c = 16 * kbi + 2 * q + (e >> 1) + 8 * (e & 1);  // (2q, 2q+8, 2q+1, 2q+9)
-                    float v = 0.f;
-                    if (qp) {
-                        if (svd) {
-                            const int p = c / DECO_SUB, k = c % DECO_SUB;
-#pragma unroll
-                            for (int j = 0; j < DECO_SUB; j++)
-                                v = fmaf(__half2float(ts[k * DECO_SUB + j]), qp[p * DECO_SUB + j], v);
-                        } else {
-                            v = qp[c];
-                        }
-                    }
-                    w[e] = v;
-                    part += v;
+                float w[4];  // q' at channels 16 kbi + (2q, 2q+8, 2q+1, 2q+9)
+                if (svd) {
+                    float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma(c0, cx.hi[kbi][0], cx.lo[kbi][0], cx.hi[kbi][1], cx.lo[kbi][1], tb[0][0], tb[0][1]);
+                    mma(c1, cx.hi[kbi][0], cx.lo[kbi][0], cx.hi[kbi][1], cx.lo[kbi][1], tb[1][0], tb[1][1]);
+                    w[0] = c0[0] + c0[2], w[1] = c1[0] + c1[2], w[2] = c0[1] + c0[3], w[3] = c1[1] + c1[3];
+                } else {
+                    w[0] = cx.x[kbi][0], w[1] = cx.x[kbi][2], w[2] = cx.x[kbi][1], w[3] = cx.x[kbi][3];
                 }
+                part += (w[0] + w[1]) + (w[2] + w[3]);
                 split2(w[0], w[1], ahi[kbi][0], alo[kbi][0]);
                 split2(w[2], w[3], ahi[kbi][1], alo[kbi][1]);
             }
@@ -195,50 +197,70 @@ struct DecoPolicy {
             ps += __shfl_xor_sync(0xffffffffu, ps, 2);
             const float pse[2] = {__shfl_sync(0xffffffffu, ps, 8 * q), __shfl_sync(0xffffffffu, ps, 8 * q + 4)};
             constexpr int NC = D / 8;  // channels of this lane: NC * r + i
+            float u[2][NC];
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                float u[NC];
+            for (int e = 0; e < 2; e++)
 #pragma unroll
                 for (int i2 = 0; i2 < NC; i2++) {
                     const float a = i2 < D / 16 ? acc_u[i2][e] : acc_u[i2 - D / 16][2 + e];
-                    u[i2] = fmaf(VTOP, a, -(VTOP_OFF + vqmax) * pse[e]);
+                    u[e][i2] = fmaf(VTOP, a, -(VTOP_OFF + vqmax) * pse[e]);
                 }
-                float x[NC];
-                if (svd) {
-                    // A piece is DECO_SUB channels: NC = 16 (D = 128) holds one, NC = 8 (D = 64) half of
-                    // one, the other half on lane ^ 4 (r ^ 1).
-                    constexpr int HALVES = DECO_SUB / NC;  // 1 or 2
-                    float piece[DECO_SUB];
+            float x[2][NC];
+            if (svd) {
+                // A piece is DECO_SUB channels: NC = 16 (D = 128) holds one, NC = 8 (D = 64) half of
+                // one, the other half on lane ^ 4 (r ^ 1). Both heads of the lane go through each row of
+                // T_S together (16-byte loads, one conversion per element for both).
+                constexpr int HALVES = DECO_SUB / NC;  // 1 or 2
+                float piece[2][DECO_SUB];
+#pragma unroll
+                for (int e = 0; e < 2; e++)
 #pragma unroll
                     for (int i2 = 0; i2 < NC; i2++) {
-                        const float o = HALVES == 2 ? __shfl_xor_sync(0xffffffffu, u[i2], 4) : 0.f;
+                        const float o = HALVES == 2 ? __shfl_xor_sync(0xffffffffu, u[e][i2], 4) : 0.f;
                         if (HALVES == 1) {
-                            piece[i2] = u[i2];
-                        } else {
+                            piece[e][i2] = u[e][i2];
+                        } else {  // selects, not a lane-dependent index (that would put piece in local memory)
                             const bool first = (r & 1) == 0;
-                            piece[(first ? 0 : NC) + i2] = u[i2];
-                            piece[(first ? NC : 0) + i2] = o;
+                            piece[e][i2] = first ? u[e][i2] : o;
+                            piece[e][(HALVES - 1) * NC + i2] = first ? o : u[e][i2];
                         }
                     }
-                    const int k0 = HALVES == 2 ? (r & 1) * NC : 0;  // this lane's first column in the piece
+                const int k0 = HALVES == 2 ? (r & 1) * NC : 0;  // this lane's first column in the piece
+#pragma unroll
+                for (int i2 = 0; i2 < NC; i2++) x[0][i2] = x[1][i2] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < DECO_SUB; kk++) {
+                    float t[NC];
+#pragma unroll
+                    for (int c8 = 0; c8 < NC / 8; c8++) {
+                        const uint4 w = *reinterpret_cast<const uint4*>(ts + kk * DECO_SUB + k0 + 8 * c8);
+                        const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+                        for (int h2 = 0; h2 < 4; h2++) {
+                            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&ww[h2]));
+                            t[8 * c8 + 2 * h2] = f.x, t[8 * c8 + 2 * h2 + 1] = f.y;
+                        }
+                    }
+                    // x[e][i2] = sum_kk piece[e][kk] T_S[kk][k0 + i2], kk in order (as before)
 #pragma unroll
                     for (int i2 = 0; i2 < NC; i2++) {
-                        float v = 0.f;
-#pragma unroll
-                        for (int kk = 0; kk < DECO_SUB; kk++)
-                            v = fmaf(piece[kk], __half2float(ts[kk * DECO_SUB + k0 + i2]), v);
-                        x[i2] = v;
+                        x[0][i2] = fmaf(piece[0][kk], t[i2], x[0][i2]);
+                        x[1][i2] = fmaf(piece[1][kk], t[i2], x[1][i2]);
                     }
-                } else {
-#pragma unroll
-                    for (int i2 = 0; i2 < NC; i2++) x[i2] = u[i2];
                 }
+            } else {
+#pragma unroll
+                for (int e = 0; e < 2; e++)
+#pragma unroll
+                    for (int i2 = 0; i2 < NC; i2++) x[e][i2] = u[e][i2];
+            }
+#pragma unroll
+            for (int e = 0; e < 2; e++)
 #pragma unroll
                 for (int i2 = 0; i2 < NC; i2++) {
-                    if (i2 < D / 16) acc[i2][e] += x[i2];
-                    else acc[i2 - D / 16][2 + e] += x[i2];
+                    if (i2 < D / 16) acc[i2][e] += x[e][i2];
+                    else acc[i2 - D / 16][2 + e] += x[e][i2];
                 }
-            }
             psum = 0.f;
 #pragma unroll
             for (int mb = 0; mb < D / 16; mb++) acc_u[mb][0] = acc_u[mb][1] = acc_u[mb][2] = acc_u[mb][3] = 0.f;
@@ -249,7 +271,6 @@ struct DecoPolicy {
     static __device__ __forceinline__ void run_sealed(const KvqDecodeParams& P, int slot, int h, int split, int warp,
                                                       int lane, int ns, uint8_t* smem, float scale_log2,
                                                       const Ctx<D>& cx, WarpState<D>& st) {
-        __shared__ float q_sh[MAX_G][D];
         const KvqFmtArgs& fa = P.fmt;
         const int C = fa.i[1], svd = fa.i[3];
         const int kbits = KB, vbits = VB;
@@ -268,10 +289,6 @@ struct DecoPolicy {
             const int last = lo + warp + (nu_w - 1) * WARPS;
             n_tiles = (nu_w - 1) * tpu + (min(ns - last * U, U) + DECO_TT - 1) / DECO_TT;
         }
-        const int G = P.group, b = blockIdx.z;
-        for (int i = threadIdx.x; i < G * D; i += THREADS)
-            q_sh[i / D][i % D] = P.q[((int64_t)b * P.hkv * G + (int64_t)h * G) * D + i];
-        __syncthreads();
         const int32_t* table = P.page_table + (int64_t)slot * P.max_pages;
         auto tok0 = [&](int i) { return (lo + warp + (i / tpu) * WARPS) * U + (i % tpu) * DECO_TT; };
         auto count = [&](int i) { return min(DECO_TT, ns - tok0(i)); };
@@ -290,8 +307,7 @@ struct DecoPolicy {
             stage<DecoPolicy>(vb + ts_bytes + 2 * DECO_TT, vs + ts_bytes + 2 * C + (int64_t)j * DECO_TT * vrb,
                               DECO_TT * vrb, n * vrb, lane);
         };
-        const int r = lane >> 2;
-        Body body{cx, r < G ? q_sh[r] : nullptr, tpu, kbytes, svd, kbits, vbits, ts_bytes, ts_bytes, krb, vrb,
+        Body body{cx, tpu, kbytes, svd, kbits, vbits, ts_bytes, ts_bytes, krb, vrb,
                   (float)((1 << (kbits - 1)) - 1), (float)((1 << (vbits - 1)) - 1)};
         body.psum = 0.f;
 #pragma unroll
