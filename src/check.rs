@@ -76,6 +76,7 @@ pub fn write_synthetic_codebooks(
         group: 32,
         codes,
         depth,
+        sets: 1,
         key_groups: "strided".into(),
         tables,
     }

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use kvq_formats::calibrate::{learn, table_name, Codebooks, LearnOpts};
+use kvq_formats::calibrate::{learn_sets, table_name, Codebooks, LearnOpts};
 use kvq_formats::formats::rvq::{channel_groups, group_vectors};
 use kvq_formats::KvPlan;
 use kvq_model::eval::{perplexity, PplOpts};
@@ -120,6 +120,10 @@ enum Cmd {
         /// Key groups: strided (paper) or contiguous.
         #[arg(long, default_value = "strided")]
         groups: String,
+        /// Codebooks: shared (one set per layer stream, every group position) or group (one set per
+        /// group position, head_dim / group sets; RVQ's `books=group`).
+        #[arg(long, default_value = "shared")]
+        books: String,
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -500,6 +504,7 @@ fn calibrate(
     tokens: usize,
     o: LearnOpts,
     groups: &str,
+    books: &str,
 ) -> Result<()> {
     let model = load_model(m)?;
     let c = model.config.clone();
@@ -507,6 +512,11 @@ fn calibrate(
         "strided" => true,
         "contiguous" => false,
         g => bail!("--groups {g}: expected strided or contiguous"),
+    };
+    let per_group = match books {
+        "shared" => false,
+        "group" => true,
+        b => bail!("--books {b}: expected shared or group"),
     };
     if c.head_dim % o.group != 0 {
         bail!(
@@ -544,7 +554,8 @@ fn calibrate(
     pb.finish_and_clear();
     let rope = model.rope.clone();
     let mut tables = std::collections::BTreeMap::new();
-    let pb = bar(2 * c.n_layers * o.depth, "learning codebooks");
+    let sets = if per_group { c.head_dim / o.group } else { 1 };
+    let pb = bar(2 * c.n_layers * o.depth * sets, "learning codebooks");
     for l in 0..c.n_layers {
         for (key, x) in [(true, &keys[l]), (false, &vals[l])] {
             let stream = if key {
@@ -563,7 +574,7 @@ fn calibrate(
             let ch = channel_groups(&ctx, o.group, key && strided);
             let mut sc = Vec::new();
             let samples = group_vectors(x, d, &ch, &mut sc);
-            let t = learn(&samples, &o, &mut |_, _| pb.inc(1))?;
+            let t = learn_sets(&samples, sets, &o, &mut |_, _| pb.inc(1))?;
             tables.insert(table_name(l, key), t);
         }
     }
@@ -572,14 +583,18 @@ fn calibrate(
         group: o.group,
         codes: o.codes,
         depth: o.depth,
+        sets,
         key_groups: groups.into(),
         tables,
     };
     books.save(out)?;
-    eprintln!("kvq: wrote {out}: {} layers x K/V, {} stages x {} codes x {} dims, from {n} tokens of {text}", c.n_layers, o.depth, o.codes, o.group);
+    eprintln!("kvq: wrote {out}: {} layers x K/V x {sets} set(s), {} stages x {} codes x {} dims, from {n} tokens of {text}", c.n_layers, o.depth, o.codes, o.group);
     println!(
-        "rvq:group={},codes={},depth={},groups={groups},codebooks={out}",
-        o.group, o.codes, o.depth
+        "rvq:group={},codes={},depth={},groups={groups},{}codebooks={out}",
+        o.group,
+        o.codes,
+        o.depth,
+        if per_group { "books=group," } else { "" }
     );
     Ok(())
 }
@@ -962,6 +977,7 @@ fn run(cli: Cli) -> Result<()> {
             depth,
             iters,
             groups,
+            books,
             seed,
         } => {
             calibrate(
@@ -978,6 +994,7 @@ fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 },
                 &groups,
+                &books,
             )?;
         }
         Cmd::Inspect {

@@ -135,7 +135,46 @@ pub fn learn(
     Ok(out)
 }
 
-/// A model's codebooks: one [depth][codes][group] set per layer and stream, plus their shape.
+/// Learns one codebook set per channel group position: `samples` (n x group) are the group vectors of
+/// tokens with `sets` groups each (vector `i` belongs to group `i % sets`, the order of
+/// [`crate::formats::rvq::group_vectors`]); returns `[sets][depth][codes][group]`, flat. `sets = 1` is
+/// [`learn`]. `progress(stage, depth)` is called after each stage of each set.
+pub fn learn_sets(
+    samples: &[f32],
+    sets: usize,
+    o: &LearnOpts,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<f32>> {
+    let g = o.group;
+    if sets == 0 || g == 0 || !samples.len().is_multiple_of(g * sets) {
+        return Err(FormatError::Shape(format!(
+            "{} samples values not a multiple of {sets} groups of {g}",
+            samples.len()
+        )));
+    }
+    if sets == 1 {
+        return learn(samples, o, progress);
+    }
+    let mut out = Vec::with_capacity(sets * o.depth * o.codes * g);
+    for s in 0..sets {
+        let mine: Vec<f32> = samples
+            .chunks_exact(g)
+            .skip(s)
+            .step_by(sets)
+            .flatten()
+            .copied()
+            .collect();
+        let o = LearnOpts {
+            seed: o.seed.wrapping_add(s as u64),
+            ..o.clone()
+        };
+        out.extend(learn(&mine, &o, progress)?);
+    }
+    Ok(out)
+}
+
+/// A model's codebooks: one [depth][codes][group] set per layer and stream (or, with `sets` > 1, one
+/// per channel group position of the layer stream: [sets][depth][codes][group]), plus their shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Codebooks {
     /// Dimensions per codeword.
@@ -144,6 +183,9 @@ pub struct Codebooks {
     pub codes: usize,
     /// Stages stored.
     pub depth: usize,
+    /// Codebook sets per layer stream: 1 (every group shares one) or head_dim / group (one per group
+    /// position, shared by the heads; RVQ's `books=group`).
+    pub sets: usize,
     /// Key grouping the codebooks were learned with (`strided` or `contiguous`).
     pub key_groups: String,
     /// `layer.{l}.k` / `layer.{l}.v` -> flat codebooks.
@@ -156,7 +198,18 @@ pub fn table_name(layer: usize, key: bool) -> String {
 }
 
 impl Codebooks {
-    /// Writes the codebooks as safetensors (f32 tensors [depth, codes, group] and shape metadata).
+    /// Shape of every tensor: [depth, codes, group], with a leading `sets` when `sets` > 1.
+    pub fn shape(&self) -> Vec<usize> {
+        let s = vec![self.depth, self.codes, self.group];
+        if self.sets > 1 {
+            [vec![self.sets], s].concat()
+        } else {
+            s
+        }
+    }
+
+    /// Writes the codebooks as safetensors (f32 tensors of [`Self::shape`] and shape metadata; `sets`
+    /// is written only when > 1, so shared files keep their old form).
     pub fn save(&self, path: &str) -> Result<()> {
         let bytes: Vec<(String, Vec<u8>)> = self
             .tables
@@ -166,16 +219,12 @@ impl Codebooks {
         let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
             .iter()
             .map(|(k, b)| {
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    vec![self.depth, self.codes, self.group],
-                    b,
-                )
-                .map(|v| (k.clone(), v))
-                .map_err(|e| FormatError::File {
-                    path: path.into(),
-                    reason: e.to_string(),
-                })
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, self.shape(), b)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| FormatError::File {
+                        path: path.into(),
+                        reason: e.to_string(),
+                    })
             })
             .collect::<Result<_>>()?;
         let mut meta = HashMap::new();
@@ -183,6 +232,9 @@ impl Codebooks {
         meta.insert("codes".to_string(), self.codes.to_string());
         meta.insert("depth".to_string(), self.depth.to_string());
         meta.insert("key_groups".to_string(), self.key_groups.clone());
+        if self.sets > 1 {
+            meta.insert("sets".to_string(), self.sets.to_string());
+        }
         safetensors::serialize_to_file(views, Some(meta), std::path::Path::new(path)).map_err(|e| {
             FormatError::File {
                 path: path.into(),
@@ -207,6 +259,23 @@ impl Codebooks {
                 .ok_or_else(|| err(format!("metadata '{k}' missing or not a number")))
         };
         let (group, codes, depth) = (num("group")?, num("codes")?, num("depth")?);
+        let sets = if md.contains_key("sets") {
+            num("sets")?
+        } else {
+            1
+        };
+        if sets == 0 {
+            return Err(err("metadata 'sets' is 0".into()));
+        }
+        let shape = Self {
+            group,
+            codes,
+            depth,
+            sets,
+            key_groups: String::new(),
+            tables: BTreeMap::new(),
+        }
+        .shape();
         let key_groups = md
             .get("key_groups")
             .cloned()
@@ -214,9 +283,9 @@ impl Codebooks {
         let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| err(e.to_string()))?;
         let mut tables = BTreeMap::new();
         for (name, view) in st.tensors() {
-            if view.dtype() != safetensors::Dtype::F32 || view.shape() != [depth, codes, group] {
+            if view.dtype() != safetensors::Dtype::F32 || view.shape() != shape.as_slice() {
                 return Err(err(format!(
-                    "tensor '{name}' is {:?} {:?}, expected F32 [{depth}, {codes}, {group}]",
+                    "tensor '{name}' is {:?} {:?}, expected F32 {shape:?}",
                     view.dtype(),
                     view.shape()
                 )));
@@ -235,6 +304,7 @@ impl Codebooks {
             group,
             codes,
             depth,
+            sets,
             key_groups,
             tables,
         })

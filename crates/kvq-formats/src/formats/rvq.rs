@@ -5,7 +5,9 @@
 //! values: contiguous), and each group is encoded by a residual quantizer of `depth` stages of `codes`
 //! codewords, shared by every group and head of the layer's K (another for V). Keys are quantized
 //! before RoPE (the cache rotates decoded keys). Codebooks are learned by `kvq calibrate`
-//! ([`crate::calibrate`]); a file with more stages than `depth` serves any smaller depth.
+//! ([`crate::calibrate`]); a file with more stages than `depth` serves any smaller depth. With
+//! `books=group` each group position (of d/group) has its own codebooks, shared by the heads (a product
+//! quantizer's per-subspace books; `kvq calibrate --books group`); same bits, CPU only.
 //!
 //! Block layout (one head, T = 32 tokens), little-endian:
 //! ```text
@@ -37,25 +39,36 @@ pub struct Rvq {
     pub strided: bool,
     /// f16 recent tokens.
     pub window: usize,
+    /// One codebook set per group position (`books=group`) instead of one per layer stream.
+    pub per_group: bool,
     /// Codebook file path.
     pub path: String,
     books: Arc<Codebooks>,
 }
 
-/// Parses `rvq:group=32,codes=2048,depth=8,codebooks=FILE,groups=strided,window=0`.
+/// Parses `rvq:group=32,codes=2048,depth=8,codebooks=FILE,groups=strided,window=0,books=shared`.
 pub fn parse(mut p: Params) -> Result<FormatRef> {
     let group = p.choice("group", 32, &[8, 16, 32, 64])?;
     let codes = p.usize("codes", 2048, 2, 1 << 16)?;
     let depth = p.usize("depth", 8, 1, 32)?;
     let strided = p.word("groups", "strided", &["strided", "contiguous"])? == "strided";
     let window = p.usize("window", 0, 0, 1 << 20)?;
+    let per_group = p.word("books", "shared", &["shared", "group"])? == "group";
     let path = p.string("codebooks").ok_or_else(|| {
         parse_err(
             p.input(),
             "rvq needs codebooks=FILE; learn them with `kvq calibrate`",
         )
     })?;
-    p.finish(&["group", "codes", "depth", "groups", "window", "codebooks"])?;
+    p.finish(&[
+        "group",
+        "codes",
+        "depth",
+        "groups",
+        "window",
+        "books",
+        "codebooks",
+    ])?;
     let books = Codebooks::load(&path)?;
     if books.group != group || books.codes != codes || books.depth < depth {
         return Err(FormatError::File {
@@ -66,12 +79,23 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
             ),
         });
     }
+    if per_group != (books.sets > 1) {
+        return Err(FormatError::File {
+            path,
+            reason: format!(
+                "codebooks have {} set(s) per layer stream, the config asks books={}",
+                books.sets,
+                if per_group { "group" } else { "shared" }
+            ),
+        });
+    }
     Ok(Arc::new(Rvq {
         group,
         codes,
         depth,
         strided,
         window,
+        per_group,
         path,
         books: Arc::new(books),
     }))
@@ -80,7 +104,7 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
 impl Format for Rvq {
     fn canonical(&self) -> String {
         format!(
-            "rvq:group={},codes={},depth={},groups={},window={},codebooks={}",
+            "rvq:group={},codes={},depth={},groups={},window={},{}codebooks={}",
             self.group,
             self.codes,
             self.depth,
@@ -90,6 +114,7 @@ impl Format for Rvq {
                 "contiguous"
             },
             self.window,
+            if self.per_group { "books=group," } else { "" },
             self.path
         )
     }
@@ -101,6 +126,16 @@ impl Format for Rvq {
                 what: format!(
                     "head_dim {head_dim} (needs a multiple of group={})",
                     self.group
+                ),
+            });
+        }
+        if self.per_group && self.books.sets != head_dim / self.group {
+            return Err(FormatError::Unsupported {
+                format: self.canonical(),
+                what: format!(
+                    "head_dim {head_dim}: the codebooks have {} group sets, head_dim / group = {}",
+                    self.books.sets,
+                    head_dim / self.group
                 ),
             });
         }
@@ -123,6 +158,13 @@ impl Format for Rvq {
                 ),
             })?;
         let per_stage = self.codes * self.group;
+        // The file's sets are [sets][file depth][codes][group]; keep the first `depth` stages of each.
+        let stored = self.books.depth * per_stage;
+        let books = t
+            .chunks_exact(stored)
+            .flat_map(|set| &set[..self.depth * per_stage])
+            .copied()
+            .collect();
         Ok(Box::new(RvqCodec {
             d: ctx.head_dim,
             group: self.group,
@@ -134,7 +176,8 @@ impl Format for Rvq {
             strided: self.strided,
             rope: ctx.rope.clone(),
             channels: channel_groups(ctx, self.group, key && self.strided),
-            books: t[..self.depth * per_stage].to_vec(),
+            per_group: self.per_group,
+            books,
         }))
     }
 }
@@ -188,6 +231,8 @@ struct RvqCodec {
     strided: bool,
     rope: Rope,
     channels: Vec<usize>,
+    per_group: bool,
+    /// [sets][depth][codes][group]: one set, or one per group position with `per_group`.
     books: Vec<f32>,
 }
 
@@ -198,16 +243,25 @@ impl RvqCodec {
     fn codes_off(&self) -> usize {
         (2 * BLOCK).div_ceil(4) * 4
     }
+    /// Offset in `books` of the codebooks of group position `gi`.
+    fn set_off(&self, gi: usize) -> usize {
+        if self.per_group {
+            gi * self.depth * self.codes * self.group
+        } else {
+            0
+        }
+    }
 }
 
 impl Codec for RvqCodec {
     fn describe(&self) -> String {
         format!(
-            "rvq-{}:group={},codes={},depth={}",
+            "rvq-{}:group={},codes={},depth={}{}",
             if self.key { "k" } else { "v" },
             self.group,
             self.codes,
-            self.depth
+            self.depth,
+            if self.per_group { ",books=group" } else { "" }
         )
     }
     fn block_tokens(&self) -> usize {
@@ -226,9 +280,11 @@ impl Codec for RvqCodec {
         self.books.len() * 2
     }
     /// kernels/formats/rvq.cu: groups of 32, at most 16 stages, keys in strided groups (a rotary pair
-    /// then sits in one group, 16 positions apart, so the kernel rotates each group on its own).
+    /// then sits in one group, 16 positions apart, so the kernel rotates each group on its own), one
+    /// codebook set per layer stream (`books=group` is CPU only).
     fn kernel(&self) -> Option<KernelSpec> {
         let ok = self.group == 32
+            && !self.per_group
             && self.depth <= 16
             && matches!(self.d, 64 | 128)
             && (self.strided || !self.key);
@@ -244,6 +300,9 @@ impl Codec for RvqCodec {
     /// `[rope header][i32 channel of each group position; d][f32 books][f16 books]`, the layout
     /// kernels/formats/rvq.cu reads (the encoder searches the f32 books, attention sums the f16 ones).
     fn kernel_table(&self) -> Option<Vec<u8>> {
+        if self.per_group {
+            return None;
+        }
         let mut b = rope_header(&self.rope);
         for &c in &self.channels {
             b.extend_from_slice(&(c as i32).to_le_bytes());
@@ -266,10 +325,12 @@ impl Codec for RvqCodec {
         for (t, s) in scales.iter().enumerate() {
             bits::put_f16(out, 2 * t, *s);
         }
-        for gv in v.chunks_exact(g) {
+        let ng = self.d / g;
+        for (i, gv) in v.chunks_exact(g).enumerate() {
             let mut r = gv.to_vec();
+            let set = self.set_off(i % ng);
             for st in 0..self.depth {
-                let cb = &self.books[st * cs..(st + 1) * cs];
+                let cb = &self.books[set + st * cs..set + (st + 1) * cs];
                 let k = nearest(cb, &r);
                 for j in 0..g {
                     r[j] -= cb[k * g + j];
@@ -305,14 +366,12 @@ impl Codec for RvqCodec {
             let s = bits::f16_at(block, 2 * t);
             for gi in 0..d / g {
                 let mut acc = vec![0f32; g];
+                let set = self.set_off(gi);
                 for st in 0..self.depth {
                     let k =
                         bits::get(codes, self.cbits, t * per_tok + gi * self.depth + st) as usize;
-                    crate::codec::axpy(
-                        1.0,
-                        &self.books[st * cs + k * g..st * cs + (k + 1) * g],
-                        &mut acc,
-                    );
+                    let at = set + st * cs + k * g;
+                    crate::codec::axpy(1.0, &self.books[at..at + g], &mut acc);
                 }
                 for j in 0..g {
                     out[t * d + self.channels[gi * g + j]] = acc[j] * s;
