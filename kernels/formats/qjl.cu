@@ -29,6 +29,7 @@
 // t0 + L/2, rows j0 + 32 (L & 1) .., so an item's 32 words go out in one store (outlier words as u16
 // halves: mo is a multiple of 16, not always of 32). Shared memory: kvq_encode_smem (about 54 KiB at
 // D = 128, 30 KiB at D = 64).
+#include <type_traits>
 #include "kvq_decode.cuh"
 #include "kvq_encode.cuh"
 #include "kvq_kivi.cuh"
@@ -49,11 +50,6 @@ __device__ __forceinline__ void sign_pairs(uint32_t w, int q, uint32_t& b0, uint
     b0 = sign_half2(v << (15 - 2 * q));
     b1 = sign_half2(v << (7 - 2 * q));
 }
-
-template <bool B>
-struct BoolC {
-    static constexpr bool value = B;
-};
 
 template <int D, int M, int VB>
 struct QjlPolicy {
@@ -196,9 +192,9 @@ struct QjlPolicy {
                 const int kout = mo / 16;  // mo: a multiple of 16, <= m
                 int kbi = 0;
 #pragma unroll 4
-                for (; kbi < kout; kbi++) kstep(kbi, BoolC<true>{});
+                for (; kbi < kout; kbi++) kstep(kbi, std::true_type{});
 #pragma unroll 4
-                for (; kbi < m / 16; kbi++) kstep(kbi, BoolC<false>{});
+                for (; kbi < m / 16; kbi++) kstep(kbi, std::false_type{});
 #pragma unroll
                 for (int j = 0; j < BT / 8; j++)
 #pragma unroll
