@@ -108,7 +108,9 @@ impl DeviceKv {
             )));
         }
         // As many pipeline stages as fit (large blocks, e.g. 8-bit codes, get fewer), 24 KiB kept for
-        // the kernels' static shared memory (QJL's S q and queries take 21 KiB). KVQ_STAGES lowers it (tuning experiments).
+        // the kernels' static shared memory (QJL's S q and queries take 21 KiB at m = 512; at m <= 256 its
+        // per-warp outlier-row tables bring that to 30 KiB, but QJL's two stages are far below the room,
+        // so the reserve never binds it). KVQ_STAGES lowers it (tuning experiments).
         let per_stage = WARPS
             * if tile_tokens == 0 {
                 page_blocks * (kbb + vbb)
