@@ -7,10 +7,7 @@ import sys
 from collections import defaultdict
 
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-copy = [r for r in rows if "copy_gbps" in r or r.get("format") == "copy"]
-copy_gbps = None
-for r in copy:
-    copy_gbps = r.get("copy_gbps", r.get("gbps"))
+copy_gbps = next((r["copy_gbps"] for r in rows if "copy_gbps" in r), None)  # sdpa_bench.py --copy-only
 t = defaultdict(list)
 gb = {}
 for r in rows:
