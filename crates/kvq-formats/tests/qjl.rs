@@ -719,7 +719,11 @@ fn kernel_table_holds_the_sketch_transposed_then_row_major() {
         for j in 0..m {
             for ch in 0..d {
                 // S^T [d][m] first, then S [m][d]: the same f16 values.
-                assert_eq!(h(ch * m + j).to_bits(), h(m * d + j * d + ch).to_bits(), "{cfg} j={j} c={ch}");
+                assert_eq!(
+                    h(ch * m + j).to_bits(),
+                    h(m * d + j * d + ch).to_bits(),
+                    "{cfg} j={j} c={ch}"
+                );
                 nonzero += (h(m * d + j * d + ch) != 0.0) as usize;
             }
         }
