@@ -264,8 +264,7 @@ struct RvqPolicy {
                     for (int e = 0; e < 2; e++) s[j][e] = in[(8 * j + 2 * q4 + e) * MAX_G + r];
                 uint32_t pa[BT / 16][2];
                 float corr0, corr1;
-                bool rescaled;  // no other accumulator to rescale here
-                softmax_tile<D, BT>(s, min(BT, ns - pg * BT), scale_log2, q4, st, pa, corr0, corr1, rescaled);
+                softmax_tile<D, BT>(s, min(BT, ns - pg * BT), scale_log2, q4, st, pa, corr0, corr1);
                 RvqTab t = vt;
                 t.books16 = vb16;
                 rvq_decode_row<D, false>(blk, lane, t, fa.i[4], fa.i[5], fa.i[6], nullptr, nullptr, rows);

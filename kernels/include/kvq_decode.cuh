@@ -214,11 +214,10 @@ __device__ __forceinline__ void stage(uint8_t* dst, const uint8_t* src, int byte
 
 // Online-softmax update of one tile: scales and masks the scores (tokens >= n), updates m and l, packs
 // P^T B-fragments into `pa` and rescales acc. Returns this lane's correction (head r); corr0/corr1 are
-// those of the acc columns (heads 2q, 2q+1), for policies that keep more accumulators; `rescale` (the
-// same on every lane) is false when every correction is exactly 1, and acc was left as it was.
+// those of the acc columns (heads 2q, 2q+1), for policies that keep more accumulators.
 template <int D, int TT>
 __device__ __forceinline__ float softmax_tile(float (*s)[2], int n, float scale_log2, int q4, WarpState<D>& st,
-                                              uint32_t (*pa)[2], float& corr0, float& corr1, bool& rescale) {
+                                              uint32_t (*pa)[2], float& corr0, float& corr1) {
     float mx = -INFINITY;
 #pragma unroll
     for (int j = 0; j < TT / 8; j++)
@@ -246,17 +245,12 @@ __device__ __forceinline__ float softmax_tile(float (*s)[2], int n, float scale_
     // acc columns are heads 2q and 2q+1: their corrections live on lanes 8q and 8q + 4.
     corr0 = __shfl_sync(0xffffffffu, corr, 8 * q4);
     corr1 = __shfl_sync(0xffffffffu, corr, 8 * q4 + 4);
-    // Deep in a long row the running max rarely moves: when no head's max moved (every corr exactly
-    // exp2(0) = 1), scaling by 1 would change nothing, so the warp skips it (and the body's rescale).
-    rescale = __any_sync(0xffffffffu, corr != 1.f);
-    if (rescale) {
 #pragma unroll
-        for (int mb = 0; mb < D / 16; mb++) {
-            st.acc[mb][0] *= corr0;
-            st.acc[mb][1] *= corr1;
-            st.acc[mb][2] *= corr0;
-            st.acc[mb][3] *= corr1;
-        }
+    for (int mb = 0; mb < D / 16; mb++) {
+        st.acc[mb][0] *= corr0;
+        st.acc[mb][1] *= corr1;
+        st.acc[mb][2] *= corr0;
+        st.acc[mb][3] *= corr1;
     }
     return corr;
 }
@@ -334,9 +328,8 @@ __device__ __forceinline__ void warp_run(int n_tiles, const CountFn& count, cons
         body.scores(buf, i, s);
         uint32_t pa[TT / 16][2];
         float corr0, corr1;
-        bool rescale;
-        const float corr = softmax_tile<D, TT>(s, n, scale_log2, q4, st, pa, corr0, corr1, rescale);
-        if (rescale) body.rescale(corr, corr0, corr1);
+        const float corr = softmax_tile<D, TT>(s, n, scale_log2, q4, st, pa, corr0, corr1);
+        body.rescale(corr, corr0, corr1);
         body.pv(buf + kbytes, i, pa, st.acc);
         body.done(buf, i, n_tiles, st.acc);
         __syncwarp();  // every lane is done with this stage before it is refilled
