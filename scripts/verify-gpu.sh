@@ -21,7 +21,7 @@
 set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
 stage_model
-stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|engine|ppl|prefill|rvq|ppl-rvq|formats|example}
+stage=${1:?usage: verify-gpu.sh kernels|quick|ab|sanitize|profile|engine|ppl|prefill|rvq|ppl-rvq|formats|example}
 R="$OUT/$stage"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 rc=0
@@ -48,15 +48,19 @@ b1_timings() {
 # (kvq-gpu.xz of the commit before a kernel change), interleaved new/old/new/old in one run, with the
 # device copy bandwidth of the same run (the "% of copy BW" denominator).
 ab_timings() {
-  local old=/root/stash-old; mkdir -p $old
-  [ -f .carry-bin-old/kvq-gpu.xz ] && xz -dc .carry-bin-old/kvq-gpu.xz > $old/kvq-gpu && chmod +x $old/kvq-gpu
+  # Every .carry-bin-old*/kvq-gpu.xz takes part, tagged by its folder's suffix (.carry-bin-old: "old",
+  # .carry-bin-old-mid: "old-mid"), so one call can time a chain of changes.
+  local bins=("$S/kvq-gpu") tags=(new) d
+  for d in .carry-bin-old*; do
+    [ -f "$d/kvq-gpu.xz" ] || continue
+    mkdir -p "/root/stash-$d" && xz -dc "$d/kvq-gpu.xz" > "/root/stash-$d/kvq-gpu" && chmod +x "/root/stash-$d/kvq-gpu"
+    bins+=("/root/stash-$d/kvq-gpu"); tags+=("${d#.carry-bin-}")
+  done
   local F="$FORMATS kivi:bits=1,window=0 ${AB_EXTRA:-}"  # AB_EXTRA: more formats (after parity, RVQ's
   # synthetic books are at ${TMPDIR:-/tmp}/kvq-check-rvq-256x8.safetensors)
   for i in 1 2; do
-    for b in "$S/kvq-gpu" "$old/kvq-gpu"; do
-      [ -x "$b" ] || continue
-      local tag=new; [ "$b" = "$S/kvq-gpu" ] || tag=old
-      KVQ_BENCH_POINTS=${AB_POINTS:-1x4096,8x131072} timeout 120 "$b" bench $F 2>> "$R/ab.err" | sed "s/^{/{\"build\":\"$tag\",\"rep\":$i,/" >> "$R/ab.jsonl"
+    for k in "${!bins[@]}"; do
+      KVQ_BENCH_POINTS=${AB_POINTS:-1x4096,8x131072} timeout 120 "${bins[$k]}" bench $F 2>> "$R/ab.err" | sed "s/^{/{\"build\":\"${tags[$k]}\",\"rep\":$i,/" >> "$R/ab.jsonl"
     done
   done
   python3 scripts/sdpa_bench.py --copy-only >> "$R/ab.jsonl" 2>> "$R/ab.err"
@@ -100,6 +104,26 @@ prefill)
     --ctx ${PREFILL_CTX:-32768} --batch 1 --steps 8 --warmup 2 --chunk 2048 $(for f in ${PREFILL_FORMATS:-$FORMATS}; do echo "--kv $f"; done) $RVQ \
     --json "$R/prefill.json" > "$R/prefill.txt" 2>&1 || rc=1
   grep -v "^\s*$" "$R/prefill.txt" | tail -n 16 ;;
+profile)
+  # Nsight Compute on one decode launch (the fourth) per format and point: speed of light, occupancy,
+  # scheduler and warp-stall statistics, instruction mix, per-SASS-instruction stall samples. Leaves
+  # p<i>.txt (details page) and p<i>-src.csv (the source page, SASS) per case. PROFILE_FORMATS,
+  # PROFILE_POINTS choose the cases.
+  [ -n "$NCU" ] || { echo "profile: no ncu"; exit 3; }
+  i=0
+  for pt in ${PROFILE_POINTS:-8x131072}; do
+    for f in ${PROFILE_FORMATS:-$FORMATS}; do
+      i=$((i + 1))
+      KVQ_BENCH_POINTS=$pt timeout 150 "$NCU" --clock-control none -k regex:_decode_ --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section InstructionStats --section Occupancy \
+        --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
+        --section SourceCounters -f -o "$R/p$i" "$S/kvq-gpu" bench "$f" > "$R/p$i.log" 2>&1
+      echo "p$i: $f at $pt rc=$?"
+      "$NCU" --import "$R/p$i.ncu-rep" --page details > "$R/p$i.txt" 2>&1
+      "$NCU" --import "$R/p$i.ncu-rep" --page source --csv --print-source sass > "$R/p$i-src.csv" 2>&1
+      grep -E "Duration|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Achieved Occupancy|Registers Per|DRAM Throughput|Memory Throughput" "$R/p$i.txt" | head -12
+    done
+  done ;;
 kernels)
   parity; sanitize memcheck hq=8 170; sanitize racecheck hq=8 170; b1_timings ;;
 rvq)

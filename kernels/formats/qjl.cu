@@ -2,9 +2,9 @@
 //   [outlier channel ids u8, padded to 4][(|k_in|, |k_out|) f16 x 32][signs of S k_in: m bits/token]
 //   [signs of S_o k_out: mo bits/token]
 // score_t = a_in |k_in|_t <S q - g, sign_in_t> + a_out |k_out|_t <g[:mo], sign_out_t>, g = S P_out q.
-// fmt.i = {m, mo, outliers, -, v_bits, v_group, -, -}; fmt.p[0] = S^T as f16 [D][m] (the layer's sketch).
-// Per CTA, S q of its G heads goes to shared memory once (a tensor-core product over S^T staged in
-// shared memory). Per block, g comes from one tensor-core product (A = the query's outlier channels,
+// fmt.i = {m, mo, outliers, -, v_bits, v_group, -, -}; fmt.p[0] = the layer's sketch as f16, S^T [D][m]
+// then S [m][D]. Per CTA, S q of its G heads goes to shared memory once (a tensor-core product with S's
+// rows loaded from global memory while the first pages' copies are in flight). Per block, g comes from one tensor-core product (A = the query's outlier channels,
 // hi/lo rows; B = those columns of S^T), lands in C fragments that are
 // exactly the A fragments of the next product, and the sign bits become +-1 f16 B fragments, so both
 // estimator sums run on the tensor cores. Values: KIVI's policy. Kernels kvq_qjl_decode_kq{M}v{VB},
@@ -227,52 +227,61 @@ struct QjlPolicy {
         const int G = P.group, b = blockIdx.z;
         for (int i = threadIdx.x; i < MAX_G * D; i += THREADS)
             q_sh[i / D][i % D] = i / D < G ? P.q[((int64_t)b * P.hkv * G + (int64_t)h * G) * D + i] : 0.f;
-        __syncthreads();
-        // S q for the G heads on the tensor cores: C = Q S^T with A = the query's hi/lo rows (cx, as in
-        // scores_f16rows) and B = columns of S^T staged in the (still unused) dynamic shared memory in
-        // chunks of JC sketch rows (row stride JC + 8 halves: ldmatrix.trans conflict-free). One
-        // cp.async round trip per chunk instead of a dependent chain of D global loads per thread.
-        {
-            uint32_t smem_bytes;
-            asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
-            // Widest multiple of 64 columns that fits; >= 64 always (the window stage alone is 256 D bytes).
-            const int jc = min(m, ((int)(smem_bytes / (2 * D)) - 8) / 64 * 64);
-            if (jc < 64) __trap();
-            const int rs = jc + 8;  // halves per staged row
-            __half* sst = reinterpret_cast<__half*>(smem);
-#pragma unroll 1
-            for (int j0 = 0; j0 < m; j0 += jc) {
-                const int w = min(jc, m - j0), cpr = w / 8;  // 16-byte chunks per row
-                for (int i = threadIdx.x; i < D * cpr; i += THREADS) {
-                    const int c = i / cpr, k = i % cpr;
-                    cp_async16(reinterpret_cast<uint8_t*>(sst + c * rs + 8 * k),
-                               reinterpret_cast<const uint8_t*>(S + (int64_t)c * m + j0 + 8 * k), true);
-                }
-                cp_async_commit();
-                cp_async_wait<0>();
-                __syncthreads();
-                // Warp `warp` takes the column pairs (16 sketch rows) warp, warp + WARPS, ...
-                for (int pi = warp; pi < w / 16; pi += WARPS) {
-                    float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
-                    const int mi = lane >> 3;
+        // S q for the G heads on the tensor cores (C = Q S^T, A = the query's hi/lo rows), straight from
+        // global memory (every CTA of the layer reads the same S, so from L2) in a k order of the lane's
+        // own channels: lane q takes channels [D/4 q, D/4 (q+1)), k-step kb's positions 2q, 2q+1 being
+        // channels D/4 q + 4 kb + {0, 1} and 2q+8, 2q+9 being + {2, 3}. A lane's B fragments of a sketch
+        // row are then D/2 contiguous bytes of S (row-major, after S^T in the table), loaded one column
+        // pair ahead. It runs as warp_run's `pre`, after each warp's first cp.async stages are issued,
+        // so the page loads land meanwhile; the barrier also publishes q_sh. (Was: S^T staged through
+        // the dynamic shared memory in 64-column rounds, a cp.async round trip and two barriers each,
+        // before any page load.)
+        auto sq_pre = [&]() {
+            constexpr int KS = D / 16, LQ = D / 4, NU = D / 32;  // k-steps; channels, uint4 per lane
+            const int r = lane >> 2, q = lane & 3;
+            uint32_t ah[KS][2], al[KS][2];
+            {
+                const float* qp = P.q + ((int64_t)b * P.hkv * G + (int64_t)h * G + min(r, G - 1)) * D + LQ * q;
 #pragma unroll
-                    for (int kb = 0; kb < D / 16; kb++) {
-                        uint32_t bf[4];  // (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
-                        ldmatrix_x4_trans(bf, reinterpret_cast<const uint8_t*>(
-                                                  sst + (16 * kb + 8 * (mi & 1) + (lane & 7)) * rs + 16 * pi + 8 * (mi >> 1)));
-                        mma(c0, cx.hi[kb][0], cx.lo[kb][0], cx.hi[kb][1], cx.lo[kb][1], bf[0], bf[1]);
-                        mma(c1, cx.hi[kb][0], cx.lo[kb][0], cx.hi[kb][1], cx.lo[kb][1], bf[2], bf[3]);
-                    }
-                    const int r = lane >> 2, jq = j0 + 16 * pi + 2 * (lane & 3);
-                    sq_sh[r][jq] = c0[0] + c0[2];
-                    sq_sh[r][jq + 1] = c0[1] + c0[3];
-                    sq_sh[r][jq + 8] = c1[0] + c1[2];
-                    sq_sh[r][jq + 9] = c1[1] + c1[3];
+                for (int kb = 0; kb < KS; kb++) {
+                    float2 a = *reinterpret_cast<const float2*>(qp + 4 * kb);
+                    float2 c = *reinterpret_cast<const float2*>(qp + 4 * kb + 2);
+                    if (r >= G) a = c = make_float2(0.f, 0.f);
+                    split2(a.x, a.y, ah[kb][0], al[kb][0]);
+                    split2(c.x, c.y, ah[kb][1], al[kb][1]);
                 }
-                __syncthreads();  // the chunk buffer is refilled (or becomes the warps' stages)
             }
-        }
-        __syncthreads();
+            const __half* srow = S + (int64_t)m * D;  // S [m][D]
+            auto ldb = [&](int pi, uint4 (&o)[2][NU]) {
+                const uint4* p0 = reinterpret_cast<const uint4*>(srow + (int64_t)(16 * pi + r) * D + LQ * q);
+                const uint4* p1 = reinterpret_cast<const uint4*>(srow + (int64_t)(16 * pi + 8 + r) * D + LQ * q);
+#pragma unroll
+                for (int u = 0; u < NU; u++) o[0][u] = __ldg(p0 + u), o[1][u] = __ldg(p1 + u);
+            };
+            uint4 nb[2][NU];
+            if (warp < m / 16) ldb(warp, nb);
+#pragma unroll 1
+            for (int pi = warp; pi < m / 16; pi += WARPS) {  // column pairs: sketch rows 16 pi .. + 15
+                uint4 cb[2][NU];
+#pragma unroll
+                for (int u = 0; u < NU; u++) cb[0][u] = nb[0][u], cb[1][u] = nb[1][u];
+                if (pi + WARPS < m / 16) ldb(pi + WARPS, nb);
+                float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int u = 0; u < NU; u++) {  // k-steps 2u (words x, y) and 2u + 1 (z, w)
+                    mma(c0, ah[2 * u][0], al[2 * u][0], ah[2 * u][1], al[2 * u][1], cb[0][u].x, cb[0][u].y);
+                    mma(c1, ah[2 * u][0], al[2 * u][0], ah[2 * u][1], al[2 * u][1], cb[1][u].x, cb[1][u].y);
+                    mma(c0, ah[2 * u + 1][0], al[2 * u + 1][0], ah[2 * u + 1][1], al[2 * u + 1][1], cb[0][u].z, cb[0][u].w);
+                    mma(c1, ah[2 * u + 1][0], al[2 * u + 1][0], ah[2 * u + 1][1], al[2 * u + 1][1], cb[1][u].z, cb[1][u].w);
+                }
+                const int jq = 16 * pi + 2 * q;
+                sq_sh[r][jq] = c0[0] + c0[2];
+                sq_sh[r][jq + 1] = c0[1] + c0[3];
+                sq_sh[r][jq + 8] = c1[0] + c1[2];
+                sq_sh[r][jq + 9] = c1[1] + c1[3];
+            }
+            __syncthreads();  // S q and the queries are in shared memory for every warp
+        };
         constexpr int TT = PAGE_BLOCKS * BT;
         const int kbb = (int)P.k_block_bytes, vbb = (int)P.v_block_bytes;
         const int kbytes = PAGE_BLOCKS * kbb, vbytes = PAGE_BLOCKS * vbb;
@@ -294,7 +303,7 @@ struct QjlPolicy {
         Body body{cx, sq_sh, q_sh, S, &tb_sh[warp][0][0], mo, outliers, kbb, off_norm, off_bits, off_obits,
                   1.2533141373155003f / m, mo > 0 ? 1.2533141373155003f / mo : 0.f};
         warp_run<D, TT>(n_tiles, count, fill, body, smem + warp * P.stages * (kbytes + vbytes), kbytes, vbytes,
-                        P.stages, scale_log2, lane, st);
+                        P.stages, scale_log2, lane, st, sq_pre);
     }
 };
 

@@ -112,4 +112,30 @@ __device__ __forceinline__ uint32_t val_pair_top(uint64_t wa, uint64_t wb, int n
     return mask_or(x, (M | (M << 16)) << TOP, ONE2);
 }
 
+// 1-bit codes as masks: with bit 7 of a byte set to a code, prmt's sign-replicate selector (nibble
+// 8 + byte) widens it to 0xFF or 0x00, two bytes per half, so mask & {s_a, s_b} is {s_a c_a, s_b c_b}
+// exactly, by one PRMT and one LOP3 a pair and no f16 arithmetic. (__byte_perm keeps only the low three
+// bits of each selector nibble, hence the asm.)
+__device__ __forceinline__ uint32_t sign_bytes(uint32_t x, uint32_t sel) {
+    uint32_t d;
+    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(d) : "r"(x), "r"(sel));
+    return d;
+}
+
+// key_codes for 1-bit codes as masks (b0 = {c(2q), c(2q+8)}, b1 = {c(2q+1), c(2q+9)}, each half 0xFFFF
+// or 0): the 32-bit word holds k-steps 2u (bits 0..15) and 2u + 1 (16..31); one shift per pair brings
+// channel 2q (+ 8, + 16, + 24) to the bytes' bit 7, the selector picks the k-step's two bytes.
+__device__ __forceinline__ void key_masks1(const uint8_t* row, int kb, int q, uint32_t& b0, uint32_t& b1) {
+    const uint32_t w = reinterpret_cast<const uint32_t*>(row)[kb >> 1];
+    const uint32_t sel = (kb & 1) ? 0xBBAAu : 0x9988u;
+    b0 = sign_bytes(w << (7 - 2 * q), sel);
+    b1 = sign_bytes(w << (6 - 2 * q), sel);
+}
+
+// val_pair for 1-bit codes as masks: {c of token a, c of token b} at lane-channel nb (< 16), as 0xFFFF / 0
+// halves; `u` = the two tokens' 16-bit code words, a's in the low half.
+__device__ __forceinline__ uint32_t val_mask1(uint32_t u, int nb) {
+    return sign_bytes(u << (7 - (nb & 7)), nb < 8 ? 0xAA88u : 0xBB99u);
+}
+
 }  // namespace kvq

@@ -292,12 +292,18 @@ struct ZeroAccBody {
     }
 };
 
+struct NoPre {
+    __device__ __forceinline__ void operator()() const {}
+};
+
 // One warp runs its tiles: `count(i)` is tile i's valid token count, `fill(i, kbuf, vbuf)` issues the
-// cp.async copies of its K and V bytes into a stage (tokens past the count zero-filled).
-template <int D, int TT, class CountFn, class FillFn, class Body>
+// cp.async copies of its K and V bytes into a stage (tokens past the count zero-filled). `pre()` runs
+// once after the first stages are issued (per-CTA setup that overlaps their loads; every warp calls it,
+// so it may hold a CTA barrier).
+template <int D, int TT, class CountFn, class FillFn, class Body, class Pre = NoPre>
 __device__ __forceinline__ void warp_run(int n_tiles, const CountFn& count, const FillFn& fill, Body& body,
                                          uint8_t* wsm, int kbytes, int vbytes, int S, float scale_log2, int lane,
-                                         WarpState<D>& st) {
+                                         WarpState<D>& st, const Pre& pre = Pre{}) {
     const int q4 = lane & 3;
     const int stage_bytes = kbytes + vbytes;
     auto load = [&](int i) {
@@ -309,6 +315,7 @@ __device__ __forceinline__ void warp_run(int n_tiles, const CountFn& count, cons
         if (i < n_tiles) load(i);
         cp_async_commit();
     }
+    pre();
 #pragma unroll 1
     for (int i = 0; i < n_tiles; i++) {
         if (i + S - 1 < n_tiles) load(i + S - 1);

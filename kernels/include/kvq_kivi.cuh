@@ -20,8 +20,9 @@ struct KiviPolicy {
     static constexpr bool CUSTOM_SEALED = false;
     // 1/2-bit values take pv_z: codes in the top form, zeros through one MMA per k-step into zacc.
     // (4-bit too measured 6% slower on the H100 at B=8, 128k: register spills; run 11.)
+    // 1-bit values are masks (kvq_codes.cuh: s c exactly, nothing to undo), 2-bit ones top-form codes.
     static constexpr bool VALUE_ZEROS = VB == 1 || VB == 2;
-    static constexpr float VALUE_UP = VALUE_ZEROS ? (float)(1 << (VALUE_ZEROS ? VB : 0)) : 1.f;
+    static constexpr float VALUE_UP = VB == 2 ? 4.f : 1.f;
     static __device__ __forceinline__ int stage_off(int byte) { return byte; }
     static __device__ __forceinline__ int out_chan(int mb, int row) {
         return (D / 8) * (row & 7) + (D / 16) * (row >> 3) + mb;
@@ -32,11 +33,12 @@ struct KiviPolicy {
     // 1/2-bit codes come in the top form (kvq_codes.cuh: h = 1 + c / 2^b), so s h - s = s code / 2^b
     // rounded once with no unbias subtract (the 2^b undone in f32 on the score: no f16 overflow); the
     // zeros, the same for every token of the block, enter through one more MMA chain per block (q . z
-    // in f32, added to each token's score). Other widths: k = s code + z rounded once. The query's A fragments are cx's hi/lo rows in the same
+    // in f32, added to each token's score); 1-bit codes are masks instead (mask & s = s code exactly,
+    // zeros likewise by MMA). Other widths: k = s code + z rounded once. The query's A fragments are cx's hi/lo rows in the same
     // channel order (Q_PAIR8), so nothing is refolded per block.
     static constexpr bool Q_PAIR8 = true;
     static __device__ __forceinline__ void scores(const uint8_t* ks, const Ctx<D>& cx, float (*s)[2]) {
-        constexpr bool TOP = KB == 1 || KB == 2;
+        constexpr bool TOP = KB == 2, MASK = KB == 1;
         const int bits = KB ? KB : cx.fa->i[0];
         const int kbb = (int)cx.k_block_bytes, row_bytes = D * bits / 8;
         const int r = cx.lane >> 2, q = cx.lane & 3;
@@ -60,21 +62,27 @@ struct KiviPolicy {
                 const uint32_t za = __byte_perm(z01, z89, 0x5410u), zb = __byte_perm(z01, z89, 0x7632u);
                 __half2 ha = *reinterpret_cast<const __half2*>(&sa), hb = *reinterpret_cast<const __half2*>(&sb);
                 __half2 oa = *reinterpret_cast<const __half2*>(&za), ob = *reinterpret_cast<const __half2*>(&zb);
-                if constexpr (TOP) {
+                if constexpr (TOP || MASK) {
                     oa = __hneg2(ha), ob = __hneg2(hb);
                     mma(cz, cx.hi[kbi][0], cx.lo[kbi][0], cx.hi[kbi][1], cx.lo[kbi][1], za, zb);
                 }
 #pragma unroll
                 for (int j = 0; j < BT / 8; j++) {
-                    uint32_t x0, x1;
-                    if constexpr (TOP) key_codes_top<TOP ? KB : 1>(codes + (8 * j + r) * row_bytes, kbi, q, x0, x1);
-                    else key_codes<KB>(codes + (8 * j + r) * row_bytes, kbi, q, bits, x0, x1);
-                    const uint32_t b0 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&x0), ha, oa));
-                    const uint32_t b1 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&x1), hb, ob));
+                    uint32_t x0, x1, b0, b1;
+                    if constexpr (MASK) {
+                        key_masks1(codes + (8 * j + r) * row_bytes, kbi, q, x0, x1);
+                        b0 = x0 & sa;
+                        b1 = x1 & sb;
+                    } else {
+                        if constexpr (TOP) key_codes_top<2>(codes + (8 * j + r) * row_bytes, kbi, q, x0, x1);
+                        else key_codes<KB>(codes + (8 * j + r) * row_bytes, kbi, q, bits, x0, x1);
+                        b0 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&x0), ha, oa));
+                        b1 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&x1), hb, ob));
+                    }
                     mma(c[j], cx.hi[kbi][0], cx.lo[kbi][0], cx.hi[kbi][1], cx.lo[kbi][1], b0, b1);
                 }
             }
-            constexpr float UP = TOP ? (float)(1 << (TOP ? KB : 0)) : 1.f;  // the codes' 2^-b, undone
+            constexpr float UP = TOP ? 4.f : 1.f;  // the top-form codes' 2^-b, undone
             const float z0 = cz[0] + cz[2], z1 = cz[1] + cz[3];
 #pragma unroll
             for (int j = 0; j < BT / 8; j++) {
@@ -139,9 +147,9 @@ struct KiviPolicy {
 
     // pv for VALUE_ZEROS: a token's values are s code + z per (token, channel group), and lane r's
     // channels (both A rows it supplies) lie in one group, so V^T = S o C + Z with Z's rows constant
-    // per group: S o C / 2^b from top-form codes (s h - s rounded once, no unbias subtract per pair;
-    // ZeroAccBody::done scales acc by VALUE_UP = 2^b in f32), Z P^T by one MMA per k-step into zacc
-    // (its rows equal for every m-block).
+    // per group: S o C / 2^b from 2-bit top-form codes (s h - s rounded once, no unbias subtract per
+    // pair; ZeroAccBody::done scales acc by VALUE_UP = 2^b in f32) or S o C exactly from 1-bit masks,
+    // Z P^T by one MMA per k-step into zacc (its rows equal for every m-block).
     static __device__ __forceinline__ void pv_z(const uint8_t* vs, const Ctx<D>& cx, const uint32_t (*pa)[2],
                                                 float (*acc)[4], float (&zacc)[4]) {
         constexpr int VT = VALUE_ZEROS ? VB : 1;
@@ -171,9 +179,14 @@ struct KiviPolicy {
             const uint64_t w8 = val_word<VT, D>(codes + ts[2] * row_bytes, r);
             const uint64_t w9 = val_word<VT, D>(codes + ts[3] * row_bytes, r);
             auto pair = [&](int i, uint32_t& v01, uint32_t& v89) {
-                const uint32_t u01 = val_pair_top<VT>(w0, w1, i), u89 = val_pair_top<VT>(w8, w9, i);
-                v01 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u01), s01, n01));
-                v89 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u89), s89, n89));
+                if constexpr (VT == 1) {
+                    v01 = val_mask1((uint32_t)w0 | (uint32_t)w1 << 16, i) & h2_bits(s01);
+                    v89 = val_mask1((uint32_t)w8 | (uint32_t)w9 << 16, i) & h2_bits(s89);
+                } else {
+                    const uint32_t u01 = val_pair_top<VT>(w0, w1, i), u89 = val_pair_top<VT>(w8, w9, i);
+                    v01 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u01), s01, n01));
+                    v89 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u89), s89, n89));
+                }
             };
 #pragma unroll
             for (int mb = 0; mb < D / 16; mb++) {

@@ -132,7 +132,8 @@ pub trait Codec: Send + Sync {
     fn validate(&self, block: &[u8]) -> Result<()>;
     /// Reconstructs the block's vectors (pre-RoPE for pre-RoPE codecs); QJL gives its unbiased estimate.
     fn decode(&self, block: &[u8], out: &mut [f32]) -> Result<()>;
-    /// A per-layer table the CUDA kernel reads (QJL: the sketch S transposed, f16 [d][m]); uploaded once
+    /// A per-layer table the CUDA kernel reads (QJL: the sketch S as f16, transposed [d][m]
+    /// then row-major [m][d]); uploaded once
     /// by the GPU cache and passed as `KvqFmtArgs.p[0]`. Default: none.
     fn kernel_table(&self) -> Option<Vec<u8>> {
         None

@@ -705,3 +705,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn kernel_table_holds_the_sketch_transposed_then_row_major() {
+    for (cfg, d) in [("qjl:m=128", 64usize), ("qjl:m=256,m0=128", 128)] {
+        let c = keys(cfg, d);
+        let t = c.kernel_table().unwrap();
+        let h = |i: usize| half::f16::from_le_bytes([t[2 * i], t[2 * i + 1]]).to_f32();
+        let m = t.len() / (4 * d);
+        assert_eq!(t.len(), 4 * m * d, "{cfg}");
+        assert!(m >= 128, "{cfg}: m = {m}");
+        let mut nonzero = 0;
+        for j in 0..m {
+            for ch in 0..d {
+                // S^T [d][m] first, then S [m][d]: the same f16 values.
+                assert_eq!(
+                    h(ch * m + j).to_bits(),
+                    h(m * d + j * d + ch).to_bits(),
+                    "{cfg} j={j} c={ch}"
+                );
+                nonzero += (h(m * d + j * d + ch) != 0.0) as usize;
+            }
+        }
+        assert!(nonzero > m * d / 2, "{cfg}: the sketch is mostly zeros");
+    }
+}

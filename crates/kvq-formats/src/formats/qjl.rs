@@ -414,12 +414,17 @@ impl Codec for QjlKeys {
     }
 
     fn kernel_table(&self) -> Option<Vec<u8>> {
+        // S^T (the encoder's and the scores' column reads) and S row-major (the decode prologue's S q:
+        // 16-byte loads of a sketch row's channels), both f16.
         let (m, d) = (self.m, self.d);
-        let mut out = Vec::with_capacity(2 * m * d);
+        let mut out = Vec::with_capacity(4 * m * d);
         for c in 0..d {
             for j in 0..m {
                 out.extend_from_slice(&f16::from_f32(self.s[j * d + c]).to_le_bytes());
             }
+        }
+        for &v in &self.s[..m * d] {
+            out.extend_from_slice(&f16::from_f32(v).to_le_bytes());
         }
         Some(out)
     }
