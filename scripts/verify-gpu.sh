@@ -56,8 +56,9 @@ ab_timings() {
     mkdir -p "/root/stash-$d" && xz -dc "$d/kvq-gpu.xz" > "/root/stash-$d/kvq-gpu" && chmod +x "/root/stash-$d/kvq-gpu"
     bins+=("/root/stash-$d/kvq-gpu"); tags+=("${d#.carry-bin-}")
   done
-  local F="$FORMATS kivi:bits=1,window=0 ${AB_EXTRA:-}"  # AB_EXTRA: more formats (after parity, RVQ's
-  # synthetic books are at ${TMPDIR:-/tmp}/kvq-check-rvq-256x8.safetensors)
+  # AB_EXTRA: more formats (after parity, RVQ's synthetic books are at
+  # ${TMPDIR:-/tmp}/kvq-check-rvq-256x8.safetensors); AB_FORMATS: this list instead of the usual one.
+  local F="${AB_FORMATS:-$FORMATS kivi:bits=1,window=0 ${AB_EXTRA:-}}"
   for i in 1 2; do
     for k in "${!bins[@]}"; do
       KVQ_BENCH_POINTS=${AB_POINTS:-1x4096,8x131072} timeout 120 "${bins[$k]}" bench $F 2>> "$R/ab.err" | sed "s/^{/{\"build\":\"${tags[$k]}\",\"rep\":$i,/" >> "$R/ab.jsonl"
