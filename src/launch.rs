@@ -38,9 +38,9 @@ pub(crate) fn decode(
     // and Workspace sized the partials for grid.0 = n_splits + 1 rows per query head; the kernel reads
     // blocks < n_sealed / BT only, and the grid covers exactly B x Hkv x (n_splits + 1). (tables)
     // fmt.p[0] / p[1] are DeviceKv's uploads of the K / V codec's kernel_table, whose sizes follow from
-    // the same codecs' KernelSpec ints the kernel reads (RVQ: header + channel map + depth x codes x 32
-    // books as f32 and f16). (shared memory) the dynamic size covers the stages, the module's
-    // kvq_layout[3] rows and, only when DeviceKv counted them, the books; RVQ's kernel copies books only
+    // the same codecs' KernelSpec ints the kernel reads (QJL: S^T then S, 2 x m x D f16; RVQ: header +
+    // channel map + depth x codes x 32 books as f32 and f16). (shared memory) the dynamic size covers
+    // the stages, the module's kvq_layout[3] rows and, only when DeviceKv counted them, the books; RVQ's kernel copies books only
     // when %dynamic_smem_size leaves room for them.
     unsafe {
         gpu.launch(
@@ -116,7 +116,8 @@ pub(crate) fn encode(gpu: &Gpu, f: &CudaFunction, p: &KvqEncodeParams, smem: usi
     // block's BT x D floats plus the format's scratch (`smem`: the default scratch, computed from the
     // same constants, or the total the module states in `kvq_encode_smem` from the encoder's own
     // layout constants, e.g. QJL's f64 copies of the block); QJL's encoder reads fmt.p[0], the key
-    // codec's uploaded table (S^T, D x m f16, with m = fmt.i[0] from the same codec's KernelSpec);
+    // codec's uploaded table (S^T, D x m f16, with m = fmt.i[0] from the same codec's KernelSpec;
+    // S row-major follows, read by decode only);
     // RVQ's encoder reads fmt.p[0] (keys) or p[1] (values): the channel map and the f32 books sized by
     // the codec's own depth and codes (fmt.i), and writes codes for depth <= 16 into its stated scratch.
     // DecoQuant's encoder stages no block: it reads ring rows (t0 + t) % win_cap for t < C = fmt.i[1]
