@@ -40,8 +40,8 @@ pub(crate) fn decode(
     // fmt.p[0] / p[1] are DeviceKv's uploads of the K / V codec's kernel_table, whose sizes follow from
     // the same codecs' KernelSpec ints the kernel reads (QJL: S^T then S, 2 x m x D f16; RVQ: header +
     // channel map + depth x codes x 32 books as f32 and f16). (shared memory) the dynamic size covers
-    // the stages, the module's kvq_layout[3] rows and, only when DeviceKv counted them, the books; RVQ's kernel copies books only
-    // when %dynamic_smem_size leaves room for them.
+    // the stages, the module's kvq_layout[3] rows and, only when DeviceKv counted them, the books;
+    // RVQ's kernel copies books only when %dynamic_smem_size leaves room for them.
     unsafe {
         gpu.launch(
             decode,
