@@ -4,9 +4,9 @@
 // score_t = a_in |k_in|_t <S q - g, sign_in_t> + a_out |k_out|_t <g[:mo], sign_out_t>, g = S P_out q.
 // fmt.i = {m, mo, outliers, -, v_bits, v_group, -, -}; fmt.p[0] = the layer's sketch as f16, S^T [D][m]
 // then S [m][D]. Per CTA, S q of its G heads goes to shared memory once (a tensor-core product with S's
-// rows loaded from global memory while the first pages' copies are in flight). Per block, g comes from one tensor-core product (A = the query's outlier channels,
-// hi/lo rows; B = those columns of S^T), lands in C fragments that are
-// exactly the A fragments of the next product, and the sign bits become +-1 f16 B fragments, so both
+// rows loaded from global memory while the first pages' copies are in flight). Per block, g comes from
+// one tensor-core product (A = the query's outlier channels, hi/lo rows; B = those columns of S^T),
+// lands in C fragments that are exactly the A fragments of the next product, and the sign bits become +-1 f16 B fragments, so both
 // estimator sums run on the tensor cores. Values: KIVI's policy. Kernels kvq_qjl_decode_kq{M}v{VB},
 // M (sketch rows) in {128, 256, 512}.
 //

@@ -34,8 +34,9 @@ struct KiviPolicy {
     // rounded once with no unbias subtract (the 2^b undone in f32 on the score: no f16 overflow); the
     // zeros, the same for every token of the block, enter through one more MMA chain per block (q . z
     // in f32, added to each token's score); 1-bit codes are masks instead (mask & s = s code exactly,
-    // zeros likewise by MMA). Other widths: k = s code + z rounded once. The query's A fragments are cx's hi/lo rows in the same
-    // channel order (Q_PAIR8), so nothing is refolded per block.
+    // zeros likewise by MMA; oa/ob then go unused). Other widths: k = s code + z rounded once. The
+    // query's A fragments are cx's hi/lo rows in the same channel order (Q_PAIR8), so nothing is
+    // refolded per block.
     static constexpr bool Q_PAIR8 = true;
     static __device__ __forceinline__ void scores(const uint8_t* ks, const Ctx<D>& cx, float (*s)[2]) {
         constexpr bool TOP = KB == 2, MASK = KB == 1;
