@@ -6,9 +6,9 @@
 // then S [m][D]. Per CTA, S q of its G heads goes to shared memory once (a tensor-core product with S's
 // rows loaded from global memory while the first pages' copies are in flight). Per block, g comes from
 // one tensor-core product (A = the query's outlier channels, hi/lo rows; B = those columns of S^T),
-// lands in C fragments that are exactly the A fragments of the next product, and the sign bits become +-1 f16 B fragments, so both
-// estimator sums run on the tensor cores. Values: KIVI's policy. Kernels kvq_qjl_decode_kq{M}v{VB},
-// M (sketch rows) in {128, 256, 512}.
+// lands in C fragments that are exactly the A fragments of the next product, and the sign bits become
+// +-1 f16 B fragments, so both estimator sums run on the tensor cores. Values: KIVI's policy. Kernels
+// kvq_qjl_decode_kq{M}v{VB}, M (sketch rows) in {128, 256, 512}.
 //
 // Encoder (kvq_qjl_encode_f16_hd{D}, QjlEncode): key blocks as QjlKeys::encode writes them, byte for
 // byte; value blocks by KIVI's encoder (kvq_kivi.cuh). The CPU decides everything in f64 from f16 inputs
