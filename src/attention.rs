@@ -163,10 +163,26 @@ impl DeviceKv {
         };
         let smem = Self::smem(stages * per_stage + extra, s.d);
         let decode = gpu.function(k_spec.module, &Self::decode_name(&k_spec, &v_spec, s.d))?;
+        // Raise the function's dynamic shared memory limit (48 KiB less its static memory until raised)
+        // before the occupancy query: a request above it reads as 0 CTAs per SM, which this took as 1
+        // for kernels not yet launched in the process (the launch raised it), so the cache planned a
+        // quarter of its splits. The likely cause of run 13's KIVI-2 and QJL at B=8, 128k (the two
+        // timed kernels past 48 KiB, each first launched at that point) taking 2.3x run 12's time.
+        use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        decode
+            .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(drv("setting the decode kernel's shared memory"))?;
         let per_sm = decode
             .occupancy_max_active_blocks_per_multiprocessor(128, smem, None)
-            .map_err(drv("querying the decode kernel's occupancy"))?
-            .max(1) as usize;
+            .map_err(drv("querying the decode kernel's occupancy"))?;
+        if per_sm == 0 {
+            return Err(GpuError::Shape(format!(
+                "{} / {}: the decode kernel fits no CTA of {smem} bytes of shared memory on an SM",
+                kc.describe(),
+                vc.describe()
+            )));
+        }
+        let per_sm = per_sm as usize;
         let st = gpu.stream();
         let a = |what: &str| drv(format!("allocating {what}"));
         let upload = |c: &dyn Codec| -> Result<Option<CudaSlice<u8>>> {
