@@ -77,27 +77,22 @@ __device__ __forceinline__ uint32_t val_pair(uint64_t wa, uint64_t wb, int nb) {
 // gives sum x + 2^-b sum x c; the reader undoes 2^-b in f32. Zeros stay out of that FMA (z - s as
 // its addend, rounded to f16, cost 2-3x the kernels' f16 error in H100 parity) and enter by their own MMA.
 
-// key_codes's pairs in the top form (B = 1, 2, 4): the shift that brought codes to bits 0 / 16 brings
-// them to bits 10 - B / 26 - B instead (a rotate where the distance's sign depends on the lane).
+// key_codes's pairs in the top form (B = 2, 4; 1-bit codes are masks, key_masks1): the shift that
+// brought codes to bits 0 / 16 brings them to bits 10 - B / 26 - B instead (a rotate where the
+// distance's sign depends on the lane).
 template <int B>
 __device__ __forceinline__ void key_codes_top(const uint8_t* row, int kb, int q, uint32_t& b0, uint32_t& b1) {
-    static_assert(B == 1 || B == 2 || B == 4, "top-form key codes for 1, 2 and 4 bits");
+    static_assert(B == 2 || B == 4, "top-form key codes for 2 and 4 bits");
     if constexpr (B == 2) {
         const uint32_t w = reinterpret_cast<const uint32_t*>(row)[kb];
         // bit 4q (+16) to bit 8 (+16), bit 4q + 2 likewise: rotate left by 8 - 4q and 6 - 4q (mod 32).
         b0 = mask_or(__funnelshift_l(w, w, (8 - 4 * q) & 31), 0x03000300u, ONE2);
         b1 = mask_or(__funnelshift_l(w, w, (6 - 4 * q) & 31), 0x03000300u, ONE2);
-    } else if constexpr (B == 4) {
+    } else {
         const uint2 w = reinterpret_cast<const uint2*>(row)[kb];
         const uint32_t u = __byte_perm(w.x, w.y, 0x4400u + 0x1111u * q);
         b0 = mask_or(u << 6, 0x03C003C0u, ONE2);
         b1 = mask_or(u << 2, 0x03C003C0u, ONE2);
-    } else {
-        // channel 2q to bit 9, 2q + 8 to bit 25 (through v | v << 8), 2q + 1 / 2q + 9 one bit lower.
-        const uint32_t u = (uint32_t)reinterpret_cast<const uint16_t*>(row)[kb] << (9 - 2 * q);
-        const uint32_t v = u | (u << 8);
-        b0 = mask_or(v, 0x02000200u, ONE2);
-        b1 = mask_or(v >> 1, 0x02000200u, ONE2);
     }
 }
 

@@ -18,9 +18,9 @@ struct KiviPolicy {
     static constexpr int STAGES = 2;
     static constexpr int MIN_CTAS = KVQ_KIVI_MIN_CTAS;
     static constexpr bool CUSTOM_SEALED = false;
-    // 1/2-bit values take pv_z: codes in the top form, zeros through one MMA per k-step into zacc.
-    // (4-bit too measured 6% slower on the H100 at B=8, 128k: register spills; run 11.)
-    // 1-bit values are masks (kvq_codes.cuh: s c exactly, nothing to undo), 2-bit ones top-form codes.
+    // 1/2-bit values take pv_z: 2-bit codes in the top form, 1-bit ones as masks (kvq_codes.cuh: s c
+    // exactly, nothing to undo), zeros through one MMA per k-step into zacc. (4-bit too measured 6%
+    // slower on the H100 at B=8, 128k: register spills; run 11.)
     static constexpr bool VALUE_ZEROS = VB == 1 || VB == 2;
     static constexpr float VALUE_UP = VB == 2 ? 4.f : 1.f;
     static __device__ __forceinline__ int stage_off(int byte) { return byte; }
@@ -30,11 +30,11 @@ struct KiviPolicy {
 
     // S = Q K^T with keys decoded straight into f16 B fragments: per block and k-step the lane's scale
     // and zero pairs {c, c+8}, {c+1, c+9} (c = 16 kb + 2q), then one half2 FMA per exact code pair.
-    // 1/2-bit codes come in the top form (kvq_codes.cuh: h = 1 + c / 2^b), so s h - s = s code / 2^b
+    // 2-bit codes come in the top form (kvq_codes.cuh: h = 1 + c / 2^b), so s h - s = s code / 2^b
     // rounded once with no unbias subtract (the 2^b undone in f32 on the score: no f16 overflow); the
     // zeros, the same for every token of the block, enter through one more MMA chain per block (q . z
     // in f32, added to each token's score); 1-bit codes are masks instead (mask & s = s code exactly,
-    // zeros likewise by MMA; oa/ob then go unused). Other widths: k = s code + z rounded once. The
+    // zeros likewise by MMA). Other widths: k = s code + z rounded once. The
     // query's A fragments are cx's hi/lo rows in the same channel order (Q_PAIR8), so nothing is
     // refolded per block.
     static constexpr bool Q_PAIR8 = true;
@@ -63,10 +63,8 @@ struct KiviPolicy {
                 const uint32_t za = __byte_perm(z01, z89, 0x5410u), zb = __byte_perm(z01, z89, 0x7632u);
                 __half2 ha = *reinterpret_cast<const __half2*>(&sa), hb = *reinterpret_cast<const __half2*>(&sb);
                 __half2 oa = *reinterpret_cast<const __half2*>(&za), ob = *reinterpret_cast<const __half2*>(&zb);
-                if constexpr (TOP || MASK) {
-                    oa = __hneg2(ha), ob = __hneg2(hb);
-                    mma(cz, cx.hi[kbi][0], cx.lo[kbi][0], cx.hi[kbi][1], cx.lo[kbi][1], za, zb);
-                }
+                if constexpr (TOP || MASK) mma(cz, cx.hi[kbi][0], cx.lo[kbi][0], cx.hi[kbi][1], cx.lo[kbi][1], za, zb);
+                if constexpr (TOP) oa = __hneg2(ha), ob = __hneg2(hb);
 #pragma unroll
                 for (int j = 0; j < BT / 8; j++) {
                     uint32_t x0, x1, b0, b1;
@@ -172,7 +170,6 @@ struct KiviPolicy {
                 z[e] = *reinterpret_cast<const __half*>(vb + 2 * (D + ts[e] * gpt + g));
             }
             const __half2 s01 = __halves2half2(sc[0], sc[1]), s89 = __halves2half2(sc[2], sc[3]);
-            const __half2 n01 = __hneg2(s01), n89 = __hneg2(s89);
             const uint32_t z01 = h2_bits(__halves2half2(z[0], z[1])), z89 = h2_bits(__halves2half2(z[2], z[3]));
             mma(zacc, z01, z01, z89, z89, pa[kk][0], pa[kk][1]);
             const uint64_t w0 = val_word<VT, D>(codes + ts[0] * row_bytes, r);
@@ -185,8 +182,8 @@ struct KiviPolicy {
                     v89 = val_mask1((uint32_t)w8 | (uint32_t)w9 << 16, i) & h2_bits(s89);
                 } else {
                     const uint32_t u01 = val_pair_top<VT>(w0, w1, i), u89 = val_pair_top<VT>(w8, w9, i);
-                    v01 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u01), s01, n01));
-                    v89 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u89), s89, n89));
+                    v01 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u01), s01, __hneg2(s01)));
+                    v89 = h2_bits(__hfma2(*reinterpret_cast<const __half2*>(&u89), s89, __hneg2(s89)));
                 }
             };
 #pragma unroll
