@@ -197,15 +197,20 @@ pub fn table_name(layer: usize, key: bool) -> String {
     format!("layer.{layer}.{}", if key { "k" } else { "v" })
 }
 
+/// [depth, codes, group], with a leading `sets` when `sets` > 1: the file form of one table.
+fn tensor_shape(sets: usize, depth: usize, codes: usize, group: usize) -> Vec<usize> {
+    let s = vec![depth, codes, group];
+    if sets > 1 {
+        [vec![sets], s].concat()
+    } else {
+        s
+    }
+}
+
 impl Codebooks {
     /// Shape of every tensor: [depth, codes, group], with a leading `sets` when `sets` > 1.
     pub fn shape(&self) -> Vec<usize> {
-        let s = vec![self.depth, self.codes, self.group];
-        if self.sets > 1 {
-            [vec![self.sets], s].concat()
-        } else {
-            s
-        }
+        tensor_shape(self.sets, self.depth, self.codes, self.group)
     }
 
     /// Writes the codebooks as safetensors (f32 tensors of [`Self::shape`] and shape metadata; `sets`
@@ -267,15 +272,7 @@ impl Codebooks {
         if sets == 0 {
             return Err(err("metadata 'sets' is 0".into()));
         }
-        let shape = Self {
-            group,
-            codes,
-            depth,
-            sets,
-            key_groups: String::new(),
-            tables: BTreeMap::new(),
-        }
-        .shape();
+        let shape = tensor_shape(sets, depth, codes, group);
         let key_groups = md
             .get("key_groups")
             .cloned()
