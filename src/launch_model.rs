@@ -543,8 +543,9 @@ pub struct Blas {
     /// between launches): used by one GEMV at a time, as every launch is ordered on the one stream.
     ws: CudaSlice<f32>,
     counters: CudaSlice<i32>,
-    /// CTAs a GEMV aims for (4 per SM): enough 16-byte loads in flight to cover the memory latency.
-    target_ctas: usize,
+    /// The GPU's SMs and the GEMV CTAs one SM holds (occupancy), for [`gemv_splits`].
+    sms: usize,
+    per_sm: usize,
     /// Whether decode-step shapes take the GEMV (default; `KVQ_GEMV=0` or [`Blas::set_gemv`] turn it off).
     gemv_on: bool,
 }
@@ -585,20 +586,35 @@ fn gemv_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KVQ_GEMV").map_or(true, |v| v != "0"))
 }
 
-/// K splits of a GEMV of `n` rows over an inp x out weight: about `target` CTAs in all, at least
-/// [`GEMV_MIN_ROWS`] weight rows per split, within the partial-sum workspace and the counters.
-fn gemv_splits(n: usize, inp: usize, out: usize, target: usize) -> usize {
+/// K splits of a GEMV of `n` rows over an inp x out weight on `sms` SMs that hold `per_sm` of its CTAs
+/// each: the split count whose grid fills its last wave of CTAs best (a 448-tile GEMV on 396 slots
+/// ran 1.13 waves, its second nearly empty), the fewest splits among those within 2% of that fill;
+/// at least [`GEMV_MIN_ROWS`] weight rows per split, within the partial-sum workspace and counters.
+/// `KVQ_GEMV_WAVES=0` restores the earlier rule (about 4 CTAs per SM), to compare in one run.
+fn gemv_splits(n: usize, inp: usize, out: usize, sms: usize, per_sm: usize, waves: bool) -> usize {
     let tiles = out.div_ceil(GEMV_COLS);
     if tiles > GEMV_TILES {
         return 1;
     }
-    let mut ks = ((target + tiles / 2) / tiles)
+    let most = (inp / GEMV_MIN_ROWS)
         .clamp(1, 32)
-        .min((inp / GEMV_MIN_ROWS).max(1));
-    while ks > 1 && ks * n * out > GEMV_WS {
-        ks -= 1;
+        .min((GEMV_WS / (n * out)).max(1));
+    if !waves {
+        return ((4 * sms + tiles / 2) / tiles).clamp(1, most);
     }
-    ks
+    let slots = (sms * per_sm).max(1);
+    let fill = |ks: usize| {
+        let ctas = tiles * ks;
+        ctas as f64 / (ctas.div_ceil(slots) * slots) as f64
+    };
+    let best = (1..=most).map(fill).fold(0.0, f64::max);
+    (1..=most).find(|&ks| fill(ks) >= best - 0.02).unwrap_or(1)
+}
+
+/// Whether [`gemv_splits`] fills waves (default) or keeps the earlier rule (`KVQ_GEMV_WAVES=0`).
+fn gemv_waves() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVQ_GEMV_WAVES").map_or(true, |v| v != "0"))
 }
 
 impl Blas {
@@ -615,18 +631,24 @@ impl Blas {
             })?
             .map_err(|e| GpuError::Blas(format!("creating the cuBLAS handle: {e:?}")))?;
         let f = |n: &str| gpu.function(MODULE, &format!("kvq_model_gemv{n}"));
+        let gemv = [f("1")?, f("2")?];
+        let per_sm = gemv[0]
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+            .map_err(drv("querying the GEMV's occupancy"))?
+            .max(1) as usize;
         let st = gpu.stream();
         Ok(Self {
             handle: Arc::new(handle),
             gpu: gpu.clone(),
-            gemv: [f("1")?, f("2")?],
+            gemv,
             ws: st
                 .alloc_zeros::<f32>(GEMV_WS)
                 .map_err(drv("allocating the GEMV workspace"))?,
             counters: st
                 .alloc_zeros::<i32>(GEMV_TILES)
                 .map_err(drv("allocating the GEMV counters"))?,
-            target_ctas: 4 * gpu.sm_count()?,
+            sms: gpu.sm_count()?,
+            per_sm,
             gemv_on: gemv_enabled(),
         })
     }
@@ -708,7 +730,7 @@ impl Blas {
         accumulate: bool,
     ) -> Result<()> {
         let f = &self.gemv[usize::from(n == 2)];
-        let ks = gemv_splits(n, w.inp, w.out, self.target_ctas);
+        let ks = gemv_splits(n, w.inp, w.out, self.sms, self.per_sm, gemv_waves());
         let tiles = w.out.div_ceil(GEMV_COLS);
         let cfg = LaunchConfig {
             grid_dim: (to_i32("gemv tiles", tiles)? as u32, ks as u32, 1),
@@ -856,25 +878,35 @@ mod tests {
                 (300, 8),
                 (5000, 4104),
             ] {
-                for target in [4 * 132, 4 * 114, 8] {
-                    let ks = gemv_splits(n, inp, out, target);
-                    assert!(ks >= 1, "{n}x{inp}x{out}");
-                    if ks > 1 {
-                        assert!(ks * n * out <= GEMV_WS, "{n}x{inp}x{out}: ks {ks}");
-                        assert!(out.div_ceil(GEMV_COLS) <= GEMV_TILES);
-                        assert!(
-                            inp / ks >= GEMV_MIN_ROWS,
-                            "{n}x{inp}x{out}: ks {ks} leaves too few rows"
-                        );
+                for (sms, per_sm) in [(132, 3), (114, 3), (2, 1), (132, 8)] {
+                    for waves in [true, false] {
+                        let ks = gemv_splits(n, inp, out, sms, per_sm, waves);
+                        assert!(ks >= 1, "{n}x{inp}x{out}");
+                        if ks > 1 {
+                            assert!(ks * n * out <= GEMV_WS, "{n}x{inp}x{out}: ks {ks}");
+                            assert!(out.div_ceil(GEMV_COLS) <= GEMV_TILES);
+                            assert!(
+                                inp / ks >= GEMV_MIN_ROWS,
+                                "{n}x{inp}x{out}: ks {ks} leaves too few rows"
+                            );
+                        }
                     }
                 }
             }
         }
-        // A one-wave grid for the 8B shape's O projection on 132 SMs: 64 tiles x 8 splits.
-        assert_eq!(gemv_splits(1, 4096, 4096, 4 * 132), 8);
-        // SmolLM2-135M's QKV projection (15 tiles): 9 splits of 64 rows, not 2 of 288.
-        assert_eq!(gemv_splits(1, 576, 960, 4 * 132), 9);
-        // The lm_head has tiles enough on its own.
-        assert_eq!(gemv_splits(1, 4096, 128_256, 4 * 132), 1);
+        // The earlier rule: 4 CTAs per SM, so 64 tiles x 8 splits for the 8B shape's O projection
+        // and 448 tiles x 1 for its gate/up projection (1.13 waves of 396 slots).
+        assert_eq!(gemv_splits(1, 4096, 4096, 132, 3, false), 8);
+        assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, false), 1);
+        // Filling waves of 396 slots: 64 tiles x 6 = 384 CTAs (97% of one wave), 448 x 7 = 3,136
+        // (99% of 8 waves), the lm_head's 2,004 tiles x 5 = 10,020 (97% of 26 waves, within 2% of the
+        // workspace's limit of 8 splits, 98.7%).
+        assert_eq!(gemv_splits(1, 4096, 4096, 132, 3, true), 6);
+        assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, true), 7);
+        assert_eq!(gemv_splits(1, 4096, 128_256, 132, 3, true), 5);
+        // SmolLM2-135M's QKV projection (15 tiles): every split count leaves most slots idle, so the
+        // most splits its 576 rows allow, 9 of 64 rows, as before.
+        assert_eq!(gemv_splits(1, 576, 960, 132, 3, true), 9);
+        assert_eq!(gemv_splits(1, 576, 960, 132, 3, false), 9);
     }
 }
