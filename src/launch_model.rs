@@ -587,9 +587,11 @@ fn gemv_enabled() -> bool {
 }
 
 /// K splits of a GEMV of `n` rows over an inp x out weight on `sms` SMs that hold `per_sm` of its CTAs
-/// each: the split count whose grid fills its last wave of CTAs best (a 448-tile GEMV on 396 slots
-/// ran 1.13 waves, its second nearly empty), the fewest splits among those within 2% of that fill;
-/// at least [`GEMV_MIN_ROWS`] weight rows per split, within the partial-sum workspace and counters.
+/// each. Column tiles that fill the GPU on their own get no split (splitting the 8B shape's gate/up
+/// and lm_head ran 1-3% slower on the H100: a memory-bound tail is cheap); fewer tiles get the split
+/// count whose grid fills its wave of CTAs best, the fewest within 2% of that fill (64 tiles x 6 = 384
+/// of 396 slots instead of x 8 = 512, 1.3 waves: 4-8% faster on the H100, run 14). At least
+/// [`GEMV_MIN_ROWS`] weight rows per split, within the partial-sum workspace and counters.
 /// `KVQ_GEMV_WAVES=0` restores the earlier rule (about 4 CTAs per SM), to compare in one run.
 fn gemv_splits(n: usize, inp: usize, out: usize, sms: usize, per_sm: usize, waves: bool) -> usize {
     let tiles = out.div_ceil(GEMV_COLS);
@@ -603,6 +605,7 @@ fn gemv_splits(n: usize, inp: usize, out: usize, sms: usize, per_sm: usize, wave
         return ((4 * sms + tiles / 2) / tiles).clamp(1, most);
     }
     let slots = (sms * per_sm).max(1);
+    let most = most.min(slots.div_ceil(tiles));
     let fill = |ks: usize| {
         let ctas = tiles * ks;
         ctas as f64 / (ctas.div_ceil(slots) * slots) as f64
@@ -898,12 +901,13 @@ mod tests {
         // and 448 tiles x 1 for its gate/up projection (1.13 waves of 396 slots).
         assert_eq!(gemv_splits(1, 4096, 4096, 132, 3, false), 8);
         assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, false), 1);
-        // Filling waves of 396 slots: 64 tiles x 6 = 384 CTAs (97% of one wave), 448 x 7 = 3,136
-        // (99% of 8 waves), the lm_head's 2,004 tiles x 5 = 10,020 (97% of 26 waves, within 2% of the
-        // workspace's limit of 8 splits, 98.7%).
+        // Filling a wave of 396 slots: 64 tiles x 6 = 384 CTAs (97%), 96 x 4 = 384; 448 and 2,004
+        // tiles fill the GPU unsplit.
         assert_eq!(gemv_splits(1, 4096, 4096, 132, 3, true), 6);
-        assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, true), 7);
-        assert_eq!(gemv_splits(1, 4096, 128_256, 132, 3, true), 5);
+        assert_eq!(gemv_splits(1, 14_336, 4096, 132, 3, true), 6);
+        assert_eq!(gemv_splits(1, 4096, 6144, 132, 3, true), 4);
+        assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, true), 1);
+        assert_eq!(gemv_splits(1, 4096, 128_256, 132, 3, true), 1);
         // SmolLM2-135M's QKV projection (15 tiles): every split count leaves most slots idle, so the
         // most splits its 576 rows allow, 9 of 64 rows, as before.
         assert_eq!(gemv_splits(1, 576, 960, 132, 3, true), 9);
