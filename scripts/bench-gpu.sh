@@ -13,7 +13,8 @@
 #     --platform manylinux2014_x86_64 -d .carry-peers gguf==0.19.0
 # Then four back-to-back device calls (the machine keeps /root/stash while it stays warm):
 #   1. carry [".carry-m1", ".carry-peers"]   command "bash scripts/bench-gpu.sh stage"
-#      (stashes, starts the llama.cpp CUDA build in the background: about 4 minutes)
+#      (stashes, starts the llama.cpp CUDA build in the background: about 4 minutes; with
+#      .carry-peers/tokenizer.gguf also the 8B-shape GGUF, so `big` can follow without the model parts)
 #   2. carry [".carry-m2", ".carry-bin"]     command "bash scripts/bench-gpu.sh check"
 #      (parity of kernels/encoders and the engine vs the CPU path with these binaries; optional)
 #   2b. carry []                             command "bash scripts/bench-gpu.sh llama-small"
@@ -74,6 +75,13 @@ stage)
   if [ ! -x "$LB/llama-batched-bench" ]; then
     setsid nohup bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
     echo "llama.cpp build started in the background"
+  fi
+  # The 8B-shape f16 GGUF from the tokenizer-only GGUF (.carry-peers/tokenizer.gguf), written in the
+  # background (one core) while the build runs, so `big` needs no model part.
+  if [ ! -f "$big" ] && [ -f "$S/tokenizer.gguf" ] && [ "${WRITE_BIG:-1}" = 1 ]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site "$S"/gguf-*.whl
+    PYTHONPATH=/tmp/site setsid nohup python3 "$S/random-llama-gguf.py" "$S/tokenizer.gguf" "$big" llama3-8b f16 > "$S/gguf.log" 2>&1 < /dev/null &
+    echo "8B GGUF being written in the background"
   fi
   ;;
 check)
