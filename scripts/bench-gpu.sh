@@ -23,6 +23,7 @@
 #      (kvq on the default model, llama.cpp's figures merged)
 #   4. carry []                              command "bash scripts/bench-gpu.sh big"
 #      (llama.cpp and kvq on the random Llama-3-8B-shape f16 GGUF)
+#   4b. carry []   EXTRA_PLANS_BIG="..." bash scripts/bench-gpu.sh big-extra   (more kvq plans, same peers)
 # Results: $OUT/bench-<model>.tar.gz (JSON, PNGs, logs), summaries in the output.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -174,5 +175,17 @@ big)
   fi
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
   ;;
-*) echo "usage: bench-gpu.sh stage|check|llama-small|kvq-small|big"; exit 2 ;;
+big-extra)
+  # More kvq plans on the 8B shape after `big` on the same machine (its llama.cpp JSONL are the peers):
+  # formats whose fills take longer (QJL's f64 sign sums, DecoQuant), in a call of their own.
+  stage_parts
+  R=$S/res-big; [ -f "$big" ] || { echo "no 8B GGUF: run stage and big first"; exit 1; }
+  kx=(); for p in ${EXTRA_PLANS_BIG:?set EXTRA_PLANS_BIG}; do kx+=(--kv "$p"); done
+  peers=(); for t in $LLAMA_TYPES; do peers+=(--peer "llama.cpp $t=$R/llama-$t.jsonl"); done
+  timeout ${EXTRA_TIMEOUT:-400} "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16 (more formats)" \
+    --ctx "$BIG_CTX" --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench-extra.json" "${kx[@]}" "${peers[@]}" \
+    2>&1 | tee "$R/kvq-extra.log" | tail -n 40
+  tar czf "$OUT/bench-big.tar.gz" -C "$R" .
+  ;;
+*) echo "usage: bench-gpu.sh stage|check|llama-small|kvq-small|big|big-extra"; exit 2 ;;
 esac
