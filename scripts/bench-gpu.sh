@@ -155,6 +155,7 @@ kvq-small)
   ;;
 big)
   stage_parts
+  echo "== waiting for the llama.cpp build"; for i in $(seq 1 80); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
   echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 5; done
   cat "$S/gguf.log"; ls -la "$big"
   R=$S/res-big; mkdir -p "$R"
