@@ -27,24 +27,17 @@ __device__ __forceinline__ uint32_t halves(uint32_t a, uint32_t b) {
 }
 
 // Key codes of one token for k-step kb: b0 = {c(2q), c(2q+8)}, b1 = {c(2q+1), c(2q+9)} (channels of the
-// k-step), exact in f16. `row` is the token's packed codes.
+// k-step), exact in f16. `row` is the token's packed codes. 1- and 2-bit keys never come here (masks,
+// key_masks1, and the top form, key_codes_top): B = 4 has a fast path, other widths the generic one.
 template <int B>
 __device__ __forceinline__ void key_codes(const uint8_t* row, int kb, int q, int bits, uint32_t& b0,
                                           uint32_t& b1) {
-    if constexpr (B == 2) {
-        const uint32_t w = reinterpret_cast<const uint32_t*>(row)[kb];
-        b0 = unbias(mask_or(w >> (4 * q), 0x00030003u, MAGIC));
-        b1 = unbias(mask_or(w >> (4 * q + 2), 0x00030003u, MAGIC));
-    } else if constexpr (B == 4) {
+    static_assert(B != 1 && B != 2, "1-bit keys are masks (key_masks1), 2-bit ones key_codes_top");
+    if constexpr (B == 4) {
         const uint2 w = reinterpret_cast<const uint2*>(row)[kb];
         const uint32_t u = __byte_perm(w.x, w.y, 0x4400u + 0x1111u * q);
         b0 = unbias(mask_or(u, 0x000F000Fu, MAGIC));
         b1 = unbias(mask_or(u >> 4, 0x000F000Fu, MAGIC));
-    } else if constexpr (B == 1) {
-        const uint32_t u = (uint32_t)reinterpret_cast<const uint16_t*>(row)[kb] >> (2 * q);
-        const uint32_t v = u | (u << 8);
-        b0 = unbias(mask_or(v, 0x00010001u, MAGIC));
-        b1 = unbias(mask_or(v >> 1, 0x00010001u, MAGIC));
     } else {
         const int c = 16 * kb + 2 * q;
         b0 = halves(bits_at(row, c * bits, bits), bits_at(row, (c + 8) * bits, bits));
