@@ -50,6 +50,16 @@ fn host(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     Ok(v)
 }
 
+/// `t`'s f32 elements as f16 in row-major order, converted on all cores (the 8B shape's 8 G weights
+/// took tens of seconds one element at a time on one core).
+fn host16(t: &Tensor, what: &str) -> Result<Vec<f16>> {
+    use rayon::prelude::*;
+    Ok(host(t, what)?
+        .par_iter()
+        .map(|&x| f16::from_f32(x))
+        .collect())
+}
+
 fn dims2(t: &Tensor, what: &str) -> Result<(usize, usize)> {
     t.dims2()
         .map_err(|e| GpuError::Shape(format!("weight {what}: {e}")))
@@ -71,12 +81,20 @@ fn concat_cols(parts: &[(&Tensor, &str)]) -> Result<(Vec<f16>, usize, usize)> {
     }
     let inp = inp.unwrap_or(0);
     let out: usize = mats.iter().map(|m| m.1).sum();
-    let mut w = Vec::with_capacity(inp * out);
-    for r in 0..inp {
-        for (m, o) in &mats {
-            w.extend(m[r * o..(r + 1) * o].iter().map(|&x| f16::from_f32(x)));
-        }
-    }
+    // One output row per task, on all cores.
+    use rayon::prelude::*;
+    let mut w = vec![f16::ZERO; inp * out];
+    w.par_chunks_mut(out.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let mut c = 0;
+            for (m, o) in &mats {
+                for (d, &x) in row[c..c + o].iter_mut().zip(&m[r * o..(r + 1) * o]) {
+                    *d = f16::from_f32(x);
+                }
+                c += o;
+            }
+        });
     Ok((w, inp, out))
 }
 
@@ -115,8 +133,7 @@ impl GpuWeights {
                 free,
             });
         }
-        let to16 = |v: Vec<f32>| -> Vec<f16> { v.into_iter().map(f16::from_f32).collect() };
-        let embed = up16(to16(host(&w.embed, "embeddings")?), "embeddings")?;
+        let embed = up16(host16(&w.embed, "embeddings")?, "embeddings")?;
         let mut layers = Vec::with_capacity(w.layers.len());
         for (i, l) in w.layers.iter().enumerate() {
             let name = |s: &str| format!("layer {i} {s}");
@@ -136,7 +153,7 @@ impl GpuWeights {
                     out: qo,
                 },
                 wo: Linear {
-                    w: up16(to16(host(&l.wo, &name("o"))?), &name("o"))?,
+                    w: up16(host16(&l.wo, &name("o"))?, &name("o"))?,
                     inp: oi,
                     out: oo,
                 },
@@ -147,7 +164,7 @@ impl GpuWeights {
                     out: go,
                 },
                 wdown: Linear {
-                    w: up16(to16(host(&l.w_down, &name("down"))?), &name("down"))?,
+                    w: up16(host16(&l.w_down, &name("down"))?, &name("down"))?,
                     inp: di,
                     out: dout,
                 },
@@ -155,7 +172,7 @@ impl GpuWeights {
         }
         let (hi, ho) = dims2(&w.lm_head, "lm_head")?;
         let lm_head = Linear {
-            w: up16(to16(host(&w.lm_head, "lm_head")?), "lm_head")?,
+            w: up16(host16(&w.lm_head, "lm_head")?, "lm_head")?,
             inp: hi,
             out: ho,
         };
@@ -210,5 +227,34 @@ impl GpuWeights {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn concat_cols_places_each_part_beside_the_last_row_by_row() {
+        // [3][2] | [3][5] (no tile-friendly sizes): row r = a's row r then b's row r, as f16.
+        let a: Vec<f32> = (0..6).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..15).map(|i| 100.0 + i as f32).collect();
+        let ta = Tensor::from_vec(a.clone(), (3, 2), &Device::Cpu).unwrap();
+        let tb = Tensor::from_vec(b.clone(), (3, 5), &Device::Cpu).unwrap();
+        let (w, inp, out) = concat_cols(&[(&ta, "a"), (&tb, "b")]).unwrap();
+        assert_eq!((inp, out), (3, 7));
+        for r in 0..3 {
+            let want: Vec<f16> = a[2 * r..2 * r + 2]
+                .iter()
+                .chain(&b[5 * r..5 * r + 5])
+                .map(|&x| f16::from_f32(x))
+                .collect();
+            assert_eq!(&w[7 * r..7 * r + 7], want.as_slice(), "row {r}");
+        }
+        // Parts must share their input rows.
+        let tc = Tensor::from_vec(vec![0f32; 8], (4, 2), &Device::Cpu).unwrap();
+        assert!(concat_cols(&[(&ta, "a"), (&tc, "c")]).is_err());
+        assert_eq!(host16(&tb, "b").unwrap()[7], f16::from_f32(107.0));
     }
 }

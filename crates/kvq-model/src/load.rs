@@ -245,12 +245,53 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
             });
         }
     }
-    let mut get = |name: &str| -> Result<Tensor> {
+    let data_offset = content.tensor_data_offset;
+    let file_len = f.metadata().map_err(|e| file_err(e.to_string()))?.len();
+    let mut get = |name: &str, tr: bool| -> Result<Tensor> {
         let tensor_err = |reason: String| ModelError::Tensor {
             path: path.into(),
             name: name.into(),
             reason,
         };
+        let info = content.tensor_infos.get(name);
+        let plain = info.and_then(|i| match (i.ggml_dtype, i.shape.dims()) {
+            (
+                candle_core::quantized::GgmlDType::F16 | candle_core::quantized::GgmlDType::F32,
+                &[rows, cols],
+            ) if tr => Some((i.ggml_dtype, i.offset, rows, cols)),
+            _ => None,
+        });
+        if let Some((dt, offset, rows, cols)) = plain {
+            // Transposed straight from the file's f16 / f32 bytes (see transpose_into).
+            use std::io::{Read, Seek, SeekFrom};
+            let width = if dt == candle_core::quantized::GgmlDType::F16 {
+                2
+            } else {
+                4
+            };
+            let len = rows
+                .checked_mul(cols)
+                .and_then(|n| n.checked_mul(width))
+                .filter(|&n| data_offset + offset + n as u64 <= file_len)
+                .ok_or_else(|| {
+                    tensor_err(format!(
+                        "malformed tensor data ({rows} x {cols} elements at offset {} run past the end of the {file_len}-byte file)",
+                        data_offset + offset
+                    ))
+                })?;
+            let mut bytes = vec![0u8; len];
+            f.seek(SeekFrom::Start(data_offset + offset))
+                .and_then(|_| f.read_exact(&mut bytes))
+                .map_err(|e| tensor_err(format!("malformed tensor data ({e})")))?;
+            let (words, _) = bytes.as_chunks::<2>();
+            let out = if width == 2 {
+                transpose_into(words, rows, cols, |w| half::f16::from_le_bytes(w).to_f32())
+            } else {
+                let (words, _) = bytes.as_chunks::<4>();
+                transpose_into(words, rows, cols, f32::from_le_bytes)
+            };
+            return Ok(Tensor::from_vec(out, (cols, rows), &Device::Cpu)?);
+        }
         let read = contained(|| {
             content
                 .tensor(&mut f, name, &Device::Cpu)
@@ -258,27 +299,28 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
                 .and_then(|t| t.to_dtype(DType::F32))
         })
         .map_err(|reason| tensor_err(format!("malformed tensor data ({reason})")))?;
-        read.map_err(|e| tensor_err(e.to_string()))
+        let t = read.map_err(|e| tensor_err(e.to_string()))?;
+        Ok(if tr { t.t()?.contiguous()? } else { t })
     };
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         config.rope_scaling = Some(RopeScaling::PerPair(
-            get("rope_freqs.weight")?.to_vec1::<f32>()?,
+            get("rope_freqs.weight", false)?.to_vec1::<f32>()?,
         ));
         config.validate(path)?;
     }
-    let embed = get("token_embd.weight")?;
+    let embed = get("token_embd.weight", false)?;
     let mut layers = Vec::with_capacity(config.n_layers);
     for i in 0..config.n_layers {
         layers.push(layer_weights(&mut get, &format!("blk.{i}"), &GGUF_LAYER)?);
     }
-    let norm = get("output_norm.weight")?;
+    let norm = get("output_norm.weight", false)?;
     let lm_head = if tied {
-        embed.clone()
+        embed.t()?.contiguous()?
     } else {
-        get("output.weight")?
+        get("output.weight", true)?
     };
     let weights = Weights {
-        lm_head: lm_head.t()?.contiguous()?,
+        lm_head,
         embed,
         layers,
         norm,
@@ -349,15 +391,16 @@ pub fn load_hf(dir: &str) -> Result<Loaded> {
             })?;
         tensors.extend(t);
     }
-    let mut get = |name: &str| -> Result<Tensor> {
+    let mut get = |name: &str, tr: bool| -> Result<Tensor> {
         let t = tensors.remove(name).ok_or_else(|| ModelError::Tensor {
             path: dir.into(),
             name: name.into(),
             reason: "missing".into(),
         })?;
-        Ok(t.to_dtype(DType::F32)?)
+        let t = t.to_dtype(DType::F32)?;
+        Ok(if tr { t.t()?.contiguous()? } else { t })
     };
-    let embed = get("model.embed_tokens.weight")?;
+    let embed = get("model.embed_tokens.weight", false)?;
     let mut layers = Vec::with_capacity(config.n_layers);
     for i in 0..config.n_layers {
         layers.push(layer_weights(
@@ -366,14 +409,14 @@ pub fn load_hf(dir: &str) -> Result<Loaded> {
             &HF_LAYER,
         )?);
     }
-    let norm = get("model.norm.weight")?;
+    let norm = get("model.norm.weight", false)?;
     // Tied when the file has no output head (tie_word_embeddings), as transformers does.
-    let (lm_head, tied) = match get("lm_head.weight") {
+    let (lm_head, tied) = match get("lm_head.weight", true) {
         Ok(t) => (t, false),
-        Err(_) => (embed.clone(), true),
+        Err(_) => (embed.t()?.contiguous()?, true),
     };
     let weights = Weights {
-        lm_head: lm_head.t()?.contiguous()?,
+        lm_head,
         embed,
         layers,
         norm,
@@ -439,21 +482,50 @@ const HF_LAYER: [&str; 9] = [
 
 /// Reads one layer (`{prefix}.{name}.weight` for each name), linear weights transposed to [in, out].
 fn layer_weights(
-    get: &mut dyn FnMut(&str) -> Result<Tensor>,
+    get: &mut dyn FnMut(&str, bool) -> Result<Tensor>,
     prefix: &str,
     names: &[&str; 9],
 ) -> Result<LayerWeights> {
-    let mut t = |i: usize| get(&format!("{prefix}.{}.weight", names[i]));
-    let tr = |x: Tensor| -> Result<Tensor> { Ok(x.t()?.contiguous()?) };
+    let mut t = |i: usize, tr: bool| get(&format!("{prefix}.{}.weight", names[i]), tr);
     Ok(LayerWeights {
-        attn_norm: t(0)?,
-        wq: tr(t(1)?)?,
-        wk: tr(t(2)?)?,
-        wv: tr(t(3)?)?,
-        wo: tr(t(4)?)?,
-        ffn_norm: t(5)?,
-        w_gate: tr(t(6)?)?,
-        w_up: tr(t(7)?)?,
-        w_down: tr(t(8)?)?,
+        attn_norm: t(0, false)?,
+        wq: t(1, true)?,
+        wk: t(2, true)?,
+        wv: t(3, true)?,
+        wo: t(4, true)?,
+        ffn_norm: t(5, false)?,
+        w_gate: t(6, true)?,
+        w_up: t(7, true)?,
+        w_down: t(8, true)?,
     })
+}
+
+/// Transposes row-major f32 [rows][cols] into [cols][rows], `conv` turning each stored element into
+/// f32, in tiles of 32 x 32 over column blocks on all cores: one pass and one allocation from the
+/// file's bytes. (The GGUF path through candle made a dequantized and a transposed copy single-threaded,
+/// and the 8B shape's load spent most of its 105 s on their page faults; docs/BENCHMARKS.md run 14.)
+fn transpose_into<T: Copy + Sync>(
+    src: &[T],
+    rows: usize,
+    cols: usize,
+    conv: impl Fn(T) -> f32 + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    const TB: usize = 32;
+    let mut out = vec![0f32; rows * cols];
+    out.par_chunks_mut(TB * rows)
+        .enumerate()
+        .for_each(|(cb, dst)| {
+            let c0 = cb * TB;
+            let nc = dst.len() / rows.max(1);
+            for r0 in (0..rows).step_by(TB) {
+                for r in r0..(r0 + TB).min(rows) {
+                    let row = &src[r * cols + c0..r * cols + c0 + nc];
+                    for (c, &x) in row.iter().enumerate() {
+                        dst[c * rows + r] = conv(x);
+                    }
+                }
+            }
+        });
+    out
 }

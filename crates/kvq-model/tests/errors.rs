@@ -143,6 +143,21 @@ fn hostile_gguf_files() {
         let e = err_of(&p);
         assert!(e.contains("cut.gguf"), "cut at {cut}: {e}");
     }
+    // F16 weights take the loader's direct path (file bytes to the transposed matrix): cut inside
+    // their data, the error names the file and the tensor, no panic.
+    let g16 = dir.join("good16.gguf");
+    hf_to_gguf(&dir, &g16, &spec, GgmlDType::F16).unwrap();
+    assert!(Model::load(g16.to_str().unwrap()).is_ok());
+    let b16 = std::fs::read(&g16).unwrap();
+    for cut in [b16.len() / 2, b16.len() - 10] {
+        let p = dir.join("cut16.gguf");
+        std::fs::write(&p, &b16[..cut]).unwrap();
+        let e = err_of(&p);
+        assert!(
+            e.contains("cut16.gguf") && e.contains("malformed tensor data"),
+            "cut at {cut}: {e}"
+        );
+    }
     // Not a GGUF at all.
     let p = dir.join("text.gguf");
     std::fs::write(&p, b"hello, this is not a model").unwrap();

@@ -124,3 +124,50 @@ fn sharded_safetensors_load_like_one_file() {
     assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// F16 GGUF weights take the loader's direct path (file bytes to the transposed f32 matrix on all
+/// cores): each matrix must equal the HF model's, rounded to f16, exactly, for shapes off the
+/// 32-element tiles and for a separate output head.
+#[test]
+fn f16_gguf_weights_are_the_hf_weights_rounded_to_f16() {
+    // Every dimension off the 32-element tiles: vocab 100, hidden 72 (4 heads of 18), KV 36, FFN 100.
+    let spec = TinySpec {
+        vocab: 100,
+        hidden: 72,
+        intermediate: 100,
+        tied: false,
+        seed: 5,
+        ..TinySpec::default()
+    };
+    let dir = temp_dir("loaders-f16").unwrap();
+    write_random_llama(&dir, &spec).unwrap();
+    let hf = Model::load(dir.to_str().unwrap()).unwrap();
+    let g = dir.join("model-f16.gguf");
+    hf_to_gguf(&dir, &g, &spec, GgmlDType::F16).unwrap();
+    let gg = Model::load(g.to_str().unwrap()).unwrap();
+    let f16_round = |t: &candle_core::Tensor| -> Vec<f32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect()
+    };
+    let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (a, b) = (&gg.weights, &hf.weights);
+    // Wq/Wk rows are permuted in the GGUF (interleaved RoPE); the others are stored as HF has them.
+    let pairs = [
+        ("wv", &a.layers[0].wv, &b.layers[0].wv),
+        ("wo", &a.layers[0].wo, &b.layers[0].wo),
+        ("w_gate", &a.layers[1].w_gate, &b.layers[1].w_gate),
+        ("w_up", &a.layers[1].w_up, &b.layers[1].w_up),
+        ("w_down", &a.layers[1].w_down, &b.layers[1].w_down),
+        ("lm_head", &a.lm_head, &b.lm_head),
+    ];
+    for (name, x, y) in pairs {
+        assert_eq!(x.dims(), y.dims(), "{name}");
+        assert_eq!(flat(x), f16_round(y), "{name}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
