@@ -272,11 +272,15 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
             let len = rows
                 .checked_mul(cols)
                 .and_then(|n| n.checked_mul(width))
-                .filter(|&n| data_offset + offset + n as u64 <= file_len)
+                .filter(|&n| {
+                    data_offset
+                        .checked_add(offset)
+                        .and_then(|o| o.checked_add(n as u64))
+                        .is_some_and(|end| end <= file_len)
+                })
                 .ok_or_else(|| {
                     tensor_err(format!(
-                        "malformed tensor data ({rows} x {cols} elements at offset {} run past the end of the {file_len}-byte file)",
-                        data_offset + offset
+                        "malformed tensor data ({rows} x {cols} elements at offset {offset} of the data section run past the end of the {file_len}-byte file)"
                     ))
                 })?;
             let mut bytes = vec![0u8; len];
@@ -502,8 +506,9 @@ fn layer_weights(
 
 /// Transposes row-major f32 [rows][cols] into [cols][rows], `conv` turning each stored element into
 /// f32, in tiles of 32 x 32 over column blocks on all cores: one pass and one allocation from the
-/// file's bytes. (The GGUF path through candle made a dequantized and a transposed copy single-threaded,
-/// and the 8B shape's load spent most of its 105 s on their page faults; docs/BENCHMARKS.md run 14.)
+/// file's bytes. (The GGUF path through candle made a dequantized and a transposed copy on one core: the
+/// 8B shape took about 105 s to load, and most of a 1B-shape load here was system time for those
+/// copies' fresh pages; docs/BENCHMARKS.md run 14.)
 fn transpose_into<T: Copy + Sync>(
     src: &[T],
     rows: usize,
@@ -512,12 +517,15 @@ fn transpose_into<T: Copy + Sync>(
 ) -> Vec<f32> {
     use rayon::prelude::*;
     const TB: usize = 32;
+    if rows == 0 || cols == 0 {
+        return Vec::new();
+    }
     let mut out = vec![0f32; rows * cols];
     out.par_chunks_mut(TB * rows)
         .enumerate()
         .for_each(|(cb, dst)| {
             let c0 = cb * TB;
-            let nc = dst.len() / rows.max(1);
+            let nc = dst.len() / rows;
             for r0 in (0..rows).step_by(TB) {
                 for r in r0..(r0 + TB).min(rows) {
                     let row = &src[r * cols + c0..r * cols + c0 + nc];
@@ -528,4 +536,28 @@ fn transpose_into<T: Copy + Sync>(
             }
         });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transpose_into;
+
+    #[test]
+    fn transpose_into_matches_the_plain_transpose_off_the_tiles() {
+        // Sizes below, at and past the 32-element tiles, none of them multiples of each other.
+        for (rows, cols) in [(1, 1), (3, 70), (70, 3), (33, 65), (64, 32), (0, 5)] {
+            let src: Vec<u32> = (0..rows * cols).map(|i| i as u32 * 7 + 1).collect();
+            let out = transpose_into(&src, rows, cols, |x| x as f32);
+            assert_eq!(out.len(), rows * cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        out[c * rows + r],
+                        src[r * cols + c] as f32,
+                        "{rows}x{cols} at {r},{c}"
+                    );
+                }
+            }
+        }
+    }
 }
