@@ -50,14 +50,29 @@ fn host(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     Ok(v)
 }
 
+/// Runs `f` on `t`'s f32 elements in row-major order: borrowed from the tensor's own CPU storage
+/// when it is contiguous (no copy: the 8B shape's weights are 32 GB as f32), else from a copy.
+fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            if let Ok(v) = cpu.as_slice::<f32>() {
+                return Ok(f(&v[a..b]));
+            }
+        }
+    }
+    Ok(f(&host(t, what)?))
+}
+
 /// `t`'s f32 elements as f16 in row-major order, converted on all cores (the 8B shape's 8 G weights
 /// took tens of seconds one element at a time on one core).
 fn host16(t: &Tensor, what: &str) -> Result<Vec<f16>> {
     use rayon::prelude::*;
-    Ok(host(t, what)?
-        .par_iter()
-        .map(|&x| f16::from_f32(x))
-        .collect())
+    with_f32(t, what, |v| {
+        v.par_iter().map(|&x| f16::from_f32(x)).collect()
+    })
 }
 
 fn dims2(t: &Tensor, what: &str) -> Result<(usize, usize)> {
@@ -65,10 +80,12 @@ fn dims2(t: &Tensor, what: &str) -> Result<(usize, usize)> {
         .map_err(|e| GpuError::Shape(format!("weight {what}: {e}")))
 }
 
-/// Concatenates row-major [inp][out_i] matrices along their columns into [inp][sum out_i], as f16.
+/// Concatenates row-major [inp][out_i] matrices along their columns into [inp][sum out_i], as f16,
+/// reading each part in place (see [`with_f32`]) one output row per task on all cores.
 fn concat_cols(parts: &[(&Tensor, &str)]) -> Result<(Vec<f16>, usize, usize)> {
+    use rayon::prelude::*;
     let mut inp = None;
-    let mut mats = Vec::new();
+    let mut dims = Vec::new();
     for (t, what) in parts {
         let (i, o) = dims2(t, what)?;
         if *inp.get_or_insert(i) != i {
@@ -77,24 +94,24 @@ fn concat_cols(parts: &[(&Tensor, &str)]) -> Result<(Vec<f16>, usize, usize)> {
                 inp.unwrap_or(0)
             )));
         }
-        mats.push((host(t, what)?, o));
+        dims.push(o);
     }
     let inp = inp.unwrap_or(0);
-    let out: usize = mats.iter().map(|m| m.1).sum();
-    // One output row per task, on all cores.
-    use rayon::prelude::*;
+    let out: usize = dims.iter().sum();
     let mut w = vec![f16::ZERO; inp * out];
-    w.par_chunks_mut(out.max(1))
-        .enumerate()
-        .for_each(|(r, row)| {
-            let mut c = 0;
-            for (m, o) in &mats {
-                for (d, &x) in row[c..c + o].iter_mut().zip(&m[r * o..(r + 1) * o]) {
-                    *d = f16::from_f32(x);
-                }
-                c += o;
-            }
-        });
+    let mut c = 0;
+    for ((t, what), &o) in parts.iter().zip(&dims) {
+        with_f32(t, what, |m| {
+            w.par_chunks_mut(out.max(1))
+                .zip(m.par_chunks(o.max(1)))
+                .for_each(|(row, src)| {
+                    for (d, &x) in row[c..c + o].iter_mut().zip(src) {
+                        *d = f16::from_f32(x);
+                    }
+                });
+        })?;
+        c += o;
+    }
     Ok((w, inp, out))
 }
 
@@ -256,5 +273,16 @@ mod tests {
         let tc = Tensor::from_vec(vec![0f32; 8], (4, 2), &Device::Cpu).unwrap();
         assert!(concat_cols(&[(&ta, "a"), (&tc, "c")]).is_err());
         assert_eq!(host16(&tb, "b").unwrap()[7], f16::from_f32(107.0));
+        // A strided view (no contiguous storage to borrow) goes through a copy, same result.
+        let view = tb.t().unwrap();
+        let copy = view.contiguous().unwrap();
+        assert_eq!(
+            concat_cols(&[(&view, "view")]).unwrap(),
+            concat_cols(&[(&copy, "copy")]).unwrap()
+        );
+        assert_eq!(
+            host16(&view, "view").unwrap(),
+            host16(&copy, "copy").unwrap()
+        );
     }
 }
