@@ -24,6 +24,12 @@
 #   4. carry []                              command "bash scripts/bench-gpu.sh big"
 #      (llama.cpp and kvq on the random Llama-3-8B-shape f16 GGUF)
 #   4b. carry []   EXTRA_PLANS_BIG="..." bash scripts/bench-gpu.sh big-extra   (more kvq plans, same peers)
+# The 8B shape alone, in two calls (.carry-peers/tokenizer.gguf made here once by
+# `random-llama-gguf.py models/SmolLM2-135M-Instruct.Q4_1.gguf .carry-peers/tokenizer.gguf tokenizer`):
+#   1. carry [".carry-peers", ".carry-bin"]  "bash scripts/bench-gpu.sh stage; bash scripts/verify-gpu.sh sanitize"
+#      (the build and the GGUF writer use the CPUs while the sanitizers use the GPU)
+#   2. carry [".carry-m1"]  "export LLAMA_TYPES='f16 q4_0'; bash scripts/bench-gpu.sh big"  (m1 waits for
+#      the 135M calls: 3. carry [".carry-m2"] llama-small, then kvq-small)
 # Results: $OUT/bench-<model>.tar.gz (JSON, PNGs, logs), summaries in the output.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
