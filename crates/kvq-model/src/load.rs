@@ -6,7 +6,7 @@
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::tokenizer::Tok;
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 use kvq_formats::RopeStyle;
 use std::collections::HashMap;
@@ -254,21 +254,15 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
             reason,
         };
         let info = content.tensor_infos.get(name);
+        // Bytes per element of the matrices read directly (f16 / f32, transposed ones only).
         let plain = info.and_then(|i| match (i.ggml_dtype, i.shape.dims()) {
-            (
-                candle_core::quantized::GgmlDType::F16 | candle_core::quantized::GgmlDType::F32,
-                &[rows, cols],
-            ) if tr => Some((i.ggml_dtype, i.offset, rows, cols)),
+            (GgmlDType::F16, &[rows, cols]) if tr => Some((2, i.offset, rows, cols)),
+            (GgmlDType::F32, &[rows, cols]) if tr => Some((4, i.offset, rows, cols)),
             _ => None,
         });
-        if let Some((dt, offset, rows, cols)) = plain {
+        if let Some((width, offset, rows, cols)) = plain {
             // Transposed straight from the file's f16 / f32 bytes (see transpose_into).
             use std::io::{Read, Seek, SeekFrom};
-            let width = if dt == candle_core::quantized::GgmlDType::F16 {
-                2
-            } else {
-                4
-            };
             let len = rows
                 .checked_mul(cols)
                 .and_then(|n| n.checked_mul(width))
@@ -287,8 +281,8 @@ pub fn load_gguf(path: &str) -> Result<Loaded> {
             f.seek(SeekFrom::Start(data_offset + offset))
                 .and_then(|_| f.read_exact(&mut bytes))
                 .map_err(|e| tensor_err(format!("malformed tensor data ({e})")))?;
-            let (words, _) = bytes.as_chunks::<2>();
             let out = if width == 2 {
+                let (words, _) = bytes.as_chunks::<2>();
                 transpose_into(words, rows, cols, |w| half::f16::from_le_bytes(w).to_f32())
             } else {
                 let (words, _) = bytes.as_chunks::<4>();
