@@ -166,8 +166,8 @@ impl DeviceKv {
         // Raise the function's dynamic shared memory limit (48 KiB less its static memory until raised)
         // before the occupancy query: a request above it reads as 0 CTAs per SM, which this took as 1
         // for kernels not yet launched in the process (the launch raised it), so the cache planned a
-        // quarter of its splits. The likely cause of run 13's KIVI-2 and QJL at B=8, 128k (the two
-        // timed kernels past 48 KiB, each first launched at that point) taking 2.3x run 12's time.
+        // quarter of its splits: run 13's KIVI-2 and QJL at B=8, 128k took 2.3x run 12's time that
+        // way (confirmed in run 14, which also found KIVI-4 and DecoQuant-4 held back).
         use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         decode
             .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)

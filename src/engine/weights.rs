@@ -66,8 +66,8 @@ fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R>
     Ok(f(&host(t, what)?))
 }
 
-/// `t`'s f32 elements as f16 in row-major order, converted on all cores (the 8B shape's 8 G weights
-/// took tens of seconds one element at a time on one core).
+/// `t`'s f32 elements as f16 in row-major order, converted on all cores (the 8B shape has 8 G of
+/// them).
 fn host16(t: &Tensor, what: &str) -> Result<Vec<f16>> {
     use rayon::prelude::*;
     with_f32(t, what, |v| {
