@@ -52,6 +52,18 @@ GEMV_TOO=${GEMV_TOO:-1}
 # llama.cpp KV types to run (a shorter run may drop q8_0); ENGINE_CHECK=0 skips engine-check in `check`.
 LLAMA_TYPES=${LLAMA_TYPES:-"f16 q8_0 q4_0"}
 
+# The 8B-shape f16 GGUF from the tokenizer of $1 (the default model or the tokenizer-only GGUF), written
+# in the background (one core) unless it exists or WRITE_BIG=0; `big` waits for its "wrote" line.
+write_big() {
+  [ -f "$big" ] || [ "${WRITE_BIG:-1}" = 0 ] && return 0
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$S"/gguf-*.whl
+  PYTHONPATH=/tmp/site setsid nohup python3 "$S/random-llama-gguf.py" "$1" "$big" llama3-8b f16 > "$S/gguf.log" 2>&1 < /dev/null &
+  echo "8B GGUF being written in the background"
+}
+wait_build() {
+  echo "== waiting for the llama.cpp build"; for i in $(seq 1 80); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
+}
+
 stage_parts() {
   [ -f "$S/env" ] && . "$S/env"
   for d in .carry-m1 .carry-m2 .carry-peers .carry-bin; do [ -d "$d" ] && cp -r "$d"/. "$S"/; done
@@ -83,13 +95,9 @@ stage)
     setsid nohup bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
     echo "llama.cpp build started in the background"
   fi
-  # The 8B-shape f16 GGUF from the tokenizer-only GGUF (.carry-peers/tokenizer.gguf), written in the
-  # background (one core) while the build runs, so `big` needs no model part.
-  if [ ! -f "$big" ] && [ -f "$S/tokenizer.gguf" ] && [ "${WRITE_BIG:-1}" = 1 ]; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site "$S"/gguf-*.whl
-    PYTHONPATH=/tmp/site setsid nohup python3 "$S/random-llama-gguf.py" "$S/tokenizer.gguf" "$big" llama3-8b f16 > "$S/gguf.log" 2>&1 < /dev/null &
-    echo "8B GGUF being written in the background"
-  fi
+  # From the tokenizer-only GGUF (.carry-peers/tokenizer.gguf) while the build runs, so `big` needs
+  # no model part.
+  if [ -f "$S/tokenizer.gguf" ]; then write_big "$S/tokenizer.gguf"; fi
   ;;
 check)
   # Kernel + encoder parity and the engine on the real model (greedy tokens vs the CPU path) with the
@@ -123,11 +131,9 @@ check)
 llama-small)
   stage_parts
   [ -f "$small" ] || { echo "no model: run the stage call first"; exit 1; }
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$S"/gguf-*.whl && export PYTHONPATH=/tmp/site
-  echo "== waiting for the llama.cpp build"; for i in $(seq 1 80); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
+  wait_build
   tail -3 "$S/llama-build.log"
-  # The 8B-shape f16 GGUF (tokenizer of the default model), written in the background (one core).
-  [ -f "$big" ] || [ "${WRITE_BIG:-1}" = 0 ] || setsid nohup python3 "$S/random-llama-gguf.py" "$small" "$big" llama3-8b f16 > "$S/gguf.log" 2>&1 < /dev/null &
+  write_big "$small"
   R=$S/res-small; mkdir -p "$R"
   for t in $LLAMA_TYPES; do
     llama_bench "$small" "$t" "$SMALL_CTX" "$R/llama-$t.jsonl" $SMALL_BATCH >/dev/null
@@ -161,7 +167,7 @@ kvq-small)
   ;;
 big)
   stage_parts
-  echo "== waiting for the llama.cpp build"; for i in $(seq 1 80); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
+  wait_build
   echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 5; done
   cat "$S/gguf.log"; ls -la "$big"
   R=$S/res-big; mkdir -p "$R"
