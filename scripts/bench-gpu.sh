@@ -188,6 +188,44 @@ big)
   fi
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
   ;;
+big-all)
+  # The 8B shape in ONE call on a fresh machine (carry .carry-peers and .carry-bin): the machine may be
+  # taken back between calls, so nothing here relies on an earlier one. kvq runs first, on the GPU, while
+  # llama.cpp builds at low CPU priority (nice 19; kvq replays CUDA graphs, about 0.2 ms of host work per
+  # step); llama.cpp runs after its build on an idle machine, and its figures are merged with --replot.
+  # Each stage leaves its tarball in $OUT before the next, so a cut-off call still returns what ran.
+  stage_parts
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  [ -x "$LB/llama-batched-bench" ] || { setsid nohup nice -n 19 bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null & }
+  write_big "$S/tokenizer.gguf"
+  echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 5; done
+  cat "$S/gguf.log"
+  R=$S/res-big; mkdir -p "$R"
+  kv=(); for p in $KVQ_PLANS_BIG; do kv+=(--kv "$p"); done
+  timeout 300 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16" --ctx "$BIG_CTX" \
+    --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench.json" "${kv[@]}" 2>&1 | tee "$R/kvq.log" | grep -E "loaded|T="
+  tar czf "$OUT/bench-big.tar.gz" -C "$R" .
+  wait_build; tail -2 "$S/llama-build.log"
+  for t in $LLAMA_TYPES; do llama_bench "$big" "$t" "$BIG_CTX" "$R/llama-$t.jsonl" $BIG_BATCH >/dev/null; done
+  grep -h '^{' "$R"/llama-*.jsonl | cut -c1-300
+  peers=(); for t in $LLAMA_TYPES; do peers+=(--peer "llama.cpp $t=$R/llama-$t.jsonl"); done
+  "$S/kvq" bench decode --replot --json "$R/bench.json" --batch "$(echo $BIG_BATCH | tr ' ' ',')" "${peers[@]}" 2>&1 | tail -n 3
+  cut -c1-220 "$R/bench.md"
+  tar czf "$OUT/bench-big.tar.gz" -C "$R" .
+  # Then, as time allows: the formats of EXTRA_PLANS_BIG, and the fp16 points through cuBLAS.
+  if [ -n "${EXTRA_PLANS_BIG:-}" ]; then
+    kx=(); for p in $EXTRA_PLANS_BIG; do kx+=(--kv "$p"); done
+    timeout ${EXTRA_TIMEOUT:-200} "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16 (more formats)" \
+      --ctx "$BIG_CTX" --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench-extra.json" "${kx[@]}" "${peers[@]}" \
+      2>&1 | tee "$R/kvq-extra.log" | grep -E "loaded|T="
+    tar czf "$OUT/bench-big.tar.gz" -C "$R" .
+  fi
+  if [ "$GEMV_TOO" = 1 ]; then
+    KVQ_GEMV=0 timeout 200 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, cuBLAS GEMMs (KVQ_GEMV=0)" --ctx "$BIG_CTX" \
+      --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench-cublas.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-cublas.log" | grep "T="
+    tar czf "$OUT/bench-big.tar.gz" -C "$R" .
+  fi
+  ;;
 big-extra)
   # More kvq plans on the 8B shape after `big` on the same machine (its llama.cpp JSONL are the peers):
   # formats whose fills take longer (QJL's f64 sign sums, DecoQuant), in a call of their own.
@@ -200,5 +238,5 @@ big-extra)
     2>&1 | tee "$R/kvq-extra.log" | tail -n 40
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
   ;;
-*) echo "usage: bench-gpu.sh stage|check|llama-small|kvq-small|big|big-extra"; exit 2 ;;
+*) echo "usage: bench-gpu.sh stage|check|llama-small|kvq-small|big|big-extra|big-all"; exit 2 ;;
 esac
