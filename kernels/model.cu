@@ -313,7 +313,7 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
             if (tid == 0) inv_sh[r] = 1.f / sqrtf(ss / (float)inp + eps);
         }
     }
-    bool have = true;  // wv holds this thread's first batch of rows of the chunk (loaded ahead)
+    bool have = true;  // wv holds this thread's first batch of rows of the first chunk
     for (int kc = k0; kc < k1; kc += GEMV_CHUNK) {
         const int len = min(GEMV_CHUNK, k1 - kc);
         __syncthreads();
@@ -347,26 +347,9 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
                     if (i + u * GEMV_RY < len) gemv_row<NP>(acc, wv[u], xs + (i + u * GEMV_RY) * NP);
                 have = false;
             }
-            // The last, partial batch (a split's length need not be a multiple of the batch's rows): its
-            // loads in flight together, not one latency each; rows are summed in the same order.
-            if (i < len) {
-#pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; ++u)
-                    if (i + u * GEMV_RY < len) wv[u] = gemv_ld_stream(wp + (int64_t)(i + u * GEMV_RY) * out);
-#pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; ++u)
-                    if (i + u * GEMV_RY < len) gemv_row<NP>(acc, wv[u], xs + (i + u * GEMV_RY) * NP);
-            }
-            // The next chunk's first batch of rows, requested before its x is staged.
-            const int kn = kc + GEMV_CHUNK;
-            have = kn < k1;
-            if (have) {
-                const int lenn = min(GEMV_CHUNK, k1 - kn);
-#pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; ++u)
-                    if (ry + u * GEMV_RY < lenn) wv[u] = gemv_ld_stream(w + (int64_t)(kn + ry + u * GEMV_RY) * out + c0);
-            }
+            for (; i < len; i += GEMV_RY) gemv_row<NP>(acc, gemv_ld_stream(wp + (int64_t)i * out), xs + i * NP);
         }
+        have = false;
     }
     // The 4 row lanes of a warp (lane = (ry % 4) * 8 + tx), then the 8 warps in order.
 #pragma unroll
