@@ -24,6 +24,8 @@
 #   4. carry []                              command "bash scripts/bench-gpu.sh big"
 #      (llama.cpp and kvq on the random Llama-3-8B-shape f16 GGUF)
 #   4b. carry []   EXTRA_PLANS_BIG="..." bash scripts/bench-gpu.sh big-extra   (more kvq plans, same peers)
+# The 8B shape in ONE call (preferred: a machine can be taken back between calls; run 15 took 316 s):
+#   carry [".carry-peers", ".carry-bin"]  "export LLAMA_TYPES='f16 q4_0' EXTRA_PLANS_BIG='...'; bash scripts/bench-gpu.sh big-all"
 # The 8B shape alone, in two calls (.carry-peers/tokenizer.gguf made here once by
 # `random-llama-gguf.py models/SmolLM2-135M-Instruct.Q4_1.gguf .carry-peers/tokenizer.gguf tokenizer`):
 #   1. carry [".carry-peers", ".carry-bin"]  "bash scripts/bench-gpu.sh stage; bash scripts/verify-gpu.sh sanitize"
@@ -85,6 +87,38 @@ llama_bench() { # model ctk ctxlist(comma) out batches...
     timeout 400 "$LB/llama-batched-bench" -m "$m" -ngl 99 -fa on -ctk "$t" -ctv "$t" -c "$c" -b 2048 -ub 512 \
       -npp "$ctxs" -ntg 64 -npl "$b" --output-format jsonl 2>>"$out.err" | grep '^{' | tee -a "$out"
   done
+}
+
+# The 8B-shape steps that `big`, `big-all` and `big-extra` share; results in $R, tarball in $OUT.
+wait_gguf() {
+  echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 5; done
+  cat "$S/gguf.log"
+}
+big_batches() { echo $BIG_BATCH | tr ' ' ','; }
+llama_big() {
+  for t in $LLAMA_TYPES; do llama_bench "$big" "$t" "$BIG_CTX" "$R/llama-$t.jsonl" $BIG_BATCH >/dev/null; done
+  grep -h '^{' "$R"/llama-*.jsonl
+}
+big_peers() { peers=(); for t in $LLAMA_TYPES; do peers+=(--peer "llama.cpp $t=$R/llama-$t.jsonl"); done; }
+# KVQ_PLANS_BIG (with the --peer arguments given, if any), then the tarball.
+big_main() {
+  local kv=(); for p in $KVQ_PLANS_BIG; do kv+=(--kv "$p"); done
+  timeout 300 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16" --ctx "$BIG_CTX" \
+    --batch "$(big_batches)" --steps 16 --json "$R/bench.json" "${kv[@]}" "$@" 2>&1 | tee "$R/kvq.log"
+  tar czf "$OUT/bench-big.tar.gz" -C "$R" .
+}
+big_extra() { # timeout
+  local kx=(); for p in $EXTRA_PLANS_BIG; do kx+=(--kv "$p"); done
+  timeout "$1" "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16 (more formats)" \
+    --ctx "$BIG_CTX" --batch "$(big_batches)" --steps 16 --json "$R/bench-extra.json" "${kx[@]}" "${peers[@]}" \
+    2>&1 | tee "$R/kvq-extra.log"
+  tar czf "$OUT/bench-big.tar.gz" -C "$R" .
+}
+big_cublas() { # timeout: the fp16 points through cuBLAS (KVQ_GEMV=0), when GEMV_TOO=1
+  [ "$GEMV_TOO" = 1 ] || return 0
+  KVQ_GEMV=0 timeout "$1" "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, cuBLAS GEMMs (KVQ_GEMV=0)" --ctx "$BIG_CTX" \
+    --batch "$(big_batches)" --steps 16 --json "$R/bench-cublas.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-cublas.log" | grep "T="
+  tar czf "$OUT/bench-big.tar.gz" -C "$R" .
 }
 
 case "${1:-}" in
@@ -168,25 +202,16 @@ kvq-small)
 big)
   stage_parts
   wait_build
-  echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 5; done
-  cat "$S/gguf.log"; ls -la "$big"
+  wait_gguf; ls -la "$big"
   R=$S/res-big; mkdir -p "$R"
-  for t in $LLAMA_TYPES; do llama_bench "$big" "$t" "$BIG_CTX" "$R/llama-$t.jsonl" $BIG_BATCH >/dev/null; done
-  grep -h '^{' "$R"/llama-*.jsonl
-  kv=(); for p in $KVQ_PLANS_BIG; do kv+=(--kv "$p"); done
-  peers=(); for t in $LLAMA_TYPES; do peers+=(--peer "llama.cpp $t=$R/llama-$t.jsonl"); done
-  timeout 300 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16" --ctx "$BIG_CTX" \
-    --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench.json" "${kv[@]}" "${peers[@]}" \
-    2>&1 | tee "$R/kvq.log" | tail -n 60
+  llama_big
+  big_peers
+  big_main "${peers[@]}" | tail -n 60
   if [ "$NO_GRAPHS_TOO" = 1 ]; then
     timeout 120 "$S/kvq" bench decode --no-graphs --model "$big" --name "Llama-3-8B shape, no graphs" --ctx 4096 \
       --batch 1,8 --steps 16 --json "$R/bench-nographs.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-nographs.log" | grep "T="
   fi
-  if [ "$GEMV_TOO" = 1 ]; then
-    KVQ_GEMV=0 timeout 300 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, cuBLAS GEMMs (KVQ_GEMV=0)" --ctx "$BIG_CTX" \
-      --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench-cublas.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-cublas.log" | grep "T="
-  fi
-  tar czf "$OUT/bench-big.tar.gz" -C "$R" .
+  big_cublas 300
   ;;
 big-all)
   # The 8B shape in ONE call on a fresh machine (carry .carry-peers and .carry-bin): the machine may be
@@ -198,45 +223,27 @@ big-all)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   [ -x "$LB/llama-batched-bench" ] || { setsid nohup nice -n 19 bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null & }
   write_big "$S/tokenizer.gguf"
-  echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 5; done
-  cat "$S/gguf.log"
+  wait_gguf
   R=$S/res-big; mkdir -p "$R"
-  kv=(); for p in $KVQ_PLANS_BIG; do kv+=(--kv "$p"); done
-  timeout 300 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16" --ctx "$BIG_CTX" \
-    --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench.json" "${kv[@]}" 2>&1 | tee "$R/kvq.log" | grep -E "loaded|T="
-  tar czf "$OUT/bench-big.tar.gz" -C "$R" .
+  big_main | grep -E "loaded|T="
   wait_build; tail -2 "$S/llama-build.log"
-  for t in $LLAMA_TYPES; do llama_bench "$big" "$t" "$BIG_CTX" "$R/llama-$t.jsonl" $BIG_BATCH >/dev/null; done
-  grep -h '^{' "$R"/llama-*.jsonl | cut -c1-300
-  peers=(); for t in $LLAMA_TYPES; do peers+=(--peer "llama.cpp $t=$R/llama-$t.jsonl"); done
+  llama_big | cut -c1-300
+  big_peers
   "$S/kvq" bench decode --replot --json "$R/bench.json" --batch "$(echo $BIG_BATCH | tr ' ' ',')" "${peers[@]}" 2>&1 | tail -n 3
   cut -c1-220 "$R/bench.md"
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
   # Then, as time allows: the formats of EXTRA_PLANS_BIG, and the fp16 points through cuBLAS.
-  if [ -n "${EXTRA_PLANS_BIG:-}" ]; then
-    kx=(); for p in $EXTRA_PLANS_BIG; do kx+=(--kv "$p"); done
-    timeout ${EXTRA_TIMEOUT:-200} "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16 (more formats)" \
-      --ctx "$BIG_CTX" --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench-extra.json" "${kx[@]}" "${peers[@]}" \
-      2>&1 | tee "$R/kvq-extra.log" | grep -E "loaded|T="
-    tar czf "$OUT/bench-big.tar.gz" -C "$R" .
-  fi
-  if [ "$GEMV_TOO" = 1 ]; then
-    KVQ_GEMV=0 timeout 200 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, cuBLAS GEMMs (KVQ_GEMV=0)" --ctx "$BIG_CTX" \
-      --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench-cublas.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-cublas.log" | grep "T="
-    tar czf "$OUT/bench-big.tar.gz" -C "$R" .
-  fi
+  [ -n "${EXTRA_PLANS_BIG:-}" ] && big_extra "${EXTRA_TIMEOUT:-200}" | grep -E "loaded|T="
+  big_cublas 200
   ;;
 big-extra)
   # More kvq plans on the 8B shape after `big` on the same machine (its llama.cpp JSONL are the peers):
   # formats whose fills take longer (QJL's f64 sign sums, DecoQuant), in a call of their own.
   stage_parts
   R=$S/res-big; [ -f "$big" ] || { echo "no 8B GGUF: run stage and big first"; exit 1; }
-  kx=(); for p in ${EXTRA_PLANS_BIG:?set EXTRA_PLANS_BIG}; do kx+=(--kv "$p"); done
-  peers=(); for t in $LLAMA_TYPES; do peers+=(--peer "llama.cpp $t=$R/llama-$t.jsonl"); done
-  timeout ${EXTRA_TIMEOUT:-400} "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16 (more formats)" \
-    --ctx "$BIG_CTX" --batch "$(echo $BIG_BATCH | tr ' ' ',')" --steps 16 --json "$R/bench-extra.json" "${kx[@]}" "${peers[@]}" \
-    2>&1 | tee "$R/kvq-extra.log" | tail -n 40
-  tar czf "$OUT/bench-big.tar.gz" -C "$R" .
+  : "${EXTRA_PLANS_BIG:?set EXTRA_PLANS_BIG}"
+  big_peers
+  big_extra "${EXTRA_TIMEOUT:-400}" | tail -n 40
   ;;
 *) echo "usage: bench-gpu.sh stage|check|llama-small|kvq-small|big|big-extra|big-all"; exit 2 ;;
 esac
