@@ -26,3 +26,16 @@ stage_model() {
   fi
   MODEL=""; [ -f "$model" ] && MODEL=$model
 }
+
+# random_gguf SHAPE OUT: a random-weight f16 GGUF of SHAPE (llama3-8b, llama3.2-1b, ...) carrying the
+# default model's tokenizer, written here by random-llama-gguf.py from the carried tokenizer-only GGUF
+# (.carry-peers or .carry-peers-small: tokenizer.gguf, the gguf wheel, the script), unless OUT exists.
+random_gguf() {
+  local shape=$1 out=$2 d
+  [ -f "$out" ] && return 0
+  for d in .carry-peers .carry-peers-small "$S"; do [ -f "$d/tokenizer.gguf" ] && break; done
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$d"/gguf-*.whl || return 1
+  local t0; t0=$(date +%s)
+  PYTHONPATH=/tmp/site timeout 300 python3 "$d/random-llama-gguf.py" "$d/tokenizer.gguf" "$out" "$shape" f16 | tail -n 1
+  echo "$shape GGUF rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"
+}

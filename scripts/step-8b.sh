@@ -7,13 +7,8 @@
 # Leaves $OUT/step-8b.tar.gz: ncu CSVs, per-kernel summaries (scripts/ncu_steps.py), bench JSON/logs.
 set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
-for f in .carry-peers/*; do [ -f "$f" ] && cp "$f" "$S"/; done
 big=$S/llama3-8b-f16.gguf; R=$OUT/step-8b; mkdir -p "$R"
-if [ ! -f "$big" ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$S"/gguf-*.whl
-  t0=$(date +%s); PYTHONPATH=/tmp/site python3 "$S/random-llama-gguf.py" "$S/tokenizer.gguf" "$big" llama3-8b f16 | tail -1
-  echo "8B GGUF written in $(( $(date +%s) - t0 )) s"
-fi
+random_gguf llama3-8b "$big"
 STEPS=${STEPS:-3}
 for kv in ${PROFILE_PLANS:-fp16 kivi:bits=2,window=0}; do
   tag=$(echo "$kv" | tr ":=," "___")

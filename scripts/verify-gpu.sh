@@ -89,12 +89,8 @@ prefill)
   # .carry-peers/tokenizer.gguf and expanded here by random-llama-gguf.py with the gguf wheel) prefills
   # 32k real (random) tokens through the whole engine, then decodes, in every format with CUDA kernels.
   # One call, carry [".carry-bin", ".carry-peers"] (.carry-bin/kvq.xz: the kvq CLI).
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry-peers/gguf-*.whl && export PYTHONPATH=/tmp/site
   big=$S/llama3-8b-f16.gguf
-  if [ ! -f "$big" ]; then
-    t0=$(date +%s); timeout 200 python3 .carry-peers/random-llama-gguf.py .carry-peers/tokenizer.gguf "$big" llama3-8b f16 \
-      > "$R/gguf.log" 2>&1; echo "8B GGUF rc=$? in $(( $(date +%s) - t0 )) s"
-  fi
+  random_gguf llama3-8b "$big" > "$R/gguf.log" 2>&1; cat "$R/gguf.log"
   # RVQ with random codebooks (8 stages of 256 codes, the 8B shape's 32 layers) when kvq-gpu is carried
   # too (.carry-bin-gpu): a random-weight model's own calibration would mean nothing.
   RVQ=""
