@@ -14,7 +14,9 @@ use crate::error::{drv, GpuError, Result};
 use crate::gpu::Gpu;
 use crate::params::{KvqDecodeParams, KvqEncodeParams};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::driver::{
+    CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+};
 use std::collections::HashMap;
 
 /// Values whose bytes are all defined (no padding): they can be copied as kernel arguments and
@@ -259,6 +261,60 @@ pub(crate) struct StepGraphs {
     key: Vec<u64>,
     /// Why capturing failed (graphs are off from then on).
     failed: Option<String>,
+    /// The GPU's span of each step, when a benchmark asks ([`StepSpans`]).
+    pub(crate) spans: Option<StepSpans>,
+}
+
+/// CUDA events around each step's launch, summed: the GPU's time for the steps without the host's
+/// recording and matching before each launch, which a synchronous decode loop leaves the GPU idle for.
+#[derive(Default)]
+pub(crate) struct StepSpans {
+    pending: Option<(CudaEvent, CudaEvent)>,
+    total_ms: f64,
+}
+
+impl StepSpans {
+    /// Issues `launch` between two recorded events (first adding the previous pair's time).
+    pub(crate) fn around(&mut self, gpu: &Gpu, launch: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.harvest()?;
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let stream = gpu.stream();
+        let a = stream
+            .record_event(timing)
+            .map_err(drv("recording a step event"))?;
+        launch()?;
+        let b = stream
+            .record_event(timing)
+            .map_err(drv("recording a step event"))?;
+        self.pending = Some((a, b));
+        Ok(())
+    }
+
+    /// Milliseconds of GPU time since the last call (waits for the last step to finish).
+    pub(crate) fn take_ms(&mut self) -> Result<f64> {
+        self.harvest()?;
+        Ok(std::mem::take(&mut self.total_ms))
+    }
+
+    fn harvest(&mut self) -> Result<()> {
+        if let Some((a, b)) = self.pending.take() {
+            let ms = a.elapsed_ms(&b).map_err(drv("reading step events"))?;
+            self.total_ms += f64::from(ms);
+        }
+        Ok(())
+    }
+}
+
+/// `launch`, between step events when `spans` is on.
+pub(crate) fn timed(
+    spans: &mut Option<StepSpans>,
+    gpu: &Gpu,
+    launch: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    match spans {
+        Some(s) => s.around(gpu, launch),
+        None => launch(),
+    }
 }
 
 /// Bytes of one scatter segment in the arena: destination u64, source offset u32, length u32.
@@ -276,6 +332,7 @@ impl StepGraphs {
             stats: GraphStats::default(),
             key: Vec::new(),
             failed: None,
+            spans: None,
         }
     }
 
@@ -341,7 +398,9 @@ impl StepGraphs {
         let h = hash(&self.key);
         if let Some((k, g)) = self.graphs.get(&h) {
             if *k == self.key {
-                g.launch().map_err(drv("launching a step graph"))?;
+                timed(&mut self.spans, gpu, || {
+                    g.launch().map_err(drv("launching a step graph"))
+                })?;
                 self.stats.replayed += 1;
                 return Ok(());
             }
@@ -352,7 +411,7 @@ impl StepGraphs {
             }
             self.seen.insert(h, ());
             self.stats.direct += 1;
-            return issue_all(gpu, &rec.work);
+            return timed(&mut self.spans, gpu, || issue_all(gpu, &rec.work));
         }
         let g = match capture(gpu, &rec.work) {
             Ok(g) => g,
@@ -362,10 +421,12 @@ impl StepGraphs {
                 self.enabled = false;
                 self.failed = Some(e.to_string());
                 self.stats.direct += 1;
-                return issue_all(gpu, &rec.work);
+                return timed(&mut self.spans, gpu, || issue_all(gpu, &rec.work));
             }
         };
-        g.launch().map_err(drv("launching a step graph"))?;
+        timed(&mut self.spans, gpu, || {
+            g.launch().map_err(drv("launching a step graph"))
+        })?;
         self.stats.captured += 1;
         self.stats.nodes = node_count(&g);
         if self.graphs.len() >= MAX_GRAPHS {

@@ -590,7 +590,11 @@ impl Engine {
                 }
             }
         } else {
-            self.step_enqueue(&rows, &ids, greedy)
+            let (mut spans, gpu) = (self.graphs.spans.take(), self.gpu.clone());
+            let r =
+                crate::graph::timed(&mut spans, &gpu, || self.step_enqueue(&rows, &ids, greedy));
+            self.graphs.spans = spans;
+            r
         };
         self.enqueue += t0.elapsed();
         r
@@ -642,6 +646,18 @@ impl Engine {
             ))),
             None => Ok(()),
         }
+    }
+
+    /// Times each decode step's GPU work with CUDA events (for benchmarks): the GPU's span of a step
+    /// without the host's recording before it, to set against the wall time per step.
+    pub fn set_step_timing(&mut self, on: bool) {
+        self.graphs.spans = on.then(crate::graph::StepSpans::default);
+    }
+
+    /// GPU milliseconds of the decode steps since the last call (waiting for the last one), or None
+    /// when [`Engine::set_step_timing`] is off.
+    pub fn take_step_gpu_ms(&mut self) -> Result<Option<f64>> {
+        self.graphs.spans.as_mut().map(|s| s.take_ms()).transpose()
     }
 
     /// Host time spent issuing forwards since the last call (asynchronous work not waited for):

@@ -133,13 +133,21 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                 }
                 let r = measure(&mut engine, model, &plan, t, b, o);
                 match r {
-                    Ok((ms, host_ms, kv, graphs, fill)) => {
+                    Ok(Measured {
+                        ms,
+                        host_ms,
+                        gpu_ms,
+                        kv,
+                        graphs,
+                        fill,
+                    }) => {
                         let kv_bytes = (kv.packed + kv.window) as f64 * b as f64;
                         let step_bytes = weight_bytes as f64 + kv_bytes;
                         let tok_s = b as f64 * 1e3 / ms;
                         let frac = step_bytes / (ms / 1e3) / bw;
                         let line = format!(
-                            "{desc:<48} T={t:>6} B={b:>2}: {ms:8.3} ms/step ({host_ms:.3} issuing, {} graph nodes) {tok_s:9.1} tok/s  KV {:.2} GiB  {:.2} bits/elem  {:.0}% of copy BW",
+                            "{desc:<48} T={t:>6} B={b:>2}: {ms:8.3} ms/step ({host_ms:.3} issuing, {} on the GPU, {} graph nodes) {tok_s:9.1} tok/s  KV {:.2} GiB  {:.2} bits/elem  {:.0}% of copy BW",
+                            gpu_ms.map_or("-".to_string(), |g| format!("{g:.3}")),
                             graphs["nodes_per_step"],
                             kv_bytes / 1073741824.0,
                             kv.bits_per_elem(),
@@ -154,7 +162,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                         };
                         pb.suspend(|| eprintln!("{line}"));
                         let mut extra = json!({
-                            "ms_per_step": ms, "host_ms_per_step": host_ms, "graphs": graphs, "tok_s": tok_s, "kv_gib": kv_bytes / 1073741824.0,
+                            "ms_per_step": ms, "host_ms_per_step": host_ms, "gpu_ms_per_step": gpu_ms, "graphs": graphs, "tok_s": tok_s, "kv_gib": kv_bytes / 1073741824.0,
                             "bits_per_elem": kv.bits_per_elem(), "kv_bytes_read": kv_bytes,
                             "weight_bytes": weight_bytes, "bw_fraction": frac,
                         });
@@ -246,7 +254,24 @@ pub fn replot(json_path: &str, peers: &[String], batches: &[usize]) -> Result<()
     Ok(())
 }
 
-/// Fills `b` sequences to `t` tokens under `plan` and returns (ms per step, one sequence's bytes).
+/// One point's timings and what it held.
+struct Measured {
+    /// Wall milliseconds per decode step (one host sync per step for the picked tokens).
+    ms: f64,
+    /// Host milliseconds per step spent recording and issuing it.
+    host_ms: f64,
+    /// GPU milliseconds per step between events around its launch: `ms - gpu_ms` is the time the GPU
+    /// waited for the host.
+    gpu_ms: Option<f64>,
+    /// One sequence's cache bytes.
+    kv: kvq_formats::CacheBytes,
+    /// How the timed steps ran (graphs replayed, captured, direct).
+    graphs: Value,
+    /// Prefill timings (with `--prefill`).
+    fill: Value,
+}
+
+/// Fills `b` sequences to `t` tokens under `plan` and times decode steps of all of them.
 fn measure(
     engine: &mut kvq::Engine,
     model: &Model,
@@ -254,7 +279,7 @@ fn measure(
     t: usize,
     b: usize,
     o: &DecodeOpts,
-) -> Result<(f64, f64, kvq_formats::CacheBytes, Value, Value)> {
+) -> Result<Measured> {
     let cap = t + o.warmup + o.steps + 1;
     let limits = kvq::engine::ResidentLimits {
         slots: b,
@@ -282,6 +307,7 @@ fn measure(
         }
     }
     engine.take_enqueue_time();
+    engine.set_step_timing(true);
     let (before, _) = engine.graph_stats();
     let t0 = Instant::now();
     for _ in 0..o.steps {
@@ -292,6 +318,10 @@ fn measure(
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3 / o.steps.max(1) as f64;
     let host_ms = engine.take_enqueue_time().as_secs_f64() * 1e3 / o.steps.max(1) as f64;
+    let gpu_ms = engine
+        .take_step_gpu_ms()?
+        .map(|t| t / o.steps.max(1) as f64);
+    engine.set_step_timing(false);
     let (after, failure) = engine.graph_stats();
     // How the timed steps ran: replayed from a CUDA graph, captured, or issued kernel by kernel.
     let graphs = json!({
@@ -311,7 +341,14 @@ fn measure(
     } else {
         json!({})
     };
-    Ok((ms, host_ms, kv, graphs, fill))
+    Ok(Measured {
+        ms,
+        host_ms,
+        gpu_ms,
+        kv,
+        graphs,
+        fill,
+    })
 }
 
 /// `n` token ids in `[0, vocab)` from a seeded generator: a prompt whose content does not matter
@@ -395,8 +432,8 @@ fn write_markdown(doc: &Value, json_path: &str) -> Result<String> {
         doc["steps"],
         doc["warmup"],
     );
-    let mut head = String::from("| runtime / KV plan | B | context | bits/elem | KV GiB | ms/step | host ms | tok/s | % of BW limit |");
-    let mut rule = String::from("|---|---|---|---|---|---|---|---|---|");
+    let mut head = String::from("| runtime / KV plan | B | context | bits/elem | KV GiB | ms/step | host ms | GPU ms | tok/s | % of BW limit |");
+    let mut rule = String::from("|---|---|---|---|---|---|---|---|---|---|");
     for l in &labels {
         let _ = write!(head, " vs {l} |");
         rule.push_str("---|");
@@ -427,13 +464,14 @@ fn write_markdown(doc: &Value, json_path: &str) -> Result<String> {
         };
         let _ = write!(
             md,
-            "| {name} | {} | {} | {} | {} | {} | {} | {tok} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {tok} | {} |",
             p["batch"],
             p["ctx"],
             num(&p["bits_per_elem"], &|x| format!("{x:.2}")),
             num(&p["kv_gib"], &|x| format!("{x:.2}")),
             num(&p["ms_per_step"], &|x| format!("{x:.3}")),
             num(&p["host_ms_per_step"], &|x| format!("{x:.3}")),
+            num(&p["gpu_ms_per_step"], &|x| format!("{x:.3}")),
             num(&p["bw_fraction"], &|x| format!("{:.0}%", x * 100.0)),
         );
         for l in &labels {

@@ -278,7 +278,8 @@ fn bench_decode_replot_merges_peer_results() {
         "weight_bytes": 1.0e9, "steps": 4, "warmup": 1, "fill": "synthetic",
         "points": [
             {"runtime": "kvq", "plan": "fp16", "ctx": 4096, "batch": 1, "status": "ok",
-             "ms_per_step": 2.0, "tok_s": 500.0, "kv_gib": 0.1, "bits_per_elem": 16.0,
+             "ms_per_step": 2.0, "host_ms_per_step": 0.3, "gpu_ms_per_step": 1.7,
+             "tok_s": 500.0, "kv_gib": 0.1, "bits_per_elem": 16.0,
              "kv_bytes_read": 1.0e8, "weight_bytes": 1.0e9, "bw_fraction": 0.18},
             {"runtime": "kvq", "plan": "fp16", "ctx": 8192, "batch": 1, "status": "skipped",
              "note": "needs 90 GiB"}
@@ -309,6 +310,8 @@ fn bench_decode_replot_merges_peer_results() {
     let md = std::fs::read_to_string(dir.join("bench.md")).unwrap();
     assert!(md.contains("| kvq `fp16` | 1 | 4096 |"), "{md}");
     assert!(md.contains("2.00x"), "{md}");
+    // Wall, host and GPU time per step side by side (GPU ms from events around each step's launch).
+    assert!(md.contains("| 2.000 | 0.300 | 1.700 |"), "{md}");
     assert!(md.contains("skipped: needs 90 GiB"), "{md}");
     assert!(dir.join("bench-tps-b1.png").exists());
     // A peer file that is not llama-batched-bench output.
