@@ -34,9 +34,8 @@
 #      the 135M calls: 3. carry [".carry-m2"] llama-small, then kvq-small)
 # Results: $OUT/bench-<model>.tar.gz (JSON, PNGs, logs), summaries in the output.
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
-S=/root/stash; mkdir -p "$S"
+# CUDA's libraries, $OUT, the stash $S with the carried binaries unpacked, random_gguf.
+. "$(dirname "$0")/device-common.sh"
 model_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 small="$S/SmolLM2-135M-Instruct.Q4_1.gguf"
 big="$S/llama3-8b-f16.gguf"
@@ -55,12 +54,19 @@ GEMV_TOO=${GEMV_TOO:-1}
 LLAMA_TYPES=${LLAMA_TYPES:-"f16 q8_0 q4_0"}
 
 # The 8B-shape f16 GGUF from the tokenizer of $1 (the default model or the tokenizer-only GGUF), written
-# in the background (one core) unless it exists or WRITE_BIG=0; `big` waits for its "wrote" line.
+# by random_gguf in the background (one core, detached: it outlives the call) unless it exists or
+# WRITE_BIG=0; `big` waits for its "wrote" line in $S/gguf.log.
 write_big() {
   [ -f "$big" ] || [ "${WRITE_BIG:-1}" = 0 ] && return 0
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$S"/gguf-*.whl
-  PYTHONPATH=/tmp/site setsid nohup python3 "$S/random-llama-gguf.py" "$1" "$big" llama3-8b f16 > "$S/gguf.log" 2>&1 < /dev/null &
+  export -f random_gguf; export S
+  setsid nohup bash -c 'random_gguf llama3-8b "$0" "$1"' "$big" "$1" > "$S/gguf.log" 2>&1 < /dev/null &
   echo "8B GGUF being written in the background"
+}
+# The llama.cpp CUDA build in the background (detached), unless built; $1: its nice level.
+start_build() {
+  [ -x "$LB/llama-batched-bench" ] && return 0
+  setsid nohup nice -n "${1:-0}" bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
+  echo "llama.cpp build started in the background"
 }
 wait_build() {
   echo "== waiting for the llama.cpp build"; for i in $(seq 1 80); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
@@ -68,13 +74,12 @@ wait_build() {
 
 stage_parts() {
   [ -f "$S/env" ] && . "$S/env"
-  for d in .carry-m1 .carry-m2 .carry-peers .carry-bin; do [ -d "$d" ] && cp -r "$d"/. "$S"/; done
+  for d in .carry-m1 .carry-m2 .carry-peers; do [ -d "$d" ] && cp -r "$d"/. "$S"/; done
   if [ ! -f "$small" ] && [ -f "$S/model.part.00" ] && [ -f "$S/model.part.01" ]; then
     cat "$S/model.part.00" "$S/model.part.01" > "$small.tmp"
     if [ "$(sha256sum "$small.tmp" | cut -d' ' -f1)" = "$model_sha" ]; then mv "$small.tmp" "$small"; echo "assembled $small (sha256 ok)"
     else echo "assembled model has the wrong sha256"; rm -f "$small.tmp"; fi
   fi
-  if [ -f "$S/kvq.xz" ] && [ ! -x "$S/kvq" ]; then xz -dc "$S/kvq.xz" > "$S/kvq" && chmod +x "$S/kvq"; fi
 }
 
 # llama-batched-bench at each batch size (one process per batch so -c fits), JSONL appended to $4.
@@ -125,10 +130,7 @@ case "${1:-}" in
 stage)
   stage_parts
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  if [ ! -x "$LB/llama-batched-bench" ]; then
-    setsid nohup bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
-    echo "llama.cpp build started in the background"
-  fi
+  start_build
   # From the tokenizer-only GGUF (.carry-peers/tokenizer.gguf) while the build runs, so `big` needs
   # no model part.
   if [ -f "$S/tokenizer.gguf" ]; then write_big "$S/tokenizer.gguf"; fi
@@ -137,7 +139,6 @@ check)
   # Kernel + encoder parity and the engine on the real model (greedy tokens vs the CPU path) with the
   # binaries of this run, before anything is timed: kvq-gpu travels beside kvq (.carry-bin/kvq-gpu.xz).
   stage_parts
-  [ -f "$S/kvq-gpu.xz" ] && [ ! -x "$S/kvq-gpu" ] && xz -dc "$S/kvq-gpu.xz" > "$S/kvq-gpu" && chmod +x "$S/kvq-gpu"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   timeout 300 "$S/kvq-gpu" check > "$S/check.txt" 2>&1; echo "check rc=$?"
   grep -E "^(FAIL|parity|encode|check|SUMMARY|all)" "$S/check.txt" | tail -n 8; tail -n 3 "$S/check.txt"
@@ -221,7 +222,7 @@ big-all)
   # Each stage leaves its tarball in $OUT before the next, so a cut-off call still returns what ran.
   stage_parts
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  [ -x "$LB/llama-batched-bench" ] || { setsid nohup nice -n 19 bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null & }
+  start_build 19
   write_big "$S/tokenizer.gguf"
   wait_gguf
   R=$S/res-big; mkdir -p "$R"
@@ -229,7 +230,7 @@ big-all)
   wait_build; tail -2 "$S/llama-build.log"
   llama_big | cut -c1-300
   big_peers
-  "$S/kvq" bench decode --replot --json "$R/bench.json" --batch "$(echo $BIG_BATCH | tr ' ' ',')" "${peers[@]}" 2>&1 | tail -n 3
+  "$S/kvq" bench decode --replot --json "$R/bench.json" --batch "$(big_batches)" "${peers[@]}" 2>&1 | tail -n 3
   cut -c1-220 "$R/bench.md"
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
   # Then, as time allows: the formats of EXTRA_PLANS_BIG, and the fp16 points through cuBLAS.

@@ -1,5 +1,4 @@
-# Sourced by the one-call device scripts (profile-step.sh, b1-step.sh, attn-profile.sh,
-# stages-sweep.sh): CUDA's libraries on the path, $OUT, the machine's stash $S with the carried
+# Sourced by the device scripts (bench-gpu.sh, verify-gpu.sh, profile-step.sh, step-8b.sh, ...): CUDA's libraries on the path, $OUT, the machine's stash $S with the carried
 # binaries (.carry-bin/*.xz) unpacked there once, and $NCU (Nsight Compute).
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
@@ -27,15 +26,17 @@ stage_model() {
   MODEL=""; [ -f "$model" ] && MODEL=$model
 }
 
-# random_gguf SHAPE OUT: a random-weight f16 GGUF of SHAPE (llama3-8b, llama3.2-1b, ...) carrying the
-# default model's tokenizer, written here by random-llama-gguf.py from the carried tokenizer-only GGUF
-# (.carry-peers or .carry-peers-small: tokenizer.gguf, the gguf wheel, the script), unless OUT exists.
+# random_gguf SHAPE OUT [SRC]: a random-weight f16 GGUF of SHAPE (llama3-8b, llama3.2-1b, ...) carrying
+# the tokenizer of SRC (default: the carried tokenizer-only GGUF), written by random-llama-gguf.py with
+# the gguf wheel (from .carry-peers, .carry-peers-small or the stash), unless OUT exists. Its last line
+# is the script's "wrote ...", which bench-gpu.sh waits for.
 random_gguf() {
-  local shape=$1 out=$2 d
+  local shape=$1 out=$2 src=${3:-} d
   [ -f "$out" ] && return 0
-  for d in .carry-peers .carry-peers-small "$S"; do [ -f "$d/tokenizer.gguf" ] && break; done
+  for d in .carry-peers .carry-peers-small "$S"; do [ -f "$d/random-llama-gguf.py" ] && break; done
+  src=${src:-$d/tokenizer.gguf}
   python3 -m pip install -q --no-index --no-deps --target /tmp/site "$d"/gguf-*.whl || return 1
   local t0; t0=$(date +%s)
-  PYTHONPATH=/tmp/site timeout 300 python3 "$d/random-llama-gguf.py" "$d/tokenizer.gguf" "$out" "$shape" f16 | tail -n 1
+  PYTHONPATH=/tmp/site timeout 300 python3 "$d/random-llama-gguf.py" "$src" "$out" "$shape" f16 | tail -n 1
   echo "$shape GGUF rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"
 }
