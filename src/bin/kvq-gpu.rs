@@ -406,7 +406,7 @@ fn resident_check(gpu: kvq::Gpu) -> kvq::Result<bool> {
 fn logits_as_information(rs: &mut [kvq::engine::check::CheckResult]) {
     for r in rs
         .iter_mut()
-        .filter(|r| r.name.contains("teacher-forced logits"))
+        .filter(|r| r.name.contains(kvq::engine::check::TEACHER_FORCED_LOGITS))
     {
         r.tol = f64::INFINITY;
     }

@@ -815,7 +815,7 @@ pub fn generation_check_on(
     }
     let steps_line: Vec<String> = per_step.iter().map(|x| format!("{x:.3}")).collect();
     res.push(CheckResult {
-        name: format!("{label}: teacher-forced logits, max |gpu - cpu| / max |cpu logit| ({} prompts x {steps} steps, batched)", prompts.len()),
+        name: format!("{label}: {TEACHER_FORCED_LOGITS}, max |gpu - cpu| / max |cpu logit| ({} prompts x {steps} steps, batched)", prompts.len()),
         err: worst_rel,
         tol: LOGIT_TOL,
         detail: format!("max abs diff {worst:.4}; per step: [{}]", steps_line.join(" ")),
@@ -884,6 +884,10 @@ pub fn generation_check_on(
 /// Teacher-forced logits may differ from the f32 CPU path by this fraction of the step's largest
 /// |logit|: weights and GEMM inputs are f16 on the GPU (about 3 significant digits), f32 on the CPU.
 pub const LOGIT_TOL: f64 = 2e-2;
+
+/// The words that name [`generation_check_on`]'s teacher-forced logit comparison in its result, for
+/// callers that treat that line apart (kvq-gpu resident-check on the tiny random model).
+pub const TEACHER_FORCED_LOGITS: &str = "teacher-forced logits";
 
 /// Decode speed of the engine: `batch` sequences after a `prompt_len`-token prompt, `steps` greedy
 /// steps timed (tokens/s counts all sequences' tokens).
