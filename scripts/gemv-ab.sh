@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The decode-step GEMV changes of run 16 against the binaries before them, in one call on a fresh
+# machine: the GEMV's last partial batch of rows as one batch of loads and the next chunk's rows
+# requested before its x is staged, L2 prefetch of weight rows ahead of the loads (KVQ_GEMV_PF rows),
+# the all-waves split rule (KVQ_GEMV_WAVES=2), and every kernel a programmatic dependent by default
+# (KVQ_PDL_ALL=0 to compare). Parity first (kvq-gpu check on the hq=8 third, engine-check,
+# resident-check, under the new defaults and with prefetch and all-waves on), then gemm-bench per
+# variant, then whole B=1 decode steps of the Llama-3-8B shape (random f16 GGUF written here, ~150 s),
+# variants interleaved twice. It also starts the llama.cpp build, so that `bench-gpu.sh big-all` right
+# after (machine still warm) finds it built and the GGUF written.
+# Carry [".carry-bin", ".carry-bin-prev", ".carry-peers"] (.carry-bin-prev: kvq-prev.xz and
+# kvq-gpu-prev.xz, the builds of the commit before). Results: $OUT/ab16.tar.gz.
+set -uo pipefail
+. "$(dirname "$0")/device-common.sh"
+R=$OUT/ab16; mkdir -p "$R"
+for b in kvq-prev kvq-gpu-prev; do xz -dc ".carry-bin-prev/$b.xz" > "$S/$b" && chmod +x "$S/$b"; done
+cp -r .carry-peers/. "$S"/
+big=$S/llama3-8b-f16.gguf
+export -f random_gguf; export S
+setsid nohup bash -c 'random_gguf llama3-8b "$0" "$1"' "$big" "$S/tokenizer.gguf" > "$S/gguf.log" 2>&1 < /dev/null &
+setsid nohup nice -n 15 bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
+save() { tar czf "$OUT/ab16.tar.gz" -C "$OUT" ab16; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+KVQ_CHECK_FILTER=${FILTER:-hq=8} timeout 150 "$S/kvq-gpu" check > "$R/check.txt" 2>&1; echo "check rc=$?"
+grep -E "^parity" "$R/check.txt" | tail -1; grep "^FAIL" "$R/check.txt" | head -5
+for v in default pf256-waves2; do
+  e=(); [ $v != default ] && e=(KVQ_GEMV_PF=256 KVQ_GEMV_WAVES=2)
+  env "${e[@]}" timeout 90 "$S/kvq-gpu" engine-check > "$R/engine-$v.txt" 2>&1; echo "engine-check $v rc=$?"
+  grep -E "^FAIL|checks" "$R/engine-$v.txt" | cut -c1-200 | head
+done
+timeout 90 "$S/kvq-gpu" resident-check > "$R/resident.txt" 2>&1; echo "resident-check rc=$?"
+grep -E "^FAIL" "$R/resident.txt" | cut -c1-120 | head; grep -c "^PASS" "$R/resident.txt"; save
+for v in prev pf0 pf256 waves2; do
+  b=$S/kvq-gpu; e=(); [ $v = prev ] && b=$S/kvq-gpu-prev
+  case $v in pf*) e=(KVQ_GEMV_PF=${v#pf}) ;; waves2) e=(KVQ_GEMV_WAVES=2 KVQ_GEMV_PF=256) ;; esac
+  env "${e[@]}" timeout 90 "$b" gemm-bench > "$R/gemm-$v.txt" 2>&1; echo "== gemm-bench $v rc=$?"; grep -E "^\| 1 " "$R/gemm-$v.txt" | cut -d'|' -f2-6
+done; save
+echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 3; done; cat "$S/gguf.log"
+# Whole B=1 steps: prev (main before), pdl0 (new kernel, plain launches, no prefetch), new defaults,
+# prefetch 256/512, all-waves with prefetch 256; prev, pf0 and pf256 twice, interleaved.
+for rep in 1 2; do
+  vs="prev pdl0 pf0 pf256 pf512 waves2"; [ $rep = 2 ] && vs="pf256 pf0 prev"
+  for v in $vs; do
+    b=$S/kvq; e=(); [ $v = prev ] && b=$S/kvq-prev
+    case $v in pdl0) e=(KVQ_PDL_ALL=0 KVQ_GEMV_PF=0) ;; pf*) e=(KVQ_GEMV_PF=${v#pf}) ;; waves2) e=(KVQ_GEMV_WAVES=2 KVQ_GEMV_PF=256) ;; esac
+    env "${e[@]}" timeout 100 "$b" bench decode --model "$big" --ctx 4096 --batch 1 --steps 48 \
+      --kv fp16 --kv kivi:bits=2,window=0 --json "$R/step-$v-$rep.json" > "$R/step-$v-$rep.log" 2>&1
+    echo "== step $v rep $rep rc=$?"; grep "T=" "$R/step-$v-$rep.log" | sed 's/ graph nodes//; s/  */ /g' | cut -c1-200
+  done
+  rm -f "$R"/*.png; save
+done
+tail -n 2 "$S/llama-build.log"
