@@ -37,12 +37,12 @@ for v in prev pf0 pf256 waves2; do
 done; save
 echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 3; done; cat "$S/gguf.log"
 # Whole B=1 steps: prev (main before), pdl0 (new kernel, plain launches, no prefetch), new defaults,
-# prefetch 256/512, all-waves with prefetch 256; prev, pf0 and pf256 twice, interleaved.
+# prefetch 256/512, all-waves with prefetch 256, decode splits of 128 tokens (B=1 4k: 256 by default); prev, pf0 and pf256 twice, interleaved.
 for rep in 1 2; do
-  vs="prev pdl0 pf0 pf256 pf512 waves2"; [ $rep = 2 ] && vs="pf256 pf0 prev"
+  vs="prev pdl0 pf0 pf256 pf512 waves2 split128"; [ $rep = 2 ] && vs="pf256 pf0 prev"
   for v in $vs; do
     b=$S/kvq; e=(); [ $v = prev ] && b=$S/kvq-prev
-    case $v in pdl0) e=(KVQ_PDL_ALL=0 KVQ_GEMV_PF=0) ;; pf*) e=(KVQ_GEMV_PF=${v#pf}) ;; waves2) e=(KVQ_GEMV_WAVES=2 KVQ_GEMV_PF=256) ;; esac
+    case $v in pdl0) e=(KVQ_PDL_ALL=0 KVQ_GEMV_PF=0) ;; pf*) e=(KVQ_GEMV_PF=${v#pf}) ;; waves2) e=(KVQ_GEMV_WAVES=2 KVQ_GEMV_PF=256) ;; split128) e=(KVQ_SPLIT_TOKENS=128) ;; esac
     env "${e[@]}" timeout 100 "$b" bench decode --model "$big" --ctx 4096 --batch 1 --steps 48 \
       --kv fp16 --kv kivi:bits=2,window=0 --json "$R/step-$v-$rep.json" > "$R/step-$v-$rep.log" 2>&1
     echo "== step $v rep $rep rc=$?"; grep "T=" "$R/step-$v-$rep.log" | sed 's/ graph nodes//; s/  */ /g' | cut -c1-200
