@@ -216,7 +216,7 @@ extern "C" __global__ void kvq_model_scatter(const uint8_t* arena, int n) {
     }
 }
 
-// ---- Small-batch GEMM (decode steps): y[n][out] (=|+=) x[n][inp] W[inp][out], n <= 2 -------------------
+// ---- Small-batch GEMM (decode steps): y[n][out] (=|+=) x[n][inp] W[inp][out], n <= 8 -------------------
 // A decode step's GEMMs read every weight once for a handful of rows: they are bound by the weight bytes,
 // and a general GEMM library reaches about two thirds of the copy bandwidth there. This kernel streams W
 // once with 16-byte non-caching loads, eight in flight per thread, and keeps the n rows of x in shared
@@ -232,7 +232,9 @@ constexpr int GEMV_TX = 8;
 constexpr int GEMV_THREADS = 256;
 constexpr int GEMV_RY = GEMV_THREADS / GEMV_TX;
 constexpr int GEMV_CHUNK = 1024;
-constexpr int GEMV_UNROLL = 8;
+// Weight rows in flight per thread: 8, and 4 for eight rows of x (whose 64 accumulators take the
+// registers the loads had).
+__host__ __device__ constexpr int gemv_unroll(int np) { return np >= 8 ? 4 : 8; }
 
 // One 128-byte line of W (a row of a CTA's 64 columns) requested into L2 without a register: rows ahead
 // of the loads keep DRAM busy across the x staging and the dependency wait.
@@ -292,6 +294,7 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
                                      const float* __restrict__ nw, float eps, int mode,
                                      const __half* __restrict__ w, float* y, float* ws, int* counters, int n,
                                      int inp, int out, int ks, int accumulate, int pf) {
+    constexpr int U = gemv_unroll(NP);
     __shared__ __align__(16) __half xs[GEMV_CHUNK * NP];
     __shared__ float inv_sh[NP];
     __shared__ float red[GEMV_THREADS / 32][NP][GEMV_TX * 8];
@@ -309,11 +312,11 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
         for (int c = 0; c < 8; ++c) acc[r][c] = 0.f;
     // Launched as a programmatic dependent: the first rows of weights (which no kernel writes) are
     // requested while the kernel that writes x finishes; x, y, ws and counters only after the wait.
-    uint4 wv[GEMV_UNROLL];
+    uint4 wv[U];
     const int len0 = min(GEMV_CHUNK, k1 - k0);
     if (live) {
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u)
+        for (int u = 0; u < U; ++u)
             if (ry + u * GEMV_RY < len0) wv[u] = gemv_ld_stream(w + (int64_t)(k0 + ry + u * GEMV_RY) * out + c0);
     }
     // Rows [a, b) of this CTA's columns into L2, one row per thread (pf > 0: the host's
@@ -322,7 +325,7 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
     const auto prefetch = [&](int a, int b) {
         for (int k = a + tid; k < min(b, k1); k += GEMV_THREADS) gemv_prefetch_l2(wt + (int64_t)k * out);
     };
-    constexpr int BATCH = GEMV_UNROLL * GEMV_RY;  // rows one pass of the CTA's loads covers
+    constexpr int BATCH = U * GEMV_RY;  // rows one pass of the CTA's loads covers
     if (pf > 0) prefetch(k0 + BATCH, k0 + BATCH + pf);
     kvq_pdl_wait();
     kvq_pdl_trigger();
@@ -359,15 +362,15 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
         if (live) {
             const __half* wp = w + (int64_t)kc * out + c0;
             int i = ry;
-            for (; have || i + (GEMV_UNROLL - 1) * GEMV_RY < len; i += GEMV_UNROLL * GEMV_RY) {
+            for (; have || i + (U - 1) * GEMV_RY < len; i += U * GEMV_RY) {
                 // The CTA's batch starts at row kc + i - ry; the rows pf past the next one go to L2.
                 if (pf > 0) prefetch(kc + i - ry + BATCH + pf, kc + i - ry + 2 * BATCH + pf);
                 if (!have) {
 #pragma unroll
-                    for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = gemv_ld_stream(wp + (int64_t)(i + u * GEMV_RY) * out);
+                    for (int u = 0; u < U; ++u) wv[u] = gemv_ld_stream(wp + (int64_t)(i + u * GEMV_RY) * out);
                 }
 #pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; ++u)
+                for (int u = 0; u < U; ++u)
                     if (i + u * GEMV_RY < len) gemv_row<NP>(acc, wv[u], xs + (i + u * GEMV_RY) * NP);
                 have = false;
             }
@@ -376,10 +379,10 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
             if (i < len) {
                 if (pf > 0) prefetch(kc + i - ry + BATCH + pf, kc + i - ry + 2 * BATCH + pf);
 #pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; ++u)
+                for (int u = 0; u < U; ++u)
                     if (i + u * GEMV_RY < len) wv[u] = gemv_ld_stream(wp + (int64_t)(i + u * GEMV_RY) * out);
 #pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; ++u)
+                for (int u = 0; u < U; ++u)
                     if (i + u * GEMV_RY < len) gemv_row<NP>(acc, wv[u], xs + (i + u * GEMV_RY) * NP);
             }
             // The next chunk's first batch of rows, requested before its x is staged.
@@ -388,7 +391,7 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
             if (have) {
                 const int lenn = min(GEMV_CHUNK, k1 - kn);
 #pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; ++u)
+                for (int u = 0; u < U; ++u)
                     if (ry + u * GEMV_RY < lenn) wv[u] = gemv_ld_stream(w + (int64_t)(kn + ry + u * GEMV_RY) * out + c0);
             }
         }
@@ -454,3 +457,5 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
     }
 KVQ_GEMV(1, 3)
 KVQ_GEMV(2, 3)
+KVQ_GEMV(4, 2)
+KVQ_GEMV(8, 2)

@@ -532,22 +532,24 @@ pub struct Linear {
 
 /// The GEMMs of the engine on the GPU's stream: f16 inputs, f32 accumulation and f32 outputs, through
 /// cuBLAS; decode steps of one or two rows go through kvq_model_gemv* (`KVQ_GEMV=0`: cuBLAS), which
-/// streams the weights and starts loading them before the previous kernel ends (at 8 rows it is
-/// issue-bound on CUDA cores: 0.71-0.88x cuBLAS on the H100).
+/// streams the weights and starts loading them before the previous kernel ends (at 8 rows it was
+/// issue-bound on CUDA cores: 0.71-0.88x cuBLAS on the H100, so up to 8 rows only with `KVQ_GEMV_ROWS`).
 pub struct Blas {
     handle: Arc<CudaBlas>,
     gpu: Arc<Gpu>,
-    /// kvq_model_gemv{1,2}: one and two rows.
-    gemv: [CudaFunction; 2],
+    /// kvq_model_gemv{1,2,4,8}: up to one, two, four and eight rows.
+    gemv: [CudaFunction; 4],
     /// Partial sums of a K-split GEMV ([split][n][out] floats) and its per-column-tile counters (zero
     /// between launches): used by one GEMV at a time, as every launch is ordered on the one stream.
     ws: CudaSlice<f32>,
     counters: CudaSlice<i32>,
-    /// The GPU's SMs and the GEMV CTAs one SM holds (occupancy), for [`gemv_splits`].
+    /// The GPU's SMs and the CTAs of each GEMV one SM holds (occupancy), for [`gemv_splits`].
     sms: usize,
-    per_sm: usize,
+    per_sm: [usize; 4],
     /// Whether decode-step shapes take the GEMV (default; `KVQ_GEMV=0` or [`Blas::set_gemv`] turn it off).
     gemv_on: bool,
+    /// The most rows the GEMV takes ([`gemv_rows`], [`Blas::set_gemv_rows`]).
+    gemv_rows: usize,
 }
 
 /// The input rows of a decode-step GEMV ([`Blas::gemv_from`]).
@@ -659,6 +661,28 @@ fn gemv_pf() -> i32 {
     })
 }
 
+/// The most rows a decode step sends through the GEMV (`KVQ_GEMV_ROWS`, 1..=8, default 2; cuBLAS
+/// beyond).
+fn gemv_rows() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("KVQ_GEMV_ROWS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(2, |v| v.clamp(1, 8))
+    })
+}
+
+/// Which of kvq_model_gemv{1,2,4,8} serves `n` rows (the fewest padded rows).
+fn gemv_kernel(n: usize) -> usize {
+    match n {
+        0..=1 => 0,
+        2 => 1,
+        3..=4 => 2,
+        _ => 3,
+    }
+}
+
 /// Default of [`gemv_pf`].
 const GEMV_PF: i32 = 0;
 
@@ -676,11 +700,14 @@ impl Blas {
             })?
             .map_err(|e| GpuError::Blas(format!("creating the cuBLAS handle: {e:?}")))?;
         let f = |n: &str| gpu.function(MODULE, &format!("kvq_model_gemv{n}"));
-        let gemv = [f("1")?, f("2")?];
-        let per_sm = gemv[0]
-            .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
-            .map_err(drv("querying the GEMV's occupancy"))?
-            .max(1) as usize;
+        let gemv = [f("1")?, f("2")?, f("4")?, f("8")?];
+        let mut per_sm = [1; 4];
+        for (p, g) in per_sm.iter_mut().zip(&gemv) {
+            *p = g
+                .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+                .map_err(drv("querying the GEMV's occupancy"))?
+                .max(1) as usize;
+        }
         let st = gpu.stream();
         Ok(Self {
             handle: Arc::new(handle),
@@ -695,6 +722,7 @@ impl Blas {
             sms: gpu.sm_count()?,
             per_sm,
             gemv_on: gemv_enabled(),
+            gemv_rows: gemv_rows(),
         })
     }
 
@@ -703,9 +731,15 @@ impl Blas {
         self.gemv_on = on;
     }
 
+    /// Sends GEMMs of up to `rows` (1..=8) rows through the GEMV: checks cover every GEMV kernel
+    /// whatever `KVQ_GEMV_ROWS` says.
+    pub fn set_gemv_rows(&mut self, rows: usize) {
+        self.gemv_rows = rows.clamp(1, 8);
+    }
+
     /// True when an n-row GEMM over `w` goes through kvq_model_gemv (decode-step shapes).
     pub fn uses_gemv(&self, w: &Linear, n: usize) -> bool {
-        self.gemv_on && (1..=2).contains(&n) && w.out.is_multiple_of(8)
+        self.gemv_on && (1..=self.gemv_rows).contains(&n) && w.out.is_multiple_of(8)
     }
 
     /// y = f(input) · W (or y += ...) through kvq_model_gemv, where f is the RMSNorm or SwiGLU the
@@ -774,8 +808,9 @@ impl Blas {
         n: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let f = &self.gemv[usize::from(n == 2)];
-        let ks = gemv_splits(n, w.inp, w.out, self.sms, self.per_sm, gemv_rule());
+        let k = gemv_kernel(n);
+        let f = &self.gemv[k];
+        let ks = gemv_splits(n, w.inp, w.out, self.sms, self.per_sm[k], gemv_rule());
         let tiles = w.out.div_ceil(GEMV_COLS);
         let cfg = LaunchConfig {
             grid_dim: (to_i32("gemv tiles", tiles)? as u32, ks as u32, 1),
@@ -806,7 +841,7 @@ impl Blas {
             .val(&(ks as i32))
             .val(&i32::from(accumulate))
             .val(&gemv_pf());
-        // SAFETY: (types/order) kvq_model_gemv{1,2}(const __half* x, const float* xf, const float* nw,
+        // SAFETY: (types/order) kvq_model_gemv{1,2,4,8}(const __half* x, const float* xf, const float* nw,
         // float eps, int mode, const __half* w, float* y, float* ws, int* counters, int n, int inp,
         // int out, int ks, int accumulate, int pf) gets three device addresses (u64), f32, i32, then
         // CudaSlice<f16>, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<i32> and six i32; the kernel reads
@@ -814,7 +849,7 @@ impl Blas {
         // (aliasing) `y` is a &mut borrow distinct from the input slices and `w`; ws/counters belong
         // to this Blas and serve one launch at a time (one stream). (bounds, checked by matmul and
         // gemv_from) x or xf holds n x inp (n x 2 inp for SwiGLU), nw inp, w inp x out, y n x out;
-        // n <= 2 = the rows of the kernel picked; ks * n * out <= GEMV_WS floats and tiles <=
+        // n <= the padded rows of the kernel picked (gemv_kernel); ks * n * out <= GEMV_WS floats and tiles <=
         // GEMV_TILES when ks > 1 (gemv_splits); out % 8 == 0 and W is its own allocation (256-byte
         // aligned), so the kernel's 16-byte weight loads stay aligned and in bounds. Counters start at
         // zero (allocated zeroed) and the last CTA of each tile re-zeroes its own. (dependent launch)
