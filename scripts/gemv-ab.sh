@@ -3,7 +3,7 @@
 # machine: the GEMV's last partial batch of rows as one batch of loads and the next chunk's rows
 # requested before its x is staged, L2 prefetch of weight rows ahead of the loads (KVQ_GEMV_PF rows),
 # the all-waves split rule (KVQ_GEMV_WAVES=2), and every kernel a programmatic dependent by default
-# (KVQ_PDL_ALL=0 to compare). Parity first (kvq-gpu check on the hq=8 third, engine-check,
+# (KVQ_PDL_ALL=0 to compare), and 4- and 8-row GEMVs (KVQ_GEMV_ROWS=8; gemm-bench times 8 rows too). Parity first (kvq-gpu check on the hq=8 third, engine-check,
 # resident-check, under the new defaults and with prefetch and all-waves on), then gemm-bench per
 # variant, then whole B=1 decode steps of the Llama-3-8B shape (random f16 GGUF written here, ~150 s),
 # variants interleaved twice. It also starts the llama.cpp build, so that `bench-gpu.sh big-all` right
@@ -49,4 +49,11 @@ for rep in 1 2; do
   done
   rm -f "$R"/*.png; save
 done
+# B=8 steps through cuBLAS (default) and through the 8-row GEMV (KVQ_GEMV_ROWS=8).
+for v in rows2 rows8; do
+  KVQ_GEMV_ROWS=${v#rows} timeout 100 "$S/kvq" bench decode --model "$big" --ctx 4096 --batch 8 --steps 32 \
+    --kv fp16 --kv kivi:bits=2,window=0 --json "$R/b8-$v.json" > "$R/b8-$v.log" 2>&1
+  echo "== B=8 $v rc=$?"; grep "T=" "$R/b8-$v.log" | sed 's/ graph nodes//; s/  */ /g' | cut -c1-200
+done
+rm -f "$R"/*.png; save
 tail -n 2 "$S/llama-build.log"
