@@ -23,23 +23,23 @@ save() { tar czf "$OUT/ab16.tar.gz" -C "$OUT" ab16; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 KVQ_CHECK_FILTER=${FILTER:-hq=8} timeout 150 "$S/kvq-gpu" check > "$R/check.txt" 2>&1; echo "check rc=$?"
 grep -E "^parity" "$R/check.txt" | tail -1; grep "^FAIL" "$R/check.txt" | head -5
-for v in default pf256-waves2; do
-  e=(); [ $v != default ] && e=(KVQ_GEMV_PF=256 KVQ_GEMV_WAVES=2)
+for v in default pf256-waves2-rows8; do
+  e=(); [ $v != default ] && e=(KVQ_GEMV_PF=256 KVQ_GEMV_WAVES=2 KVQ_GEMV_ROWS=8)
   env "${e[@]}" timeout 90 "$S/kvq-gpu" engine-check > "$R/engine-$v.txt" 2>&1; echo "engine-check $v rc=$?"
   grep -E "^FAIL|checks" "$R/engine-$v.txt" | cut -c1-200 | head
 done
 timeout 90 "$S/kvq-gpu" resident-check > "$R/resident.txt" 2>&1; echo "resident-check rc=$?"
 grep -E "^FAIL" "$R/resident.txt" | cut -c1-120 | head; grep -c "^PASS" "$R/resident.txt"; save
-for v in prev pf0 pf256 waves2; do
+for v in pf0 pf256; do
   b=$S/kvq-gpu; e=(); [ $v = prev ] && b=$S/kvq-gpu-prev
   case $v in pf*) e=(KVQ_GEMV_PF=${v#pf}) ;; waves2) e=(KVQ_GEMV_WAVES=2 KVQ_GEMV_PF=256) ;; esac
-  env "${e[@]}" timeout 90 "$b" gemm-bench > "$R/gemm-$v.txt" 2>&1; echo "== gemm-bench $v rc=$?"; grep -E "^\| 1 " "$R/gemm-$v.txt" | cut -d'|' -f2-6
+  env "${e[@]}" timeout 90 "$b" gemm-bench > "$R/gemm-$v.txt" 2>&1; echo "== gemm-bench $v rc=$?"; grep -E "^\| [18] |^chain" "$R/gemm-$v.txt" | cut -c1-160
 done; save
 echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 3; done; cat "$S/gguf.log"
 # Whole B=1 steps: prev (main before), pdl0 (new kernel, plain launches, no prefetch), new defaults,
-# prefetch 256/512, all-waves with prefetch 256, decode splits of 128 tokens (B=1 4k: 256 by default); prev, pf0 and pf256 twice, interleaved.
+# prefetch 256/512, all-waves with prefetch 256, decode splits of 128 tokens (B=1 4k: 256 by default); prev and pf256 twice, interleaved.
 for rep in 1 2; do
-  vs="prev pdl0 pf0 pf256 pf512 waves2 split128"; [ $rep = 2 ] && vs="pf256 pf0 prev"
+  vs="prev pdl0 pf0 pf256 pf512 waves2 split128"; [ $rep = 2 ] && vs="pf256 prev"
   for v in $vs; do
     b=$S/kvq; e=(); [ $v = prev ] && b=$S/kvq-prev
     case $v in pdl0) e=(KVQ_PDL_ALL=0 KVQ_GEMV_PF=0) ;; pf*) e=(KVQ_GEMV_PF=${v#pf}) ;; waves2) e=(KVQ_GEMV_WAVES=2 KVQ_GEMV_PF=256) ;; split128) e=(KVQ_SPLIT_TOKENS=128) ;; esac
@@ -56,4 +56,13 @@ for v in rows2 rows8; do
   echo "== B=8 $v rc=$?"; grep "T=" "$R/b8-$v.log" | sed 's/ graph nodes//; s/  */ /g' | cut -c1-200
 done
 rm -f "$R"/*.png; save
+# llama.cpp f16 at the same points (B=1 and 8, 4k), when its build is done: the same-run peer.
+LB=$S/llama/build/bin
+for i in $(seq 1 30); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
 tail -n 2 "$S/llama-build.log"
+for b in 1 8; do
+  [ -x "$LB/llama-batched-bench" ] || break
+  timeout 120 "$LB/llama-batched-bench" -m "$big" -ngl 99 -fa on -ctk f16 -ctv f16 -c $(( (4096 + 64) * b + 256 )) -b 2048 -ub 512 \
+    -npp 4096 -ntg 64 -npl $b --output-format jsonl 2>>"$R/llama-f16.jsonl.err" | grep '^{' | tee -a "$R/llama-f16.jsonl" | cut -c1-300
+done
+save
