@@ -13,22 +13,6 @@
 namespace {
 
 // Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the sum.
-// Thread t's share of a row's sum of squares: elements t, t + stride, ... added in that order, eight
-// loads in flight at a time (the sum does not depend on how many are). kvq_model_rmsnorm and the
-// GEMV's folded RMSNorm both use it, so their sums agree bit for bit.
-__device__ __forceinline__ float strided_sumsq(const float* __restrict__ src, int cols, int t, int stride) {
-    float ss = 0.f;
-    for (int c = t; c < cols; c += 8 * stride) {
-        float v[8];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) v[u] = c + u * stride < cols ? src[c + u * stride] : 0.f;
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-            if (c + u * stride < cols) ss = fmaf(v[u], v[u], ss);
-    }
-    return ss;
-}
-
 __device__ float block_sum(float v) {
     __shared__ float part[32];
     __shared__ float total;
@@ -82,7 +66,9 @@ extern "C" __global__ void kvq_model_rmsnorm(const float* x, const int32_t* rows
     if (r >= n) return;
     const int64_t src_row = rows ? rows[r] : r;
     const float* src = x + src_row * cols;
-    const float ss = block_sum(strided_sumsq(src, cols, threadIdx.x, blockDim.x));
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += src[c] * src[c];
+    ss = block_sum(ss);
     const float inv = 1.f / sqrtf(ss / (float)cols + eps);
     __half* dst = out + (int64_t)r * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = __float2half(src[c] * inv * w[c]);
@@ -216,7 +202,7 @@ extern "C" __global__ void kvq_model_scatter(const uint8_t* arena, int n) {
     }
 }
 
-// ---- Small-batch GEMM (decode steps): y[n][out] (=|+=) x[n][inp] W[inp][out], n <= 8 -------------------
+// ---- Small-batch GEMM (decode steps): y[n][out] (=|+=) x[n][inp] W[inp][out], n <= 2 -------------------
 // A decode step's GEMMs read every weight once for a handful of rows: they are bound by the weight bytes,
 // and a general GEMM library reaches about two thirds of the copy bandwidth there. This kernel streams W
 // once with 16-byte non-caching loads, eight in flight per thread, and keeps the n rows of x in shared
@@ -232,13 +218,7 @@ constexpr int GEMV_TX = 8;
 constexpr int GEMV_THREADS = 256;
 constexpr int GEMV_RY = GEMV_THREADS / GEMV_TX;
 constexpr int GEMV_CHUNK = 1024;
-// Weight rows in flight per thread: 8, and 4 for eight rows of x (whose 64 accumulators take the
-// registers the loads had).
-__host__ __device__ constexpr int gemv_unroll(int np) { return np >= 8 ? 4 : 8; }
-
-// One 128-byte line of W (a row of a CTA's 64 columns) requested into L2 without a register: rows ahead
-// of the loads keep DRAM busy across the x staging and the dependency wait.
-__device__ __forceinline__ void gemv_prefetch_l2(const __half* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+constexpr int GEMV_UNROLL = 8;
 
 __device__ __forceinline__ uint4 gemv_ld_stream(const __half* p) {
     uint4 v;
@@ -293,8 +273,7 @@ template <int NP>
 __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* __restrict__ xf,
                                      const float* __restrict__ nw, float eps, int mode,
                                      const __half* __restrict__ w, float* y, float* ws, int* counters, int n,
-                                     int inp, int out, int ks, int accumulate, int pf) {
-    constexpr int U = gemv_unroll(NP);
+                                     int inp, int out, int ks, int accumulate) {
     __shared__ __align__(16) __half xs[GEMV_CHUNK * NP];
     __shared__ float inv_sh[NP];
     __shared__ float red[GEMV_THREADS / 32][NP][GEMV_TX * 8];
@@ -312,33 +291,29 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
         for (int c = 0; c < 8; ++c) acc[r][c] = 0.f;
     // Launched as a programmatic dependent: the first rows of weights (which no kernel writes) are
     // requested while the kernel that writes x finishes; x, y, ws and counters only after the wait.
-    uint4 wv[U];
+    uint4 wv[GEMV_UNROLL];
     const int len0 = min(GEMV_CHUNK, k1 - k0);
     if (live) {
 #pragma unroll
-        for (int u = 0; u < U; ++u)
+        for (int u = 0; u < GEMV_UNROLL; ++u)
             if (ry + u * GEMV_RY < len0) wv[u] = gemv_ld_stream(w + (int64_t)(k0 + ry + u * GEMV_RY) * out + c0);
     }
-    // Rows [a, b) of this CTA's columns into L2, one row per thread (pf > 0: the host's
-    // KVQ_GEMV_PF rows ahead of the batch being loaded; none past the split's end).
-    const __half* wt = w + (int64_t)tile * GEMV_TX * 8;
-    const auto prefetch = [&](int a, int b) {
-        for (int k = a + tid; k < min(b, k1); k += GEMV_THREADS) gemv_prefetch_l2(wt + (int64_t)k * out);
-    };
-    constexpr int BATCH = U * GEMV_RY;  // rows one pass of the CTA's loads covers
-    if (pf > 0) prefetch(k0 + BATCH, k0 + BATCH + pf);
     kvq_pdl_wait();
     kvq_pdl_trigger();
     if (mode == 1) {
-        // kvq_model_rmsnorm's sum (block of 256 threads, strided_sumsq, block_sum), every row.
+        // kvq_model_rmsnorm's sum (block of 256 threads, strided loop, block_sum), every row.
 #pragma unroll
         for (int r = 0; r < NP; ++r) {
-            float ss = r < n ? strided_sumsq(xf + (int64_t)r * inp, inp, tid, GEMV_THREADS) : 0.f;
+            float ss = 0.f;
+            if (r < n) {
+                const float* src = xf + (int64_t)r * inp;
+                for (int c = tid; c < inp; c += GEMV_THREADS) ss += src[c] * src[c];
+            }
             ss = block_sum(ss);
             if (tid == 0) inv_sh[r] = 1.f / sqrtf(ss / (float)inp + eps);
         }
     }
-    bool have = true;  // wv holds this thread's first batch of rows of the chunk (loaded ahead)
+    bool have = true;  // wv holds this thread's first batch of rows of the first chunk
     for (int kc = k0; kc < k1; kc += GEMV_CHUNK) {
         const int len = min(GEMV_CHUNK, k1 - kc);
         __syncthreads();
@@ -362,39 +337,19 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
         if (live) {
             const __half* wp = w + (int64_t)kc * out + c0;
             int i = ry;
-            for (; have || i + (U - 1) * GEMV_RY < len; i += U * GEMV_RY) {
-                // The CTA's batch starts at row kc + i - ry; the rows pf past the next one go to L2.
-                if (pf > 0) prefetch(kc + i - ry + BATCH + pf, kc + i - ry + 2 * BATCH + pf);
+            for (; have || i + (GEMV_UNROLL - 1) * GEMV_RY < len; i += GEMV_UNROLL * GEMV_RY) {
                 if (!have) {
 #pragma unroll
-                    for (int u = 0; u < U; ++u) wv[u] = gemv_ld_stream(wp + (int64_t)(i + u * GEMV_RY) * out);
+                    for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = gemv_ld_stream(wp + (int64_t)(i + u * GEMV_RY) * out);
                 }
 #pragma unroll
-                for (int u = 0; u < U; ++u)
+                for (int u = 0; u < GEMV_UNROLL; ++u)
                     if (i + u * GEMV_RY < len) gemv_row<NP>(acc, wv[u], xs + (i + u * GEMV_RY) * NP);
                 have = false;
             }
-            // The last, partial batch (a split's length need not be a multiple of the batch's rows): its
-            // loads in flight together, not one latency each; rows are summed in the same order.
-            if (i < len) {
-                if (pf > 0) prefetch(kc + i - ry + BATCH + pf, kc + i - ry + 2 * BATCH + pf);
-#pragma unroll
-                for (int u = 0; u < U; ++u)
-                    if (i + u * GEMV_RY < len) wv[u] = gemv_ld_stream(wp + (int64_t)(i + u * GEMV_RY) * out);
-#pragma unroll
-                for (int u = 0; u < U; ++u)
-                    if (i + u * GEMV_RY < len) gemv_row<NP>(acc, wv[u], xs + (i + u * GEMV_RY) * NP);
-            }
-            // The next chunk's first batch of rows, requested before its x is staged.
-            const int kn = kc + GEMV_CHUNK;
-            have = kn < k1;
-            if (have) {
-                const int lenn = min(GEMV_CHUNK, k1 - kn);
-#pragma unroll
-                for (int u = 0; u < U; ++u)
-                    if (ry + u * GEMV_RY < lenn) wv[u] = gemv_ld_stream(w + (int64_t)(kn + ry + u * GEMV_RY) * out + c0);
-            }
+            for (; i < len; i += GEMV_RY) gemv_row<NP>(acc, gemv_ld_stream(wp + (int64_t)i * out), xs + i * NP);
         }
+        have = false;
     }
     // The 4 row lanes of a warp (lane = (ry % 4) * 8 + tx), then the 8 warps in order.
 #pragma unroll
@@ -452,10 +407,8 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS, MINB)                                        \
         kvq_model_gemv##NP(const __half* x, const float* xf, const float* nw, float eps, int mode,         \
                            const __half* w, float* y, float* ws, int* counters, int n, int inp, int out,    \
-                           int ks, int accumulate, int pf) {                                                \
-        gemv<NP>(x, xf, nw, eps, mode, w, y, ws, counters, n, inp, out, ks, accumulate, pf);                \
+                           int ks, int accumulate) {                                                        \
+        gemv<NP>(x, xf, nw, eps, mode, w, y, ws, counters, n, inp, out, ks, accumulate);                    \
     }
 KVQ_GEMV(1, 3)
 KVQ_GEMV(2, 3)
-KVQ_GEMV(4, 2)
-KVQ_GEMV(8, 2)

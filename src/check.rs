@@ -415,7 +415,7 @@ impl GemmPoint {
     }
 }
 
-/// Times the GEMMs of a decode step of shape (n rows, inp -> out, n <= 8) both ways: weights random f16, cycled
+/// Times the GEMMs of a decode step of shape (n rows, inp -> out) both ways: weights random f16, cycled
 /// over copies totalling at least 512 MiB so that no call finds its weight in L2 (a real step reads
 /// every layer's weights once). Medians over `reps` calls after a warm-up, CUDA events.
 pub fn gemm_bench(
@@ -426,7 +426,6 @@ pub fn gemm_bench(
     use crate::launch_model::{Blas, Linear};
     use half::f16;
     let mut blas = Blas::new(gpu)?;
-    blas.set_gemv_rows(8); // the GEMV arm takes every row count timed
     let st = gpu.stream();
     let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let mut out = Vec::new();
@@ -509,7 +508,6 @@ pub fn gemm_chain_bench(
         (14336, 4096),
     ];
     let mut blas = Blas::new(gpu)?;
-    blas.set_gemv_rows(8); // the GEMV arm takes every row count timed
     let st = gpu.stream();
     let pattern: Vec<f16> = gaussian_with_outliers(1, 1 << 20, 0, 9)
         .iter()

@@ -532,24 +532,22 @@ pub struct Linear {
 
 /// The GEMMs of the engine on the GPU's stream: f16 inputs, f32 accumulation and f32 outputs, through
 /// cuBLAS; decode steps of one or two rows go through kvq_model_gemv* (`KVQ_GEMV=0`: cuBLAS), which
-/// streams the weights and starts loading them before the previous kernel ends (at 8 rows it was
-/// issue-bound on CUDA cores: 0.71-0.88x cuBLAS on the H100, so up to 8 rows only with `KVQ_GEMV_ROWS`).
+/// streams the weights and starts loading them before the previous kernel ends (at 8 rows it is
+/// issue-bound on CUDA cores: 0.71-0.88x cuBLAS on the H100).
 pub struct Blas {
     handle: Arc<CudaBlas>,
     gpu: Arc<Gpu>,
-    /// kvq_model_gemv{1,2,4,8}: up to one, two, four and eight rows.
-    gemv: [CudaFunction; 4],
+    /// kvq_model_gemv{1,2}: one and two rows.
+    gemv: [CudaFunction; 2],
     /// Partial sums of a K-split GEMV ([split][n][out] floats) and its per-column-tile counters (zero
     /// between launches): used by one GEMV at a time, as every launch is ordered on the one stream.
     ws: CudaSlice<f32>,
     counters: CudaSlice<i32>,
-    /// The GPU's SMs and the CTAs of each GEMV one SM holds (occupancy), for [`gemv_splits`].
+    /// The GPU's SMs and the GEMV CTAs one SM holds (occupancy), for [`gemv_splits`].
     sms: usize,
-    per_sm: [usize; 4],
+    per_sm: usize,
     /// Whether decode-step shapes take the GEMV (default; `KVQ_GEMV=0` or [`Blas::set_gemv`] turn it off).
     gemv_on: bool,
-    /// The most rows the GEMV takes ([`gemv_rows`], [`Blas::set_gemv_rows`]).
-    gemv_rows: usize,
 }
 
 /// The input rows of a decode-step GEMV ([`Blas::gemv_from`]).
@@ -588,36 +586,14 @@ fn gemv_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KVQ_GEMV").map_or(true, |v| v != "0"))
 }
 
-/// How [`gemv_splits`] picks a GEMV's K splits (`KVQ_GEMV_WAVES`: 0, 1 = default, 2), to compare in
-/// one run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum SplitRule {
-    /// About 4 CTAs per SM (`KVQ_GEMV_WAVES=0`, the rule before run 14).
-    Earlier,
-    /// Grids of fewer tiles than slots filled to one wave; larger ones unsplit (default).
-    Waves,
-    /// Every grid split to fill its last wave too (gate/up: 448 tiles x 7 = 3,136 CTAs, 99% of 8
-    /// waves of 396, instead of 448 = 1.13 waves), at most [`GEMV_MOST_WAVES`] waves.
-    AllWaves,
-}
-
-/// Waves of CTAs [`SplitRule::AllWaves`] may split a GEMV into.
-const GEMV_MOST_WAVES: usize = 8;
-
 /// K splits of a GEMV of `n` rows over an inp x out weight on `sms` SMs that hold `per_sm` of its CTAs
 /// each. Column tiles that fill the GPU on their own get no split (splitting the 8B shape's gate/up
 /// and lm_head ran 1-3% slower on the H100: a memory-bound tail is cheap); fewer tiles get the split
 /// count whose grid fills its wave of CTAs best, the fewest within 2% of that fill (64 tiles x 6 = 384
 /// of 396 slots instead of x 8 = 512, 1.3 waves: 4-8% faster on the H100, run 14). At least
 /// [`GEMV_MIN_ROWS`] weight rows per split, within the partial-sum workspace and counters.
-fn gemv_splits(
-    n: usize,
-    inp: usize,
-    out: usize,
-    sms: usize,
-    per_sm: usize,
-    rule: SplitRule,
-) -> usize {
+/// `KVQ_GEMV_WAVES=0` restores the earlier rule (about 4 CTAs per SM), to compare in one run.
+fn gemv_splits(n: usize, inp: usize, out: usize, sms: usize, per_sm: usize, waves: bool) -> usize {
     let tiles = out.div_ceil(GEMV_COLS);
     if tiles > GEMV_TILES {
         return 1;
@@ -625,12 +601,11 @@ fn gemv_splits(
     let most = (inp / GEMV_MIN_ROWS)
         .clamp(1, 32)
         .min((GEMV_WS / (n * out)).max(1));
+    if !waves {
+        return ((4 * sms + tiles / 2) / tiles).clamp(1, most);
+    }
     let slots = (sms * per_sm).max(1);
-    let most = match rule {
-        SplitRule::Earlier => return ((4 * sms + tiles / 2) / tiles).clamp(1, most),
-        SplitRule::Waves => most.min(slots.div_ceil(tiles)),
-        SplitRule::AllWaves => most.min((GEMV_MOST_WAVES * slots / tiles).max(1)),
-    };
+    let most = most.min(slots.div_ceil(tiles));
     let fill = |ks: usize| {
         let ctas = tiles * ks;
         ctas as f64 / (ctas.div_ceil(slots) * slots) as f64
@@ -639,52 +614,11 @@ fn gemv_splits(
     (1..=most).find(|&ks| fill(ks) >= best - 0.02).unwrap_or(1)
 }
 
-/// The split rule of `KVQ_GEMV_WAVES` (0: earlier, 2: all waves, else the default).
-fn gemv_rule() -> SplitRule {
-    static R: std::sync::OnceLock<SplitRule> = std::sync::OnceLock::new();
-    *R.get_or_init(|| match std::env::var("KVQ_GEMV_WAVES").as_deref() {
-        Ok("0") => SplitRule::Earlier,
-        Ok("2") => SplitRule::AllWaves,
-        _ => SplitRule::Waves,
-    })
+/// Whether [`gemv_splits`] fills waves (default) or keeps the earlier rule (`KVQ_GEMV_WAVES=0`).
+fn gemv_waves() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVQ_GEMV_WAVES").map_or(true, |v| v != "0"))
 }
-
-/// Weight rows a GEMV CTA requests into L2 ahead of its loads (`KVQ_GEMV_PF`, default
-/// [`GEMV_PF`]; 0 turns it off).
-fn gemv_pf() -> i32 {
-    static PF: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *PF.get_or_init(|| {
-        std::env::var("KVQ_GEMV_PF")
-            .ok()
-            .and_then(|v| v.parse::<i32>().ok())
-            .map_or(GEMV_PF, |v| v.clamp(0, 1 << 16))
-    })
-}
-
-/// The most rows a decode step sends through the GEMV (`KVQ_GEMV_ROWS`, 1..=8, default 2; cuBLAS
-/// beyond).
-fn gemv_rows() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("KVQ_GEMV_ROWS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .map_or(2, |v| v.clamp(1, 8))
-    })
-}
-
-/// Which of kvq_model_gemv{1,2,4,8} serves `n` rows (the fewest padded rows).
-fn gemv_kernel(n: usize) -> usize {
-    match n {
-        0..=1 => 0,
-        2 => 1,
-        3..=4 => 2,
-        _ => 3,
-    }
-}
-
-/// Default of [`gemv_pf`].
-const GEMV_PF: i32 = 0;
 
 impl Blas {
     /// Creates the handle on `gpu`'s stream; a missing libcublas is an error, not a panic.
@@ -700,14 +634,11 @@ impl Blas {
             })?
             .map_err(|e| GpuError::Blas(format!("creating the cuBLAS handle: {e:?}")))?;
         let f = |n: &str| gpu.function(MODULE, &format!("kvq_model_gemv{n}"));
-        let gemv = [f("1")?, f("2")?, f("4")?, f("8")?];
-        let mut per_sm = [1; 4];
-        for (p, g) in per_sm.iter_mut().zip(&gemv) {
-            *p = g
-                .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
-                .map_err(drv("querying the GEMV's occupancy"))?
-                .max(1) as usize;
-        }
+        let gemv = [f("1")?, f("2")?];
+        let per_sm = gemv[0]
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+            .map_err(drv("querying the GEMV's occupancy"))?
+            .max(1) as usize;
         let st = gpu.stream();
         Ok(Self {
             handle: Arc::new(handle),
@@ -722,7 +653,6 @@ impl Blas {
             sms: gpu.sm_count()?,
             per_sm,
             gemv_on: gemv_enabled(),
-            gemv_rows: gemv_rows(),
         })
     }
 
@@ -731,15 +661,9 @@ impl Blas {
         self.gemv_on = on;
     }
 
-    /// Sends GEMMs of up to `rows` (1..=8) rows through the GEMV: checks cover every GEMV kernel
-    /// whatever `KVQ_GEMV_ROWS` says.
-    pub fn set_gemv_rows(&mut self, rows: usize) {
-        self.gemv_rows = rows.clamp(1, 8);
-    }
-
     /// True when an n-row GEMM over `w` goes through kvq_model_gemv (decode-step shapes).
     pub fn uses_gemv(&self, w: &Linear, n: usize) -> bool {
-        self.gemv_on && (1..=self.gemv_rows).contains(&n) && w.out.is_multiple_of(8)
+        self.gemv_on && (1..=2).contains(&n) && w.out.is_multiple_of(8)
     }
 
     /// y = f(input) · W (or y += ...) through kvq_model_gemv, where f is the RMSNorm or SwiGLU the
@@ -808,9 +732,8 @@ impl Blas {
         n: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let k = gemv_kernel(n);
-        let f = &self.gemv[k];
-        let ks = gemv_splits(n, w.inp, w.out, self.sms, self.per_sm[k], gemv_rule());
+        let f = &self.gemv[usize::from(n == 2)];
+        let ks = gemv_splits(n, w.inp, w.out, self.sms, self.per_sm, gemv_waves());
         let tiles = w.out.div_ceil(GEMV_COLS);
         let cfg = LaunchConfig {
             grid_dim: (to_i32("gemv tiles", tiles)? as u32, ks as u32, 1),
@@ -839,22 +762,20 @@ impl Blas {
             .val(&to_i32("gemv in", w.inp)?)
             .val(&to_i32("gemv out", w.out)?)
             .val(&(ks as i32))
-            .val(&i32::from(accumulate))
-            .val(&gemv_pf());
-        // SAFETY: (types/order) kvq_model_gemv{1,2,4,8}(const __half* x, const float* xf, const float* nw,
+            .val(&i32::from(accumulate));
+        // SAFETY: (types/order) kvq_model_gemv{1,2}(const __half* x, const float* xf, const float* nw,
         // float eps, int mode, const __half* w, float* y, float* ws, int* counters, int n, int inp,
-        // int out, int ks, int accumulate, int pf) gets three device addresses (u64), f32, i32, then
-        // CudaSlice<f16>, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<i32> and six i32; the kernel reads
+        // int out, int ks, int accumulate) gets three device addresses (u64), f32, i32, then
+        // CudaSlice<f16>, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<i32> and five i32; the kernel reads
         // only the input `mode` names (x for 0, xf and nw for 1, xf for 2; the others are 0).
         // (aliasing) `y` is a &mut borrow distinct from the input slices and `w`; ws/counters belong
         // to this Blas and serve one launch at a time (one stream). (bounds, checked by matmul and
         // gemv_from) x or xf holds n x inp (n x 2 inp for SwiGLU), nw inp, w inp x out, y n x out;
-        // n <= the padded rows of the kernel picked (gemv_kernel); ks * n * out <= GEMV_WS floats and tiles <=
+        // n <= 2 = the rows of the kernel picked; ks * n * out <= GEMV_WS floats and tiles <=
         // GEMV_TILES when ks > 1 (gemv_splits); out % 8 == 0 and W is its own allocation (256-byte
         // aligned), so the kernel's 16-byte weight loads stay aligned and in bounds. Counters start at
         // zero (allocated zeroed) and the last CTA of each tile re-zeroes its own. (dependent launch)
         // every CTA reads only W (written by no kernel) before kvq_pdl_wait(), everything else after.
-        // (prefetch) the kernel prefetches only rows below its split's end (k1 <= inp) of its own tile.
         unsafe {
             self.gpu
                 .launch_pdl(f, cfg, args, "launching kvq_model_gemv")
@@ -961,8 +882,8 @@ mod tests {
                 (5000, 4104),
             ] {
                 for (sms, per_sm) in [(132, 3), (114, 3), (2, 1), (132, 8)] {
-                    for rule in [SplitRule::Earlier, SplitRule::Waves, SplitRule::AllWaves] {
-                        let ks = gemv_splits(n, inp, out, sms, per_sm, rule);
+                    for waves in [true, false] {
+                        let ks = gemv_splits(n, inp, out, sms, per_sm, waves);
                         assert!(ks >= 1, "{n}x{inp}x{out}");
                         if ks > 1 {
                             assert!(ks * n * out <= GEMV_WS, "{n}x{inp}x{out}: ks {ks}");
@@ -978,21 +899,18 @@ mod tests {
         }
         // The earlier rule: 4 CTAs per SM, so 64 tiles x 8 splits for the 8B shape's O projection
         // and 448 tiles x 1 for its gate/up projection (1.13 waves of 396 slots).
-        assert_eq!(gemv_splits(1, 4096, 4096, 132, 3, SplitRule::Earlier), 8);
-        assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, SplitRule::Earlier), 1);
+        assert_eq!(gemv_splits(1, 4096, 4096, 132, 3, false), 8);
+        assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, false), 1);
         // Filling a wave of 396 slots: 64 tiles x 6 = 384 CTAs (97%), 96 x 4 = 384; 448 and 2,004
         // tiles fill the GPU unsplit.
-        assert_eq!(gemv_splits(1, 4096, 4096, 132, 3, SplitRule::Waves), 6);
-        assert_eq!(gemv_splits(1, 14_336, 4096, 132, 3, SplitRule::Waves), 6);
-        assert_eq!(gemv_splits(1, 4096, 6144, 132, 3, SplitRule::Waves), 4);
-        assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, SplitRule::Waves), 1);
-        assert_eq!(gemv_splits(1, 4096, 128_256, 132, 3, SplitRule::Waves), 1);
+        assert_eq!(gemv_splits(1, 4096, 4096, 132, 3, true), 6);
+        assert_eq!(gemv_splits(1, 14_336, 4096, 132, 3, true), 6);
+        assert_eq!(gemv_splits(1, 4096, 6144, 132, 3, true), 4);
+        assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, true), 1);
+        assert_eq!(gemv_splits(1, 4096, 128_256, 132, 3, true), 1);
         // SmolLM2-135M's QKV projection (15 tiles): every split count leaves most slots idle, so the
         // most splits its 576 rows allow, 9 of 64 rows, as before.
-        assert_eq!(gemv_splits(1, 576, 960, 132, 3, SplitRule::Waves), 9);
-        assert_eq!(gemv_splits(1, 576, 960, 132, 3, SplitRule::Earlier), 9);
-        // All waves: gate/up 448 x 7 = 3,136 CTAs (99% of 8 waves); O and down as with one wave.
-        assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, SplitRule::AllWaves), 7);
-        assert_eq!(gemv_splits(1, 4096, 4096, 132, 3, SplitRule::AllWaves), 6);
+        assert_eq!(gemv_splits(1, 576, 960, 132, 3, true), 9);
+        assert_eq!(gemv_splits(1, 576, 960, 132, 3, false), 9);
     }
 }

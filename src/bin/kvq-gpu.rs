@@ -177,14 +177,14 @@ fn run() -> kvq::Result<()> {
             }
         }
         "gemm-bench" => {
-            // The GEMMs of a Llama-3-8B decode step (qkv, o, gate+up, down, lm_head) at batch 1, 2 and 8.
+            // The GEMMs of a Llama-3-8B decode step (qkv, o, gate+up, down, lm_head) at batch 1 and 2.
             let gpu = std::sync::Arc::new(gpu);
             let bw = kvq::check::copy_bandwidth(&gpu)?;
             println!("copy bandwidth {:.0} GB/s (read + write)", bw / 1e9);
             println!("| n | inp x out | weight MB | gemv ms | gemv GB/s | cuBLAS ms | cuBLAS GB/s | gemv speedup |");
             println!("|---|---|---|---|---|---|---|---|");
             let mut shapes = Vec::new();
-            for n in [1usize, 2, 8] {
+            for n in [1usize, 2] {
                 for (i, o) in [
                     (4096usize, 6144usize),
                     (4096, 4096),
@@ -212,7 +212,7 @@ fn run() -> kvq::Result<()> {
             }
             // Whole steps' GEMMs back to back (32 layers, as a step issues them; KVQ_PDL=0 turns the
             // dependent launches off, to compare in the same run).
-            for n in [1usize, 2, 8] {
+            for n in [1usize, 2] {
                 let (g, c, bytes) = kvq::check::gemm_chain_bench(&gpu, 32, n, 20)?;
                 let gb = bytes as f64 / 1e9;
                 println!(

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Run 16 as it ran (commit 3a2d0a7, since reverted: KVQ_GEMV_PF, KVQ_GEMV_WAVES=2 and KVQ_GEMV_ROWS no longer exist).
 # The decode-step GEMV changes of run 16 against the binaries before them, in one call on a fresh
 # machine: the GEMV's last partial batch of rows as one batch of loads and the next chunk's rows
 # requested before its x is staged, L2 prefetch of weight rows ahead of the loads (KVQ_GEMV_PF rows),
