@@ -269,14 +269,16 @@ pub(crate) struct StepGraphs {
 /// recording and matching before each launch, which a synchronous decode loop leaves the GPU idle for.
 #[derive(Default)]
 pub(crate) struct StepSpans {
-    pending: Option<(CudaEvent, CudaEvent)>,
+    pending: std::collections::VecDeque<(CudaEvent, CudaEvent)>,
     total_ms: f64,
 }
 
 impl StepSpans {
-    /// Issues `launch` between two recorded events (first adding the previous pair's time).
+    /// Issues `launch` between two recorded events (first adding the time of the pairs before the
+    /// last one: the last step may still run while a chained decode issues the next,
+    /// [`crate::Engine::decode_greedy`], and reading its time would wait for it).
     pub(crate) fn around(&mut self, gpu: &Gpu, launch: impl FnOnce() -> Result<()>) -> Result<()> {
-        self.harvest()?;
+        self.harvest(1)?;
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let stream = gpu.stream();
         let a = stream
@@ -286,18 +288,22 @@ impl StepSpans {
         let b = stream
             .record_event(timing)
             .map_err(drv("recording a step event"))?;
-        self.pending = Some((a, b));
+        self.pending.push_back((a, b));
         Ok(())
     }
 
     /// Milliseconds of GPU time since the last call (waits for the last step to finish).
     pub(crate) fn take_ms(&mut self) -> Result<f64> {
-        self.harvest()?;
+        self.harvest(0)?;
         Ok(std::mem::take(&mut self.total_ms))
     }
 
-    fn harvest(&mut self) -> Result<()> {
-        if let Some((a, b)) = self.pending.take() {
+    /// Adds the time of every pending pair but the last `keep` (waiting for each to finish).
+    fn harvest(&mut self, keep: usize) -> Result<()> {
+        while self.pending.len() > keep {
+            let Some((a, b)) = self.pending.pop_front() else {
+                break;
+            };
             let ms = a.elapsed_ms(&b).map_err(drv("reading step events"))?;
             self.total_ms += f64::from(ms);
         }

@@ -878,6 +878,33 @@ pub fn generation_check_on(
         tol: 0.0,
         detail: detail.join("; "),
     });
+
+    // The same free-running greedy chained on the device (Engine::decode_greedy, each step's picks
+    // fed to the next without the host): the same kernels on the same inputs, so the same tokens.
+    let mut first = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let s = engine.new_sequence(p.len() + steps)?;
+        first.push((s, argmax(&engine.prefill(s, p, chunk)?)));
+    }
+    let picks = engine.decode_greedy(&first, steps.saturating_sub(1))?;
+    let mut differ = 0usize;
+    for (b, want) in toks.iter().enumerate() {
+        let got: Vec<u32> = std::iter::once(first[b].1)
+            .chain(picks.iter().map(|row| row[b]))
+            .collect();
+        differ += usize::from(&got != want);
+    }
+    for (s, _) in first {
+        engine.free(s);
+    }
+    res.push(CheckResult {
+        name: format!(
+            "{label}: chained greedy decode (picks fed on the device) differing from step-by-step (sequences)"
+        ),
+        err: differ as f64,
+        tol: 0.0,
+        detail: format!("{} sequences x {steps} tokens", toks.len()),
+    });
     Ok(res)
 }
 

@@ -39,6 +39,9 @@ pub struct DecodeOpts {
     pub model_name: String,
     /// Decode steps replayed as CUDA graphs (else every kernel issued on its own).
     pub graphs: bool,
+    /// Timed steps chained on the device (Engine::decode_greedy: the host issues a step while the GPU
+    /// runs the one before) instead of one synchronous step at a time (`--sync-steps`).
+    pub chained: bool,
     /// Fill the context by prefilling seeded random tokens through the model (timed) instead of
     /// appending synthetic K/V: the whole prompt path, chunk by chunk.
     pub prefill: bool,
@@ -310,10 +313,14 @@ fn measure(
     engine.set_step_timing(true);
     let (before, _) = engine.graph_stats();
     let t0 = Instant::now();
-    for _ in 0..o.steps {
-        let next = engine.step_greedy(&batch)?;
-        for (x, n) in batch.iter_mut().zip(next) {
-            x.1 = n;
+    if o.chained {
+        engine.decode_greedy(&batch, o.steps)?;
+    } else {
+        for _ in 0..o.steps {
+            let next = engine.step_greedy(&batch)?;
+            for (x, n) in batch.iter_mut().zip(next) {
+                x.1 = n;
+            }
         }
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3 / o.steps.max(1) as f64;
@@ -330,6 +337,7 @@ fn measure(
         "captured": after.captured - before.captured,
         "direct": after.direct - before.direct,
         "nodes_per_step": after.nodes,
+        "chained": o.chained,
         "capture_failure": failure,
     });
     let kv = engine.kv_bytes(seqs[0])?;

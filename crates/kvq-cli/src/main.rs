@@ -258,6 +258,10 @@ enum BenchCmd {
         /// measure what the graphs buy).
         #[arg(long)]
         no_graphs: bool,
+        /// Time steps one at a time, each waiting for its picks before the next is issued (the host's
+        /// issuing then adds to every step), instead of chained on the device (Engine::decode_greedy).
+        #[arg(long)]
+        sync_steps: bool,
     },
 }
 
@@ -892,6 +896,7 @@ fn run(cli: Cli) -> Result<()> {
                     name,
                     replot,
                     no_graphs,
+                    sync_steps,
                     prefill,
                 },
         } => {
@@ -931,6 +936,7 @@ fn run(cli: Cli) -> Result<()> {
                     peers: peer,
                     model_name,
                     graphs: !no_graphs,
+                    chained: !sync_steps,
                     prefill,
                 },
             )?;
