@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Chained greedy decode (Engine::decode_greedy: each step's picks fed to the next on the device, so the
-# host issues step t+1 while the GPU runs step t) against one synchronous step at a time
-# (`bench decode --sync-steps`), in one call on a fresh machine: parity first (kvq-gpu check on the
+# host issues step t+1 while the GPU runs step t; `bench decode --chained`) against one synchronous
+# step at a time (the default), in one call on a fresh machine: parity first (kvq-gpu check on the
 # hq=8 third with every kernel a programmatic dependent, resident-check, which compares chained and
 # step-by-step greedy tokens), then `bench decode` on the random Llama-3-8B-shape f16 GGUF (written
 # here, about 150 s) both ways, fp16 and KIVI-2, B=1/8 at 4k/32k.
@@ -20,7 +20,7 @@ timeout 90 "$S/kvq-gpu" resident-check > "$R/resident.txt" 2>&1; echo "resident-
 grep -E "^FAIL" "$R/resident.txt" | cut -c1-160 | head; grep -c "^PASS" "$R/resident.txt"; grep "chained" "$R/resident.txt" | cut -c1-200; save
 echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 3; done; cat "$S/gguf.log"
 for v in chained sync; do
-  a=(); [ $v = sync ] && a=(--sync-steps)
+  a=(); [ $v = chained ] && a=(--chained)
   timeout 150 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16 ($v steps)" --ctx 4096,32768 --batch 1,8 \
     --steps 32 --kv fp16 --kv kivi:bits=2,window=0 --json "$R/bench-$v.json" "${a[@]}" > "$R/bench-$v.log" 2>&1
   echo "== $v rc=$?"; grep "T=" "$R/bench-$v.log" | sed 's/ graph nodes//; s/  */ /g' | cut -c1-200; save

@@ -91,44 +91,30 @@ impl Indices {
         Ok(())
     }
 
-    /// Replaces the values with the first `n` of `src`, copied on the device (recorded like any step
-    /// work): a decode step whose tokens are the previous step's greedy picks needs no host round trip.
-    /// The caller vouches that every value is below `upper` (argmax picks are below the vocabulary).
-    pub fn restage_from_device(
-        &mut self,
-        gpu: &Gpu,
-        src: &CudaSlice<i32>,
-        n: usize,
-        upper: usize,
-    ) -> Result<()> {
-        need("device-fed indices", src.len(), n)?;
+    /// The device buffer, grown to hold `n` values (its contents are then undefined), for a kernel of
+    /// this step to write the next step's indices into (a greedy pick feeding the next token).
+    pub fn device_output(&mut self, gpu: &Gpu, n: usize) -> Result<&mut CudaSlice<i32>> {
         if n > self.dev.len() {
             self.dev = gpu
                 .stream()
                 .alloc_zeros::<i32>(n.next_power_of_two())
                 .map_err(drv("allocating indices"))?;
         }
+        Ok(&mut self.dev)
+    }
+
+    /// The device buffer (the last values staged or written on the device).
+    pub fn device(&self) -> &CudaSlice<i32> {
+        &self.dev
+    }
+
+    /// Takes the first `n` values a kernel wrote through [`Indices::device_output`] as the indices,
+    /// with no upload. The caller vouches that each is below `upper` (argmax picks: the vocabulary).
+    pub fn assume_device_written(&mut self, n: usize, upper: usize) -> Result<()> {
+        need("device-written indices", self.dev.len(), n)?;
         self.len = n;
         self.upper = upper;
-        if n == 0 {
-            return Ok(());
-        }
-        let st = gpu.stream();
-        let (s, d) = (src.device_ptr(st).0, self.dev.device_ptr(st).0);
-        let bytes = n * std::mem::size_of::<i32>();
-        gpu.submit(Work::Call {
-            key: vec![s, d, bytes as u64],
-            run: Box::new(move |g: &Gpu| {
-                // SAFETY: `src` holds at least n values (checked) and `dev` at least n (grown
-                // above); both are device allocations alive while the step that records this copy
-                // is (crate::graph replays only lists the host has just asked for), and they do not
-                // overlap (distinct allocations).
-                unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(d, s, bytes, g.stream().cu_stream())
-                }
-                .map_err(drv("copying the previous step's picks"))
-            }),
-        })
+        Ok(())
     }
 
     /// Number of indices.

@@ -887,12 +887,19 @@ pub fn generation_check_on(
         first.push((s, argmax(&engine.prefill(s, p, chunk)?)));
     }
     let picks = engine.decode_greedy(&first, steps.saturating_sub(1))?;
-    let mut differ = 0usize;
+    let (mut differ, mut where_) = (0usize, Vec::new());
     for (b, want) in toks.iter().enumerate() {
         let got: Vec<u32> = std::iter::once(first[b].1)
             .chain(picks.iter().map(|row| row[b]))
             .collect();
-        differ += usize::from(&got != want);
+        if let Some(i) = got.iter().zip(want).position(|(g, w)| g != w) {
+            differ += 1;
+            where_.push(format!(
+                "sequence {b} from token {i}: chained {:?} step-by-step {:?}",
+                &got[i..(i + 3).min(got.len())],
+                &want[i..(i + 3).min(want.len())]
+            ));
+        }
     }
     for (s, _) in first {
         engine.free(s);
@@ -903,7 +910,7 @@ pub fn generation_check_on(
         ),
         err: differ as f64,
         tol: 0.0,
-        detail: format!("{} sequences x {steps} tokens", toks.len()),
+        detail: format!("{} sequences x {steps} tokens; {}", toks.len(), where_.join("; ")),
     });
     Ok(res)
 }

@@ -175,6 +175,9 @@ pub struct Engine {
     /// The step being enqueued takes its tokens from the previous step's greedy picks on the device
     /// ([`Engine::decode_greedy`]), not from the host.
     chained: bool,
+    /// The step being enqueued writes its greedy picks into the token-id buffer (for a chained next
+    /// step) instead of the picks buffer.
+    feed_picks: bool,
 }
 
 impl Engine {
@@ -335,6 +338,7 @@ impl Engine {
             enqueue: std::time::Duration::ZERO,
             graphs: StepGraphs::new(),
             chained: false,
+            feed_picks: false,
         })
     }
 
@@ -544,10 +548,12 @@ impl Engine {
     }
 
     /// `steps` greedy decode steps of `batch` ((sequence, its next input token) pairs, each sequence
-    /// once), each step's tokens fed to the next on the device: the host records and launches step
-    /// t + 1 while the GPU runs step t, so its issuing time (about 0.5 ms per 8B-shape step, run 16)
-    /// leaves the critical path that [`Engine::step_greedy`]'s wait for every pick puts it on. Returns
-    /// the picks of every step (the tokens after each input), as `steps` rows in `batch`'s order.
+    /// once), each step's picks written by its argmax kernel into the next step's token ids, so that
+    /// the host can record and launch step t + 1 while the GPU runs step t instead of waiting for every
+    /// pick as [`Engine::step_greedy`] does (about 0.5 ms per 8B-shape step, run 16). Experimental:
+    /// the first form (a device copy of the picks) gave wrong tokens and the host still waited about a
+    /// step per step (run 17); this form has not run on a GPU yet. Returns the picks of every step,
+    /// `steps` rows in `batch`'s order.
     pub fn decode_greedy(&mut self, batch: &[(SeqId, u32)], steps: usize) -> Result<Vec<Vec<u32>>> {
         let n = batch.len();
         if steps == 0 {
@@ -570,14 +576,15 @@ impl Engine {
             Ok(v[..n].iter().map(|&x| x as u32).collect())
         };
         for t in 0..steps {
-            self.chained = t > 0;
+            (self.chained, self.feed_picks) = (t > 0, true);
             let r = self.step_rows(&rows, true);
-            self.chained = false;
+            (self.chained, self.feed_picks) = (false, false);
             r?;
             let s = self.scratch.as_ref().ok_or_else(no_forward)?;
+            // Stream-ordered before the next step's argmax overwrites the ids.
             self.gpu
                 .stream()
-                .memcpy_dtoh(&s.picks.slice(0..n), &mut host[t % 2])
+                .memcpy_dtoh(&s.ids.device().slice(0..n), &mut host[t % 2])
                 .map_err(drv("copying the picked tokens"))?;
             if t > 0 {
                 out.push(read(&host[(t - 1) % 2])?);
@@ -657,8 +664,15 @@ impl Engine {
         self.forward_enqueue(rows, ids, false)?;
         if greedy {
             let s = self.scratch.as_mut().ok_or_else(no_forward)?;
-            self.ops
-                .argmax(&s.logits, (rows.len(), self.config.vocab), &mut s.picks)?;
+            let dims = (rows.len(), self.config.vocab);
+            if self.feed_picks {
+                // A kernel (not a copy) writes the next step's ids: the next step's first kernel
+                // waits for it like for any kernel before it, dependent launch or not.
+                let ids = s.ids.device_output(&self.gpu, rows.len())?;
+                self.ops.argmax(&s.logits, dims, ids)?;
+            } else {
+                self.ops.argmax(&s.logits, dims, &mut s.picks)?;
+            }
         }
         Ok(())
     }
@@ -768,10 +782,12 @@ impl Engine {
             }
         }
         let s = self.scratch.as_mut().ok_or_else(no_forward)?;
-        s.ids.restage(&self.gpu, ids)?;
         if self.chained {
-            // One row per sequence, in the order of the step before: its picks are these tokens.
-            s.ids.restage_from_device(&self.gpu, &s.picks, n, c.vocab)?;
+            // One row per sequence, in the order of the step before, whose greedy picks (written
+            // into the id buffer by its argmax kernel, step_enqueue) are these tokens.
+            s.ids.assume_device_written(n, c.vocab)?;
+        } else {
+            s.ids.restage(&self.gpu, ids)?;
         }
         s.pos.restage(&self.gpu, &pos)?;
         s.last.restage(&self.gpu, &last)?;

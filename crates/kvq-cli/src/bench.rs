@@ -39,8 +39,8 @@ pub struct DecodeOpts {
     pub model_name: String,
     /// Decode steps replayed as CUDA graphs (else every kernel issued on its own).
     pub graphs: bool,
-    /// Timed steps chained on the device (Engine::decode_greedy: the host issues a step while the GPU
-    /// runs the one before) instead of one synchronous step at a time (`--sync-steps`).
+    /// Timed steps chained on the device (`--chained`, Engine::decode_greedy: the host issues a step
+    /// while the GPU runs the one before) instead of one synchronous step at a time.
     pub chained: bool,
     /// Fill the context by prefilling seeded random tokens through the model (timed) instead of
     /// appending synthetic K/V: the whole prompt path, chunk by chunk.

@@ -258,10 +258,11 @@ enum BenchCmd {
         /// measure what the graphs buy).
         #[arg(long)]
         no_graphs: bool,
-        /// Time steps one at a time, each waiting for its picks before the next is issued (the host's
-        /// issuing then adds to every step), instead of chained on the device (Engine::decode_greedy).
+        /// Time steps chained on the device (Engine::decode_greedy: each step's picks feed the next
+        /// without the host) instead of one at a time. Experimental: its first form gave wrong tokens
+        /// and no speed-up on the H100 (docs/BENCHMARKS.md, run 17); this one has not run on a GPU.
         #[arg(long)]
-        sync_steps: bool,
+        chained: bool,
     },
 }
 
@@ -896,7 +897,7 @@ fn run(cli: Cli) -> Result<()> {
                     name,
                     replot,
                     no_graphs,
-                    sync_steps,
+                    chained,
                     prefill,
                 },
         } => {
@@ -936,7 +937,7 @@ fn run(cli: Cli) -> Result<()> {
                     peers: peer,
                     model_name,
                     graphs: !no_graphs,
-                    chained: !sync_steps,
+                    chained,
                     prefill,
                 },
             )?;
