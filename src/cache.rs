@@ -49,6 +49,8 @@ pub struct GpuLayerCache {
     v_ints: [i32; 4],
     /// Device copy of the last append's plan (grown on demand, reused across appends).
     idx_dev: CudaSlice<i32>,
+    /// Dynamic shared memory of the format's encoder (bytes), read once at creation.
+    enc_smem: usize,
 }
 
 /// Host-built index arrays of one append, uploaded as one buffer.
@@ -87,6 +89,22 @@ impl GpuLayerCache {
                     cfg.d
                 ))
             })?;
+        // The encoder's dynamic shared memory: what the module states, else the block's values as f32
+        // then the default scratch (2*D f32 pairs and BT*D u8 codes, KIVI's). Read once: reading the
+        // module's global copies from the device and waits for the stream, which every append did
+        // before, a host-device round trip in each layer of each decode step (the likely reason
+        // run 17's chained steps still waited for the step before; not yet confirmed on a GPU).
+        let enc_smem = gpu
+            .encode_smem(module, cfg.d)?
+            .unwrap_or(bt * cfg.d * 4 + 8 * cfg.d + bt * cfg.d);
+        let most = gpu.max_smem_per_block()?;
+        if enc_smem > most {
+            return Err(GpuError::Shape(format!(
+                "{module}'s encoder needs {enc_smem} bytes of shared memory for blocks of {bt} tokens \
+                 at head_dim {}; this GPU allows {most}",
+                cfg.d
+            )));
+        }
         let page_tokens = page_blocks * bt;
         let max_pages = cfg.max_tokens.div_ceil(page_tokens).max(1);
         let pool_pages = cfg.pool_pages.unwrap_or(max_pages * cfg.slots);
@@ -127,6 +145,7 @@ impl GpuLayerCache {
             len: vec![0; cfg.slots],
             k_ints: ints(kc),
             v_ints: ints(vc),
+            enc_smem,
             idx_dev: gpu
                 .stream()
                 .alloc_zeros::<i32>(1024)
@@ -255,17 +274,7 @@ impl GpuLayerCache {
         // What the module states, else the block's values as f32 then the default scratch: 2*D f32
         // pairs and BT*D u8 codes (KIVI's).
         let bt = kv.block_tokens;
-        let smem = gpu
-            .encode_smem(module, d)?
-            .unwrap_or(bt * d * 4 + 8 * d + bt * d);
-        let most = gpu.max_smem_per_block()?;
-        if smem > most {
-            return Err(GpuError::Shape(format!(
-                "{module}'s encoder needs {smem} bytes of shared memory for blocks of {bt} tokens at \
-                 head_dim {d}; this GPU allows {most}"
-            )));
-        }
-        launch::encode(gpu, &encode, &p, smem)?;
+        launch::encode(gpu, &encode, &p, self.enc_smem)?;
         // Commit the bookkeeping: pages were taken in `plan`; lengths now.
         for &(slot, n) in counts {
             self.len[slot] += n;
