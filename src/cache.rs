@@ -271,8 +271,6 @@ impl GpuLayerCache {
         launch::append(gpu, &append, &p, d)?;
         let module = kv.k_spec.module;
         let encode = gpu.function(module, &kernel_name(module, "encode", "f16", d))?;
-        // What the module states, else the block's values as f32 then the default scratch: 2*D f32
-        // pairs and BT*D u8 codes (KIVI's).
         let bt = kv.block_tokens;
         launch::encode(gpu, &encode, &p, self.enc_smem)?;
         // Commit the bookkeeping: pages were taken in `plan`; lengths now.
