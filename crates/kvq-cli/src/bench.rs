@@ -47,6 +47,19 @@ pub struct DecodeOpts {
     pub prefill: bool,
 }
 
+impl DecodeOpts {
+    /// Steps each sequence takes before the timed ones: `warmup`, and when chained two chained runs
+    /// of at least 3 (each run's first step is fed from the host, a step list of its own: seen twice,
+    /// its graph is captured before the timed run starts with it).
+    fn untimed_steps(&self) -> usize {
+        if self.chained {
+            2 * self.warmup.max(3)
+        } else {
+            self.warmup
+        }
+    }
+}
+
 /// One measured (or skipped) point.
 fn point(plan: &str, ctx: usize, batch: usize, status: &str, extra: Value) -> Value {
     let mut p =
@@ -87,7 +100,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
     };
     let mut engine = kvq::Engine::from_model_resident(gpu.clone(), model, first_plan, limits0)
         .context("starting the GPU engine")?;
-    engine.extend_context(max_ctx + o.warmup + o.steps + 1);
+    engine.extend_context(max_ctx + o.untimed_steps() + o.steps + 1);
     engine.set_graphs(o.graphs)?;
     let weight_bytes = engine.weight_bytes();
     eprintln!("{}", engine.describe());
@@ -120,7 +133,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
         for &t in &o.ctx {
             for &b in &o.batch {
                 pb.set_message(format!("{desc} T={t} B={b}"));
-                let cap = t + o.warmup + o.steps + 1;
+                let cap = t + o.untimed_steps() + o.steps + 1;
                 let need = bpt * (b * cap) as f64;
                 // Free the previous point's caches before asking what is free.
                 engine.set_resident(plan.clone(), &model.rope, limits0)?;
@@ -283,7 +296,7 @@ fn measure(
     b: usize,
     o: &DecodeOpts,
 ) -> Result<Measured> {
-    let cap = t + o.warmup + o.steps + 1;
+    let cap = t + o.untimed_steps() + o.steps + 1;
     let limits = kvq::engine::ResidentLimits {
         slots: b,
         max_tokens: cap,
@@ -303,10 +316,21 @@ fn measure(
     }
     let fill_s = t_fill.elapsed().as_secs_f64();
     let mut batch: Vec<(kvq::engine::SeqId, u32)> = seqs.iter().map(|&s| (s, 1)).collect();
-    for _ in 0..o.warmup {
-        let next = engine.step_greedy(&batch)?;
-        for (x, n) in batch.iter_mut().zip(next) {
-            x.1 = n;
+    if o.chained {
+        for _ in 0..2 {
+            let picks = engine.decode_greedy(&batch, o.warmup.max(3))?;
+            if let Some(last) = picks.last() {
+                for (x, &n) in batch.iter_mut().zip(last) {
+                    x.1 = n;
+                }
+            }
+        }
+    } else {
+        for _ in 0..o.warmup {
+            let next = engine.step_greedy(&batch)?;
+            for (x, n) in batch.iter_mut().zip(next) {
+                x.1 = n;
+            }
         }
     }
     engine.take_enqueue_time();
