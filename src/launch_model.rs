@@ -77,12 +77,7 @@ impl Indices {
     /// step then allocates nothing); the copy is stream-ordered after the kernels that read the old values.
     pub fn restage(&mut self, gpu: &Gpu, host: &[u32]) -> Result<()> {
         let v = to_i32s(host)?;
-        if v.len() > self.dev.len() {
-            self.dev = gpu
-                .stream()
-                .alloc_zeros::<i32>(v.len().next_power_of_two())
-                .map_err(drv("allocating indices"))?;
-        }
+        self.reserve(gpu, v.len())?;
         if !v.is_empty() {
             gpu.upload(&v, &mut self.dev.slice_mut(..v.len()))?;
         }
@@ -94,13 +89,19 @@ impl Indices {
     /// The device buffer, grown to hold `n` values (its contents are then undefined), for a kernel of
     /// this step to write the next step's indices into (a greedy pick feeding the next token).
     pub fn device_output(&mut self, gpu: &Gpu, n: usize) -> Result<&mut CudaSlice<i32>> {
+        self.reserve(gpu, n)?;
+        Ok(&mut self.dev)
+    }
+
+    /// Grows the device buffer to hold `n` values (a power of two, so a decode step allocates nothing).
+    fn reserve(&mut self, gpu: &Gpu, n: usize) -> Result<()> {
         if n > self.dev.len() {
             self.dev = gpu
                 .stream()
                 .alloc_zeros::<i32>(n.next_power_of_two())
                 .map_err(drv("allocating indices"))?;
         }
-        Ok(&mut self.dev)
+        Ok(())
     }
 
     /// The device buffer (the last values staged or written on the device).

@@ -318,35 +318,16 @@ fn measure(
     let mut batch: Vec<(kvq::engine::SeqId, u32)> = seqs.iter().map(|&s| (s, 1)).collect();
     if o.chained {
         for _ in 0..2 {
-            let picks = engine.decode_greedy(&batch, o.warmup.max(3))?;
-            if let Some(last) = picks.last() {
-                for (x, &n) in batch.iter_mut().zip(last) {
-                    x.1 = n;
-                }
-            }
+            greedy_steps(engine, &mut batch, o.warmup.max(3), true)?;
         }
     } else {
-        for _ in 0..o.warmup {
-            let next = engine.step_greedy(&batch)?;
-            for (x, n) in batch.iter_mut().zip(next) {
-                x.1 = n;
-            }
-        }
+        greedy_steps(engine, &mut batch, o.warmup, false)?;
     }
     engine.take_enqueue_time();
     engine.set_step_timing(true);
     let (before, _) = engine.graph_stats();
     let t0 = Instant::now();
-    if o.chained {
-        engine.decode_greedy(&batch, o.steps)?;
-    } else {
-        for _ in 0..o.steps {
-            let next = engine.step_greedy(&batch)?;
-            for (x, n) in batch.iter_mut().zip(next) {
-                x.1 = n;
-            }
-        }
-    }
+    greedy_steps(engine, &mut batch, o.steps, o.chained)?;
     let ms = t0.elapsed().as_secs_f64() * 1e3 / o.steps.max(1) as f64;
     let host_ms = engine.take_enqueue_time().as_secs_f64() * 1e3 / o.steps.max(1) as f64;
     let gpu_ms = engine
@@ -381,6 +362,32 @@ fn measure(
         graphs,
         fill,
     })
+}
+
+/// `steps` greedy decode steps of `batch`, chained on the device or one at a time; each sequence's
+/// token becomes its last pick.
+fn greedy_steps(
+    engine: &mut kvq::Engine,
+    batch: &mut [(kvq::engine::SeqId, u32)],
+    steps: usize,
+    chained: bool,
+) -> Result<()> {
+    let set = |batch: &mut [(kvq::engine::SeqId, u32)], picks: Vec<u32>| {
+        for (x, n) in batch.iter_mut().zip(picks) {
+            x.1 = n;
+        }
+    };
+    if chained {
+        if let Some(last) = engine.decode_greedy(batch, steps)?.pop() {
+            set(batch, last);
+        }
+    } else {
+        for _ in 0..steps {
+            let next = engine.step_greedy(batch)?;
+            set(batch, next);
+        }
+    }
+    Ok(())
 }
 
 /// `n` token ids in `[0, vocab)` from a seeded generator: a prompt whose content does not matter
