@@ -571,7 +571,17 @@ impl Engine {
         }
         let mut rows: Vec<(SeqId, u32)> = batch.to_vec();
         let mut out = Vec::with_capacity(steps);
-        let read = |h: &cudarc::driver::PinnedHostSlice<i32>| -> Result<Vec<u32>> {
+        // The context does not track events (src/gpu.rs), so a pinned slice's own wait is a no-op:
+        // each copy gets an event of its own, waited for before its buffer is read (run 18 read
+        // stale picks without it).
+        let mut copied: [Option<cudarc::driver::CudaEvent>; 2] = [None, None];
+        let read = |h: &cudarc::driver::PinnedHostSlice<i32>,
+                    e: &Option<cudarc::driver::CudaEvent>|
+         -> Result<Vec<u32>> {
+            e.as_ref()
+                .ok_or_else(|| GpuError::Input("picked tokens read before their copy".into()))?
+                .synchronize()
+                .map_err(drv("waiting for the picked tokens"))?;
             let v = h.as_slice().map_err(drv("reading the picked tokens"))?;
             Ok(v[..n].iter().map(|&x| x as u32).collect())
         };
@@ -586,8 +596,14 @@ impl Engine {
                 .stream()
                 .memcpy_dtoh(&s.ids.device().slice(0..n), &mut host[t % 2])
                 .map_err(drv("copying the picked tokens"))?;
+            copied[t % 2] = Some(
+                self.gpu
+                    .stream()
+                    .record_event(None)
+                    .map_err(drv("recording the picks' copy"))?,
+            );
             if t > 0 {
-                out.push(read(&host[(t - 1) % 2])?);
+                out.push(read(&host[(t - 1) % 2], &copied[(t - 1) % 2])?);
             }
             // The host's ids are placeholders from here on (checked against the vocabulary, then
             // replaced on the device by the picks).
@@ -595,7 +611,7 @@ impl Engine {
                 r.1 = 0;
             }
         }
-        out.push(read(&host[(steps - 1) % 2])?);
+        out.push(read(&host[(steps - 1) % 2], &copied[(steps - 1) % 2])?);
         Ok(out)
     }
 
