@@ -202,23 +202,23 @@ extern "C" __global__ void kvq_model_scatter(const uint8_t* arena, int n) {
     }
 }
 
-// ---- Small-batch GEMM (decode steps): y[n][out] (=|+=) x[n][inp] W[inp][out], n <= 2 -------------------
-// A decode step's GEMMs read every weight once for a handful of rows: they are bound by the weight bytes,
-// and a general GEMM library reaches about two thirds of the copy bandwidth there. This kernel streams W
-// once with 16-byte non-caching loads, eight in flight per thread, and keeps the n rows of x in shared
-// memory (f16, row-interleaved so one load gives a weight row's x for every batch row).
-//
-// CTA (256 threads) = 64 output columns (8 threads x 8 halves) x 32 row lanes over a K range; grid
-// (ceil(out / 64), ks). With ks > 1 each CTA writes its partial sums to ws[split][n][out] and the last CTA
-// of a column tile (atomic counter, re-zeroed for graph replays) adds the splits in split order: the
-// result does not depend on CTA timing, so graph replays and direct launches agree bit for bit.
-// Requires out % 8 == 0 and 16-byte aligned W (checked by the wrapper, src/launch_model.rs).
+// ---- Small-batch GEMM (decode steps): y[n][out] (=|+=) x[n][inp] W^T, W [out][inp], n <= 2 ----------------
+// A decode step's GEMMs read every weight once for a handful of rows: they are bound by the weight bytes.
+// W is row-major [out][inp] as the model files store it, so one output is one contiguous weight row: a
+// warp streams whole rows (a lane takes 8 consecutive k of every 256: one 16-byte non-caching load per
+// row), GEMV_U loads per row in flight and the next group requested before the current one is summed;
+// x (the n rows, f16) is staged once per CTA in shared memory. CTA = 8 warps; warp w of CTA b takes rows
+// (b * 8 + w) * rpw .. + rpw one after another (rpw > 1 spreads a CTA's x staging over more rows), so no
+// K split, no partial sums and no atomics: each output is one lane's fixed-order sum and a warp
+// reduction, the same in graph replays and direct launches. On the H100 (docs/BENCHMARKS.md, run 18,
+// scripts/gemv-lab.cu at 568f680) this layout streamed the Llama-3-8B layer GEMVs 7.6% faster (n = 1)
+// and 12% faster (n = 2) than the earlier [inp][out] column-tile kernel.
+// Requires inp % 8 == 0, 16-byte aligned W and n * inp halves of dynamic shared memory (the wrapper,
+// src/launch_model.rs, checks all three).
 namespace {
-constexpr int GEMV_TX = 8;
 constexpr int GEMV_THREADS = 256;
-constexpr int GEMV_RY = GEMV_THREADS / GEMV_TX;
-constexpr int GEMV_CHUNK = 1024;
-constexpr int GEMV_UNROLL = 8;
+constexpr int GEMV_WARPS = GEMV_THREADS / 32;
+constexpr int GEMV_U = 4;
 
 __device__ __forceinline__ uint4 gemv_ld_stream(const __half* p) {
     uint4 v;
@@ -228,43 +228,6 @@ __device__ __forceinline__ uint4 gemv_ld_stream(const __half* p) {
     return v;
 }
 
-// acc[r][c] += x[r] * w[c] for one weight row (8 columns) and the NP staged x values of that row.
-template <int NP>
-__device__ __forceinline__ void gemv_row(float (&acc)[NP][8], const uint4 w, const __half* xs_row) {
-    float wf[8];
-    const __half2* wh = reinterpret_cast<const __half2*>(&w);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const float2 f = __half22float2(wh[j]);
-        wf[2 * j] = f.x;
-        wf[2 * j + 1] = f.y;
-    }
-    float xf[NP];
-    if constexpr (NP == 1) {
-        xf[0] = __half2float(xs_row[0]);
-    } else {
-        // NP halves at a 2*NP-byte aligned address: one 4-, 8- or 16-byte shared load.
-        __half2 xh[NP / 2];
-        if constexpr (NP == 2) {
-            *reinterpret_cast<uint32_t*>(xh) = *reinterpret_cast<const uint32_t*>(xs_row);
-        } else if constexpr (NP == 4) {
-            *reinterpret_cast<uint2*>(xh) = *reinterpret_cast<const uint2*>(xs_row);
-        } else {
-            *reinterpret_cast<uint4*>(xh) = *reinterpret_cast<const uint4*>(xs_row);
-        }
-#pragma unroll
-        for (int j = 0; j < NP / 2; ++j) {
-            const float2 f = __half22float2(xh[j]);
-            xf[2 * j] = f.x;
-            xf[2 * j + 1] = f.y;
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < NP; ++r)
-#pragma unroll
-        for (int c = 0; c < 8; ++c) acc[r][c] = fmaf(xf[r], wf[c], acc[r][c]);
-}
-
 // The GEMV's input rows (`mode`): 0 = x, f16 [n][inp]; 1 = RMSNorm of xf [n][inp] (f32) with weight nw
 // and eps; 2 = SwiGLU of xf [n][2 inp] (gate first). Modes 1 and 2 fold the kernel that would have made
 // x (kvq_model_rmsnorm, kvq_model_swiglu) into the staging, computing it exactly as those kernels do
@@ -272,32 +235,29 @@ __device__ __forceinline__ void gemv_row(float (&acc)[NP][8], const uint4 w, con
 template <int NP>
 __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* __restrict__ xf,
                                      const float* __restrict__ nw, float eps, int mode,
-                                     const __half* __restrict__ w, float* y, float* ws, int* counters, int n,
-                                     int inp, int out, int ks, int accumulate) {
-    __shared__ __align__(16) __half xs[GEMV_CHUNK * NP];
+                                     const __half* __restrict__ w, float* y, int n, int inp, int out, int rpw,
+                                     int accumulate) {
+    extern __shared__ __align__(16) __half xs[];  // [NP][inp]
     __shared__ float inv_sh[NP];
-    __shared__ float red[GEMV_THREADS / 32][NP][GEMV_TX * 8];
-    __shared__ int last;
-    const int tid = threadIdx.x, tx = tid % GEMV_TX, ry = tid / GEMV_TX;
-    const int tile = blockIdx.x, split = blockIdx.y;
-    const int c0 = tile * GEMV_TX * 8 + tx * 8;
-    const bool live = c0 < out;
-    const int per = (inp + ks - 1) / ks;
-    const int k0 = min(inp, split * per), k1 = min(inp, k0 + per);
-    float acc[NP][8];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int row0 = (blockIdx.x * GEMV_WARPS + warp) * rpw;
+    const int rows = max(0, min(rpw, out - row0));
+    // Work items: (row, group of GEMV_U steps of 256 k), row-major, so the prefetch runs on across rows.
+    const int groups = (inp + 256 * GEMV_U - 1) / (256 * GEMV_U);
+    const int items = rows * groups;
+    auto load = [&](uint4 (&buf)[GEMV_U], int item) {
+        const int r = item / groups, g = item - r * groups;
+        const __half* wr = w + (int64_t)(row0 + r) * inp;
 #pragma unroll
-    for (int r = 0; r < NP; ++r)
-#pragma unroll
-        for (int c = 0; c < 8; ++c) acc[r][c] = 0.f;
-    // Launched as a programmatic dependent: the first rows of weights (which no kernel writes) are
-    // requested while the kernel that writes x finishes; x, y, ws and counters only after the wait.
-    uint4 wv[GEMV_UNROLL];
-    const int len0 = min(GEMV_CHUNK, k1 - k0);
-    if (live) {
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u)
-            if (ry + u * GEMV_RY < len0) wv[u] = gemv_ld_stream(w + (int64_t)(k0 + ry + u * GEMV_RY) * out + c0);
-    }
+        for (int u = 0; u < GEMV_U; ++u) {
+            const int k = (g * GEMV_U + u) * 256 + lane * 8;
+            buf[u] = k < inp ? gemv_ld_stream(wr + k) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    // Launched as a programmatic dependent: the first weights (which no kernel writes) are requested
+    // while the kernel that writes x finishes; x and y only after the wait.
+    uint4 cur[GEMV_U];
+    if (items > 0) load(cur, 0);
     kvq_pdl_wait();
     kvq_pdl_trigger();
     if (mode == 1) {
@@ -313,102 +273,74 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
             if (tid == 0) inv_sh[r] = 1.f / sqrtf(ss / (float)inp + eps);
         }
     }
-    bool have = true;  // wv holds this thread's first batch of rows of the first chunk
-    for (int kc = k0; kc < k1; kc += GEMV_CHUNK) {
-        const int len = min(GEMV_CHUNK, k1 - kc);
-        __syncthreads();
-        for (int e = tid; e < len * NP; e += GEMV_THREADS) {
-            const int r = e / len, i = e - r * len;
-            const int k = kc + i;
-            __half v = __float2half(0.f);
-            if (r < n) {
-                if (mode == 0) {
-                    v = x[(int64_t)r * inp + k];
-                } else if (mode == 1) {
-                    v = __float2half(xf[(int64_t)r * inp + k] * inv_sh[r] * nw[k]);
-                } else {
-                    const float g = xf[(int64_t)r * 2 * inp + k], u = xf[(int64_t)r * 2 * inp + inp + k];
-                    v = __float2half(g / (1.f + expf(-g)) * u);
+    for (int e = tid; e < NP * inp; e += GEMV_THREADS) {
+        const int r = e / inp, k = e - r * inp;
+        __half v = __float2half(0.f);
+        if (r < n) {
+            if (mode == 0) {
+                v = x[(int64_t)r * inp + k];
+            } else if (mode == 1) {
+                v = __float2half(xf[(int64_t)r * inp + k] * inv_sh[r] * nw[k]);
+            } else {
+                const float g = xf[(int64_t)r * 2 * inp + k], u = xf[(int64_t)r * 2 * inp + inp + k];
+                v = __float2half(g / (1.f + expf(-g)) * u);
+            }
+        }
+        xs[e] = v;
+    }
+    __syncthreads();
+    float acc[NP];
+#pragma unroll
+    for (int p = 0; p < NP; ++p) acc[p] = 0.f;
+    for (int it = 0; it < items; ++it) {
+        uint4 nxt[GEMV_U];
+        if (it + 1 < items) load(nxt, it + 1);
+        const int r = it / groups, g = it - r * groups;
+#pragma unroll
+        for (int u = 0; u < GEMV_U; ++u) {
+            const int k = (g * GEMV_U + u) * 256 + lane * 8;
+            if (k < inp) {
+                const __half2* wh = reinterpret_cast<const __half2*>(&cur[u]);
+#pragma unroll
+                for (int p = 0; p < NP; ++p) {
+                    const uint4 xv = *reinterpret_cast<const uint4*>(xs + p * inp + k);
+                    const __half2* xh = reinterpret_cast<const __half2*>(&xv);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float2 wf = __half22float2(wh[j]), xf2 = __half22float2(xh[j]);
+                        acc[p] = fmaf(wf.y, xf2.y, fmaf(wf.x, xf2.x, acc[p]));
+                    }
                 }
             }
-            xs[i * NP + r] = v;
         }
-        __syncthreads();
-        if (live) {
-            const __half* wp = w + (int64_t)kc * out + c0;
-            int i = ry;
-            for (; have || i + (GEMV_UNROLL - 1) * GEMV_RY < len; i += GEMV_UNROLL * GEMV_RY) {
-                if (!have) {
+        if (g == groups - 1) {
+            // The row is done: lanes' sums in a fixed butterfly, lane 0 writes.
 #pragma unroll
-                    for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = gemv_ld_stream(wp + (int64_t)(i + u * GEMV_RY) * out);
+            for (int p = 0; p < NP; ++p) {
+                float v = acc[p];
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0 && p < n) {
+                    float* dst = y + (int64_t)p * out + row0 + r;
+                    *dst = accumulate ? *dst + v : v;
                 }
-#pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; ++u)
-                    if (i + u * GEMV_RY < len) gemv_row<NP>(acc, wv[u], xs + (i + u * GEMV_RY) * NP);
-                have = false;
+                acc[p] = 0.f;
             }
-            for (; i < len; i += GEMV_RY) gemv_row<NP>(acc, gemv_ld_stream(wp + (int64_t)i * out), xs + i * NP);
         }
-        have = false;
-    }
-    // The 4 row lanes of a warp (lane = (ry % 4) * 8 + tx), then the 8 warps in order.
+        if (it + 1 < items) {
 #pragma unroll
-    for (int r = 0; r < NP; ++r)
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-            float v = acc[r][c];
-            v += __shfl_xor_sync(0xffffffffu, v, 8);
-            v += __shfl_xor_sync(0xffffffffu, v, 16);
-            acc[r][c] = v;
-        }
-    const int warp = tid / 32, lane = tid % 32;
-    if (lane < GEMV_TX) {
-#pragma unroll
-        for (int r = 0; r < NP; ++r)
-#pragma unroll
-            for (int c = 0; c < 8; ++c) red[warp][r][lane * 8 + c] = acc[r][c];
-    }
-    __syncthreads();
-    const int cols = GEMV_TX * 8;
-    for (int e = tid; e < n * cols; e += GEMV_THREADS) {
-        const int r = e / cols, cc = e % cols, c = tile * cols + cc;
-        if (c >= out) continue;
-        float s = 0.f;
-#pragma unroll
-        for (int wi = 0; wi < GEMV_THREADS / 32; ++wi) s += red[wi][r][cc];
-        if (ks == 1) {
-            float* dst = y + (int64_t)r * out + c;
-            *dst = accumulate ? *dst + s : s;
-        } else {
-            ws[((int64_t)split * n + r) * out + c] = s;
+            for (int u = 0; u < GEMV_U; ++u) cur[u] = nxt[u];
         }
     }
-    if (ks == 1) return;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(&counters[tile], 1) == ks - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int e = tid; e < n * cols; e += GEMV_THREADS) {
-        const int r = e / cols, c = tile * cols + e % cols;
-        if (c >= out) continue;
-        float s = 0.f;
-        for (int sp = 0; sp < ks; ++sp) s += __ldcg(ws + ((int64_t)sp * n + r) * out + c);
-        float* dst = y + (int64_t)r * out + c;
-        *dst = accumulate ? *dst + s : s;
-    }
-    if (tid == 0) counters[tile] = 0;
 }
 }  // namespace
 
 // One entry per padded row count (n <= NP; rows n..NP-1 are computed on zeros and not written).
-#define KVQ_GEMV(NP, MINB)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, MINB)                                        \
-        kvq_model_gemv##NP(const __half* x, const float* xf, const float* nw, float eps, int mode,         \
-                           const __half* w, float* y, float* ws, int* counters, int n, int inp, int out,    \
-                           int ks, int accumulate) {                                                        \
-        gemv<NP>(x, xf, nw, eps, mode, w, y, ws, counters, n, inp, out, ks, accumulate);                    \
+#define KVQ_GEMV(NP)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                \
+        kvq_model_gemv##NP(const __half* x, const float* xf, const float* nw, float eps, int mode,           \
+                           const __half* w, float* y, int n, int inp, int out, int rpw, int accumulate) {     \
+        gemv<NP>(x, xf, nw, eps, mode, w, y, n, inp, out, rpw, accumulate);                                  \
     }
-KVQ_GEMV(1, 3)
-KVQ_GEMV(2, 3)
+KVQ_GEMV(1)
+KVQ_GEMV(2)

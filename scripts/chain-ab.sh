@@ -20,19 +20,12 @@ if [ -f .carry-peers/llama-src.tar.gz ]; then
   cp -r .carry-peers/. "$S"/
   setsid nohup nice -n 15 bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
 fi
-# The GEMV lab (scripts/gemv-lab.cu), built here meanwhile: run while the GGUF is written.
-NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-( $NVCC -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -I kernels/include -Xptxas=-v scripts/gemv-lab.cu \
-    -o "$S/gemv-lab" -lcublas > "$R/gemv-lab.build.txt" 2>&1 || echo "gemv-lab build failed" >> "$R/gemv-lab.build.txt" ) &
 save() { rm -f "$R"/*.png; tar czf "$OUT/chain.tar.gz" -C "$OUT" chain; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 KVQ_CHECK_FILTER=${FILTER:-hq=8} timeout 150 "$S/kvq-gpu" check > "$R/check.txt" 2>&1; echo "check rc=$?"
 grep -E "^parity" "$R/check.txt" | tail -1; grep "^FAIL" "$R/check.txt" | head -5
 timeout 90 "$S/kvq-gpu" resident-check > "$R/resident.txt" 2>&1; echo "resident-check rc=$?"
 grep -E "^FAIL" "$R/resident.txt" | cut -c1-160 | head; grep -c "^PASS" "$R/resident.txt"; grep "chained" "$R/resident.txt" | cut -c1-200; save
-for i in $(seq 1 30); do [ -x "$S/gemv-lab" ] || grep -q failed "$R/gemv-lab.build.txt" && break; sleep 2; done
-[ -x "$S/gemv-lab" ] && { timeout 150 "$S/gemv-lab" > "$R/gemv-lab.txt" 2>&1; echo "gemv-lab rc=$?"; grep -E "chain|best" "$R/gemv-lab.txt"; } || tail -5 "$R/gemv-lab.build.txt"
-save
 echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 3; done; cat "$S/gguf.log"
 for v in chained sync; do
   a=(); [ $v = chained ] && a=(--chained)

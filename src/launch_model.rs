@@ -546,10 +546,10 @@ impl ModelOps {
     }
 }
 
-/// A linear layer's weight on the GPU: f16, row-major [inp][out] (y = x W), as kvq_model stores its
-/// transposed weights.
+/// A linear layer's weight on the GPU: f16, row-major [out][inp] (y = x W^T) as the model files store
+/// it, so the decode GEMV streams each output's weights as one contiguous row.
 pub struct Linear {
-    /// The weight, inp x out halves.
+    /// The weight, out x inp halves (row o = the weights of output o).
     pub w: CudaSlice<f16>,
     /// Input features.
     pub inp: usize,
@@ -559,20 +559,14 @@ pub struct Linear {
 
 /// The GEMMs of the engine on the GPU's stream: f16 inputs, f32 accumulation and f32 outputs, through
 /// cuBLAS; decode steps of one or two rows go through kvq_model_gemv* (`KVQ_GEMV=0`: cuBLAS), which
-/// streams the weights and starts loading them before the previous kernel ends (at 8 rows it is
-/// issue-bound on CUDA cores: 0.71-0.88x cuBLAS on the H100).
+/// streams the weight rows and starts loading them before the previous kernel ends.
 pub struct Blas {
     handle: Arc<CudaBlas>,
     gpu: Arc<Gpu>,
     /// kvq_model_gemv{1,2}: one and two rows.
     gemv: [CudaFunction; 2],
-    /// Partial sums of a K-split GEMV ([split][n][out] floats) and its per-column-tile counters (zero
-    /// between launches): used by one GEMV at a time, as every launch is ordered on the one stream.
-    ws: CudaSlice<f32>,
-    counters: CudaSlice<i32>,
-    /// The GPU's SMs and the GEMV CTAs one SM holds (occupancy), for [`gemv_splits`].
-    sms: usize,
-    per_sm: usize,
+    /// GEMV CTAs resident on the whole GPU (SMs x occupancy), for [`gemv_rows_per_warp`].
+    slots: usize,
     /// Whether decode-step shapes take the GEMV (default; `KVQ_GEMV=0` or [`Blas::set_gemv`] turn it off).
     gemv_on: bool,
 }
@@ -595,15 +589,11 @@ pub enum GemvIn<'a> {
     SwiGlu(&'a CudaSlice<f32>),
 }
 
-/// Output columns of one GEMV CTA (8 threads x 8 halves), as kernels/model.cu's GEMV_TX * 8.
-const GEMV_COLS: usize = 64;
-/// Floats of K-split partial sums a GEMV may use (4 MiB).
-const GEMV_WS: usize = 1 << 20;
-/// Fewest weight rows a GEMV split streams (two 16-byte loads per thread): small models' GEMVs
-/// (576 inputs) get enough CTAs to keep loads in flight instead of 2 splits of 288 rows.
-const GEMV_MIN_ROWS: usize = 64;
-/// Column tiles with a split counter.
-const GEMV_TILES: usize = 4096;
+/// Warps of a GEMV CTA (kernels/model.cu's GEMV_WARPS).
+const GEMV_WARPS: usize = 8;
+/// Dynamic shared memory a GEMV may stage its x rows in (n x inp halves): up to 40,960 inputs at two
+/// rows.
+const GEMV_SMEM_MAX: usize = 160 * 1024;
 
 /// Decode steps of one or two rows through kvq_model_gemv, with the RMSNorms and the SwiGLU folded
 /// in (`KVQ_GEMV=0` sends them to cuBLAS and the separate kernels, to compare): on the H100 whole B=1
@@ -613,38 +603,19 @@ fn gemv_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KVQ_GEMV").map_or(true, |v| v != "0"))
 }
 
-/// K splits of a GEMV of `n` rows over an inp x out weight on `sms` SMs that hold `per_sm` of its CTAs
-/// each. Column tiles that fill the GPU on their own get no split (splitting the 8B shape's gate/up
-/// and lm_head ran 1-3% slower on the H100: a memory-bound tail is cheap); fewer tiles get the split
-/// count whose grid fills its wave of CTAs best, the fewest within 2% of that fill (64 tiles x 6 = 384
-/// of 396 slots instead of x 8 = 512, 1.3 waves: 4-8% faster on the H100, run 14). At least
-/// [`GEMV_MIN_ROWS`] weight rows per split, within the partial-sum workspace and counters.
-/// `KVQ_GEMV_WAVES=0` restores the earlier rule (about 4 CTAs per SM), to compare in one run.
-fn gemv_splits(n: usize, inp: usize, out: usize, sms: usize, per_sm: usize, waves: bool) -> usize {
-    let tiles = out.div_ceil(GEMV_COLS);
-    if tiles > GEMV_TILES {
-        return 1;
-    }
-    let most = (inp / GEMV_MIN_ROWS)
-        .clamp(1, 32)
-        .min((GEMV_WS / (n * out)).max(1));
-    if !waves {
-        return ((4 * sms + tiles / 2) / tiles).clamp(1, most);
-    }
-    let slots = (sms * per_sm).max(1);
-    let most = most.min(slots.div_ceil(tiles));
-    let fill = |ks: usize| {
-        let ctas = tiles * ks;
-        ctas as f64 / (ctas.div_ceil(slots) * slots) as f64
-    };
-    let best = (1..=most).map(fill).fold(0.0, f64::max);
-    (1..=most).find(|&ks| fill(ks) >= best - 0.02).unwrap_or(1)
-}
-
-/// Whether [`gemv_splits`] fills waves (default) or keeps the earlier rule (`KVQ_GEMV_WAVES=0`).
-fn gemv_waves() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KVQ_GEMV_WAVES").map_or(true, |v| v != "0"))
+/// Weight rows each warp of a GEMV over `out` outputs takes on a GPU of `slots` resident CTAs: as many
+/// as keep the grid at two waves or more, so each CTA's x staging (and RMSNorm sum) is spread over
+/// more rows where there are plenty (the 8B shape's gate/up: 3 rows, lm_head 5-15) and every SM still
+/// gets CTAs to swap in at the tail (O, down and QKV: 1). `KVQ_GEMV_RPW` fixes it, to compare.
+fn gemv_rows_per_warp(out: usize, slots: usize) -> usize {
+    static FIXED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let fixed = *FIXED.get_or_init(|| {
+        std::env::var("KVQ_GEMV_RPW")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&r: &usize| r >= 1)
+    });
+    fixed.unwrap_or_else(|| (out / (GEMV_WARPS * 2 * slots.max(1))).max(1))
 }
 
 impl Blas {
@@ -660,25 +631,27 @@ impl Blas {
                 GpuError::NoGpu("the cuBLAS library (libcublas.so) could not be loaded".into())
             })?
             .map_err(|e| GpuError::Blas(format!("creating the cuBLAS handle: {e:?}")))?;
-        let f = |n: &str| gpu.function(MODULE, &format!("kvq_model_gemv{n}"));
+        use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        let f = |n: &str| -> Result<CudaFunction> {
+            let f = gpu.function(MODULE, &format!("kvq_model_gemv{n}"))?;
+            f.set_attribute(
+                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                GEMV_SMEM_MAX as i32,
+            )
+            .map_err(drv("allowing the GEMV its shared memory"))?;
+            Ok(f)
+        };
         let gemv = [f("1")?, f("2")?];
+        // Occupancy at a 4096-input row's staging (8 KB), the decode shapes' common case.
         let per_sm = gemv[0]
-            .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS, 8192, None)
             .map_err(drv("querying the GEMV's occupancy"))?
             .max(1) as usize;
-        let st = gpu.stream();
         Ok(Self {
             handle: Arc::new(handle),
             gpu: gpu.clone(),
             gemv,
-            ws: st
-                .alloc_zeros::<f32>(GEMV_WS)
-                .map_err(drv("allocating the GEMV workspace"))?,
-            counters: st
-                .alloc_zeros::<i32>(GEMV_TILES)
-                .map_err(drv("allocating the GEMV counters"))?,
-            sms: gpu.sm_count()?,
-            per_sm,
+            slots: gpu.sm_count()? * per_sm,
             gemv_on: gemv_enabled(),
         })
     }
@@ -690,7 +663,10 @@ impl Blas {
 
     /// True when an n-row GEMM over `w` goes through kvq_model_gemv (decode-step shapes).
     pub fn uses_gemv(&self, w: &Linear, n: usize) -> bool {
-        self.gemv_on && (1..=2).contains(&n) && w.out.is_multiple_of(8)
+        self.gemv_on
+            && (1..=2).contains(&n)
+            && w.inp.is_multiple_of(8)
+            && 2 * w.inp * 2 <= GEMV_SMEM_MAX
     }
 
     /// y = f(input) · W (or y += ...) through kvq_model_gemv, where f is the RMSNorm or SwiGLU the
@@ -706,8 +682,10 @@ impl Blas {
     ) -> Result<()> {
         if !self.uses_gemv(w, n) {
             return Err(GpuError::Shape(format!(
-                "a fused GEMV of {n} rows over {}x{} (the GEMV takes 1-2 rows, out % 8 == 0, KVQ_GEMV on)",
-                w.inp, w.out
+                "a fused GEMV of {n} rows over {}x{} (the GEMV takes 1-2 rows, inp % 8 == 0, inp <= {}, KVQ_GEMV on)",
+                w.inp,
+                w.out,
+                GEMV_SMEM_MAX / 4
             )));
         }
         match input {
@@ -759,13 +737,14 @@ impl Blas {
         n: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let f = &self.gemv[usize::from(n == 2)];
-        let ks = gemv_splits(n, w.inp, w.out, self.sms, self.per_sm, gemv_waves());
-        let tiles = w.out.div_ceil(GEMV_COLS);
+        let np = usize::from(n == 2) + 1;
+        let f = &self.gemv[np - 1];
+        let rpw = gemv_rows_per_warp(w.out, self.slots);
+        let ctas = w.out.div_ceil(GEMV_WARPS * rpw);
         let cfg = LaunchConfig {
-            grid_dim: (to_i32("gemv tiles", tiles)? as u32, ks as u32, 1),
+            grid_dim: (to_i32("gemv CTAs", ctas)? as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: (np * w.inp * 2) as u32,
         };
         let st = self.gpu.stream();
         let (x, xf, nw, eps, mode) = match input {
@@ -783,26 +762,24 @@ impl Blas {
             .val(&mode)
             .buf(&w.w, st)
             .buf(y, st)
-            .buf(&self.ws, st)
-            .buf(&self.counters, st)
             .val(&to_i32("gemv rows", n)?)
             .val(&to_i32("gemv in", w.inp)?)
             .val(&to_i32("gemv out", w.out)?)
-            .val(&(ks as i32))
+            .val(&to_i32("gemv rows per warp", rpw)?)
             .val(&i32::from(accumulate));
         // SAFETY: (types/order) kvq_model_gemv{1,2}(const __half* x, const float* xf, const float* nw,
-        // float eps, int mode, const __half* w, float* y, float* ws, int* counters, int n, int inp,
-        // int out, int ks, int accumulate) gets three device addresses (u64), f32, i32, then
-        // CudaSlice<f16>, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<i32> and five i32; the kernel reads
-        // only the input `mode` names (x for 0, xf and nw for 1, xf for 2; the others are 0).
-        // (aliasing) `y` is a &mut borrow distinct from the input slices and `w`; ws/counters belong
-        // to this Blas and serve one launch at a time (one stream). (bounds, checked by matmul and
-        // gemv_from) x or xf holds n x inp (n x 2 inp for SwiGLU), nw inp, w inp x out, y n x out;
-        // n <= 2 = the rows of the kernel picked; ks * n * out <= GEMV_WS floats and tiles <=
-        // GEMV_TILES when ks > 1 (gemv_splits); out % 8 == 0 and W is its own allocation (256-byte
-        // aligned), so the kernel's 16-byte weight loads stay aligned and in bounds. Counters start at
-        // zero (allocated zeroed) and the last CTA of each tile re-zeroes its own. (dependent launch)
-        // every CTA reads only W (written by no kernel) before kvq_pdl_wait(), everything else after.
+        // float eps, int mode, const __half* w, float* y, int n, int inp, int out, int rpw,
+        // int accumulate) gets three device addresses (u64), f32, i32, then CudaSlice<f16>,
+        // CudaSlice<f32> and five i32; the kernel reads only the input `mode` names (x for 0, xf and
+        // nw for 1, xf for 2; the others are 0). (aliasing) `y` is a &mut borrow distinct from the
+        // input slices and `w`. (bounds, checked by matmul and gemv_from) x or xf holds n x inp
+        // (n x 2 inp for SwiGLU), nw inp, w out x inp, y n x out; n <= np = the rows of the kernel
+        // picked, whose np x inp halves of staged x are the dynamic shared memory asked for (<=
+        // GEMV_SMEM_MAX, the limit set at creation, by uses_gemv); warps past `out` rows write
+        // nothing. inp % 8 == 0 and W is its own allocation (256-byte aligned), so every row starts
+        // 16-byte aligned and the kernel's 16-byte loads (k < inp, k % 8 == 0) stay in the row.
+        // (dependent launch) every CTA reads only W (written by no kernel) before kvq_pdl_wait(),
+        // everything else after.
         unsafe {
             self.gpu
                 .launch_pdl(f, cfg, args, "launching kvq_model_gemv")
@@ -851,12 +828,12 @@ impl Blas {
         let (inp, out) = (w.inp, w.out);
         let run = move |_: &Gpu| -> Result<()> {
             let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
-            // Row-major y[n][out] = x[n][inp] W[inp][out] is, column-major, y^T (out x n, ld out) =
-            // W^T (out x inp, ld out) x^T (inp x n, ld inp): no transposes.
+            // Row-major y[n][out] = x[n][inp] W^T (W row-major [out][inp], i.e. column-major inp x
+            // out with ld inp) is, column-major, y^T (out x n, ld out) = op_T(W) x^T (inp x n, ld inp).
             // SAFETY: (types) A and B are CUDA_R_16F (CudaSlice<f16>), C is CUDA_R_32F
             // (CudaSlice<f32>), alpha/beta are f32 host scalars as CUBLAS_COMPUTE_32F requires in the
             // default host pointer mode (read during the call, so capturing them is fine). (aliasing)
-            // `y` was a &mut borrow, distinct from `x` and `w`. (bounds) A reads out x inp = w.len()
+            // `y` was a &mut borrow, distinct from `x` and `w`. (bounds) A reads inp x out = w.len()
             // halves, B inp x n <= x.len(), C writes out x n <= y.len() (checked when recorded).
             // (lifetime) issued now or from this step's record (crate::graph), while the buffers
             // live. (stream) the handle was bound to the GPU's one stream at creation, so the GEMM is
@@ -864,7 +841,7 @@ impl Blas {
             unsafe {
                 cublas::gemm_ex(
                     *handle.handle(),
-                    cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    cublas_sys::cublasOperation_t::CUBLAS_OP_T,
                     cublas_sys::cublasOperation_t::CUBLAS_OP_N,
                     m,
                     nn,
@@ -872,7 +849,7 @@ impl Blas {
                     (&alpha) as *const f32 as *const _,
                     a as *const _,
                     cublas_sys::cudaDataType_t::CUDA_R_16F,
-                    m,
+                    k,
                     b as *const _,
                     cublas_sys::cudaDataType_t::CUDA_R_16F,
                     k,
@@ -898,46 +875,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gemv_splits_stay_within_workspace_counters_and_rows() {
-        for n in 1..=2 {
-            for (inp, out) in [
-                (576, 960),
-                (4096, 4096),
-                (14336, 4096),
-                (4096, 128_256),
-                (300, 8),
-                (5000, 4104),
-            ] {
-                for (sms, per_sm) in [(132, 3), (114, 3), (2, 1), (132, 8)] {
-                    for waves in [true, false] {
-                        let ks = gemv_splits(n, inp, out, sms, per_sm, waves);
-                        assert!(ks >= 1, "{n}x{inp}x{out}");
-                        if ks > 1 {
-                            assert!(ks * n * out <= GEMV_WS, "{n}x{inp}x{out}: ks {ks}");
-                            assert!(out.div_ceil(GEMV_COLS) <= GEMV_TILES);
-                            assert!(
-                                inp / ks >= GEMV_MIN_ROWS,
-                                "{n}x{inp}x{out}: ks {ks} leaves too few rows"
-                            );
-                        }
-                    }
-                }
-            }
+    fn gemv_rows_per_warp_keeps_two_waves_of_ctas() {
+        // H100: 132 SMs x 4 CTAs. The 8B shape's O, down and QKV (4096-6144 rows) take one row a
+        // warp; gate/up (28,672) 3 and lm_head (128,256) 15, so each still has >= 2 waves of CTAs.
+        let slots = 132 * 4;
+        for (out, want) in [
+            (4096, 1),
+            (6144, 1),
+            (28_672, 3),
+            (128_256, 15),
+            (960, 1),
+            (8, 1),
+        ] {
+            let rpw = gemv_rows_per_warp(out, slots);
+            assert_eq!(rpw, want, "{out} rows");
+            let ctas = out.div_ceil(GEMV_WARPS * rpw);
+            assert!(rpw == 1 || ctas >= 2 * slots, "{out} rows: {ctas} CTAs");
         }
-        // The earlier rule: 4 CTAs per SM, so 64 tiles x 8 splits for the 8B shape's O projection
-        // and 448 tiles x 1 for its gate/up projection (1.13 waves of 396 slots).
-        assert_eq!(gemv_splits(1, 4096, 4096, 132, 3, false), 8);
-        assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, false), 1);
-        // Filling a wave of 396 slots: 64 tiles x 6 = 384 CTAs (97%), 96 x 4 = 384; 448 and 2,004
-        // tiles fill the GPU unsplit.
-        assert_eq!(gemv_splits(1, 4096, 4096, 132, 3, true), 6);
-        assert_eq!(gemv_splits(1, 14_336, 4096, 132, 3, true), 6);
-        assert_eq!(gemv_splits(1, 4096, 6144, 132, 3, true), 4);
-        assert_eq!(gemv_splits(1, 4096, 28_672, 132, 3, true), 1);
-        assert_eq!(gemv_splits(1, 4096, 128_256, 132, 3, true), 1);
-        // SmolLM2-135M's QKV projection (15 tiles): every split count leaves most slots idle, so the
-        // most splits its 576 rows allow, 9 of 64 rows, as before.
-        assert_eq!(gemv_splits(1, 576, 960, 132, 3, true), 9);
-        assert_eq!(gemv_splits(1, 576, 960, 132, 3, false), 9);
+        assert_eq!(gemv_rows_per_warp(100, 0), 6);
     }
 }

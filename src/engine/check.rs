@@ -331,8 +331,9 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
         detail: format!("gpu {got:?} cpu {want:?}"),
     });
 
-    // GEMM: f16 inputs, f32 accumulation, overwrite and accumulate: decode steps of 1-2 rows (the GEMV,
-    // K-split and not, output tiles cut short), 3-8 rows and prefill shapes (cuBLAS).
+    // GEMM: f16 inputs, f32 accumulation, overwrite and accumulate: decode steps of 1-2 rows (the GEMV:
+    // rows not a multiple of 256 inputs, several rows a warp with the last CTA cut short), 3-8 rows,
+    // prefill shapes and inputs not a multiple of 8 (cuBLAS).
     for (case, &(n, inp, outf)) in [
         (5usize, 99usize, 70usize),
         (12, 64, 40),
@@ -342,7 +343,8 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
         (8, 100, 8),
         (2, 3000, 136),
         (6, 2500, 1000),
-        (2, 300, 40_000),
+        (2, 304, 40_004),
+        (1, 300, 64),
         (1, 5000, 4104),
     ]
     .iter()
@@ -353,7 +355,8 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
         // sqrt(k) for random signs; 1e-4 at k = 100.
         let tol = 1e-4 * (inp as f64 / 100.0).sqrt().max(1.0);
         let x = to16(&gaussian_with_outliers(n, inp, 0, seed));
-        let wv = to16(&gaussian_with_outliers(inp, outf, 0, seed + 1));
+        // [out][inp], as the engine keeps weights.
+        let wv = to16(&gaussian_with_outliers(outf, inp, 0, seed + 1));
         let y0 = gaussian_with_outliers(n, outf, 0, seed + 2);
         let lin = Linear {
             w: up(gpu, &wv)?,
@@ -366,7 +369,7 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
             for c in 0..outf {
                 let mut s = 0f64;
                 for i in 0..inp {
-                    s += x[r * inp + i].to_f64() * wv[i * outf + c].to_f64();
+                    s += x[r * inp + i].to_f64() * wv[c * inp + i].to_f64();
                 }
                 want[r * outf + c] = s as f32;
             }
@@ -415,7 +418,7 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
         let xf = up(gpu, &gaussian_with_outliers(n, width, 1, seed))?;
         let nw = up(gpu, &gaussian_with_outliers(1, inp, 0, seed + 1))?;
         let lin = Linear {
-            w: up(gpu, &to16(&gaussian_with_outliers(inp, outf, 0, seed + 2)))?,
+            w: up(gpu, &to16(&gaussian_with_outliers(outf, inp, 0, seed + 2)))?,
             inp,
             out: outf,
         };

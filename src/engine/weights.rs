@@ -80,9 +80,15 @@ fn dims2(t: &Tensor, what: &str) -> Result<(usize, usize)> {
         .map_err(|e| GpuError::Shape(format!("weight {what}: {e}")))
 }
 
-/// Concatenates row-major [inp][out_i] matrices along their columns into [inp][sum out_i], as f16,
-/// reading each part in place (see [`with_f32`]) one output row per task on all cores.
-fn concat_cols(parts: &[(&Tensor, &str)]) -> Result<(Vec<f16>, usize, usize)> {
+/// Output rows a transposing task writes at once: [`OUT_BLOCK`] x inp halves stay in cache while
+/// each input row contributes one contiguous run of [`OUT_BLOCK`] values.
+const OUT_BLOCK: usize = 64;
+
+/// Row-major [inp][out_i] f32 matrices (kvq-model's transposed layout) as one f16 [sum out_i][inp]
+/// matrix, the parts' rows stacked: the GPU keeps the files' [out][inp] layout, where the decode GEMV
+/// streams each output's weights contiguously. Each part is read in place (see [`with_f32`]) and
+/// transposed in blocks of output rows on all cores.
+fn stack_rows(parts: &[(&Tensor, &str)]) -> Result<(Vec<f16>, usize, usize)> {
     use rayon::prelude::*;
     let mut inp = None;
     let mut dims = Vec::new();
@@ -99,18 +105,25 @@ fn concat_cols(parts: &[(&Tensor, &str)]) -> Result<(Vec<f16>, usize, usize)> {
     let inp = inp.unwrap_or(0);
     let out: usize = dims.iter().sum();
     let mut w = vec![f16::ZERO; inp * out];
-    let mut c = 0;
+    let mut rest = w.as_mut_slice();
     for ((t, what), &o) in parts.iter().zip(&dims) {
+        let (part, tail) = rest.split_at_mut(o * inp);
+        rest = tail;
+        if inp == 0 {
+            continue;
+        }
         with_f32(t, what, |m| {
-            w.par_chunks_mut(out.max(1))
-                .zip(m.par_chunks(o.max(1)))
-                .for_each(|(row, src)| {
-                    for (d, &x) in row[c..c + o].iter_mut().zip(src) {
-                        *d = f16::from_f32(x);
+            part.par_chunks_mut(OUT_BLOCK * inp)
+                .enumerate()
+                .for_each(|(b, block)| {
+                    let (o0, rows) = (b * OUT_BLOCK, block.len() / inp);
+                    for (k, src) in m.chunks(o).enumerate() {
+                        for (j, &x) in src[o0..o0 + rows].iter().enumerate() {
+                            block[j * inp + k] = f16::from_f32(x);
+                        }
                     }
                 });
         })?;
-        c += o;
     }
     Ok((w, inp, out))
 }
@@ -154,14 +167,14 @@ impl GpuWeights {
         let mut layers = Vec::with_capacity(w.layers.len());
         for (i, l) in w.layers.iter().enumerate() {
             let name = |s: &str| format!("layer {i} {s}");
-            let (qkv, qi, qo) = concat_cols(&[
+            let (qkv, qi, qo) = stack_rows(&[
                 (&l.wq, &name("q")),
                 (&l.wk, &name("k")),
                 (&l.wv, &name("v")),
             ])?;
-            let (gu, gi, go) = concat_cols(&[(&l.w_gate, &name("gate")), (&l.w_up, &name("up"))])?;
-            let (oi, oo) = dims2(&l.wo, &name("o"))?;
-            let (di, dout) = dims2(&l.w_down, &name("down"))?;
+            let (gu, gi, go) = stack_rows(&[(&l.w_gate, &name("gate")), (&l.w_up, &name("up"))])?;
+            let (wo, oi, oo) = stack_rows(&[(&l.wo, &name("o"))])?;
+            let (wd, di, dout) = stack_rows(&[(&l.w_down, &name("down"))])?;
             layers.push(GpuLayer {
                 attn_norm: up32(host(&l.attn_norm, &name("attn_norm"))?, &name("attn_norm"))?,
                 wqkv: Linear {
@@ -170,7 +183,7 @@ impl GpuWeights {
                     out: qo,
                 },
                 wo: Linear {
-                    w: up16(host16(&l.wo, &name("o"))?, &name("o"))?,
+                    w: up16(wo, &name("o"))?,
                     inp: oi,
                     out: oo,
                 },
@@ -181,15 +194,15 @@ impl GpuWeights {
                     out: go,
                 },
                 wdown: Linear {
-                    w: up16(host16(&l.w_down, &name("down"))?, &name("down"))?,
+                    w: up16(wd, &name("down"))?,
                     inp: di,
                     out: dout,
                 },
             });
         }
-        let (hi, ho) = dims2(&w.lm_head, "lm_head")?;
+        let (head, hi, ho) = stack_rows(&[(&w.lm_head, "lm_head")])?;
         let lm_head = Linear {
-            w: up16(host16(&w.lm_head, "lm_head")?, "lm_head")?,
+            w: up16(head, "lm_head")?,
             inp: hi,
             out: ho,
         };
@@ -253,32 +266,35 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn concat_cols_places_each_part_beside_the_last_row_by_row() {
-        // [3][2] | [3][5] (no tile-friendly sizes): row r = a's row r then b's row r, as f16.
+    fn stack_rows_transposes_each_part_and_stacks_them() {
+        // [3][2] and [3][70] (a part wider than one output block, not a multiple of it) as f16
+        // [72][3]: output row o = column o of a, then of b.
         let a: Vec<f32> = (0..6).map(|i| i as f32 * 0.5).collect();
-        let b: Vec<f32> = (0..15).map(|i| 100.0 + i as f32).collect();
+        let b: Vec<f32> = (0..210).map(|i| 100.0 + i as f32).collect();
         let ta = Tensor::from_vec(a.clone(), (3, 2), &Device::Cpu).unwrap();
-        let tb = Tensor::from_vec(b.clone(), (3, 5), &Device::Cpu).unwrap();
-        let (w, inp, out) = concat_cols(&[(&ta, "a"), (&tb, "b")]).unwrap();
-        assert_eq!((inp, out), (3, 7));
-        for r in 0..3 {
-            let want: Vec<f16> = a[2 * r..2 * r + 2]
-                .iter()
-                .chain(&b[5 * r..5 * r + 5])
-                .map(|&x| f16::from_f32(x))
-                .collect();
-            assert_eq!(&w[7 * r..7 * r + 7], want.as_slice(), "row {r}");
+        let tb = Tensor::from_vec(b.clone(), (3, 70), &Device::Cpu).unwrap();
+        let (w, inp, out) = stack_rows(&[(&ta, "a"), (&tb, "b")]).unwrap();
+        assert_eq!((inp, out), (3, 72));
+        for o in 0..out {
+            for k in 0..inp {
+                let want = if o < 2 {
+                    a[k * 2 + o]
+                } else {
+                    b[k * 70 + o - 2]
+                };
+                assert_eq!(w[o * inp + k], f16::from_f32(want), "row {o} col {k}");
+            }
         }
         // Parts must share their input rows.
         let tc = Tensor::from_vec(vec![0f32; 8], (4, 2), &Device::Cpu).unwrap();
-        assert!(concat_cols(&[(&ta, "a"), (&tc, "c")]).is_err());
+        assert!(stack_rows(&[(&ta, "a"), (&tc, "c")]).is_err());
         assert_eq!(host16(&tb, "b").unwrap()[7], f16::from_f32(107.0));
         // A strided view (no contiguous storage to borrow) goes through a copy, same result.
         let view = tb.t().unwrap();
         let copy = view.contiguous().unwrap();
         assert_eq!(
-            concat_cols(&[(&view, "view")]).unwrap(),
-            concat_cols(&[(&copy, "copy")]).unwrap()
+            stack_rows(&[(&view, "view")]).unwrap(),
+            stack_rows(&[(&copy, "copy")]).unwrap()
         );
         assert_eq!(
             host16(&view, "view").unwrap(),
