@@ -219,6 +219,8 @@ namespace {
 constexpr int GEMV_THREADS = 256;
 constexpr int GEMV_WARPS = GEMV_THREADS / 32;
 constexpr int GEMV_U = 4;
+// Input vectors (8 values) a thread loads before it converts and stores any, when staging x.
+constexpr int GEMV_STAGE = 1;
 
 __device__ __forceinline__ uint4 gemv_ld_stream(const __half* p) {
     uint4 v;
@@ -260,33 +262,93 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
     if (items > 0) load(cur, 0);
     kvq_pdl_wait();
     kvq_pdl_trigger();
+    // x is staged before any weight is summed, so its loads must not wait on one another: every
+    // thread requests a batch (8 values of the norm's sum; each vector's 2-4 16-byte loads) before using any
+    // (scalar loads one at a time cost about 10 us of L2 round trips per CTA at 4096 inputs: run 19).
     if (mode == 1) {
-        // kvq_model_rmsnorm's sum (block of 256 threads, strided loop, block_sum), every row.
+        // kvq_model_rmsnorm's sum (block of 256 threads, strided loop, block_sum), every row, in the
+        // same order: thread t adds c = t, t + 256, ... one after another.
 #pragma unroll
         for (int r = 0; r < NP; ++r) {
             float ss = 0.f;
             if (r < n) {
                 const float* src = xf + (int64_t)r * inp;
-                for (int c = tid; c < inp; c += GEMV_THREADS) ss += src[c] * src[c];
+                for (int c0 = tid; c0 < inp; c0 += 8 * GEMV_THREADS) {
+                    float v[8];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        const int c = c0 + j * GEMV_THREADS;
+                        v[j] = c < inp ? src[c] : 0.f;
+                    }
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
+                }
             }
             ss = block_sum(ss);
             if (tid == 0) inv_sh[r] = 1.f / sqrtf(ss / (float)inp + eps);
         }
     }
-    for (int e = tid; e < NP * inp; e += GEMV_THREADS) {
-        const int r = e / inp, k = e - r * inp;
-        __half v = __float2half(0.f);
-        if (r < n) {
+    // Vectors of 8 consecutive inputs (inp % 8 == 0, so a vector stays in its row and 16-byte aligned).
+    const int vecs = inp / 8, total = NP * vecs;
+    for (int v0 = tid; v0 < total; v0 += GEMV_STAGE * GEMV_THREADS) {
+        float in[GEMV_STAGE][8], in2[GEMV_STAGE][8];
+        int at[GEMV_STAGE];
+#pragma unroll
+        for (int j = 0; j < GEMV_STAGE; ++j) {
+            const int v = v0 + j * GEMV_THREADS;
+            const int r = v / vecs, k = (v - r * vecs) * 8;
+            at[j] = v < total && r < n ? r * inp + k : -1;
+            if (at[j] < 0) continue;
             if (mode == 0) {
-                v = x[(int64_t)r * inp + k];
-            } else if (mode == 1) {
-                v = __float2half(xf[(int64_t)r * inp + k] * inv_sh[r] * nw[k]);
+                const uint4 h = *reinterpret_cast<const uint4*>(x + at[j]);
+                const __half2* h2 = reinterpret_cast<const __half2*>(&h);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float2 f = __half22float2(h2[i]);
+                    in[j][2 * i] = f.x;
+                    in[j][2 * i + 1] = f.y;
+                }
             } else {
-                const float g = xf[(int64_t)r * 2 * inp + k], u = xf[(int64_t)r * 2 * inp + inp + k];
-                v = __float2half(g / (1.f + expf(-g)) * u);
+                // mode 1: xf and nw; mode 2: gate and up.
+                const float* a = xf + (mode == 1 ? (int64_t)r * inp : (int64_t)r * 2 * inp) + k;
+                const float* b = mode == 1 ? nw + k : a + inp;
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const float4 fa = reinterpret_cast<const float4*>(a)[i];
+                    const float4 fb = reinterpret_cast<const float4*>(b)[i];
+                    in[j][4 * i] = fa.x, in[j][4 * i + 1] = fa.y, in[j][4 * i + 2] = fa.z, in[j][4 * i + 3] = fa.w;
+                    in2[j][4 * i] = fb.x, in2[j][4 * i + 1] = fb.y, in2[j][4 * i + 2] = fb.z, in2[j][4 * i + 3] = fb.w;
+                }
             }
         }
-        xs[e] = v;
+#pragma unroll
+        for (int j = 0; j < GEMV_STAGE; ++j) {
+            const int v = v0 + j * GEMV_THREADS;
+            if (v >= total) break;
+            __half2 o[4];
+            if (at[j] < 0) {
+                // Padding rows (r >= n): zeros.
+#pragma unroll
+                for (int i = 0; i < 4; ++i) o[i] = __float2half2_rn(0.f);
+            } else {
+                const int r = v / vecs;
+                float val[8];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    if (mode == 0) {
+                        val[i] = in[j][i];
+                    } else if (mode == 1) {
+                        val[i] = in[j][i] * inv_sh[r] * in2[j][i];
+                    } else {
+                        const float g = in[j][i], u = in2[j][i];
+                        val[i] = g / (1.f + expf(-g)) * u;
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i) o[i] = __floats2half2_rn(val[2 * i], val[2 * i + 1]);
+            }
+            *reinterpret_cast<uint4*>(xs + (int64_t)v * 8) = *reinterpret_cast<const uint4*>(o);
+        }
     }
     __syncthreads();
     float acc[NP];
@@ -337,7 +399,7 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
 
 // One entry per padded row count (n <= NP; rows n..NP-1 are computed on zeros and not written).
 #define KVQ_GEMV(NP)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 4)                                             \
         kvq_model_gemv##NP(const __half* x, const float* xf, const float* nw, float eps, int mode,           \
                            const __half* w, float* y, int n, int inp, int out, int rpw, int accumulate) {     \
         gemv<NP>(x, xf, nw, eps, mode, w, y, n, inp, out, rpw, accumulate);                                  \

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Chained greedy decode (Engine::decode_greedy: each step's picks fed to the next on the device, so the
+# host issues step t+1 while the GPU runs step t; `bench decode --chained`) against one synchronous
+# step at a time (the default), in one call on a fresh machine: parity first (kvq-gpu check on the
+# hq=8 third with every kernel a programmatic dependent, resident-check, which compares chained and
+# step-by-step greedy tokens), then `bench decode` on the random Llama-3-8B-shape f16 GGUF (written
+# here, about 150 s) both ways, fp16 and KIVI-2, B=1/8 at 4k/32k; with .carry-peers also llama.cpp f16
+# at the same points (built here in the background meanwhile, about 5 minutes), so that the ratios to
+# it come from the same call. Carry [".carry-bin", ".carry-peers"] (or ".carry-peers-small" without
+# llama.cpp). Results: $OUT/chain.tar.gz.
+set -uo pipefail
+. "$(dirname "$0")/device-common.sh"
+R=$OUT/chain; mkdir -p "$R"
+big=$S/llama3-8b-f16.gguf
+export -f random_gguf; export S
+P=.carry-peers; [ -d $P ] || P=.carry-peers-small
+setsid nohup bash -c 'random_gguf llama3-8b "$0" "$1"' "$big" $P/tokenizer.gguf > "$S/gguf.log" 2>&1 < /dev/null &
+LB=$S/llama/build/bin
+if [ -f .carry-peers/llama-src.tar.gz ]; then
+  cp -r .carry-peers/. "$S"/
+  setsid nohup nice -n 15 bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
+fi
+# The GEMV lab (scripts/gemv-lab.cu), built here meanwhile: run while the GGUF is written.
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+( $NVCC -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -I kernels/include -Xptxas=-v scripts/gemv-lab.cu \
+    -o "$S/gemv-lab" -lcublas > "$R/gemv-lab.build.txt" 2>&1 || echo "gemv-lab build failed" >> "$R/gemv-lab.build.txt" ) &
+save() { rm -f "$R"/*.png; tar czf "$OUT/chain.tar.gz" -C "$OUT" chain; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+KVQ_CHECK_FILTER=${FILTER:-hq=8} timeout 150 "$S/kvq-gpu" check > "$R/check.txt" 2>&1; echo "check rc=$?"
+grep -E "^parity" "$R/check.txt" | tail -1; grep "^FAIL" "$R/check.txt" | head -5
+timeout 90 "$S/kvq-gpu" resident-check > "$R/resident.txt" 2>&1; echo "resident-check rc=$?"
+grep -E "^FAIL" "$R/resident.txt" | cut -c1-160 | head; grep -c "^PASS" "$R/resident.txt"; grep "chained" "$R/resident.txt" | cut -c1-200; save
+for i in $(seq 1 30); do [ -x "$S/gemv-lab" ] || grep -q failed "$R/gemv-lab.build.txt" && break; sleep 2; done
+[ -x "$S/gemv-lab" ] && { timeout 150 "$S/gemv-lab" > "$R/gemv-lab.txt" 2>&1; echo "gemv-lab rc=$?"; grep -E "chain|best" "$R/gemv-lab.txt"; } || tail -5 "$R/gemv-lab.build.txt"
+save
+echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 3; done; cat "$S/gguf.log"
+for v in chained sync; do
+  a=(); [ $v = chained ] && a=(--chained)
+  timeout 150 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16 ($v steps)" --ctx 4096,32768 --batch 1,8 \
+    --steps 32 --kv fp16 --kv kivi:bits=2,window=0 --json "$R/bench-$v.json" "${a[@]}" > "$R/bench-$v.log" 2>&1
+  echo "== $v rc=$?"; grep "T=" "$R/bench-$v.log" | sed 's/ graph nodes//; s/  */ /g' | cut -c1-200; save
+done
+# llama.cpp f16 at the same points, once its build is done (-c sized for each batch).
+[ -f .carry-peers/llama-src.tar.gz ] || exit 0
+for i in $(seq 1 60); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
+tail -n 2 "$S/llama-build.log"
+for b in 1 8; do
+  [ -x "$LB/llama-batched-bench" ] || break
+  timeout 150 "$LB/llama-batched-bench" -m "$big" -ngl 99 -fa on -ctk f16 -ctv f16 -c $(( (32768 + 64) * b + 256 )) -b 2048 -ub 512 \
+    -npp 4096,32768 -ntg 64 -npl $b --output-format jsonl 2>>"$R/llama-f16.jsonl.err" | grep '^{' | tee -a "$R/llama-f16.jsonl" | cut -c1-300
+done
+save
