@@ -565,8 +565,6 @@ pub struct Blas {
     gpu: Arc<Gpu>,
     /// kvq_model_gemv{1,2}: one and two rows.
     gemv: [CudaFunction; 2],
-    /// GEMV CTAs resident on the whole GPU (SMs x occupancy), for [`gemv_rows_per_warp`].
-    slots: usize,
     /// Whether decode-step shapes take the GEMV (default; `KVQ_GEMV=0` or [`Blas::set_gemv`] turn it off).
     gemv_on: bool,
 }
@@ -603,19 +601,19 @@ fn gemv_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KVQ_GEMV").map_or(true, |v| v != "0"))
 }
 
-/// Weight rows each warp of a GEMV over `out` outputs takes on a GPU of `slots` resident CTAs: as many
-/// as keep the grid at two waves or more, so each CTA's x staging (and RMSNorm sum) is spread over
-/// more rows where there are plenty (the 8B shape's gate/up: 3 rows, lm_head 5-15) and every SM still
-/// gets CTAs to swap in at the tail (O, down and QKV: 1). `KVQ_GEMV_RPW` fixes it, to compare.
-fn gemv_rows_per_warp(out: usize, slots: usize) -> usize {
-    static FIXED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let fixed = *FIXED.get_or_init(|| {
+/// Weight rows each warp of a GEMV takes: one. Taking several one after another spreads each CTA's x
+/// staging (and RMSNorm sum) over more rows, but measured slower on the H100 (run 20, 8B shape, B=1
+/// 4k: 6.238 GPU ms per step with 3 rows a warp for gate/up and 5 for lm_head, 6.009 with one).
+/// `KVQ_GEMV_RPW` sets it, to compare.
+fn gemv_rows_per_warp() -> usize {
+    static FIXED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *FIXED.get_or_init(|| {
         std::env::var("KVQ_GEMV_RPW")
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|&r: &usize| r >= 1)
-    });
-    fixed.unwrap_or_else(|| (out / (GEMV_WARPS * 2 * slots.max(1))).max(1))
+            .unwrap_or(1)
+    })
 }
 
 impl Blas {
@@ -642,16 +640,10 @@ impl Blas {
             Ok(f)
         };
         let gemv = [f("1")?, f("2")?];
-        // Occupancy at a 4096-input row's staging (8 KB), the decode shapes' common case.
-        let per_sm = gemv[0]
-            .occupancy_max_active_blocks_per_multiprocessor(THREADS, 8192, None)
-            .map_err(drv("querying the GEMV's occupancy"))?
-            .max(1) as usize;
         Ok(Self {
             handle: Arc::new(handle),
             gpu: gpu.clone(),
             gemv,
-            slots: gpu.sm_count()? * per_sm,
             gemv_on: gemv_enabled(),
         })
     }
@@ -739,7 +731,7 @@ impl Blas {
     ) -> Result<()> {
         let np = usize::from(n == 2) + 1;
         let f = &self.gemv[np - 1];
-        let rpw = gemv_rows_per_warp(w.out, self.slots);
+        let rpw = gemv_rows_per_warp();
         let ctas = w.out.div_ceil(GEMV_WARPS * rpw);
         let cfg = LaunchConfig {
             grid_dim: (to_i32("gemv CTAs", ctas)? as u32, 1, 1),
@@ -867,31 +859,5 @@ impl Blas {
             key,
             run: Box::new(run),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gemv_rows_per_warp_keeps_two_waves_of_ctas() {
-        // H100: 132 SMs x 4 CTAs. The 8B shape's O, down and QKV (4096-6144 rows) take one row a
-        // warp; gate/up (28,672) 3 and lm_head (128,256) 15, so each still has >= 2 waves of CTAs.
-        let slots = 132 * 4;
-        for (out, want) in [
-            (4096, 1),
-            (6144, 1),
-            (28_672, 3),
-            (128_256, 15),
-            (960, 1),
-            (8, 1),
-        ] {
-            let rpw = gemv_rows_per_warp(out, slots);
-            assert_eq!(rpw, want, "{out} rows");
-            let ctas = out.div_ceil(GEMV_WARPS * rpw);
-            assert!(rpw == 1 || ctas >= 2 * slots, "{out} rows: {ctas} CTAs");
-        }
-        assert_eq!(gemv_rows_per_warp(100, 0), 6);
     }
 }
