@@ -220,8 +220,6 @@ namespace {
 constexpr int GEMV_THREADS = 256;
 constexpr int GEMV_WARPS = GEMV_THREADS / 32;
 constexpr int GEMV_U = 4;
-// Input vectors (8 values) a thread loads before it converts and stores any, when staging x.
-constexpr int GEMV_STAGE = 1;
 
 __device__ __forceinline__ uint4 gemv_ld_stream(const __half* p) {
     uint4 v;
@@ -235,7 +233,9 @@ __device__ __forceinline__ uint4 gemv_ld_stream(const __half* p) {
 // and eps; 2 = SwiGLU of xf [n][2 inp] (gate first). Modes 1 and 2 fold the kernel that would have made
 // x (kvq_model_rmsnorm, kvq_model_swiglu) into the staging, computing it exactly as those kernels do
 // (the same per-row sum, the same expressions), so the fused and unfused steps agree.
-template <int NP>
+// STAGE: input vectors (8 values) a thread loads before it converts and stores any when staging x (more
+// loads in flight, more registers: 1 fits 4 CTAs per SM; KVQ_GEMV_STAGE picks 2 or 4 to compare).
+template <int NP, int STAGE>
 __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* __restrict__ xf,
                                      const float* __restrict__ nw, float eps, int mode,
                                      const __half* __restrict__ w, float* y, int n, int inp, int out, int rpw,
@@ -291,11 +291,11 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
     }
     // Vectors of 8 consecutive inputs (inp % 8 == 0, so a vector stays in its row and 16-byte aligned).
     const int vecs = inp / 8, total = NP * vecs;
-    for (int v0 = tid; v0 < total; v0 += GEMV_STAGE * GEMV_THREADS) {
-        float in[GEMV_STAGE][8], in2[GEMV_STAGE][8];
-        int at[GEMV_STAGE];
+    for (int v0 = tid; v0 < total; v0 += STAGE * GEMV_THREADS) {
+        float in[STAGE][8], in2[STAGE][8];
+        int at[STAGE];
 #pragma unroll
-        for (int j = 0; j < GEMV_STAGE; ++j) {
+        for (int j = 0; j < STAGE; ++j) {
             const int v = v0 + j * GEMV_THREADS;
             const int r = v / vecs, k = (v - r * vecs) * 8;
             at[j] = v < total && r < n ? r * inp + k : -1;
@@ -323,7 +323,7 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
             }
         }
 #pragma unroll
-        for (int j = 0; j < GEMV_STAGE; ++j) {
+        for (int j = 0; j < STAGE; ++j) {
             const int v = v0 + j * GEMV_THREADS;
             if (v >= total) break;
             __half2 o[4];
@@ -398,12 +398,18 @@ __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* 
 }
 }  // namespace
 
-// One entry per padded row count (n <= NP; rows n..NP-1 are computed on zeros and not written).
-#define KVQ_GEMV(NP)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 4)                                             \
-        kvq_model_gemv##NP(const __half* x, const float* xf, const float* nw, float eps, int mode,           \
-                           const __half* w, float* y, int n, int inp, int out, int rpw, int accumulate) {     \
-        gemv<NP>(x, xf, nw, eps, mode, w, y, n, inp, out, rpw, accumulate);                                  \
+// One entry per padded row count (n <= NP; rows n..NP-1 are computed on zeros and not written) and
+// staging batch (suffix _s2, _s4; with the fewest CTAs per SM that their registers allow).
+#define KVQ_GEMV(NP, STAGE, SUFFIX, MINB)                                                                    \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, MINB)                                          \
+        kvq_model_gemv##NP##SUFFIX(const __half* x, const float* xf, const float* nw, float eps, int mode,    \
+                                   const __half* w, float* y, int n, int inp, int out, int rpw,             \
+                                   int accumulate) {                                                        \
+        gemv<NP, STAGE>(x, xf, nw, eps, mode, w, y, n, inp, out, rpw, accumulate);                           \
     }
-KVQ_GEMV(1)
-KVQ_GEMV(2)
+KVQ_GEMV(1, 1, , 4)
+KVQ_GEMV(2, 1, , 4)
+KVQ_GEMV(1, 2, _s2, 3)
+KVQ_GEMV(2, 2, _s2, 3)
+KVQ_GEMV(1, 4, _s4, 2)
+KVQ_GEMV(2, 4, _s4, 2)

@@ -601,6 +601,16 @@ fn gemv_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KVQ_GEMV").map_or(true, |v| v != "0"))
 }
 
+/// The GEMV's staging batch (`KVQ_GEMV_STAGE` = 2 or 4: the kernels that load 2 or 4 input vectors
+/// per thread before storing any, at 3 and 2 CTAs per SM; default 1, at 4), to compare in one run.
+fn gemv_stage_suffix() -> &'static str {
+    match std::env::var("KVQ_GEMV_STAGE").as_deref() {
+        Ok("2") => "_s2",
+        Ok("4") => "_s4",
+        _ => "",
+    }
+}
+
 /// Weight rows each warp of a GEMV takes: one. Taking several one after another spreads each CTA's x
 /// staging (and RMSNorm sum) over more rows, but measured slower on the H100 (run 20, 8B shape, B=1
 /// 4k: 6.238 GPU ms per step with 3 rows a warp for gate/up and 5 for lm_head, 6.009 with one).
@@ -639,7 +649,8 @@ impl Blas {
             .map_err(drv("allowing the GEMV its shared memory"))?;
             Ok(f)
         };
-        let gemv = [f("1")?, f("2")?];
+        let stage = gemv_stage_suffix();
+        let gemv = [f(&format!("1{stage}"))?, f(&format!("2{stage}"))?];
         Ok(Self {
             handle: Arc::new(handle),
             gpu: gpu.clone(),

@@ -550,10 +550,9 @@ impl Engine {
     /// `steps` greedy decode steps of `batch` ((sequence, its next input token) pairs, each sequence
     /// once), each step's picks written by its argmax kernel into the next step's token ids, so that
     /// the host can record and launch step t + 1 while the GPU runs step t instead of waiting for every
-    /// pick as [`Engine::step_greedy`] does (about 0.5 ms per 8B-shape step, run 16). Experimental:
-    /// the first form (a device copy of the picks) gave wrong tokens and the host still waited about a
-    /// step per step (run 17); this form has not run on a GPU yet. Returns the picks of every step,
-    /// `steps` rows in `batch`'s order.
+    /// pick as [`Engine::step_greedy`] does: on the H100 a B=1 8B-shape step ran 0.09 ms above its GPU
+    /// time this way, 0.2-0.4 ms one step at a time, with tokens equal to step-by-step greedy for
+    /// every plan (runs 19-20). Returns the picks of every step, `steps` rows in `batch`'s order.
     pub fn decode_greedy(&mut self, batch: &[(SeqId, u32)], steps: usize) -> Result<Vec<Vec<u32>>> {
         let n = batch.len();
         if steps == 0 {
@@ -562,8 +561,9 @@ impl Engine {
         let ctx = self.gpu.stream().context().clone();
         let mut host = Vec::with_capacity(2);
         for _ in 0..2 {
-            // SAFETY: plain page-locked memory for n i32s; cudarc records an event after each copy
-            // into it and `as_slice` waits for that event before the host reads.
+            // SAFETY: plain page-locked memory for n i32s, written only by the stream's copies below
+            // and read by the host only after the event recorded behind the copy has completed
+            // (`read`; the slice's own event is never recorded, as the context tracks no events).
             host.push(
                 unsafe { ctx.alloc_pinned_with_flags::<i32>(n.max(1), 0) }
                     .map_err(drv("allocating page-locked memory for picks"))?,
