@@ -234,7 +234,8 @@ __device__ __forceinline__ uint4 gemv_ld_stream(const __half* p) {
 // x (kvq_model_rmsnorm, kvq_model_swiglu) into the staging, computing it exactly as those kernels do
 // (the same per-row sum, the same expressions), so the fused and unfused steps agree.
 // STAGE: input vectors (8 values) a thread loads before it converts and stores any when staging x (more
-// loads in flight, more registers: 1 fits 4 CTAs per SM; KVQ_GEMV_STAGE picks 2 or 4 to compare).
+// loads in flight, more registers: 1 fits 4 CTAs per SM, 2 three; one row takes 1 and two rows 2, run 21;
+// KVQ_GEMV_STAGE sets it, to compare).
 template <int NP, int STAGE>
 __device__ __forceinline__ void gemv(const __half* __restrict__ x, const float* __restrict__ xf,
                                      const float* __restrict__ nw, float eps, int mode,

@@ -601,13 +601,16 @@ fn gemv_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KVQ_GEMV").map_or(true, |v| v != "0"))
 }
 
-/// The GEMV's staging batch (`KVQ_GEMV_STAGE` = 2 or 4: the kernels that load 2 or 4 input vectors
-/// per thread before storing any, at 3 and 2 CTAs per SM; default 1, at 4), to compare in one run.
-fn gemv_stage_suffix() -> &'static str {
+/// Suffixes of the one- and two-row GEMV kernels: their staging batch (input vectors a thread loads
+/// before it stores any). Run 21 (H100): one row keeps 1 (4 CTAs per SM; the 8B shape's 32-layer
+/// GEMV chain 4.773 ms against 4.994 with 2), two rows take 2 (3 CTAs per SM; whole B=2 steps of the
+/// 1B shape 4.7% faster, the 8B chain 1% faster). `KVQ_GEMV_STAGE` = 1, 2 or 4 sets both, to compare.
+fn gemv_stage_suffixes() -> [&'static str; 2] {
     match std::env::var("KVQ_GEMV_STAGE").as_deref() {
-        Ok("2") => "_s2",
-        Ok("4") => "_s4",
-        _ => "",
+        Ok("1") => ["", ""],
+        Ok("2") => ["_s2", "_s2"],
+        Ok("4") => ["_s4", "_s4"],
+        _ => ["", "_s2"],
     }
 }
 
@@ -649,8 +652,8 @@ impl Blas {
             .map_err(drv("allowing the GEMV its shared memory"))?;
             Ok(f)
         };
-        let stage = gemv_stage_suffix();
-        let gemv = [f(&format!("1{stage}"))?, f(&format!("2{stage}"))?];
+        let [s1, s2] = gemv_stage_suffixes();
+        let gemv = [f(&format!("1{s1}"))?, f(&format!("2{s2}"))?];
         Ok(Self {
             handle: Arc::new(handle),
             gpu: gpu.clone(),
