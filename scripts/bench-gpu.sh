@@ -32,6 +32,9 @@
 #      (the build and the GGUF writer use the CPUs while the sanitizers use the GPU)
 #   2. carry [".carry-m1"]  "export LLAMA_TYPES='f16 q4_0'; bash scripts/bench-gpu.sh big"  (m1 waits for
 #      the 135M calls: 3. carry [".carry-m2"] llama-small, then kvq-small)
+# KVQ_BENCH_EXTRA adds arguments to every `kvq bench decode` here, e.g. "--chained" (greedy steps chained on
+# the device, Engine::decode_greedy, as a generation loop runs them; default: one synchronous step at a
+# time).
 # Results: $OUT/bench-<model>.tar.gz (JSON, PNGs, logs), summaries in the output.
 set -uo pipefail
 # CUDA's libraries, $OUT, the stash $S with the carried binaries unpacked, random_gguf.
@@ -108,20 +111,20 @@ big_peers() { peers=(); for t in $LLAMA_TYPES; do peers+=(--peer "llama.cpp $t=$
 # KVQ_PLANS_BIG (with the --peer arguments given, if any), then the tarball.
 big_main() {
   local kv=(); for p in $KVQ_PLANS_BIG; do kv+=(--kv "$p"); done
-  timeout 300 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16" --ctx "$BIG_CTX" \
+  timeout 300 "$S/kvq" bench decode ${KVQ_BENCH_EXTRA:-} --model "$big" --name "Llama-3-8B shape, random f16" --ctx "$BIG_CTX" \
     --batch "$(big_batches)" --steps 16 --json "$R/bench.json" "${kv[@]}" "$@" 2>&1 | tee "$R/kvq.log"
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
 }
 big_extra() { # timeout
   local kx=(); for p in $EXTRA_PLANS_BIG; do kx+=(--kv "$p"); done
-  timeout "$1" "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16 (more formats)" \
+  timeout "$1" "$S/kvq" bench decode ${KVQ_BENCH_EXTRA:-} --model "$big" --name "Llama-3-8B shape, random f16 (more formats)" \
     --ctx "$BIG_CTX" --batch "$(big_batches)" --steps 16 --json "$R/bench-extra.json" "${kx[@]}" "${peers[@]}" \
     2>&1 | tee "$R/kvq-extra.log"
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
 }
 big_cublas() { # timeout: the fp16 points through cuBLAS (KVQ_GEMV=0), when GEMV_TOO=1
   [ "$GEMV_TOO" = 1 ] || return 0
-  KVQ_GEMV=0 timeout "$1" "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, cuBLAS GEMMs (KVQ_GEMV=0)" --ctx "$BIG_CTX" \
+  KVQ_GEMV=0 timeout "$1" "$S/kvq" bench decode ${KVQ_BENCH_EXTRA:-} --model "$big" --name "Llama-3-8B shape, cuBLAS GEMMs (KVQ_GEMV=0)" --ctx "$BIG_CTX" \
     --batch "$(big_batches)" --steps 16 --json "$R/bench-cublas.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-cublas.log" | grep "T="
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
 }
@@ -182,18 +185,18 @@ kvq-small)
   kv=(); for p in $KVQ_PLANS_SMALL; do kv+=(--kv "$p"); done
   batches=$(echo $SMALL_BATCH | tr ' ' ','); [ "$SMALL_B32" = 1 ] && batches="$batches,32"
   peers=(); for t in $LLAMA_TYPES; do peers+=(--peer "llama.cpp $t=$R/llama-$t.jsonl"); done
-  timeout 500 "$S/kvq" bench decode --model "$small" --name "SmolLM2-135M Q4_1" --ctx "$SMALL_CTX" \
+  timeout 500 "$S/kvq" bench decode ${KVQ_BENCH_EXTRA:-} --model "$small" --name "SmolLM2-135M Q4_1" --ctx "$SMALL_CTX" \
     --batch "$batches" --steps 32 --json "$R/bench.json" "${kv[@]}" "${peers[@]}" \
     2>&1 | tee "$R/kvq.log" | grep -v '^\s*$' | tail -n 120
   if [ "$NO_GRAPHS_TOO" = 1 ]; then
-    timeout 200 "$S/kvq" bench decode --no-graphs --model "$small" --name "SmolLM2-135M Q4_1, no graphs" --ctx 4096,32768 \
+    timeout 200 "$S/kvq" bench decode ${KVQ_BENCH_EXTRA:-} --no-graphs --model "$small" --name "SmolLM2-135M Q4_1, no graphs" --ctx 4096,32768 \
       --batch 1,8 --steps 32 --json "$R/bench-nographs.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-nographs.log" | grep "T=" 
   fi
   # Formats whose GPU encoders are newer (QJL, DecoQuant), in a run of their own so that a slow fill
   # cannot cost the main table.
   if [ -n "${EXTRA_PLANS_SMALL:-}" ]; then
     kx=(); for p in $EXTRA_PLANS_SMALL; do kx+=(--kv "$p"); done
-    timeout 240 "$S/kvq" bench decode --model "$small" --name "SmolLM2-135M Q4_1, QJL and DecoQuant" --ctx "$SMALL_CTX" \
+    timeout 240 "$S/kvq" bench decode ${KVQ_BENCH_EXTRA:-} --model "$small" --name "SmolLM2-135M Q4_1, QJL and DecoQuant" --ctx "$SMALL_CTX" \
       --batch "$(echo $SMALL_BATCH | tr ' ' ',')" --steps 32 --json "$R/bench-extra.json" "${kx[@]}" "${peers[@]}" \
       2>&1 | tee "$R/kvq-extra.log" | grep "T=" | tail -n 40
   fi
@@ -209,7 +212,7 @@ big)
   big_peers
   big_main "${peers[@]}" | tail -n 60
   if [ "$NO_GRAPHS_TOO" = 1 ]; then
-    timeout 120 "$S/kvq" bench decode --no-graphs --model "$big" --name "Llama-3-8B shape, no graphs" --ctx 4096 \
+    timeout 120 "$S/kvq" bench decode ${KVQ_BENCH_EXTRA:-} --no-graphs --model "$big" --name "Llama-3-8B shape, no graphs" --ctx 4096 \
       --batch 1,8 --steps 16 --json "$R/bench-nographs.json" --kv fp16 "${peers[@]}" 2>&1 | tee "$R/kvq-nographs.log" | grep "T="
   fi
   big_cublas 300
@@ -230,7 +233,7 @@ big-all)
   wait_build; tail -2 "$S/llama-build.log"
   llama_big | cut -c1-300
   big_peers
-  "$S/kvq" bench decode --replot --json "$R/bench.json" --batch "$(big_batches)" "${peers[@]}" 2>&1 | tail -n 3
+  "$S/kvq" bench decode ${KVQ_BENCH_EXTRA:-} --replot --json "$R/bench.json" --batch "$(big_batches)" "${peers[@]}" 2>&1 | tail -n 3
   cut -c1-220 "$R/bench.md"
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
   # Then, as time allows: the formats of EXTRA_PLANS_BIG, and the fp16 points through cuBLAS.
