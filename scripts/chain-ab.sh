@@ -35,11 +35,5 @@ for v in chained sync; do
 done
 # llama.cpp f16 at the same points, once its build is done (-c sized for each batch).
 [ -f .carry-peers/llama-src.tar.gz ] || exit 0
-for i in $(seq 1 60); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
-tail -n 2 "$S/llama-build.log"
-for b in 1 8; do
-  [ -x "$LB/llama-batched-bench" ] || break
-  timeout 150 "$LB/llama-batched-bench" -m "$big" -ngl 99 -fa on -ctk f16 -ctv f16 -c $(( (32768 + 64) * b + 256 )) -b 2048 -ub 512 \
-    -npp 4096,32768 -ntg 64 -npl $b --output-format jsonl 2>>"$R/llama-f16.jsonl.err" | grep '^{' | tee -a "$R/llama-f16.jsonl" | cut -c1-300
-done
+llama_f16_points "$LB" "$big" "$R/llama-f16.jsonl"
 save

@@ -40,3 +40,17 @@ random_gguf() {
   PYTHONPATH=/tmp/site timeout 300 python3 "$d/random-llama-gguf.py" "$src" "$out" "$shape" f16 | tail -n 1
   echo "$shape GGUF rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"
 }
+
+# llama_f16_points BIN_DIR GGUF JSONL: once the background llama.cpp build has put llama-batched-bench in
+# BIN_DIR (waits up to 5 minutes), its f16-cache decode at B=1 and B=8 x 4k and 32k prompts (64 generated
+# tokens, -c sized for each batch), one JSON line per point appended to JSONL (stderr to JSONL.err).
+llama_f16_points() {
+  local lb=$1 gguf=$2 out=$3 b i
+  for i in $(seq 1 60); do [ -x "$lb/llama-batched-bench" ] && break; sleep 5; done
+  tail -n 2 "$S/llama-build.log"
+  for b in 1 8; do
+    [ -x "$lb/llama-batched-bench" ] || break
+    timeout 150 "$lb/llama-batched-bench" -m "$gguf" -ngl 99 -fa on -ctk f16 -ctv f16 -c $(( (32768 + 64) * b + 256 )) -b 2048 -ub 512 \
+      -npp 4096,32768 -ntg 64 -npl $b --output-format jsonl 2>>"$out.err" | grep '^{' | tee -a "$out" | cut -c1-300
+  done
+}

@@ -41,13 +41,7 @@ bd "chained steps" bench-chained --ctx 4096,32768 --batch 1,8 --kv fp16 --kv kiv
 KVQ_GEMV_RPW=1 bd "GEMV 1 row per warp" bench-rpw1 --ctx 4096 --batch 1 --kv fp16
 KVQ_GEMV=0 bd "cuBLAS GEMMs" bench-cublas --ctx 4096 --batch 1 --kv fp16
 bd "sync steps, again" bench-sync2 --ctx 4096 --batch 1 --kv fp16
-for i in $(seq 1 60); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
-tail -n 2 "$S/llama-build.log"
-for b in 1 8; do
-  [ -x "$LB/llama-batched-bench" ] || break
-  timeout 150 "$LB/llama-batched-bench" -m "$big" -ngl 99 -fa on -ctk f16 -ctv f16 -c $(( (32768 + 64) * b + 256 )) -b 2048 -ub 512 \
-    -npp 4096,32768 -ntg 64 -npl $b --output-format jsonl 2>>"$R/llama-f16.jsonl.err" | grep '^{' | tee -a "$R/llama-f16.jsonl" | cut -c1-300
-done
+llama_f16_points "$LB" "$big" "$R/llama-f16.jsonl"
 echo "$(el)"; save
 left=$(( 560 - ($(date +%s) - t0) ))
 if [ $left -gt 60 ]; then
