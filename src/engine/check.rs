@@ -915,6 +915,40 @@ pub fn generation_check_on(
         tol: 0.0,
         detail: format!("{} sequences x {steps} tokens; {}", toks.len(), where_.join("; ")),
     });
+
+    // Engine::generate with a greedy sampler (chained on the device where the backend is resident):
+    // the step-by-step tokens again, up to an end-of-sequence token if one comes first.
+    let eos = model.config.eos.clone();
+    let (mut differ, mut where_) = (0usize, Vec::new());
+    for (b, (p, want)) in prompts.iter().zip(&toks).enumerate() {
+        let mut sampler = kvq_model::sample::Sampler::new(0.0, 0, 1.0, 0);
+        let (got, st) = engine.generate(p, steps, chunk, &mut sampler, &mut |_| {})?;
+        let stop_ok = got.len() == steps
+            || (matches!(st.stop, kvq_model::generate::Stop::Eos)
+                && want.get(got.len()).is_some_and(|t| eos.contains(t)));
+        let first = got.iter().zip(want).position(|(g, w)| g != w);
+        if first.is_some() || !stop_ok {
+            differ += 1;
+            let i = first.unwrap_or(got.len());
+            where_.push(format!(
+                "sequence {b} from token {i}: generate {:?} step-by-step {:?} ({} tokens, stop {:?})",
+                &got[i.min(got.len())..(i + 3).min(got.len())],
+                &want[i.min(want.len())..(i + 3).min(want.len())],
+                got.len(),
+                st.stop
+            ));
+        }
+    }
+    res.push(CheckResult {
+        name: format!("{label}: greedy Engine::generate differing from step-by-step (sequences)"),
+        err: differ as f64,
+        tol: 0.0,
+        detail: format!(
+            "{} sequences x {steps} tokens; {}",
+            toks.len(),
+            where_.join("; ")
+        ),
+    });
     Ok(res)
 }
 

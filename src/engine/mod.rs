@@ -554,27 +554,64 @@ impl Engine {
     /// time this way, 0.2-0.4 ms one step at a time, with tokens equal to step-by-step greedy for
     /// every plan (runs 19-20). Returns the picks of every step, `steps` rows in `batch`'s order.
     pub fn decode_greedy(&mut self, batch: &[(SeqId, u32)], steps: usize) -> Result<Vec<Vec<u32>>> {
+        let mut out = Vec::with_capacity(steps);
+        self.decode_greedy_with(batch, steps, &mut |picks| {
+            out.push(picks.to_vec());
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// [`Engine::decode_greedy`] handing each step's picks (in `batch`'s order) to `on_picks` as they
+    /// arrive, one step behind the GPU; `on_picks` returning false stops it. The step after the one
+    /// that stopped it is already issued by then: it still runs, so each sequence ends one token
+    /// longer than the picks accepted (its input is the last pick handed over). Returns the steps
+    /// whose picks were handed over.
+    pub fn decode_greedy_with(
+        &mut self,
+        batch: &[(SeqId, u32)],
+        steps: usize,
+        on_picks: &mut dyn FnMut(&[u32]) -> bool,
+    ) -> Result<usize> {
         let n = batch.len();
         if steps == 0 {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         let ctx = self.gpu.stream().context().clone();
         let mut host = Vec::with_capacity(2);
         for _ in 0..2 {
             // SAFETY: plain page-locked memory for n i32s, written only by the stream's copies below
             // and read by the host only after the event recorded behind the copy has completed
-            // (`read`; the slice's own event is never recorded, as the context tracks no events).
+            // (`read`; the slice's own event is never recorded, as the context tracks no events);
+            // freed only after every recorded copy has completed (the end of this function).
             host.push(
                 unsafe { ctx.alloc_pinned_with_flags::<i32>(n.max(1), 0) }
                     .map_err(drv("allocating page-locked memory for picks"))?,
             );
         }
-        let mut rows: Vec<(SeqId, u32)> = batch.to_vec();
-        let mut out = Vec::with_capacity(steps);
         // The context does not track events (src/gpu.rs), so a pinned slice's own wait is a no-op:
         // each copy gets an event of its own, waited for before its buffer is read (run 18 read
         // stale picks without it).
         let mut copied: [Option<cudarc::driver::CudaEvent>; 2] = [None, None];
+        let r = self.chain_steps(batch, steps, &mut host, &mut copied, on_picks);
+        // No copy may still be writing into the buffers when they are freed, error or not.
+        for e in copied.iter().flatten() {
+            e.synchronize()
+                .map_err(drv("waiting for the last picks' copy"))?;
+        }
+        r
+    }
+
+    /// The loop of [`Engine::decode_greedy_with`] over its two page-locked buffers and their events.
+    fn chain_steps(
+        &mut self,
+        batch: &[(SeqId, u32)],
+        steps: usize,
+        host: &mut [cudarc::driver::PinnedHostSlice<i32>],
+        copied: &mut [Option<cudarc::driver::CudaEvent>; 2],
+        on_picks: &mut dyn FnMut(&[u32]) -> bool,
+    ) -> Result<usize> {
+        let n = batch.len();
         let read = |h: &cudarc::driver::PinnedHostSlice<i32>,
                     e: &Option<cudarc::driver::CudaEvent>|
          -> Result<Vec<u32>> {
@@ -585,6 +622,7 @@ impl Engine {
             let v = h.as_slice().map_err(drv("reading the picked tokens"))?;
             Ok(v[..n].iter().map(|&x| x as u32).collect())
         };
+        let mut rows: Vec<(SeqId, u32)> = batch.to_vec();
         for t in 0..steps {
             (self.chained, self.feed_picks) = (t > 0, true);
             let r = self.step_rows(&rows, true);
@@ -602,8 +640,8 @@ impl Engine {
                     .record_event(None)
                     .map_err(drv("recording the picks' copy"))?,
             );
-            if t > 0 {
-                out.push(read(&host[(t - 1) % 2], &copied[(t - 1) % 2])?);
+            if t > 0 && !on_picks(&read(&host[(t - 1) % 2], &copied[(t - 1) % 2])?) {
+                return Ok(t);
             }
             // The host's ids are placeholders from here on (checked against the vocabulary, then
             // replaced on the device by the picks).
@@ -611,8 +649,8 @@ impl Engine {
                 r.1 = 0;
             }
         }
-        out.push(read(&host[(steps - 1) % 2], &copied[(steps - 1) % 2])?);
-        Ok(out)
+        on_picks(&read(&host[(steps - 1) % 2], &copied[(steps - 1) % 2])?);
+        Ok(steps)
     }
 
     /// Turns CUDA graphs of decode steps on or off (on by default unless `KVQ_GRAPHS=0`): off, every
@@ -916,30 +954,57 @@ impl Engine {
         let mut next = sampler.sample(&logits);
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let mut out: Vec<u32> = Vec::new();
-        let mut printed = 0usize;
+        let mut text = TextOut {
+            out: Vec::new(),
+            printed: 0,
+        };
         let eos = self.config.eos.clone();
         let stop = loop {
-            if out.len() >= max_tokens {
+            if text.out.len() >= max_tokens {
                 break Stop::MaxTokens;
             }
             if eos.contains(&next) {
                 break Stop::Eos;
             }
-            out.push(next);
-            if let Some(tok) = &self.tokenizer {
-                let text = tok.decode(&out)?;
-                let ready = text.trim_end_matches('\u{FFFD}');
-                if ready.len() > printed && ready.is_char_boundary(printed) {
-                    on_text(&ready[printed..]);
-                    printed = ready.len();
-                }
-            }
-            if out.len() >= max_tokens {
+            text.push(self.tokenizer.as_ref(), next, on_text)?;
+            if text.out.len() >= max_tokens {
                 break Stop::MaxTokens;
             }
-            if self.state(seq)?.len >= cap {
+            let len = self.state(seq)?.len;
+            if len >= cap {
                 break Stop::Context;
+            }
+            if greedy && self.backend.device_only() {
+                // The rest chained on the device (decode_greedy_with): the host issues step t + 1
+                // before it reads step t's pick. Both limits are known up front; only an EOS stops
+                // early (leaving one extra token in the sequence, which is freed after).
+                let steps = (max_tokens - text.out.len()).min(cap - len);
+                let (tok, mut failed, mut saw_eos) = (self.tokenizer.take(), None, false);
+                let r = self.decode_greedy_with(&[(seq, next)], steps, &mut |p| {
+                    if eos.contains(&p[0]) {
+                        saw_eos = true;
+                        return false;
+                    }
+                    match text.push(tok.as_ref(), p[0], on_text) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            failed = Some(e);
+                            false
+                        }
+                    }
+                });
+                self.tokenizer = tok;
+                r?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                break if saw_eos {
+                    Stop::Eos
+                } else if text.out.len() >= max_tokens {
+                    Stop::MaxTokens
+                } else {
+                    Stop::Context
+                };
             }
             next = if greedy {
                 self.step_greedy(&[(seq, next)])?[0]
@@ -948,6 +1013,7 @@ impl Engine {
                 sampler.sample(&l[0])
             };
         };
+        let TextOut { out, printed } = text;
         if let Some(tok) = &self.tokenizer {
             let text = tok.decode(&out)?;
             if text.len() > printed && text.is_char_boundary(printed) {
@@ -963,6 +1029,29 @@ impl Engine {
             stop,
         };
         Ok((out, stats))
+    }
+}
+
+/// Generated tokens and how much of their text has been handed out: text is printed as soon as it
+/// decodes to whole characters.
+struct TextOut {
+    out: Vec<u32>,
+    printed: usize,
+}
+
+impl TextOut {
+    /// Appends `t` and hands out the new whole characters of the text so far.
+    fn push(&mut self, tok: Option<&Tok>, t: u32, on_text: &mut dyn FnMut(&str)) -> Result<()> {
+        self.out.push(t);
+        if let Some(tok) = tok {
+            let text = tok.decode(&self.out)?;
+            let ready = text.trim_end_matches('\u{FFFD}');
+            if ready.len() > self.printed && ready.is_char_boundary(self.printed) {
+                on_text(&ready[self.printed..]);
+                self.printed = ready.len();
+            }
+        }
+        Ok(())
     }
 }
 
