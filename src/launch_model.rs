@@ -565,6 +565,8 @@ pub struct Blas {
     gpu: Arc<Gpu>,
     /// kvq_model_gemv{1,2}: one and two rows.
     gemv: [CudaFunction; 2],
+    /// Dynamic shared memory the GEMVs may use on this GPU (<= [`GEMV_SMEM_MAX`]).
+    gemv_smem: usize,
     /// Whether decode-step shapes take the GEMV (default; `KVQ_GEMV=0` or [`Blas::set_gemv`] turn it off).
     gemv_on: bool,
 }
@@ -589,8 +591,9 @@ pub enum GemvIn<'a> {
 
 /// Warps of a GEMV CTA (kernels/model.cu's GEMV_WARPS).
 const GEMV_WARPS: usize = 8;
-/// Dynamic shared memory a GEMV may stage its x rows in (n x inp halves): up to 40,960 inputs at two
-/// rows.
+/// Dynamic shared memory a GEMV may stage its x rows in (n x inp halves), at most: up to 40,960 inputs
+/// at two rows. Smaller where the GPU allows less per block (99 KB on sm_86/sm_89); larger inputs take
+/// cuBLAS.
 const GEMV_SMEM_MAX: usize = 160 * 1024;
 
 /// Decode steps of one or two rows through kvq_model_gemv, with the RMSNorms and the SwiGLU folded
@@ -643,11 +646,12 @@ impl Blas {
             })?
             .map_err(|e| GpuError::Blas(format!("creating the cuBLAS handle: {e:?}")))?;
         use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        let gemv_smem = GEMV_SMEM_MAX.min(gpu.max_smem_per_block()?);
         let f = |n: &str| -> Result<CudaFunction> {
             let f = gpu.function(MODULE, &format!("kvq_model_gemv{n}"))?;
             f.set_attribute(
                 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                GEMV_SMEM_MAX as i32,
+                gemv_smem as i32,
             )
             .map_err(drv("allowing the GEMV its shared memory"))?;
             Ok(f)
@@ -658,6 +662,7 @@ impl Blas {
             handle: Arc::new(handle),
             gpu: gpu.clone(),
             gemv,
+            gemv_smem,
             gemv_on: gemv_enabled(),
         })
     }
@@ -672,7 +677,7 @@ impl Blas {
         self.gemv_on
             && (1..=2).contains(&n)
             && w.inp.is_multiple_of(8)
-            && 2 * w.inp * 2 <= GEMV_SMEM_MAX
+            && n * w.inp * 2 <= self.gemv_smem
     }
 
     /// y = f(input) · W (or y += ...) through kvq_model_gemv, where f is the RMSNorm or SwiGLU the
@@ -691,7 +696,7 @@ impl Blas {
                 "a fused GEMV of {n} rows over {}x{} (the GEMV takes 1-2 rows, inp % 8 == 0, inp <= {}, KVQ_GEMV on)",
                 w.inp,
                 w.out,
-                GEMV_SMEM_MAX / 4
+                self.gemv_smem / (2 * n.max(1))
             )));
         }
         match input {
@@ -781,7 +786,7 @@ impl Blas {
         // input slices and `w`. (bounds, checked by matmul and gemv_from) x or xf holds n x inp
         // (n x 2 inp for SwiGLU), nw inp, w out x inp, y n x out; n <= np = the rows of the kernel
         // picked, whose np x inp halves of staged x are the dynamic shared memory asked for (<=
-        // GEMV_SMEM_MAX, the limit set at creation, by uses_gemv); warps past `out` rows write
+        // gemv_smem, the limit set at creation, by uses_gemv); warps past `out` rows write
         // nothing. inp % 8 == 0 and W is its own allocation (256-byte aligned), so every row starts
         // 16-byte aligned and the kernel's 16-byte loads (k < inp, k % 8 == 0) stay in the row.
         // (dependent launch) every CTA reads only W (written by no kernel) before kvq_pdl_wait(),
