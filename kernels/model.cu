@@ -209,8 +209,8 @@ extern "C" __global__ void kvq_model_scatter(const uint8_t* arena, int n) {
 // row), GEMV_U loads per row in flight and the next group requested before the current one is summed;
 // x (the n rows, f16) is staged once per CTA in shared memory. CTA = 8 warps; warp w of CTA b takes rows
 // (b * 8 + w) * rpw .. + rpw one after another (the host passes 1: more rows a warp spread the staging
-// but ran slower, run 20), so no K split, no partial sums and no atomics: each output is one lane's
-// fixed-order sum and a warp reduction, the same in graph replays and direct launches. On the H100
+// but ran slower, run 20), so no K split, no partial sums and no atomics: each output is its warp's 32
+// fixed-order lane sums and a fixed butterfly, the same in graph replays and direct launches. On the H100
 // (docs/BENCHMARKS.md, runs 18 and 20) this layout streamed the Llama-3-8B layer GEMVs 7.6% faster
 // than the earlier [inp][out] column-tile kernel in a lab kernel, and a whole B=1 4k step's GPU time
 // went from 6.297 to 6.009 ms.
