@@ -42,7 +42,6 @@ set -uo pipefail
 model_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 small="$S/SmolLM2-135M-Instruct.Q4_1.gguf"
 big="$S/llama3-8b-f16.gguf"
-LB="$S/llama/build/bin"
 KVQ_PLANS_SMALL=${KVQ_PLANS_SMALL:-"kivi:bits=4 kivi:bits=4,window=0 kivi:bits=2 kivi:bits=2,window=0 asymkv:lk=30,lv=0,window=0 asymkv:lk=0,lv=0,window=0"}
 KVQ_PLANS_BIG=${KVQ_PLANS_BIG:-"kivi:bits=4,window=0 kivi:bits=2 kivi:bits=2,window=0 asymkv:lk=32,lv=0,window=0 asymkv:lk=0,lv=0,window=0"}
 # Points (override for a shorter run): contexts (comma-separated) and batch sizes (space-separated).
@@ -61,18 +60,8 @@ LLAMA_TYPES=${LLAMA_TYPES:-"f16 q8_0 q4_0"}
 # WRITE_BIG=0; `big` waits for its "wrote" line in $S/gguf.log.
 write_big() {
   [ -f "$big" ] || [ "${WRITE_BIG:-1}" = 0 ] && return 0
-  export -f random_gguf; export S
-  setsid nohup bash -c 'random_gguf llama3-8b "$0" "$1"' "$big" "$1" > "$S/gguf.log" 2>&1 < /dev/null &
+  gguf_in_background llama3-8b "$big" "$1"
   echo "8B GGUF being written in the background"
-}
-# The llama.cpp CUDA build in the background (detached), unless built; $1: its nice level.
-start_build() {
-  [ -x "$LB/llama-batched-bench" ] && return 0
-  setsid nohup nice -n "${1:-0}" bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
-  echo "llama.cpp build started in the background"
-}
-wait_build() {
-  echo "== waiting for the llama.cpp build"; for i in $(seq 1 80); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
 }
 
 stage_parts() {
@@ -85,23 +74,7 @@ stage_parts() {
   fi
 }
 
-# llama-batched-bench at each batch size (one process per batch so -c fits), JSONL appended to $4.
-llama_bench() { # model ctk ctxlist(comma) out batches...
-  local m=$1 t=$2 ctxs=$3 out=$4; shift 4
-  for b in "$@"; do
-    local maxp; maxp=$(echo "$ctxs" | tr ',' '\n' | sort -n | tail -1)
-    local c=$(( (maxp + 64) * b + 256 ))
-    echo "== llama-batched-bench $t B=$b ctx $ctxs (-c $c)"
-    timeout 400 "$LB/llama-batched-bench" -m "$m" -ngl 99 -fa on -ctk "$t" -ctv "$t" -c "$c" -b 2048 -ub 512 \
-      -npp "$ctxs" -ntg 64 -npl "$b" --output-format jsonl 2>>"$out.err" | grep '^{' | tee -a "$out"
-  done
-}
-
 # The 8B-shape steps that `big`, `big-all` and `big-extra` share; results in $R, tarball in $OUT.
-wait_gguf() {
-  echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 5; done
-  cat "$S/gguf.log"
-}
 big_batches() { echo $BIG_BATCH | tr ' ' ','; }
 llama_big() {
   for t in $LLAMA_TYPES; do llama_bench "$big" "$t" "$BIG_CTX" "$R/llama-$t.jsonl" $BIG_BATCH >/dev/null; done

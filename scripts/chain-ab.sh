@@ -12,13 +12,10 @@ set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
 R=$OUT/chain; mkdir -p "$R"
 big=$S/llama3-8b-f16.gguf
-export -f random_gguf; export S
-P=.carry-peers; [ -d $P ] || P=.carry-peers-small
-setsid nohup bash -c 'random_gguf llama3-8b "$0" "$1"' "$big" $P/tokenizer.gguf > "$S/gguf.log" 2>&1 < /dev/null &
-LB=$S/llama/build/bin
+gguf_in_background llama3-8b "$big"
 if [ -f .carry-peers/llama-src.tar.gz ]; then
   cp -r .carry-peers/. "$S"/
-  setsid nohup nice -n 15 bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
+  start_build 15
 fi
 save() { rm -f "$R"/*.png; tar czf "$OUT/chain.tar.gz" -C "$OUT" chain; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -26,7 +23,7 @@ KVQ_CHECK_FILTER=${FILTER:-hq=8} timeout 150 "$S/kvq-gpu" check > "$R/check.txt"
 grep -E "^parity" "$R/check.txt" | tail -1; grep "^FAIL" "$R/check.txt" | head -5
 timeout 90 "$S/kvq-gpu" resident-check > "$R/resident.txt" 2>&1; echo "resident-check rc=$?"
 grep -E "^FAIL" "$R/resident.txt" | cut -c1-160 | head; grep -c "^PASS" "$R/resident.txt"; grep "chained" "$R/resident.txt" | cut -c1-200; save
-echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 3; done; cat "$S/gguf.log"
+wait_gguf 180
 for v in chained sync; do
   a=(); [ $v = chained ] && a=(--chained)
   timeout 150 "$S/kvq" bench decode --model "$big" --name "Llama-3-8B shape, random f16 ($v steps)" --ctx 4096,32768 --batch 1,8 \
@@ -35,5 +32,6 @@ for v in chained sync; do
 done
 # llama.cpp f16 at the same points, once its build is done (-c sized for each batch).
 [ -f .carry-peers/llama-src.tar.gz ] || exit 0
-llama_f16_points "$LB" "$big" "$R/llama-f16.jsonl"
+wait_build 300; tail -n 2 "$S/llama-build.log"
+[ -x "$LB/llama-batched-bench" ] && llama_bench "$big" f16 4096,32768 "$R/llama-f16.jsonl" 1 8 | cut -c1-300
 save

@@ -1,5 +1,5 @@
 # Sourced by the device scripts (bench-gpu.sh, verify-gpu.sh, profile-step.sh, step-8b.sh, ...): CUDA's libraries on the path, $OUT, the machine's stash $S with the carried
-# binaries (.carry-bin/*.xz) unpacked there once, and $NCU (Nsight Compute).
+# binaries (.carry-bin/*.xz) unpacked there once, $NCU (Nsight Compute), and the helpers below (model parts, random GGUFs, llama.cpp).
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
 S=/root/stash; mkdir -p "$S"
@@ -41,16 +41,43 @@ random_gguf() {
   echo "$shape GGUF rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"
 }
 
-# llama_f16_points BIN_DIR GGUF JSONL: once the background llama.cpp build has put llama-batched-bench in
-# BIN_DIR (waits up to 5 minutes), its f16-cache decode at B=1 and B=8 x 4k and 32k prompts (64 generated
-# tokens, -c sized for each batch), one JSON line per point appended to JSONL (stderr to JSONL.err).
-llama_f16_points() {
-  local lb=$1 gguf=$2 out=$3 b i
-  for i in $(seq 1 60); do [ -x "$lb/llama-batched-bench" ] && break; sleep 5; done
-  tail -n 2 "$S/llama-build.log"
-  for b in 1 8; do
-    [ -x "$lb/llama-batched-bench" ] || break
-    timeout 150 "$lb/llama-batched-bench" -m "$gguf" -ngl 99 -fa on -ctk f16 -ctv f16 -c $(( (32768 + 64) * b + 256 )) -b 2048 -ub 512 \
-      -npp 4096,32768 -ntg 64 -npl $b --output-format jsonl 2>>"$out.err" | grep '^{' | tee -a "$out" | cut -c1-300
+
+# The llama.cpp CUDA build (../shared/peers/build-llamacpp-cuda.sh, carried into $S with its source) and
+# its binaries' folder.
+LB=${LB:-$S/llama/build/bin}
+# start_build [NICE]: that build in the background (detached: it outlives the call), unless built.
+start_build() {
+  [ -x "$LB/llama-batched-bench" ] && return 0
+  setsid nohup nice -n "${1:-0}" bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
+  echo "llama.cpp build started in the background"
+}
+# wait_build [SECONDS]: until llama-batched-bench exists (at most SECONDS, default 400).
+wait_build() {
+  local i
+  echo "== waiting for the llama.cpp build"; for i in $(seq 1 $(( ${1:-400} / 5 ))); do [ -x "$LB/llama-batched-bench" ] && break; sleep 5; done
+}
+# gguf_in_background SHAPE OUT [SRC]: random_gguf detached (one core; it outlives the call), its log in
+# $S/gguf.log, whose last line is "wrote ..." once done (wait_gguf).
+gguf_in_background() {
+  export -f random_gguf; export S
+  setsid nohup bash -c 'random_gguf "$0" "$1" "$2"' "$1" "$2" "${3:-}" > "$S/gguf.log" 2>&1 < /dev/null &
+}
+# wait_gguf [SECONDS]: until the background GGUF is written (at most SECONDS, default 300); prints its log.
+wait_gguf() {
+  local i
+  echo "== waiting for the GGUF"; for i in $(seq 1 $(( ${1:-300} / 3 ))); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 3; done
+  cat "$S/gguf.log"
+}
+# llama_bench MODEL CTK CTXS OUT BATCHES...: llama-batched-bench at each batch size (one process per
+# batch so -c fits), 64 generated tokens after each prompt length of CTXS (comma-separated), JSONL
+# appended to OUT (stderr to OUT.err).
+llama_bench() {
+  local m=$1 t=$2 ctxs=$3 out=$4 b; shift 4
+  for b in "$@"; do
+    local maxp; maxp=$(echo "$ctxs" | tr ',' '\n' | sort -n | tail -1)
+    local c=$(( (maxp + 64) * b + 256 ))
+    echo "== llama-batched-bench $t B=$b ctx $ctxs (-c $c)"
+    timeout 400 "$LB/llama-batched-bench" -m "$m" -ngl 99 -fa on -ctk "$t" -ctv "$t" -c "$c" -b 2048 -ub 512 \
+      -npp "$ctxs" -ntg 64 -npl "$b" --output-format jsonl 2>>"$out.err" | grep '^{' | tee -a "$out"
   done
 }

@@ -14,11 +14,9 @@ set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
 R=$OUT/rows; mkdir -p "$R"
 big=$S/llama3-8b-f16.gguf
-export -f random_gguf; export S
-setsid nohup bash -c 'random_gguf llama3-8b "$0" "$1"' "$big" .carry-peers/tokenizer.gguf > "$S/gguf.log" 2>&1 < /dev/null &
-LB=$S/llama/build/bin
+gguf_in_background llama3-8b "$big"
 cp -r .carry-peers/. "$S"/
-setsid nohup nice -n 15 bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
+start_build 15
 save() { tar czf "$OUT/rows.tar.gz" -C "$OUT" rows; }
 t0=$(date +%s); el() { echo "[$(( $(date +%s) - t0 )) s]"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -28,7 +26,7 @@ grep -E "gemm|gemv" "$R/engine-check.txt" | cut -c1-160 | head -40
 timeout 90 "$S/kvq-gpu" resident-check > "$R/resident.txt" 2>&1; echo "resident-check rc=$? $(el)"
 grep -E "^FAIL" "$R/resident.txt" | cut -c1-220 | head; grep -c "^PASS" "$R/resident.txt"; grep "chained" "$R/resident.txt" | cut -c1-200 | head -3; save
 timeout 150 "$S/kvq-gpu" gemm-bench > "$R/gemm-bench.txt" 2>&1; echo "gemm-bench rc=$? $(el)"; cat "$R/gemm-bench.txt"; save
-echo "== waiting for the 8B GGUF"; for i in $(seq 1 60); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 3; done; cat "$S/gguf.log"
+wait_gguf 180
 [ -f .carry-bin-prev/kvq-prev.xz ] && xz -dc .carry-bin-prev/kvq-prev.xz > "$S/kvq-prev" && chmod +x "$S/kvq-prev"
 bd() {  # name, json, extra args... (KVQ_BIN picks another binary)
   local name=$1 json=$2; shift 2
@@ -41,7 +39,8 @@ bd "chained steps" bench-chained --ctx 4096,32768 --batch 1,8 --kv fp16 --kv kiv
 KVQ_GEMV_RPW=1 bd "GEMV 1 row per warp" bench-rpw1 --ctx 4096 --batch 1 --kv fp16
 KVQ_GEMV=0 bd "cuBLAS GEMMs" bench-cublas --ctx 4096 --batch 1 --kv fp16
 bd "sync steps, again" bench-sync2 --ctx 4096 --batch 1 --kv fp16
-llama_f16_points "$LB" "$big" "$R/llama-f16.jsonl"
+wait_build 300; tail -n 2 "$S/llama-build.log"
+[ -x "$LB/llama-batched-bench" ] && llama_bench "$big" f16 4096,32768 "$R/llama-f16.jsonl" 1 8 | cut -c1-300
 echo "$(el)"; save
 left=$(( 560 - ($(date +%s) - t0) ))
 if [ $left -gt 60 ]; then

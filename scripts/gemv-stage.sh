@@ -9,8 +9,7 @@ set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
 R=$OUT/stage; mkdir -p "$R"
 g=$S/llama3.2-1b-f16.gguf
-export -f random_gguf; export S
-setsid nohup bash -c 'random_gguf llama3.2-1b "$0" "$1"' "$g" .carry-peers-small/tokenizer.gguf > "$S/gguf.log" 2>&1 < /dev/null &
+gguf_in_background llama3.2-1b "$g"
 save() { tar czf "$OUT/stage.tar.gz" -C "$OUT" stage; }
 t0=$(date +%s); el() { echo "[$(( $(date +%s) - t0 )) s]"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -23,7 +22,7 @@ for v in 1 2 4; do
   KVQ_GEMV_STAGE=$v timeout 60 "$S/kvq-gpu" gemm-bench > "$R/gemm-bench-s$v.txt" 2>&1; echo "gemm-bench stage $v rc=$? $(el)"
   grep -E "^\| [12] |chain" "$R/gemm-bench-s$v.txt"; save
 done
-for i in $(seq 1 40); do grep -q wrote "$S/gguf.log" 2>/dev/null && break; sleep 2; done; cat "$S/gguf.log"
+wait_gguf 80
 k=0
 for v in 1 2 4 1; do
   k=$((k + 1))
