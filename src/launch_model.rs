@@ -748,14 +748,14 @@ impl Blas {
         n: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let np = usize::from(n == 2) + 1;
-        let f = &self.gemv[np - 1];
+        // n is 1 or 2 here (uses_gemv): kernel gemv{n}, which stages n x inp halves.
+        let f = &self.gemv[n - 1];
         let rpw = gemv_rows_per_warp();
         let ctas = w.out.div_ceil(GEMV_WARPS * rpw);
         let cfg = LaunchConfig {
             grid_dim: (to_i32("gemv CTAs", ctas)? as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: (np * w.inp * 2) as u32,
+            shared_mem_bytes: (n * w.inp * 2) as u32,
         };
         let st = self.gpu.stream();
         let (x, xf, nw, eps, mode) = match input {
@@ -784,8 +784,8 @@ impl Blas {
         // CudaSlice<f32> and five i32; the kernel reads only the input `mode` names (x for 0, xf and
         // nw for 1, xf for 2; the others are 0). (aliasing) `y` is a &mut borrow distinct from the
         // input slices and `w`. (bounds, checked by matmul and gemv_from) x or xf holds n x inp
-        // (n x 2 inp for SwiGLU), nw inp, w out x inp, y n x out; n <= np = the rows of the kernel
-        // picked, whose np x inp halves of staged x are the dynamic shared memory asked for (<=
+        // (n x 2 inp for SwiGLU), nw inp, w out x inp, y n x out; n (1 or 2) = the rows of the kernel
+        // picked, whose n x inp halves of staged x are the dynamic shared memory asked for (<=
         // gemv_smem, the limit set at creation, by uses_gemv); warps past `out` rows write
         // nothing. inp % 8 == 0 and W is its own allocation (256-byte aligned), so every row starts
         // 16-byte aligned and the kernel's 16-byte loads (k < inp, k % 8 == 0) stay in the row.

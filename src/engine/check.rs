@@ -899,8 +899,8 @@ pub fn generation_check_on(
             differ += 1;
             where_.push(format!(
                 "sequence {b} from token {i}: chained {:?} step-by-step {:?}",
-                &got[i..(i + 3).min(got.len())],
-                &want[i..(i + 3).min(want.len())]
+                three_from(&got, i),
+                three_from(want, i)
             ));
         }
     }
@@ -932,8 +932,8 @@ pub fn generation_check_on(
             let i = first.unwrap_or(got.len());
             where_.push(format!(
                 "sequence {b} from token {i}: generate {:?} step-by-step {:?} ({} tokens, stop {:?})",
-                &got[i.min(got.len())..(i + 3).min(got.len())],
-                &want[i.min(want.len())..(i + 3).min(want.len())],
+                three_from(&got, i),
+                three_from(want, i),
                 got.len(),
                 st.stop
             ));
@@ -950,6 +950,11 @@ pub fn generation_check_on(
         ),
     });
     Ok(res)
+}
+
+/// Up to three tokens of `v` from position `i` (none past its end): where two token lists part.
+fn three_from(v: &[u32], i: usize) -> &[u32] {
+    &v[i.min(v.len())..(i + 3).min(v.len())]
 }
 
 /// Teacher-forced logits may differ from the f32 CPU path by this fraction of the step's largest

@@ -1013,13 +1013,7 @@ impl Engine {
                 sampler.sample(&l[0])
             };
         };
-        let TextOut { out, printed } = text;
-        if let Some(tok) = &self.tokenizer {
-            let text = tok.decode(&out)?;
-            if text.len() > printed && text.is_char_boundary(printed) {
-                on_text(&text[printed..]);
-            }
-        }
+        let out = text.finish(self.tokenizer.as_ref(), on_text)?;
         let stats = GenStats {
             prompt_tokens: prompt.len(),
             generated: out.len(),
@@ -1052,6 +1046,17 @@ impl TextOut {
             }
         }
         Ok(())
+    }
+
+    /// Hands out the rest of the text (an incomplete character included) and returns the tokens.
+    fn finish(self, tok: Option<&Tok>, on_text: &mut dyn FnMut(&str)) -> Result<Vec<u32>> {
+        if let Some(tok) = tok {
+            let text = tok.decode(&self.out)?;
+            if text.len() > self.printed && text.is_char_boundary(self.printed) {
+                on_text(&text[self.printed..]);
+            }
+        }
+        Ok(self.out)
     }
 }
 

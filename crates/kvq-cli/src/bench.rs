@@ -48,15 +48,21 @@ pub struct DecodeOpts {
 }
 
 impl DecodeOpts {
-    /// Steps each sequence takes before the timed ones: `warmup`, and when chained two chained runs
-    /// of at least 3 (each run's first step is fed from the host, a step list of its own: seen twice,
-    /// its graph is captured before the timed run starts with it).
-    fn untimed_steps(&self) -> usize {
+    /// The warm-up before the timed steps, as (runs, steps each): one run of `warmup` steps, or when
+    /// chained two chained runs of at least 3 (each run's first step is fed from the host, a step list
+    /// of its own: seen twice, its graph is captured before the timed run starts with it).
+    fn warmup_runs(&self) -> (usize, usize) {
         if self.chained {
-            2 * self.warmup.max(3)
+            (2, self.warmup.max(3))
         } else {
-            self.warmup
+            (1, self.warmup)
         }
+    }
+
+    /// Steps each sequence takes before the timed ones.
+    fn untimed_steps(&self) -> usize {
+        let (runs, steps) = self.warmup_runs();
+        runs * steps
     }
 }
 
@@ -316,12 +322,9 @@ fn measure(
     }
     let fill_s = t_fill.elapsed().as_secs_f64();
     let mut batch: Vec<(kvq::engine::SeqId, u32)> = seqs.iter().map(|&s| (s, 1)).collect();
-    if o.chained {
-        for _ in 0..2 {
-            greedy_steps(engine, &mut batch, o.warmup.max(3), true)?;
-        }
-    } else {
-        greedy_steps(engine, &mut batch, o.warmup, false)?;
+    let (runs, steps) = o.warmup_runs();
+    for _ in 0..runs {
+        greedy_steps(engine, &mut batch, steps, o.chained)?;
     }
     engine.take_enqueue_time();
     engine.set_step_timing(true);

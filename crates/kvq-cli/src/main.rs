@@ -259,8 +259,8 @@ enum BenchCmd {
         #[arg(long)]
         no_graphs: bool,
         /// Time steps chained on the device (Engine::decode_greedy: each step's picks feed the next
-        /// without the host) instead of one at a time. Experimental: its first form gave wrong tokens
-        /// and no speed-up on the H100 (docs/BENCHMARKS.md, run 17); this one has not run on a GPU.
+        /// without the host, as greedy generation runs) instead of one at a time (docs/BENCHMARKS.md,
+        /// runs 18-20).
         #[arg(long)]
         chained: bool,
     },
