@@ -45,9 +45,12 @@ random_gguf() {
 # The llama.cpp CUDA build (../shared/peers/build-llamacpp-cuda.sh, carried into $S with its source) and
 # its binaries' folder.
 LB=${LB:-$S/llama/build/bin}
-# start_build [NICE]: that build in the background (detached: it outlives the call), unless built.
+# start_build [NICE]: that build in the background (detached: it outlives the call), unless built or started.
 start_build() {
   [ -x "$LB/llama-batched-bench" ] && return 0
+  # (once per machine: a script that started it earlier leaves the marker, so a later one waits instead)
+  [ -f "$S/llama-build.started" ] && { echo "llama.cpp build already under way"; return 0; }
+  touch "$S/llama-build.started"
   setsid nohup nice -n "${1:-0}" bash "$S/build-llamacpp-cuda.sh" "$S/llama-src.tar.gz" "$S/llama" > "$S/llama-build.log" 2>&1 < /dev/null &
   echo "llama.cpp build started in the background"
 }

@@ -390,48 +390,62 @@ __device__ __forceinline__ void merge_one(const KvqDecodeParams& P, int b, int h
 }
 
 // The fused merge of the G query heads of (row b, KV head h) by one CTA: the splits' softmax weights
-// once per head into shared memory `wsh` ([G][S] + [MAX_G] floats), then each output channel sums its
-// S partials with four loads in flight (a thread per channel looping over S dependent loads made the
-// merge the longest part of a short-context launch).
+// once per head into shared memory `wsh` ([G][S] + [MAX_G] floats), then each thread sums the S
+// partials of four adjacent output channels as float4s, eight loads in flight (a merge that waits on
+// one L2 round trip per few loads is the longest serial part of a short-context launch).
 template <int D>
 __device__ void merge_cta(const KvqDecodeParams& P, int b, int h, float* wsh) {
     const int S = P.n_splits + 1, G = P.group;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float* lsum = wsh + G * S;
+    const float2* ml = reinterpret_cast<const float2*>(P.part_ml);
     for (int g = warp; g < G; g += WARPS) {
         const int64_t row0 = ((int64_t)b * P.hkv * G + (int64_t)h * G + g) * S;
-        float m = -INFINITY;
-        for (int s = lane; s < S; s += 32) m = fmaxf(m, __ldcg(P.part_ml + (row0 + s) * 2));
+        // (m, l) of split `lane` stays in registers between the two passes (S <= 32 is the common case).
+        const float2 own = lane < S ? __ldcg(ml + row0 + lane) : make_float2(-INFINITY, 0.f);
+        float m = own.x;
+        for (int s = lane + 32; s < S; s += 32) m = fmaxf(m, __ldcg(ml + row0 + s).x);
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
         float l = 0.f;
         for (int s = lane; s < S; s += 32) {
-            const float ms = __ldcg(P.part_ml + (row0 + s) * 2);
-            const float w = ms == -INFINITY ? 0.f : exp2f(ms - m);
+            const float2 v = s == lane ? own : __ldcg(ml + row0 + s);
+            const float w = v.x == -INFINITY ? 0.f : exp2f(v.x - m);
             wsh[g * S + s] = w;
-            l += w * __ldcg(P.part_ml + (row0 + s) * 2 + 1);
+            l += w * v.y;
         }
         for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
         if (lane == 0) lsum[g] = l;
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < G * D; idx += THREADS) {
-        const int g = idx / D, c = idx % D;
+    constexpr int V = D / 4, BATCH = 8;
+    for (int idx = threadIdx.x; idx < G * V; idx += THREADS) {
+        const int g = idx / V, c4 = idx % V;
         const int64_t row0 = ((int64_t)b * P.hkv * G + (int64_t)h * G + g) * S;
-        const float* pa = P.part_acc + row0 * D + c;
+        const float4* pa = reinterpret_cast<const float4*>(P.part_acc + row0 * D) + c4;
         const float* w = wsh + g * S;
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-        int s = 0;
-        for (; s + 4 <= S; s += 4) {
-            a0 += w[s] * __ldcg(pa + (int64_t)s * D);
-            a1 += w[s + 1] * __ldcg(pa + (int64_t)(s + 1) * D);
-            a2 += w[s + 2] * __ldcg(pa + (int64_t)(s + 2) * D);
-            a3 += w[s + 3] * __ldcg(pa + (int64_t)(s + 3) * D);
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s0 = 0; s0 < S; s0 += BATCH) {
+            float4 v[BATCH];
+#pragma unroll
+            for (int j = 0; j < BATCH; j++)
+                v[j] = s0 + j < S ? __ldcg(pa + (int64_t)(s0 + j) * V) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int j = 0; j < BATCH; j++) {
+                const float ws = s0 + j < S ? w[s0 + j] : 0.f;
+                a.x += ws * v[j].x;
+                a.y += ws * v[j].y;
+                a.z += ws * v[j].z;
+                a.w += ws * v[j].w;
+            }
         }
-        for (; s < S; s++) a0 += w[s] * __ldcg(pa + (int64_t)s * D);
-        const float o = ((a0 + a1) + (a2 + a3)) / lsum[g];
-        const int64_t oi = ((int64_t)b * P.hkv * G + (int64_t)h * G + g) * D + c;
-        P.out[oi] = o;
-        if (P.out16 != nullptr) P.out16[oi] = __float2half(o);
+        const float inv = 1.f / lsum[g];
+        const float o[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
+        const int64_t oi = ((int64_t)b * P.hkv * G + (int64_t)h * G + g) * D + 4 * c4;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            P.out[oi + j] = o[j];
+            if (P.out16 != nullptr) P.out16[oi + j] = __float2half(o[j]);
+        }
     }
 }
 
