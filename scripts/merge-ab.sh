@@ -36,6 +36,12 @@ timeout 150 "$S/kvq-gpu" engine-check > "$R/engine.txt" 2>&1; echo "engine-check
 grep -E "FAIL|checks" "$R/engine.txt" | head -n 12
 timeout 150 "$S/kvq-gpu" resident-check > "$R/resident.txt" 2>&1; echo "resident-check rc=$?"
 grep -E "FAIL|failures|generate" "$R/resident.txt" | head -n 20
+# MEMCHECK_FILTER: compute-sanitizer memcheck on the parity cases whose name contains it (e.g. the
+# multi-split ones, "T=[4133]", which take the fused merge).
+if [ -n "${MEMCHECK_FILTER:-}" ]; then
+  KVQ_CHECK_FILTER=$MEMCHECK_FILTER timeout "${MEMCHECK_TIMEOUT:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$S/kvq-gpu" check > "$R/memcheck.txt" 2>&1; echo "memcheck ($MEMCHECK_FILTER) rc=$?"; grep -E "^parity|ERROR SUMMARY" "$R/memcheck.txt" | tail -n 3
+fi
 tar czf "$OUT/extra.tar.gz" -C "$R" . && rm -rf "$R"
 
 # BIG=0 stops here (e.g. on an H200, when issue 11's H100 comparison is left for a later call).
