@@ -26,7 +26,7 @@ echo "== split lengths at B=1 4k (this build)"
 for i in 1 2; do
   for st in default 64 128 256 512; do
     ( [ "$st" = default ] || export KVQ_SPLIT_TOKENS=$st
-      KVQ_BENCH_POINTS=1x4096 timeout 60 "$S/kvq-gpu" bench fp16 kivi:bits=2,window=0 qjl:m=256,m0=256,buffer=0 \
+      KVQ_BENCH_POINTS=1x4096 timeout 60 "$S/kvq-gpu" bench fp16 kivi:bits=2,window=0 qjl:m=256,m0=256,buffer=0 "rvq:codes=256,depth=8,window=0,codebooks=$CB" \
         2>>"$R/split.err" | sed "s/^{/{\"split\":\"$st\",\"rep\":$i,/" >> "$R/split.jsonl" )
   done
 done
