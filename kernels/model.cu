@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "kvq_pdl.cuh"
+#include "kvq_ring.cuh"
 
 namespace {
 
@@ -32,16 +33,22 @@ __device__ float block_sum(float v) {
 // Rotates pair i of one head (channels a, b by `style`: 0 = interleaved (2i, 2i+1), 1 = rotate-half
 // (i, i + d/2)) from `src` into `dst` (may alias). The angle is computed in double, as the CPU reference
 // does (kvq_formats::Rope::rotate): positions reach 1e5+, where f32 angles lose digits.
+// With `ring`, the rotated pair also goes there as f16 (kvq::ring_half of the same f32 values).
 __device__ __forceinline__ void rope_pair(const float* src, float* dst, int i, int d, int style, int pos,
-                                          const float* inv_freq) {
+                                          const float* inv_freq, uint16_t* ring = nullptr) {
     const int a = style == 0 ? 2 * i : i;
     const int b = style == 0 ? 2 * i + 1 : i + d / 2;
     double sd, cd;
     sincos((double)pos * (double)inv_freq[i], &sd, &cd);
     const float s = (float)sd, c = (float)cd;
     const float xa = src[a], xb = src[b];
-    dst[a] = xa * c - xb * s;
-    dst[b] = xa * s + xb * c;
+    const float ya = xa * c - xb * s, yb = xa * s + xb * c;
+    dst[a] = ya;
+    dst[b] = yb;
+    if (ring != nullptr) {
+        ring[a] = kvq::ring_half(ya);
+        ring[b] = kvq::ring_half(yb);
+    }
 }
 
 }  // namespace
@@ -88,10 +95,14 @@ extern "C" __global__ void kvq_model_rope(float* x, int64_t row_stride, const in
 // Splits the fused QKV GEMM output qkv [n][(hq + 2 hkv) d] into q [n][hq][d] rotated to pos[r], and k, v
 // [n][hkv][d]; k rotated too when rotate_k (GPU-resident caches store rotated keys: one kernel fewer per
 // layer than a separate kvq_model_rope), else unrotated (CPU caches take keys before RoPE).
+// With k_ring (a GPU-resident cache's append staged before the split, rotate_k set), row r's k and v
+// also go to the f16 window rings [slots][hkv][win_cap][d] at slot ring_slot[r], row ring_tok[r] %
+// win_cap, as kvq_cache_append would write them: the append kernel is not launched.
 // Grid (n, hq + 2 hkv), block 256.
 extern "C" __global__ void kvq_model_qkv_split(const float* qkv, const int32_t* pos, const float* inv_freq, float* q,
                                                float* k, float* v, int n, int hq, int hkv, int d, int style,
-                                               int rotate_k) {
+                                               int rotate_k, uint16_t* k_ring, uint16_t* v_ring,
+                                               const int32_t* ring_slot, const int32_t* ring_tok, int win_cap) {
     KVQ_PDL_ENTER();
     const int r = blockIdx.x, h = blockIdx.y;
     if (r >= n || h >= hq + 2 * hkv) return;
@@ -101,11 +112,21 @@ extern "C" __global__ void kvq_model_qkv_split(const float* qkv, const int32_t* 
         for (int i = threadIdx.x; i < d / 2; i += blockDim.x) rope_pair(src, dst, i, d, style, pos[r], inv_freq);
     } else {
         const int kh = h - hq;
-        float* dst = kh < hkv ? k + ((int64_t)r * hkv + kh) * d : v + ((int64_t)r * hkv + kh - hkv) * d;
-        if (kh < hkv && rotate_k) {
-            for (int i = threadIdx.x; i < d / 2; i += blockDim.x) rope_pair(src, dst, i, d, style, pos[r], inv_freq);
+        const bool is_k = kh < hkv;
+        const int hh = is_k ? kh : kh - hkv;
+        float* dst = (is_k ? k : v) + ((int64_t)r * hkv + hh) * d;
+        uint16_t* ring = nullptr;
+        if (k_ring != nullptr)
+            ring = (is_k ? k_ring : v_ring) +
+                   (((int64_t)ring_slot[r] * hkv + hh) * win_cap + ring_tok[r] % win_cap) * d;
+        if (is_k && rotate_k) {
+            for (int i = threadIdx.x; i < d / 2; i += blockDim.x)
+                rope_pair(src, dst, i, d, style, pos[r], inv_freq, ring);
         } else {
-            for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c];
+            for (int c = threadIdx.x; c < d; c += blockDim.x) {
+                dst[c] = src[c];
+                if (ring != nullptr) ring[c] = kvq::ring_half(src[c]);
+            }
         }
     }
 }

@@ -51,6 +51,31 @@ pub struct GpuLayerCache {
     idx_dev: CudaSlice<i32>,
     /// Dynamic shared memory of the format's encoder (bytes), read once at creation.
     enc_smem: usize,
+    /// An append staged for the QKV split to write (`stage_ring_append`), sealed by `finish_staged`.
+    staged: Option<(Vec<(usize, usize)>, KvqEncodeParams)>,
+}
+
+/// Where a kernel that produces new K/V rows writes them into a [`GpuLayerCache`]'s f16 window rings
+/// in place of the cache's append kernel (kvq_model_qkv_split's ring arguments): device pointers of the
+/// rings and of the staged plan's (slot, token) per row.
+#[derive(Debug, Clone, Copy)]
+pub struct RingDst {
+    /// Key ring, f16 [slots][hkv][win_cap][d].
+    pub k: u64,
+    /// Value ring, same shape.
+    pub v: u64,
+    /// Slot of each row, i32 [rows].
+    pub slot: u64,
+    /// Absolute token index of each row, i32 [rows] (ring row = token % win_cap).
+    pub tok: u64,
+    /// Ring rows per (slot, head).
+    pub win_cap: usize,
+    /// Rows staged: the producing kernel must write exactly these.
+    pub rows: usize,
+    /// KV heads and channels per head of the rings.
+    pub hkv: usize,
+    /// Channels per head.
+    pub d: usize,
 }
 
 /// Host-built index arrays of one append, uploaded as one buffer.
@@ -151,6 +176,7 @@ impl GpuLayerCache {
                 .stream()
                 .alloc_zeros::<i32>(1024)
                 .map_err(drv("allocating the append plan"))?,
+            staged: None,
         })
     }
 
@@ -193,6 +219,74 @@ impl GpuLayerCache {
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
     ) -> Result<()> {
+        let p = self.prepare(gpu, counts, k, v)?;
+        let op = if self.k_pre.is_some() {
+            "append_prerope"
+        } else {
+            "append"
+        };
+        let append = gpu.function("cache", &kernel_name("cache", op, "f32", self.kv.shape.d))?;
+        launch::append(gpu, &append, &p, self.kv.shape.d)?;
+        self.commit(gpu, counts, &p)
+    }
+
+    /// Stages an append (as [`GpuLayerCache::append`]: plan checked, pages taken, rows uploaded) whose
+    /// rows the kernel that produces them writes into the rings itself, at the returned [`RingDst`]
+    /// (one launch fewer per layer); [`GpuLayerCache::finish_staged`] then seals and commits it. None
+    /// when keys are pre-RoPE: the append kernel also keeps their unrotated copy.
+    pub fn stage_ring_append(
+        &mut self,
+        gpu: &Gpu,
+        counts: &[(usize, usize)],
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+    ) -> Result<Option<RingDst>> {
+        if self.k_pre.is_some() {
+            return Ok(None);
+        }
+        let p = self.prepare(gpu, counts, k, v)?;
+        self.staged = Some((counts.to_vec(), p));
+        Ok(Some(RingDst {
+            k: p.k_win,
+            v: p.v_win,
+            slot: p.row_slot,
+            tok: p.row_tok,
+            win_cap: self.kv.shape.win_cap,
+            rows: p.rows as usize,
+            hkv: self.kv.shape.hkv,
+            d: self.kv.shape.d,
+        }))
+    }
+
+    /// Seals and commits the append staged by [`GpuLayerCache::stage_ring_append`] once its rows are in
+    /// the rings (`counts` must be the staged ones); false when none is staged.
+    pub fn finish_staged(&mut self, gpu: &Gpu, counts: &[(usize, usize)]) -> Result<bool> {
+        let Some((staged, p)) = self.staged.take() else {
+            return Ok(false);
+        };
+        if staged != counts {
+            return Err(GpuError::Shape(format!(
+                "finishing an append staged for {staged:?} with rows {counts:?}"
+            )));
+        }
+        self.commit(gpu, counts, &p)?;
+        Ok(true)
+    }
+
+    /// The checked plan of an append, uploaded, as the append and encode kernels' parameters.
+    fn prepare(
+        &mut self,
+        gpu: &Gpu,
+        counts: &[(usize, usize)],
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+    ) -> Result<KvqEncodeParams> {
+        // (one plan buffer: a staged append's encoder has yet to read it)
+        if self.staged.is_some() {
+            return Err(GpuError::Shape(
+                "an append was staged and never finished (finish_staged)".into(),
+            ));
+        }
         let (hkv, d) = (self.kv.shape.hkv, self.kv.shape.d);
         let rows: usize = counts.iter().map(|c| c.1).sum();
         if k.len() < rows * hkv * d || v.len() < rows * hkv * d {
@@ -231,7 +325,7 @@ impl GpuLayerCache {
         ints[..4].copy_from_slice(&self.k_ints);
         ints[4..].copy_from_slice(&self.v_ints);
         let kv = &self.kv;
-        let p = KvqEncodeParams {
+        Ok(KvqEncodeParams {
             k_pages: kv.k_pages.device_ptr(st).0,
             v_pages: kv.v_pages.device_ptr(st).0,
             k_win: kv.k_win.device_ptr(st).0,
@@ -262,18 +356,16 @@ impl GpuLayerCache {
                     [k, v, 0, 0]
                 },
             },
-        };
-        let op = if self.k_pre.is_some() {
-            "append_prerope"
-        } else {
-            "append"
-        };
-        let append = gpu.function("cache", &kernel_name("cache", op, "f32", d))?;
-        launch::append(gpu, &append, &p, d)?;
+        })
+    }
+
+    /// Seals the blocks an append's rows pushed out of the window and commits its lengths and pages.
+    fn commit(&mut self, gpu: &Gpu, counts: &[(usize, usize)], p: &KvqEncodeParams) -> Result<()> {
+        let kv = &self.kv;
         let module = kv.k_spec.module;
-        let encode = gpu.function(module, &kernel_name(module, "encode", "f16", d))?;
+        let encode = gpu.function(module, &kernel_name(module, "encode", "f16", kv.shape.d))?;
         let bt = kv.block_tokens;
-        launch::encode(gpu, &encode, &p, self.enc_smem)?;
+        launch::encode(gpu, &encode, p, self.enc_smem)?;
         // Commit the bookkeeping: pages were taken in `plan`; lengths now.
         for &(slot, n) in counts {
             self.len[slot] += n;

@@ -5,6 +5,7 @@
 //! Device indices that address memory (token ids, row maps) only enter kernels as [`Indices`], whose
 //! upper bound was measured on the host, so no wrapper can be handed an out-of-range gather.
 
+use crate::cache::RingDst;
 use crate::error::{drv, GpuError, Result};
 use crate::gpu::Gpu;
 use crate::graph::{KernelArgs, Work};
@@ -346,7 +347,8 @@ impl ModelOps {
 
     /// Splits the fused QKV GEMM output [n][(hq + 2 hkv) d] into q [n][hq][d] (rotated to `pos`) and
     /// k, v [n][hkv][d]; k rotated too when `rotate_k` (GPU caches store rotated keys), else unrotated
-    /// (CPU caches take keys before RoPE).
+    /// (CPU caches take keys before RoPE). With `ring` (an append a GPU-resident cache staged), k and v
+    /// also go into the cache's f16 window rings, in place of its append kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn qkv_split(
         &self,
@@ -359,12 +361,22 @@ impl ModelOps {
         (n, hq, hkv, d): (usize, usize, usize, usize),
         style: kvq_formats::RopeStyle,
         rotate_k: bool,
+        ring: Option<&RingDst>,
     ) -> Result<()> {
         if pos.len() != n || d % 2 != 0 {
             return Err(GpuError::Shape(format!(
                 "qkv split of {n} rows (d = {d}) with {} positions",
                 pos.len()
             )));
+        }
+        if let Some(r) = ring {
+            if r.rows != n || r.hkv != hkv || r.d != d || !rotate_k || r.win_cap == 0 {
+                return Err(GpuError::Shape(format!(
+                    "qkv split of {n} rows x {hkv} heads x {d} (rotated keys: {rotate_k}) into rings staged for \
+                     {} rows x {} heads x {} (ring rows {})",
+                    r.rows, r.hkv, r.d, r.win_cap
+                )));
+            }
         }
         need("qkv input", qkv.len(), n * (hq + 2 * hkv) * d)?;
         need("q output", q.len(), n * hq * d)?;
@@ -400,12 +412,23 @@ impl ModelOps {
             .val(&ints[2])
             .val(&ints[3])
             .val(&ints[4])
-            .val(&ints[5]);
+            .val(&ints[5])
+            .val(&ring.map_or(0u64, |r| r.k))
+            .val(&ring.map_or(0u64, |r| r.v))
+            .val(&ring.map_or(0u64, |r| r.slot))
+            .val(&ring.map_or(0u64, |r| r.tok))
+            .val(&to_i32("ring rows", ring.map_or(0, |r| r.win_cap))?);
         // SAFETY: (types/order) kvq_model_qkv_split(const float*, const int32_t*, const float*, float*,
-        // float*, float*, int, int, int, int, int, int) gets CudaSlice<f32>, CudaSlice<i32>, CudaSlice<f32>,
-        // three CudaSlice<f32> and six i32. (aliasing) q, k, v are three distinct &mut borrows, none of
-        // them an input. (bounds) checked above: qkv holds n x (hq + 2 hkv) x d, q n x hq x d, k and v
-        // n x hkv x d; the grid is exactly n x (hq + 2 hkv); pair indices < d/2 <= inv_freq.len().
+        // float*, float*, int, int, int, int, int, int, uint16_t*, uint16_t*, const int32_t*,
+        // const int32_t*, int) gets CudaSlice<f32>, CudaSlice<i32>, CudaSlice<f32>, three
+        // CudaSlice<f32>, six i32, four u64 device pointers (0 without a ring: the kernel then writes
+        // none) and one i32. (aliasing) q, k, v are three distinct &mut borrows, none of them an input;
+        // the rings and the plan are the cache's own buffers, which nothing else in this stream writes
+        // until its staged append is finished. (bounds) checked above: qkv holds n x (hq + 2 hkv) x d,
+        // q n x hq x d, k and v n x hkv x d; the grid is exactly n x (hq + 2 hkv); pair indices < d/2
+        // <= inv_freq.len(); with a ring, GpuLayerCache::stage_ring_append planned exactly these n rows
+        // (checked equal above, with hkv and d), its plan holds a slot < the rings' slot count and a
+        // token per row, and the rings are [slots][hkv][win_cap][d] f16, indexed at token % win_cap.
         unsafe {
             self.gpu
                 .launch(&self.qkv_split, cfg, args, "launching kvq_model_qkv_split")

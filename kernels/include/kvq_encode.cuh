@@ -12,12 +12,12 @@
 #include <stdint.h>
 #include "kvq_params.cuh"
 #include "kvq_pdl.cuh"
+#include "kvq_ring.cuh"
 
 namespace kvq {
 
 constexpr int ENC_THREADS = 128;
 
-__device__ __forceinline__ float sanitize(float x) { return isnan(x) ? 0.f : fminf(fmaxf(x, -65504.f), 65504.f); }
 
 // grid = (rows, Hkv), block = D threads.
 template <int D>
@@ -26,8 +26,8 @@ __device__ void append_kernel(const KvqEncodeParams& P) {
     const int64_t src = ((int64_t)r * P.hkv + h) * D + c;
     const int64_t row = P.row_tok[r] % P.win_cap;
     const int64_t dst = (((int64_t)P.row_slot[r] * P.hkv + h) * P.win_cap + row) * D + c;
-    P.k_win[dst] = __half_as_ushort(__float2half_rn(sanitize(P.k_new[src])));
-    P.v_win[dst] = __half_as_ushort(__float2half_rn(sanitize(P.v_new[src])));
+    P.k_win[dst] = ring_half(P.k_new[src]);
+    P.v_win[dst] = ring_half(P.v_new[src]);
 }
 
 // Pre-RoPE key codecs (P.k_pre set): keys arrive unrotated; k_pre keeps them (f16, what the encoder
@@ -44,7 +44,7 @@ __device__ void append_prerope_kernel(const KvqEncodeParams& P) {
     const int64_t base = (((int64_t)P.row_slot[r] * P.hkv + h) * P.win_cap + pos % P.win_cap) * D;
     const __half kh = __float2half_rn(sanitize(P.k_new[src]));
     P.k_pre[base + c] = __half_as_ushort(kh);
-    P.v_win[base + c] = __half_as_ushort(__float2half_rn(sanitize(P.v_new[src])));
+    P.v_win[base + c] = ring_half(P.v_new[src]);
     kx[c] = __half2float(kh);
     __syncthreads();
     if (c < D / 2) {

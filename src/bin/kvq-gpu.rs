@@ -310,6 +310,21 @@ fn resident_check(gpu: kvq::Gpu) -> kvq::Result<bool> {
             150,
         )?);
     }
+    println!("== K/V into the rings by the QKV split vs by the append kernel (exact)");
+    for plan in [
+        "fp16",
+        "kivi:bits=2,window=16",
+        "asymkv:lk=1,lv=0,window=0",
+        "decoquant:bits=4,chunk=64",
+        "qjl:m=128,m0=128,buffer=0",
+    ] {
+        tally(&kvq::engine::check::fused_append_checks(
+            gpu.clone(),
+            &tiny,
+            plan,
+            40,
+        )?);
+    }
     println!("== faults: out of memory, capacity, vocabulary, slots; the engine stays usable");
     for plan in ["fp16", "kivi:bits=2"] {
         tally(&kvq::engine::check::fault_checks(gpu.clone(), &tiny, plan)?);

@@ -65,6 +65,21 @@ pub trait AttentionBackend {
     fn add_sequence(&mut self, id: SeqId, capacity: usize) -> Result<()>;
     /// Frees a sequence's caches (unknown ids are ignored).
     fn remove_sequence(&mut self, id: SeqId);
+    /// Stages layer `layer`'s append of `rows` before the QKV split, for backends whose caches take
+    /// new K/V straight from the split kernel (f16 window rings on the GPU): the split writes them at
+    /// the returned place and `append_and_attend` then skips its own append (one kernel fewer per
+    /// layer). None (the default): `append_and_attend` appends `k`/`v` itself.
+    fn stage_ring_append(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        rows: &[SeqRows],
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+    ) -> Result<Option<crate::cache::RingDst>> {
+        let _ = (gpu, layer, rows, k, v);
+        Ok(None)
+    }
     /// Appends this layer's K/V of `rows` and writes their attention output (see the trait docs) to
     /// `out`; true when `out16` holds it too, as f16 (the engine then skips a conversion kernel).
     #[allow(clippy::too_many_arguments)]

@@ -226,6 +226,7 @@ pub fn op_checks(gpu: &Arc<Gpu>) -> Result<Vec<CheckResult>> {
             (n, hq, hkv, d),
             style,
             rotate_k,
+            None,
         )?;
         let (mut wq, mut wk, mut wv) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..n {
@@ -536,6 +537,77 @@ pub fn fault_checks(gpu: Arc<Gpu>, model: &Model, plan: &str) -> Result<Vec<Chec
         ),
     );
     Ok(out)
+}
+
+/// The QKV split writing new K/V into the resident cache's rings (the default) against the cache's own
+/// append kernel: a prefill and batch-2 decode steps must give the same logits bit for bit (the ring
+/// receives the same f16 of the same f32 values either way).
+pub fn fused_append_checks(
+    gpu: Arc<Gpu>,
+    model: &Model,
+    plan: &str,
+    steps: usize,
+) -> Result<Vec<CheckResult>> {
+    use crate::engine::{backend::Heads, ResidentBackend, ResidentLimits};
+    let c = &model.config;
+    let heads = Heads {
+        layers: c.n_layers,
+        hq: c.n_heads,
+        hkv: c.n_kv_heads,
+        d: c.head_dim,
+    };
+    let limits = ResidentLimits {
+        slots: 2,
+        max_tokens: 64 + steps,
+        max_chunk: 32,
+    };
+    let vocab = c.vocab as u32;
+    let mut runs = Vec::new();
+    for fused in [true, false] {
+        let parsed = KvPlan::parse(plan, c.n_layers)?;
+        let backend = ResidentBackend::new(&gpu, &parsed, &model.rope, heads, limits)?
+            .with_fused_append(fused);
+        let mut eng = Engine::with_backend(gpu.clone(), model, Box::new(backend))?;
+        let (a, b) = (
+            eng.new_sequence(limits.max_tokens)?,
+            eng.new_sequence(limits.max_tokens)?,
+        );
+        let pa: Vec<u32> = (0..45).map(|i| 3 + (i * 7 + 1) % (vocab - 3)).collect();
+        let pb: Vec<u32> = (0..9).map(|i| 3 + (i * 11 + 5) % (vocab - 3)).collect();
+        let mut logits = vec![eng.prefill(a, &pa, 32)?, eng.prefill(b, &pb, 32)?];
+        let (mut ta, mut tb) = (argmax(&logits[0]), argmax(&logits[1]));
+        for _ in 0..steps {
+            let l = eng.step(&[(a, ta), (b, tb)])?;
+            ta = argmax(&l[0]);
+            tb = argmax(&l[1]);
+            logits.extend(l);
+        }
+        runs.push(logits);
+    }
+    let diff = runs[0]
+        .iter()
+        .flatten()
+        .zip(runs[1].iter().flatten())
+        .map(|(x, y)| {
+            if x == y {
+                0.0
+            } else {
+                (x - y).abs().max(f32::MIN_POSITIVE)
+            }
+        })
+        .fold(0f32, f32::max);
+    let same_len = runs[0].len() == runs[1].len();
+    Ok(vec![CheckResult {
+        name: format!(
+            "{plan}: K/V written by the QKV split vs the append kernel, max |logit diff|"
+        ),
+        err: if same_len { diff as f64 } else { f64::INFINITY },
+        tol: 0.0,
+        detail: format!(
+            "{} logit rows (prefill 45 and 9 tokens, {steps} batch-2 steps)",
+            runs[0].len()
+        ),
+    }])
 }
 
 /// Decode steps replayed from CUDA graphs give exactly the logits and greedy picks of steps issued

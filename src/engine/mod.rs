@@ -858,6 +858,14 @@ impl Engine {
                 eps,
             };
             blas.matmul_from(ops, attn_in, &mut s.hn, &lw.wqkv, &mut s.qkv, n, false)?;
+            let rotate_k = self.backend.wants_rotated_keys(l);
+            // GPU-resident caches take this layer's K/V from the split itself (no append kernel).
+            let ring = if rotate_k {
+                self.backend
+                    .stage_ring_append(&self.gpu, l, rows, &s.k, &s.v)?
+            } else {
+                None
+            };
             ops.qkv_split(
                 &s.qkv,
                 &s.pos,
@@ -867,7 +875,8 @@ impl Engine {
                 &mut s.v,
                 (n, hq, hkv, d),
                 self.rope_style,
-                self.backend.wants_rotated_keys(l),
+                rotate_k,
+                ring.as_ref(),
             )?;
             let has16 = self.backend.append_and_attend(
                 &self.gpu,

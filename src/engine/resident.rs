@@ -7,7 +7,7 @@
 
 use super::backend::{AttentionBackend, Heads, SeqId, SeqRows};
 use crate::attention::Workspace;
-use crate::cache::{CacheConfig, GpuLayerCache};
+use crate::cache::{CacheConfig, GpuLayerCache, RingDst};
 use crate::error::{GpuError, Result};
 use crate::gpu::Gpu;
 use cudarc::driver::CudaSlice;
@@ -37,6 +37,9 @@ pub struct ResidentBackend {
     /// Workspaces by (layer, rows), reused across steps.
     ws: HashMap<(usize, usize), Workspace>,
     plan: String,
+    /// The QKV split writes new K/V into the rings (`stage_ring_append`); `KVQ_FUSED_APPEND=0` turns
+    /// it off (the cache's append kernel, to compare).
+    fused_append: bool,
 }
 
 impl ResidentBackend {
@@ -88,7 +91,46 @@ impl ResidentBackend {
             free: (0..limits.slots).rev().collect(),
             ws: HashMap::new(),
             plan: plan.describe(),
+            fused_append: std::env::var("KVQ_FUSED_APPEND").map_or(true, |v| v != "0"),
         })
+    }
+
+    /// (slot, tokens) to append and (slot, visible prefix) to attend for the forward's `rows` of
+    /// `layer`, each sequence checked to be at the position its cache holds.
+    #[allow(clippy::type_complexity)]
+    fn rows_of(
+        &self,
+        layer: usize,
+        rows: &[SeqRows],
+    ) -> Result<(Vec<(usize, usize)>, Vec<(usize, usize)>)> {
+        let gc = self.layers.get(layer).ok_or_else(|| {
+            GpuError::Input(format!(
+                "layer {layer} of a {}-layer cache",
+                self.heads.layers
+            ))
+        })?;
+        let mut counts = Vec::with_capacity(rows.len());
+        let mut att_rows = Vec::new();
+        for r in rows {
+            let slot = self.slot(r.id)?;
+            let have = gc.len(slot);
+            if have != r.pos {
+                return Err(GpuError::Input(format!(
+                    "sequence {:?} at position {} but its layer-{layer} cache holds {have} tokens",
+                    r.id, r.pos
+                )));
+            }
+            counts.push((slot, r.n));
+            att_rows.extend((1..=r.n).map(|i| (slot, r.pos + i)));
+        }
+        Ok((counts, att_rows))
+    }
+
+    /// Whether the QKV split writes new K/V into the rings (default: on unless `KVQ_FUSED_APPEND=0`);
+    /// off, the cache's own append kernel does (checks compare the two).
+    pub fn with_fused_append(mut self, on: bool) -> Self {
+        self.fused_append = on;
+        self
     }
 
     fn slot(&self, id: SeqId) -> Result<usize> {
@@ -144,6 +186,21 @@ impl AttentionBackend for ResidentBackend {
         }
     }
 
+    fn stage_ring_append(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        rows: &[SeqRows],
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+    ) -> Result<Option<RingDst>> {
+        if !self.fused_append {
+            return Ok(None);
+        }
+        let (counts, _) = self.rows_of(layer, rows)?;
+        self.layers[layer].stage_ring_append(gpu, &counts, k, v)
+    }
+
     fn append_and_attend(
         &mut self,
         gpu: &Gpu,
@@ -156,22 +213,12 @@ impl AttentionBackend for ResidentBackend {
         out16: &mut CudaSlice<half::f16>,
     ) -> Result<bool> {
         let Heads { hq, .. } = self.heads;
-        let mut counts = Vec::with_capacity(rows.len());
-        let mut att_rows = Vec::new();
-        for r in rows {
-            let slot = self.slot(r.id)?;
-            let have = self.layers[layer].len(slot);
-            if have != r.pos {
-                return Err(GpuError::Input(format!(
-                    "sequence {:?} at position {} but its layer-{layer} cache holds {have} tokens",
-                    r.id, r.pos
-                )));
-            }
-            counts.push((slot, r.n));
-            att_rows.extend((1..=r.n).map(|i| (slot, r.pos + i)));
-        }
+        let (counts, att_rows) = self.rows_of(layer, rows)?;
         let gc = &mut self.layers[layer];
-        gc.append(gpu, &counts, k, v)?;
+        // A staged append (its rows already in the rings by the split): seal and commit it.
+        if !gc.finish_staged(gpu, &counts)? {
+            gc.append(gpu, &counts, k, v)?;
+        }
         let n = att_rows.len();
         let ws = match self.ws.entry((layer, n)) {
             std::collections::hash_map::Entry::Occupied(e) => {
