@@ -4,7 +4,8 @@
 # B=1 4k, B=1 32k and B=8 128k for every format, B=1 4k under fixed split lengths (does a cheaper merge
 # move the best split?), the engine's tiny-model checks, then the 8B shape end to end against llama.cpp
 # in the same call (bench-gpu.sh big-all; llama.cpp builds and the 8B GGUF is written in the background
-# from the start). Every ratio within this run.
+# from the start); FUSED_AB=1 (default) also times decode steps with the QKV split writing the cache's
+# rings against the append kernel. Every ratio within this run.
 #   carry [".carry-peers", ".carry-bin", ".carry-bin-old"]
 #   export LLAMA_TYPES='f16 q4_0' KVQ_BENCH_EXTRA=--chained GEMV_TOO=0; bash scripts/merge-ab.sh
 set -uo pipefail
@@ -41,6 +42,20 @@ grep -E "FAIL|failures|generate" "$R/resident.txt" | head -n 20
 if [ -n "${MEMCHECK_FILTER:-}" ]; then
   KVQ_CHECK_FILTER=$MEMCHECK_FILTER timeout "${MEMCHECK_TIMEOUT:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$S/kvq-gpu" check > "$R/memcheck.txt" 2>&1; echo "memcheck ($MEMCHECK_FILTER) rc=$?"; grep -E "^parity|ERROR SUMMARY" "$R/memcheck.txt" | tail -n 3
+fi
+# The QKV split writing K/V into the rings (default) against the append kernel (KVQ_FUSED_APPEND=0):
+# decode steps of a random SmolLM2-135M-shape model (a small model's step is its kernels' latencies),
+# alternating, two reps each.
+if [ "${FUSED_AB:-1}" = 1 ]; then
+  echo "== fused append A/B (random 135M shape)"
+  "$S/kvq-gpu" random-model /tmp/rm135 > /dev/null
+  for i in 1 2; do for f in 1 0; do
+    KVQ_FUSED_APPEND=$f timeout 90 "$S/kvq" bench decode ${KVQ_BENCH_EXTRA:-} --model /tmp/rm135 \
+      --name "random SmolLM2-135M shape, KVQ_FUSED_APPEND=$f" --ctx 4096,32768 --batch 1,8 --steps 32 \
+      --json "$R/fused-$f-$i.json" --kv fp16 --kv kivi:bits=2,window=0 --kv kivi:bits=2 > "$R/fused-$f-$i.log" 2>&1
+    grep "T=" "$R/fused-$f-$i.log" | sed "s/^/fused=$f rep $i /" | cut -c1-140
+  done; done
+  rm -f "$R"/*.png
 fi
 tar czf "$OUT/extra.tar.gz" -C "$R" . && rm -rf "$R"
 
