@@ -2,7 +2,7 @@
 # One device call after a change to the decode kernels' split merge (kernels/include/kvq_decode.cuh,
 # merge_cta): parity of this build, attention A/B against the build carried in .carry-bin-old/ at
 # B=1 4k, B=1 32k and B=8 128k for every format, B=1 4k under fixed split lengths (does a cheaper merge
-# move the best split?), the engine's tiny-model checks, then the 8B shape end to end against llama.cpp
+# move the best split? SPLIT_SWEEP=1), the engine's tiny-model checks, then the 8B shape end to end against llama.cpp
 # in the same call (bench-gpu.sh big-all; llama.cpp builds and the 8B GGUF is written in the background
 # from the start); FUSED_AB=1 (default) also times decode steps with the QKV split writing the cache's
 # rings against the append kernel. Every ratio within this run.
@@ -23,15 +23,15 @@ export AB_FORMATS=${AB_FORMATS:-"fp16 kivi:bits=4,window=0 kivi:bits=2,window=0 
 bash "$here/verify-gpu.sh" ab | grep -E "FAIL|parity" | head
 
 R="$OUT/extra"; mkdir -p "$R"
-echo "== split lengths at B=1 4k (this build)"
-for i in 1 2; do
+[ "${SPLIT_SWEEP:-0}" = 1 ] && echo "== split lengths at B=1 4k (this build)"
+[ "${SPLIT_SWEEP:-0}" = 1 ] && for i in 1 2; do
   for st in default 64 128 256 512; do
     ( [ "$st" = default ] || export KVQ_SPLIT_TOKENS=$st
       KVQ_BENCH_POINTS=1x4096 timeout 60 "$S/kvq-gpu" bench fp16 kivi:bits=2,window=0 qjl:m=256,m0=256,buffer=0 "rvq:codes=256,depth=8,window=0,codebooks=$CB" \
         2>>"$R/split.err" | sed "s/^{/{\"split\":\"$st\",\"rep\":$i,/" >> "$R/split.jsonl" )
   done
 done
-cut -c1-160 "$R/split.jsonl"
+[ -f "$R/split.jsonl" ] && cut -c1-160 "$R/split.jsonl"
 echo "== engine-check and resident-check (tiny models)"
 timeout 150 "$S/kvq-gpu" engine-check > "$R/engine.txt" 2>&1; echo "engine-check rc=$?"
 grep -E "FAIL|checks" "$R/engine.txt" | head -n 12
@@ -51,7 +51,7 @@ if [ "${FUSED_AB:-1}" = 1 ]; then
   "$S/kvq-gpu" random-model /tmp/rm135 > /dev/null
   for i in 1 2; do for f in 1 0; do
     KVQ_FUSED_APPEND=$f timeout 90 "$S/kvq" bench decode ${KVQ_BENCH_EXTRA:-} --model /tmp/rm135 \
-      --name "random SmolLM2-135M shape, KVQ_FUSED_APPEND=$f" --ctx 4096,32768 --batch 1,8 --steps 32 \
+      --name "random SmolLM2-135M shape, KVQ_FUSED_APPEND=$f" --ctx "${FUSED_CTX:-4096}" --batch 1,8 --steps 32 \
       --json "$R/fused-$f-$i.json" --kv fp16 --kv kivi:bits=2,window=0 --kv kivi:bits=2 > "$R/fused-$f-$i.log" 2>&1
     grep "T=" "$R/fused-$f-$i.log" | sed "s/^/fused=$f rep $i /" | cut -c1-140
   done; done
