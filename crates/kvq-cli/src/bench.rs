@@ -49,11 +49,12 @@ pub struct DecodeOpts {
 
 impl DecodeOpts {
     /// The warm-up before the timed steps, as (runs, steps each): one run of `warmup` steps, or when
-    /// chained two chained runs of at least 3 (each run's first step is fed from the host, a step list
-    /// of its own: seen twice, its graph is captured before the timed run starts with it).
+    /// chained two chained runs of half as many, at least 3 each (each run's first step is fed from
+    /// the host, a step list of its own: seen twice, its graph is captured before the timed run
+    /// starts with it).
     fn warmup_runs(&self) -> (usize, usize) {
         if self.chained {
-            (2, self.warmup.max(3))
+            (2, (self.warmup / 2).max(3))
         } else {
             (1, self.warmup)
         }
