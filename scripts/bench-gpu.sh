@@ -46,7 +46,7 @@ KVQ_PLANS_SMALL=${KVQ_PLANS_SMALL:-"kivi:bits=4 kivi:bits=4,window=0 kivi:bits=2
 KVQ_PLANS_BIG=${KVQ_PLANS_BIG:-"kivi:bits=4,window=0 kivi:bits=2 kivi:bits=2,window=0 asymkv:lk=32,lv=0,window=0 asymkv:lk=0,lv=0,window=0"}
 # Points (override for a shorter run): contexts (comma-separated) and batch sizes (space-separated).
 SMALL_CTX=${SMALL_CTX:-4096,16384,32768,65536,131072}; SMALL_BATCH=${SMALL_BATCH:-"1 8"}; SMALL_B32=${SMALL_B32:-1}
-BIG_CTX=${BIG_CTX:-4096,32768}; BIG_BATCH=${BIG_BATCH:-"1 8"}
+BIG_CTX=${BIG_CTX:-4096,32768}; BIG_BATCH=${BIG_BATCH:-"1 8"}  # BIG_STEPS: timed steps per point (16)
 # The same fp16 points again with every kernel issued on its own (--no-graphs): what the graphs buy.
 # WRITE_BIG=0 keeps llama-small from writing the 8B GGUF in the background (when no big run follows).
 NO_GRAPHS_TOO=${NO_GRAPHS_TOO:-0}
@@ -85,7 +85,7 @@ big_peers() { peers=(); for t in $LLAMA_TYPES; do peers+=(--peer "llama.cpp $t=$
 big_main() {
   local kv=(); for p in $KVQ_PLANS_BIG; do kv+=(--kv "$p"); done
   timeout 300 "$S/kvq" bench decode ${KVQ_BENCH_EXTRA:-} --model "$big" --name "Llama-3-8B shape, random f16" --ctx "$BIG_CTX" \
-    --batch "$(big_batches)" --steps 16 --json "$R/bench.json" "${kv[@]}" "$@" 2>&1 | tee "$R/kvq.log"
+    --batch "$(big_batches)" --steps "${BIG_STEPS:-16}" --json "$R/bench.json" "${kv[@]}" "$@" 2>&1 | tee "$R/kvq.log"
   tar czf "$OUT/bench-big.tar.gz" -C "$R" .
 }
 big_extra() { # timeout
