@@ -40,6 +40,18 @@ pub struct Heads {
     pub d: usize,
 }
 
+impl Heads {
+    /// The geometry of a model's config (one place reads it for every backend).
+    pub fn of(c: &kvq_model::LlamaConfig) -> Self {
+        Self {
+            layers: c.n_layers,
+            hq: c.n_heads,
+            hkv: c.n_kv_heads,
+            d: c.head_dim,
+        }
+    }
+}
+
 /// Owns the KV caches of every sequence and computes attention over them, one layer at a time.
 ///
 /// `append_and_attend` gets, for the forward's rows (see [`SeqRows`]), the rotated queries

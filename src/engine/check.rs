@@ -550,12 +550,7 @@ pub fn fused_append_checks(
 ) -> Result<Vec<CheckResult>> {
     use crate::engine::{backend::Heads, ResidentBackend, ResidentLimits};
     let c = &model.config;
-    let heads = Heads {
-        layers: c.n_layers,
-        hq: c.n_heads,
-        hkv: c.n_kv_heads,
-        d: c.head_dim,
-    };
+    let heads = Heads::of(c);
     let limits = ResidentLimits {
         slots: 2,
         max_tokens: 64 + steps,

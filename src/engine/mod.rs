@@ -208,12 +208,7 @@ impl Engine {
     /// and the host-cache reference backend. The engine has no tokenizer then.
     pub fn from_model(gpu: Arc<Gpu>, model: &Model, plan: KvPlan) -> Result<Self> {
         let c = &model.config;
-        let heads = Heads {
-            layers: c.n_layers,
-            hq: c.n_heads,
-            hkv: c.n_kv_heads,
-            d: c.head_dim,
-        };
+        let heads = Heads::of(c);
         let desc = plan.describe();
         let backend = HostCacheBackend::new(plan, model.rope.clone(), heads)?;
         let mut e = Self::with_backend(gpu, model, Box::new(backend))?;
@@ -230,12 +225,7 @@ impl Engine {
         limits: ResidentLimits,
     ) -> Result<Self> {
         let c = &model.config;
-        let heads = Heads {
-            layers: c.n_layers,
-            hq: c.n_heads,
-            hkv: c.n_kv_heads,
-            d: c.head_dim,
-        };
+        let heads = Heads::of(c);
         let backend = ResidentBackend::new(&gpu, &plan, &model.rope, heads, limits)?;
         let mut e = Self::with_backend(gpu, model, Box::new(backend))?;
         e.plan = plan.describe();
@@ -252,12 +242,7 @@ impl Engine {
         limits: ResidentLimits,
     ) -> Result<()> {
         let c = &self.config;
-        let heads = Heads {
-            layers: c.n_layers,
-            hq: c.n_heads,
-            hkv: c.n_kv_heads,
-            d: c.head_dim,
-        };
+        let heads = Heads::of(c);
         let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
         for id in ids {
             self.free(id);
