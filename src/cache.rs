@@ -232,8 +232,9 @@ impl GpuLayerCache {
 
     /// Stages an append (as [`GpuLayerCache::append`]: plan checked, pages taken, rows uploaded) whose
     /// rows the kernel that produces them writes into the rings itself, at the returned [`RingDst`]
-    /// (one launch fewer per layer); [`GpuLayerCache::finish_staged`] then seals and commits it. None
-    /// when keys are pre-RoPE: the append kernel also keeps their unrotated copy.
+    /// (one launch fewer per layer); [`GpuLayerCache::finish_staged`] then seals and commits it (an
+    /// append staged and never finished is dropped by the next one). None when keys are pre-RoPE: the
+    /// append kernel also keeps their unrotated copy.
     pub fn stage_ring_append(
         &mut self,
         gpu: &Gpu,
@@ -265,12 +266,32 @@ impl GpuLayerCache {
             return Ok(false);
         };
         if staged != counts {
-            return Err(GpuError::Shape(format!(
-                "finishing an append staged for {staged:?} with rows {counts:?}"
-            )));
+            let msg = format!("finishing an append staged for {staged:?} with rows {counts:?}");
+            self.staged = Some((staged, p));
+            self.abandon_staged();
+            return Err(GpuError::Shape(msg));
         }
         self.commit(gpu, counts, &p)?;
         Ok(true)
+    }
+
+    /// Drops a staged append that was never finished: the pages its plan took return to the pool
+    /// (each slot keeps what its committed length has sealed), the rows the split may have written
+    /// into the rings are past that length and get overwritten.
+    fn abandon_staged(&mut self) {
+        let Some((counts, _)) = self.staged.take() else {
+            return;
+        };
+        let (bt, pb) = (self.kv.block_tokens, self.kv.page_blocks);
+        for (slot, _) in counts {
+            let sealed = Self::sealed_for(self.len[slot], self.window, bt);
+            let keep = (sealed / bt).div_ceil(pb);
+            while self.pages[slot].len() > keep {
+                if let Some(page) = self.pages[slot].pop() {
+                    self.free.push(page);
+                }
+            }
+        }
     }
 
     /// The checked plan of an append, uploaded, as the append and encode kernels' parameters.
@@ -281,12 +302,9 @@ impl GpuLayerCache {
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
     ) -> Result<KvqEncodeParams> {
-        // (one plan buffer: a staged append's encoder has yet to read it)
-        if self.staged.is_some() {
-            return Err(GpuError::Shape(
-                "an append was staged and never finished (finish_staged)".into(),
-            ));
-        }
+        // A staged append never finished (the forward that staged it failed before attention):
+        // give its pages back, so the other sequences of this layer go on (its length never moved).
+        self.abandon_staged();
         let (hkv, d) = (self.kv.shape.hkv, self.kv.shape.d);
         let rows: usize = counts.iter().map(|c| c.1).sum();
         if k.len() < rows * hkv * d || v.len() < rows * hkv * d {
