@@ -539,6 +539,43 @@ pub fn fault_checks(gpu: Arc<Gpu>, model: &Model, plan: &str) -> Result<Vec<Chec
     Ok(out)
 }
 
+/// What [`prefill_and_step_pair`] leaves: the two sequences (still allocated), the prefills' last-row
+/// logits, every decode step's logits (a's then b's), and a's last greedy pick.
+struct PairRun {
+    seqs: (SeqId, SeqId),
+    prefill: [Vec<f32>; 2],
+    steps: Vec<Vec<f32>>,
+    last_a: u32,
+}
+
+/// Two new sequences of capacity `cap` prefilled with `pa` and `pb` (chunks of 32 tokens), then
+/// `steps` batch-2 decode steps, each fed the greedy picks of the one before: the shared run of the
+/// checks that compare two ways of executing the same steps.
+fn prefill_and_step_pair(
+    eng: &mut Engine,
+    cap: usize,
+    pa: &[u32],
+    pb: &[u32],
+    steps: usize,
+) -> Result<PairRun> {
+    let (a, b) = (eng.new_sequence(cap)?, eng.new_sequence(cap)?);
+    let prefill = [eng.prefill(a, pa, 32)?, eng.prefill(b, pb, 32)?];
+    let (mut ta, mut tb) = (argmax(&prefill[0]), argmax(&prefill[1]));
+    let mut logits = Vec::with_capacity(2 * steps);
+    for _ in 0..steps {
+        let l = eng.step(&[(a, ta), (b, tb)])?;
+        ta = argmax(&l[0]);
+        tb = argmax(&l[1]);
+        logits.extend(l);
+    }
+    Ok(PairRun {
+        seqs: (a, b),
+        prefill,
+        steps: logits,
+        last_a: ta,
+    })
+}
+
 /// The QKV split writing new K/V into the resident cache's rings (the default) against the cache's own
 /// append kernel: a prefill and batch-2 decode steps must give the same logits bit for bit (the ring
 /// receives the same f16 of the same f32 values either way).
@@ -563,20 +600,11 @@ pub fn fused_append_checks(
         let backend = ResidentBackend::new(&gpu, &parsed, &model.rope, heads, limits)?
             .with_fused_append(fused);
         let mut eng = Engine::with_backend(gpu.clone(), model, Box::new(backend))?;
-        let (a, b) = (
-            eng.new_sequence(limits.max_tokens)?,
-            eng.new_sequence(limits.max_tokens)?,
-        );
         let pa: Vec<u32> = (0..45).map(|i| 3 + (i * 7 + 1) % (vocab - 3)).collect();
         let pb: Vec<u32> = (0..9).map(|i| 3 + (i * 11 + 5) % (vocab - 3)).collect();
-        let mut logits = vec![eng.prefill(a, &pa, 32)?, eng.prefill(b, &pb, 32)?];
-        let (mut ta, mut tb) = (argmax(&logits[0]), argmax(&logits[1]));
-        for _ in 0..steps {
-            let l = eng.step(&[(a, ta), (b, tb)])?;
-            ta = argmax(&l[0]);
-            tb = argmax(&l[1]);
-            logits.extend(l);
-        }
+        let pair = prefill_and_step_pair(&mut eng, limits.max_tokens, &pa, &pb, steps)?;
+        let mut logits = pair.prefill.to_vec();
+        logits.extend(pair.steps);
         runs.push(logits);
     }
     let diff = runs[0]
@@ -633,20 +661,9 @@ pub fn graph_checks(
     type Run = (Vec<Vec<f32>>, Vec<u32>);
     let run = |eng: &mut Engine, graphs: bool| -> Result<Run> {
         eng.set_graphs(graphs)?;
-        let (a, b) = (
-            eng.new_sequence(limits.max_tokens)?,
-            eng.new_sequence(limits.max_tokens)?,
-        );
-        let la = eng.prefill(a, &prompt(5, 1), 32)?;
-        let lb = eng.prefill(b, &prompt(37, 2), 32)?;
-        let (mut ta, mut tb) = (argmax(&la), argmax(&lb));
-        let mut logits = Vec::new();
-        for _ in 0..steps {
-            let l = eng.step(&[(a, ta), (b, tb)])?;
-            ta = argmax(&l[0]);
-            tb = argmax(&l[1]);
-            logits.extend(l);
-        }
+        let pair =
+            prefill_and_step_pair(eng, limits.max_tokens, &prompt(5, 1), &prompt(37, 2), steps)?;
+        let (logits, (a, b), mut ta) = (pair.steps, pair.seqs, pair.last_a);
         eng.free(b);
         let mut picks = Vec::new();
         for _ in 0..steps / 2 {

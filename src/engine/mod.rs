@@ -844,13 +844,11 @@ impl Engine {
             };
             blas.matmul_from(ops, attn_in, &mut s.hn, &lw.wqkv, &mut s.qkv, n, false)?;
             let rotate_k = self.backend.wants_rotated_keys(l);
-            // GPU-resident caches take this layer's K/V from the split itself (no append kernel).
-            let ring = if rotate_k {
-                self.backend
-                    .stage_ring_append(&self.gpu, l, rows, &s.k, &s.v)?
-            } else {
-                None
-            };
+            // GPU-resident caches take this layer's K/V from the split itself (no append kernel);
+            // the backend says None where it appends itself (host caches, pre-RoPE keys).
+            let ring = self
+                .backend
+                .stage_ring_append(&self.gpu, l, rows, &s.k, &s.v)?;
             ops.qkv_split(
                 &s.qkv,
                 &s.pos,

@@ -194,7 +194,8 @@ impl AttentionBackend for ResidentBackend {
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
     ) -> Result<Option<RingDst>> {
-        if !self.fused_append {
+        // (pre-RoPE key codecs keep the append kernel, which also stores their unrotated copy)
+        if !self.fused_append || !self.wants_rotated_keys(layer) {
             return Ok(None);
         }
         let (counts, _) = self.rows_of(layer, rows)?;
