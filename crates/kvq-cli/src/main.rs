@@ -232,10 +232,11 @@ enum BenchCmd {
         /// Timed decode steps per point.
         #[arg(long, default_value_t = 32)]
         steps: usize,
-        /// Untimed steps before them. The default, 130, is two cycles of the longest recurring step
-        /// shape (a page taken and a block sealed every 32-64 tokens): each such step's CUDA graph is
-        /// captured (on its second sight) before timing starts, so the timed steps are the steady
-        /// state a long generation runs in, not one graph capture every 16 steps.
+        /// Untimed steps before them. The default, 130, lets the step shapes a long generation
+        /// repeats have their CUDA graphs captured (on their second sight) before timing: with 4-8
+        /// warm-up steps every 16-step timed window held one capture (run 22); with 130, 10 of 14
+        /// 8B-shape points ran every timed step from a replayed graph (run 23; the others met a
+        /// block seal, a shape seen for the first or second time).
         #[arg(long, default_value_t = 130)]
         warmup: usize,
         /// Tokens per synthetic cache append (per prefill chunk with --prefill).
