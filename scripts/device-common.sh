@@ -84,3 +84,24 @@ llama_bench() {
       -npp "$ctxs" -ntg 64 -npl "$b" --output-format jsonl 2>>"$out.err" | grep '^{' | tee -a "$out"
   done
 }
+
+# check_under TOOL FILTER TIMEOUT OUTFILE: `kvq-gpu check` on the parity cases whose name contains FILTER
+# under compute-sanitizer TOOL (memcheck, racecheck), its log in OUTFILE; prints the rc and the
+# summary, returns the rc.
+check_under() {
+  KVQ_CHECK_FILTER=$2 timeout "$3" compute-sanitizer --tool "$1" --error-exitcode 9 "$S/kvq-gpu" check > "$4" 2>&1
+  local r=$?; echo "$1 ($2) rc=$r"; tail -n 2 "$4"; return $r
+}
+# split_sweep REPS "SPLITS" OUT FORMATS...: B=1 4k attention timings (`kvq-gpu bench`) of FORMATS with
+# each decode split length of SPLITS (KVQ_SPLIT_TOKENS; "default" = the built-in rule), REPS times
+# round, JSON lines tagged with split and rep appended to OUT (stderr to OUT.err).
+split_sweep() {
+  local reps=$1 splits=$2 out=$3 i st; shift 3
+  for i in $(seq 1 "$reps"); do
+    for st in $splits; do
+      ( [ "$st" = default ] || export KVQ_SPLIT_TOKENS=$st
+        KVQ_BENCH_POINTS=1x4096 timeout 60 "$S/kvq-gpu" bench "$@" 2>>"$out.err" \
+          | sed "s/^{/{\"split\":\"$st\",\"rep\":$i,/" >> "$out" )
+    done
+  done
+}

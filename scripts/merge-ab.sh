@@ -23,15 +23,12 @@ export AB_FORMATS=${AB_FORMATS:-"fp16 kivi:bits=4,window=0 kivi:bits=2,window=0 
 bash "$here/verify-gpu.sh" ab | grep -E "FAIL|parity" | head
 
 R="$OUT/extra"; mkdir -p "$R"
-[ "${SPLIT_SWEEP:-0}" = 1 ] && echo "== split lengths at B=1 4k (this build)"
-[ "${SPLIT_SWEEP:-0}" = 1 ] && for i in 1 2; do
-  for st in default 64 128 256 512; do
-    ( [ "$st" = default ] || export KVQ_SPLIT_TOKENS=$st
-      KVQ_BENCH_POINTS=1x4096 timeout 60 "$S/kvq-gpu" bench fp16 kivi:bits=2,window=0 qjl:m=256,m0=256,buffer=0 "rvq:codes=256,depth=8,window=0,codebooks=$CB" \
-        2>>"$R/split.err" | sed "s/^{/{\"split\":\"$st\",\"rep\":$i,/" >> "$R/split.jsonl" )
-  done
-done
-[ -f "$R/split.jsonl" ] && cut -c1-160 "$R/split.jsonl"
+if [ "${SPLIT_SWEEP:-0}" = 1 ]; then
+  echo "== split lengths at B=1 4k (this build)"
+  split_sweep 2 "default 64 128 256 512" "$R/split.jsonl" fp16 kivi:bits=2,window=0 qjl:m=256,m0=256,buffer=0 \
+    "rvq:codes=256,depth=8,window=0,codebooks=$CB"
+  cut -c1-160 "$R/split.jsonl"
+fi
 echo "== engine-check and resident-check (tiny models)"
 timeout 150 "$S/kvq-gpu" engine-check > "$R/engine.txt" 2>&1; echo "engine-check rc=$?"
 grep -E "FAIL|checks" "$R/engine.txt" | head -n 12
@@ -40,8 +37,8 @@ grep -E "FAIL|failures|generate" "$R/resident.txt" | head -n 20
 # MEMCHECK_FILTER: compute-sanitizer memcheck on the parity cases whose name contains it (e.g. the
 # multi-split ones, "T=[4133]", which take the fused merge).
 if [ -n "${MEMCHECK_FILTER:-}" ]; then
-  KVQ_CHECK_FILTER=$MEMCHECK_FILTER timeout "${MEMCHECK_TIMEOUT:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$S/kvq-gpu" check > "$R/memcheck.txt" 2>&1; echo "memcheck ($MEMCHECK_FILTER) rc=$?"; grep -E "^parity|ERROR SUMMARY" "$R/memcheck.txt" | tail -n 3
+  check_under memcheck "$MEMCHECK_FILTER" "${MEMCHECK_TIMEOUT:-150}" "$R/memcheck.txt"
+  grep -E "^parity" "$R/memcheck.txt" | tail -n 1
 fi
 # The QKV split writing K/V into the rings (default) against the append kernel (KVQ_FUSED_APPEND=0):
 # decode steps of a random SmolLM2-135M-shape model (a small model's step is its kernels' latencies),

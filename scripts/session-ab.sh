@@ -9,13 +9,7 @@ set -uo pipefail
 R="$OUT/extra"; mkdir -p "$R"
 bash "$(dirname "$0")/verify-gpu.sh" ab
 echo "== QJL split lengths (B=1, 4k)"
-for i in 1 2 3; do
-  for st in default 128 256 512; do
-    ( [ "$st" = default ] || export KVQ_SPLIT_TOKENS=$st
-      KVQ_BENCH_POINTS=1x4096 timeout 60 "$S/kvq-gpu" bench fp16 qjl:m=256,m0=256,buffer=0 2>>"$R/qjl-split.err" \
-        | sed "s/^{/{\"split\":\"$st\",\"rep\":$i,/" >> "$R/qjl-split.jsonl" )
-  done
-done
+split_sweep 3 "default 128 256 512" "$R/qjl-split.jsonl" fp16 qjl:m=256,m0=256,buffer=0
 cat "$R/qjl-split.jsonl" | cut -c1-200
 echo "== GEMV split rules"
 for wv in 1 0; do

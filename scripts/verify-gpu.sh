@@ -34,8 +34,7 @@ parity() {
   grep -E "^FAIL|^parity" "$R/check.txt" | head
 }
 sanitize() {  # tool filter timeout_s
-  KVQ_CHECK_FILTER=$2 timeout "$3" compute-sanitizer --tool "$1" --error-exitcode 9 "$S/kvq-gpu" check \
-    > "$R/$1.txt" 2>&1; local r=$?; echo "$1 ($2) rc=$r"; tail -n 2 "$R/$1.txt"; [ $r = 0 ] || rc=1
+  check_under "$1" "$2" "$3" "$R/$1.txt" || rc=1
 }
 b1_timings() {
   for i in 1 2 3; do
