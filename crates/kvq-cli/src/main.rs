@@ -14,6 +14,7 @@ use std::io::Write;
 use std::time::Instant;
 
 mod bench;
+mod klt;
 mod plot;
 mod quality;
 
@@ -127,6 +128,26 @@ enum Cmd {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// What to fit: rvq (codebooks, the options above) or klt (per-head transforms and
+        /// quantizers for the `klt` format, the options below).
+        #[arg(long, default_value = "rvq")]
+        method: String,
+        /// klt: widest per-component code with fitted levels (a `klt:bits=` rate may not exceed it).
+        #[arg(long, default_value_t = 8)]
+        bmax: usize,
+        /// klt: keys fitted and stored before RoPE (pre) or after (post).
+        #[arg(long, default_value = "pre")]
+        key_rope: String,
+        /// klt: weigh errors by what reads them (attention: queries for keys, W_o for values) or not (none).
+        #[arg(long, default_value = "attention")]
+        weight: String,
+        /// klt: positions at the start of each window left out of the fit (attention sinks; read them
+        /// from f16 with `sink=`).
+        #[arg(long, default_value_t = 4)]
+        skip: usize,
+        /// klt: streams coded with a per-token f16 gain (none, values, keys or both).
+        #[arg(long, default_value = "values")]
+        gain: String,
     },
     /// Show the formats, their settings and bytes per element for a head size.
     Inspect {
@@ -552,7 +573,7 @@ fn calibrate(
             model.forward(
                 &mut seq,
                 ch,
-                Some(&mut |l: usize, k: &[f32], v: &[f32]| {
+                Some(&mut |l: usize, _q: &[f32], k: &[f32], v: &[f32]| {
                     keys[l].extend_from_slice(k);
                     vals[l].extend_from_slice(v);
                 }),
@@ -605,6 +626,50 @@ fn calibrate(
         o.depth,
         if per_group { "books=group," } else { "" }
     );
+    Ok(())
+}
+
+/// `kvq calibrate --method klt`: fits the `klt` format's file from the model's Q/K/V over `tokens`
+/// tokens of `text`.
+fn calibrate_klt(
+    m: &ModelArgs,
+    text: &str,
+    out: &str,
+    tokens: usize,
+    o: &klt::KltOpts,
+) -> Result<()> {
+    if !(1..=kvq_formats::transform::MAX_BMAX).contains(&o.bmax) {
+        bail!(
+            "--bmax {}: expected 1..={}",
+            o.bmax,
+            kvq_formats::transform::MAX_BMAX
+        );
+    }
+    let model = load_model(m)?;
+    let body = std::fs::read_to_string(text).with_context(|| format!("--text {text}"))?;
+    let ids = model.tokenizer.encode_prompt(&body)?;
+    let n = ids.len().min(tokens);
+    let t0 = Instant::now();
+    let c = &model.config;
+    let pb = bar(
+        2 * c.n_layers * c.n_kv_heads,
+        "capturing Q/K/V, then fitting",
+    );
+    let books = klt::fit(&model, &ids[..n], o, &mut |done, _| {
+        pb.set_position(done as u64)
+    })?;
+    pb.finish_and_clear();
+    books.save(out)?;
+    eprintln!(
+        "kvq: wrote {out}: {} layers x K/V x {} heads, levels up to {} bits, keys {}-RoPE, weight {}, from {n} tokens of {text} in {:.0}s",
+        c.n_layers,
+        c.n_kv_heads,
+        o.bmax,
+        if o.key_pre_rope { "pre" } else { "post" },
+        books.weight,
+        t0.elapsed().as_secs_f64()
+    );
+    println!("klt:bits=3,window=0,sink={},file={out}", o.skip);
     Ok(())
 }
 
@@ -990,7 +1055,41 @@ fn run(cli: Cli) -> Result<()> {
             groups,
             books,
             seed,
+            method,
+            bmax,
+            key_rope,
+            weight,
+            skip,
+            gain,
         } => {
+            if method == "klt" {
+                let o = klt::KltOpts {
+                    bmax,
+                    key_pre_rope: match key_rope.as_str() {
+                        "pre" => true,
+                        "post" => false,
+                        r => bail!("--key-rope {r}: expected pre or post"),
+                    },
+                    weighted: match weight.as_str() {
+                        "attention" => true,
+                        "none" => false,
+                        w => bail!("--weight {w}: expected attention or none"),
+                    },
+                    skip,
+                    scaled: match gain.as_str() {
+                        "none" => [false, false],
+                        "values" => [false, true],
+                        "keys" => [true, false],
+                        "both" => [true, true],
+                        g => bail!("--gain {g}: expected none, values, keys or both"),
+                    },
+                    seed,
+                };
+                return calibrate_klt(&m, &text, &out, tokens, &o);
+            }
+            if method != "rvq" {
+                bail!("--method {method}: expected rvq or klt");
+            }
             calibrate(
                 &m,
                 &text,

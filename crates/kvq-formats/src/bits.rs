@@ -5,31 +5,37 @@
 pub fn pack(vals: &[u32], bits: u32, out: &mut [u8]) {
     debug_assert!((1..=16).contains(&bits));
     out.iter_mut().for_each(|b| *b = 0);
-    let mut pos = 0usize;
-    for &v in vals {
-        let mut v = v & ((1u32 << bits) - 1);
-        let mut left = bits as usize;
-        while left > 0 {
-            let byte = pos / 8;
-            let off = pos % 8;
-            let take = left.min(8 - off);
-            out[byte] |= ((v & ((1 << take) - 1)) as u8) << off;
-            v >>= take;
-            pos += take;
-            left -= take;
-        }
+    for (i, &v) in vals.iter().enumerate() {
+        put_at(out, i * bits as usize, v, bits);
     }
 }
 
 /// Reads field `i` of a `bits`-wide little-endian bit stream.
 pub fn get(bytes: &[u8], bits: u32, i: usize) -> u32 {
-    let mut pos = i * bits as usize;
+    get_at(bytes, i * bits as usize, bits)
+}
+
+/// ORs the low `bits` bits of `v` into the stream at bit `pos` (fields of mixed widths: KLT's
+/// per-component codes); the target bits must be zero.
+pub fn put_at(out: &mut [u8], mut pos: usize, v: u32, bits: u32) {
+    let mut v = v & (((1u64 << bits) - 1) as u32);
     let mut left = bits as usize;
-    let mut v = 0u32;
-    let mut shift = 0;
     while left > 0 {
-        let byte = pos / 8;
-        let off = pos % 8;
+        let (byte, off) = (pos / 8, pos % 8);
+        let take = left.min(8 - off);
+        out[byte] |= ((v & ((1 << take) - 1)) as u8) << off;
+        v >>= take;
+        pos += take;
+        left -= take;
+    }
+}
+
+/// Reads the `bits`-wide field starting at bit `pos` (0 for `bits` = 0).
+pub fn get_at(bytes: &[u8], mut pos: usize, bits: u32) -> u32 {
+    let mut left = bits as usize;
+    let (mut v, mut shift) = (0u32, 0);
+    while left > 0 {
+        let (byte, off) = (pos / 8, pos % 8);
         let take = left.min(8 - off);
         v |= (((bytes[byte] >> off) as u32) & ((1 << take) - 1)) << shift;
         shift += take;

@@ -6,7 +6,7 @@
 //! a mirror made by decoding each block once when it is sealed (dequantize-then-reference, fast
 //! enough for perplexity on a CPU). Tests hold the two equal for every format.
 
-use crate::codec::{axpy, dot, Codec, Stream};
+use crate::codec::{axpy, dot, of_head, Codec, Stream};
 use crate::error::{FormatError, Result};
 use crate::rope::Rope;
 use half::f16;
@@ -157,10 +157,11 @@ impl StreamCache {
             // f16 copy, which the mirror already holds.
             let keep = sink.saturating_sub(self.sealed).min(bt);
             for h in 0..self.heads {
-                let mut block = vec![0u8; self.codec.block_bytes()];
-                self.codec.encode(&self.pending[h][..bt * d], &mut block);
+                let c = of_head(&*self.codec, h);
+                let mut block = vec![0u8; c.block_bytes()];
+                c.encode(&self.pending[h][..bt * d], &mut block);
                 // Our own bytes always decode; a failure here is a codec bug, surfaced as NaN.
-                if self.codec.decode(&block, &mut dec).is_err() {
+                if c.decode(&block, &mut dec).is_err() {
                     dec.iter_mut().for_each(|v| *v = f32::NAN);
                 }
                 if let Some(r) = rope {
@@ -354,11 +355,11 @@ impl LayerCache {
         let qh = self.check_query(q, out, visible)?;
         let (d, g) = (self.d, qh / self.heads);
         let scale = 1.0 / (d as f32).sqrt();
-        let (kc, vc) = (self.k.codec(), self.v.codec());
-        let (kb, vb) = (kc.block_tokens(), vc.block_tokens());
+        let (kb, vb) = (self.k.codec().block_tokens(), self.v.codec().block_tokens());
         let mut s = vec![0f32; visible];
         for h in 0..qh {
             let kv = h / g;
+            let (kc, vc) = (of_head(self.k.codec(), kv), of_head(self.v.codec(), kv));
             let qv = &q[h * d..(h + 1) * d];
             let prep = kc.prep_query(qv);
             let mut buf = vec![0f32; kb];

@@ -101,6 +101,12 @@ pub fn rope_header(rope: &Rope) -> Vec<u8> {
 pub trait Codec: Send + Sync {
     /// Canonical description of this stream's setting (e.g. `kivi:bits=1,...` for an AsymKV 1-bit layer).
     fn describe(&self) -> String;
+    /// The codec of KV head `h` when heads are coded differently (KLT's per-head transforms); `None`
+    /// when this codec serves every head. Readers go through [`of_head`].
+    fn head_codec(&self, h: usize) -> Option<&dyn Codec> {
+        let _ = h;
+        None
+    }
     /// Tokens per packed block (the quantization group along the sequence).
     fn block_tokens(&self) -> usize;
     /// Bytes of one packed block of one head, metadata included.
@@ -171,6 +177,11 @@ pub trait Codec: Send + Sync {
             }
         }
     }
+}
+
+/// The codec that reads and writes head `h`'s blocks: `c` itself unless it has per-head codecs.
+pub fn of_head(c: &dyn Codec, h: usize) -> &dyn Codec {
+    c.head_codec(h).unwrap_or(c)
 }
 
 /// `Codec::key_scores` through the decoded block (rotated at its positions for pre-RoPE codecs): the

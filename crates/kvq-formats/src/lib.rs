@@ -7,6 +7,7 @@
 //! | QJL | `qjl:m=256,m0=512,l0=15,outliers=8,v=2,group=32,buffer=128,seed=0` | JL sign bits + norm | per-token 2-bit |
 //! | DecoQuant | `decoquant:bits=4,chunk=1024,sub=16` | b-bit T_L x f16 T_S | same |
 //! | RVQ | `rvq:group=32,codes=2048,depth=8,codebooks=FILE` | pre-RoPE residual VQ | residual VQ |
+//! | KLT | `klt:bits=3,window=0,file=FILE` | weighted KLT + Lloyd-Max codes | same |
 //!
 //! How to add a format: write `formats/<name>.rs` (a [`Format`] that builds a [`Codec`], with the
 //! paper, bit accounting and byte layout in its module docs), add one line to
@@ -23,6 +24,7 @@ pub mod linalg;
 pub mod plan;
 pub mod rope;
 pub mod testutil;
+pub mod transform;
 
 pub use cache::{CacheBytes, LayerCache};
 pub use codec::{Codec, Format, FormatRef, KernelSpec, Stream, StreamCtx};

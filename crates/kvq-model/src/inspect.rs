@@ -31,7 +31,7 @@ pub fn kv_errors(model: &Model, ids: &[u32], plans: &[String]) -> Result<Vec<KvE
         model.forward(
             &mut seq,
             ch,
-            Some(&mut |l: usize, k: &[f32], v: &[f32]| {
+            Some(&mut |l: usize, _q: &[f32], k: &[f32], v: &[f32]| {
                 ks[l].extend_from_slice(k);
                 vs[l].extend_from_slice(v);
             }),

@@ -47,8 +47,9 @@ impl Sequence {
     }
 }
 
-/// Receives a layer's pre-RoPE keys and values ([token][kv head][d]) during a forward (calibration).
-pub type Capture<'a> = &'a mut dyn FnMut(usize, &[f32], &[f32]);
+/// Receives a layer's pre-RoPE queries ([token][head][d]), keys and values ([token][kv head][d]) during
+/// a forward (calibration: KLT weighs key errors by the queries that will read them).
+pub type Capture<'a> = &'a mut dyn FnMut(usize, &[f32], &[f32], &[f32]);
 
 impl Model {
     /// Loads a GGUF file or HF directory.
@@ -142,13 +143,13 @@ impl Model {
             let mut q = mm(&h, hid, &w.wq)?;
             let k = mm(&h, hid, &w.wk)?;
             let v = mm(&h, hid, &w.wv)?;
+            if let Some(cb) = capture.as_mut() {
+                cb(l, &q, &k, &v);
+            }
             for (i, qi) in q.chunks_exact_mut(hq * d).enumerate() {
                 for head in qi.chunks_exact_mut(d) {
                     self.rope.rotate(head, pos0 + i, 1.0);
                 }
-            }
-            if let Some(cb) = capture.as_mut() {
-                cb(l, &k, &v);
             }
             seq.caches[l].append(&k, &v, n)?;
             let o = attend_chunk(&seq.caches[l], &q, pos0, n, (hq, c.n_kv_heads, d))?;

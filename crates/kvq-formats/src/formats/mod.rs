@@ -7,6 +7,7 @@ use crate::error::{parse_err, FormatError, Result};
 pub mod asymkv;
 pub mod decoquant;
 pub mod fp16;
+pub mod klt;
 pub mod qjl;
 pub mod rotate;
 pub mod rvq;
@@ -41,6 +42,11 @@ pub const REGISTRY: &[(&str, Parser, &str)] = &[
         "rvq",
         rvq::parse,
         "RVQ: residual vector quantization with learned codebooks",
+    ),
+    (
+        "klt",
+        klt::parse,
+        "KLT: calibrated per-head transform, Lloyd-Max codes with bits where they pay",
     ),
 ];
 
