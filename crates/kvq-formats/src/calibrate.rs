@@ -192,6 +192,57 @@ pub struct Codebooks {
     pub tables: BTreeMap<String, Vec<f32>>,
 }
 
+/// Writes f32 tensors (name, shape, values) and metadata as one safetensors file: the form of every
+/// calibration file (RVQ codebooks, KLT transforms).
+pub fn save_f32_tensors(
+    path: &str,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    meta: HashMap<String, String>,
+) -> Result<()> {
+    let err = |e: safetensors::SafeTensorError| FormatError::File {
+        path: path.into(),
+        reason: e.to_string(),
+    };
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((k, shape, _), b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(err)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, Some(meta), std::path::Path::new(path)).map_err(err)
+}
+
+/// One calibration tensor's values, or why it cannot be one: not F32 of `shape`, or non-finite.
+pub fn f32_tensor(
+    name: &str,
+    view: &safetensors::tensor::TensorView,
+    shape: &[usize],
+) -> std::result::Result<Vec<f32>, String> {
+    if view.dtype() != safetensors::Dtype::F32 || view.shape() != shape {
+        return Err(format!(
+            "tensor '{name}' is {:?} {:?}, expected F32 {shape:?}",
+            view.dtype(),
+            view.shape()
+        ));
+    }
+    let v: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(format!("tensor '{name}' has non-finite values"));
+    }
+    Ok(v)
+}
+
 /// Name of one layer stream's tensor in a codebook file.
 pub fn table_name(layer: usize, key: bool) -> String {
     format!("layer.{layer}.{}", if key { "k" } else { "v" })
@@ -216,22 +267,11 @@ impl Codebooks {
     /// Writes the codebooks as safetensors (f32 tensors of [`Self::shape`] and shape metadata; `sets`
     /// is written only when > 1, so shared files keep their old form).
     pub fn save(&self, path: &str) -> Result<()> {
-        let bytes: Vec<(String, Vec<u8>)> = self
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = self
             .tables
             .iter()
-            .map(|(k, v)| (k.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            .map(|(k, v)| (k.clone(), self.shape(), v.clone()))
             .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-            .iter()
-            .map(|(k, b)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, self.shape(), b)
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| FormatError::File {
-                        path: path.into(),
-                        reason: e.to_string(),
-                    })
-            })
-            .collect::<Result<_>>()?;
         let mut meta = HashMap::new();
         meta.insert("group".to_string(), self.group.to_string());
         meta.insert("codes".to_string(), self.codes.to_string());
@@ -240,12 +280,7 @@ impl Codebooks {
         if self.sets > 1 {
             meta.insert("sets".to_string(), self.sets.to_string());
         }
-        safetensors::serialize_to_file(views, Some(meta), std::path::Path::new(path)).map_err(|e| {
-            FormatError::File {
-                path: path.into(),
-                reason: e.to_string(),
-            }
-        })
+        save_f32_tensors(path, &tensors, meta)
     }
 
     /// Reads a codebook file, checking every tensor's dtype and shape against the metadata.
@@ -280,21 +315,7 @@ impl Codebooks {
         let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| err(e.to_string()))?;
         let mut tables = BTreeMap::new();
         for (name, view) in st.tensors() {
-            if view.dtype() != safetensors::Dtype::F32 || view.shape() != shape.as_slice() {
-                return Err(err(format!(
-                    "tensor '{name}' is {:?} {:?}, expected F32 {shape:?}",
-                    view.dtype(),
-                    view.shape()
-                )));
-            }
-            let v: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(err(format!("tensor '{name}' has non-finite values")));
-            }
+            let v = f32_tensor(&name, &view, &shape).map_err(err)?;
             tables.insert(name, v);
         }
         Ok(Self {

@@ -5,6 +5,7 @@
 //! distortions, so a codec can give each component the bits it is worth (reverse water-filling,
 //! greedy) at any rate without re-calibrating. Saved and loaded as one safetensors file.
 
+use crate::calibrate::{f32_tensor, save_f32_tensors};
 use crate::error::{FormatError, Result};
 use crate::linalg::sym_eigen;
 use std::collections::{BTreeMap, HashMap};
@@ -300,14 +301,10 @@ impl KltBooks {
     /// Writes the file: f32 tensors `layer.{l}.{k|v}.{mean,fwd,inv,levels,dist}` with heads leading,
     /// shape metadata and `format=klt`.
     pub fn save(&self, path: &str) -> Result<()> {
-        let ferr = |reason: String| FormatError::File {
-            path: path.into(),
-            reason,
-        };
-        let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         for (&(l, key), heads) in &self.layers {
             for part in PARTS {
-                let b: Vec<u8> = heads
+                let v: Vec<f32> = heads
                     .iter()
                     .flat_map(|h| match part {
                         "mean" => h.mean.iter(),
@@ -316,19 +313,11 @@ impl KltBooks {
                         "levels" => h.levels.iter(),
                         _ => h.dist.iter(),
                     })
-                    .flat_map(|x| x.to_le_bytes())
+                    .copied()
                     .collect();
-                bytes.push((tensor_name(l, key, part), self.shape(part), b));
+                tensors.push((tensor_name(l, key, part), self.shape(part), v));
             }
         }
-        let views = bytes
-            .iter()
-            .map(|(k, s, b)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| ferr(e.to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), "klt".to_string());
         meta.insert("head_dim".to_string(), self.head_dim.to_string());
@@ -342,8 +331,7 @@ impl KltBooks {
         for (k, on) in ["key_scale", "value_scale"].iter().zip(self.scaled) {
             meta.insert(k.to_string(), if on { "on" } else { "off" }.to_string());
         }
-        safetensors::serialize_to_file(views, Some(meta), std::path::Path::new(path))
-            .map_err(|e| ferr(e.to_string()))
+        save_f32_tensors(path, &tensors, meta)
     }
 
     /// Reads a file written by [`Self::save`], checking metadata, shapes and finiteness.
@@ -415,22 +403,7 @@ impl KltBooks {
                 .find(|p| **p == part)
                 .copied()
                 .unwrap_or("dist");
-            let shape = books.shape(part);
-            if view.dtype() != safetensors::Dtype::F32 || view.shape() != shape.as_slice() {
-                return Err(err(format!(
-                    "tensor '{name}' is {:?} {:?}, expected F32 {shape:?}",
-                    view.dtype(),
-                    view.shape()
-                )));
-            }
-            let v: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(err(format!("tensor '{name}' has non-finite values")));
-            }
+            let v = f32_tensor(&name, &view, &books.shape(part)).map_err(err)?;
             parts.entry((l, key)).or_default().insert(part, v);
         }
         for (at, mut p) in parts {
