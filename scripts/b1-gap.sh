@@ -6,7 +6,8 @@
 #      (split_sweep: `kvq-gpu bench`, 32/8 heads, d=128), 2 rounds;
 #   2. whole steps at B=1 4k, chained, the built-in split rule against KVQ_SPLIT_TOKENS=$AB_SPLIT, and
 #      llama.cpp f16 at the same point in the same call (its build runs at nice 19 from the start);
-#   3. Nsight Compute's per-kernel time over 3 decode steps of NCU_PLANS (scripts/ncu_steps.py).
+#   3. Nsight Compute's per-kernel time over NCU_STEPS (33: a whole 32-token block cycle, so the step that
+#      seals a block is in) decode steps of NCU_PLANS (scripts/ncu_steps.py).
 # Leaves $OUT/b1-gap.tar.gz (refreshed after each stage).
 set -uo pipefail
 . "$(dirname "$0")/device-common.sh"
@@ -43,10 +44,10 @@ llama_bench "$big" f16 4096 "$R/llama-f16.jsonl" 1 | cut -c1-240
 save
 for kv in ${NCU_PLANS:-fp16 kivi:bits=2,window=0 qjl:m=256,m0=256,buffer=128}; do
   tag=$(echo "$kv" | tr ":=," "___")
-  timeout 150 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
-    "$S/kvq" bench decode --model "$big" --ctx 4096 --batch 1 --steps 3 --warmup 1 --kv "$kv" \
+  timeout 120 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+    "$S/kvq" bench decode --model "$big" --ctx 4096 --batch 1 --steps "${NCU_STEPS:-33}" --warmup 1 --kv "$kv" \
     --json "$R/ncu-$tag.json" > "$R/ncu-$tag.csv" 2> "$R/ncu-$tag.err"
   echo "== ncu $kv rc=$?"
-  python3 scripts/ncu_steps.py "$R/ncu-$tag.csv" 3 | tee "$R/steps-$tag.txt" | head -n 9
+  python3 scripts/ncu_steps.py "$R/ncu-$tag.csv" "${NCU_STEPS:-33}" | tee "$R/steps-$tag.txt" | head -n 12
 done
 rm -f "$R"/*.png "$R"/ncu-*.json; save
