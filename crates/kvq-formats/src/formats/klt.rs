@@ -11,9 +11,11 @@
 //!
 //! Block layout (one head, T = 32 tokens), little-endian bits:
 //! ```text
+//! [gain f16; T (streams fitted with a per-token gain only)]
 //! [token 0: for each component c with b_c > 0, in order, its b_c-bit level index | token 1 | ...]
 //! ```
-//! padded to whole 4-byte words. Bits/elem: round(bits x d) / d (d = 64, bits=3: 192 bits a token).
+//! codes padded to whole 4-byte words. Bits/elem: round(bits x d) / d, the 16-bit gain included (d = 64,
+//! bits=3: 192 bits a token, 176 of them codes when the stream has a gain).
 //! Fixed bytes per layer stream: heads x (2 d^2 + d + levels) f32 (transforms, means, level tables).
 
 use crate::bits;
@@ -154,7 +156,9 @@ impl Format for Klt {
         let heads = heads
             .iter()
             .map(|h| {
+                // Every head spends min(total, d x bmax) bits: the same block size for all of them.
                 let widths = allocate(&h.dist, d, bmax, total);
+                let total = widths.iter().map(|&b| b as usize).sum();
                 let levels: Vec<Vec<f32>> = widths
                     .iter()
                     .enumerate()
@@ -339,6 +343,7 @@ impl KltCodec {
 }
 
 impl Codec for KltCodec {
+    /// Head 0's widths stand for the stream (every head spends the same bits, spread its own way).
     fn describe(&self) -> String {
         self.first().describe()
     }
