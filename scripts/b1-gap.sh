@@ -16,7 +16,8 @@ R=$OUT/b1-gap; mkdir -p "$R"; big=$S/llama3-8b-f16.gguf
 PLANS=${PLANS:-"fp16 kivi:bits=2,window=0 kivi:bits=4,window=0 qjl:m=256,m0=256,buffer=128"}
 AB_SPLIT=${AB_SPLIT:-128}
 save() { tar czf "$OUT/b1-gap.tar.gz" -C "$OUT" b1-gap; }
-start_build 19
+# LLAMA=0: no llama.cpp build or run (a diagnosis-only call, about 150 s shorter)
+[ "${LLAMA:-1}" = 1 ] && start_build 19
 gguf_in_background llama3-8b "$big" "$S/tokenizer.gguf"
 # shellcheck disable=SC2086
 split_sweep 2 "${SPLITS:-default 64 128 256 512}" "$R/split.jsonl" $PLANS
@@ -39,12 +40,14 @@ for v in default "$AB_SPLIT"; do
   echo "== steps, split $v"; grep "T=" "$R/step-$v.log" | sed 's/ (.*nodes)//' | cut -c1-120
 done
 rm -f "$R"/*.png; save
-wait_build 200
-llama_bench "$big" f16 4096 "$R/llama-f16.jsonl" 1 | cut -c1-240
-save
-for kv in ${NCU_PLANS:-fp16 kivi:bits=2,window=0 qjl:m=256,m0=256,buffer=128}; do
+if [ "${LLAMA:-1}" = 1 ]; then
+  wait_build 200
+  llama_bench "$big" f16 4096 "$R/llama-f16.jsonl" 1 | cut -c1-240
+  save
+fi
+for kv in ${NCU_PLANS:-kivi:bits=2,window=0 qjl:m=256,m0=256,buffer=128 fp16}; do
   tag=$(echo "$kv" | tr ":=," "___")
-  timeout 120 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+  timeout 100 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
     "$S/kvq" bench decode --model "$big" --ctx 4096 --batch 1 --steps "${NCU_STEPS:-33}" --warmup 1 --kv "$kv" \
     --json "$R/ncu-$tag.json" > "$R/ncu-$tag.csv" 2> "$R/ncu-$tag.err"
   echo "== ncu $kv rc=$?"
