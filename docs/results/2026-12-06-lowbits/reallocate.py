@@ -1,11 +1,12 @@
 # Re-runs `kvq tune`'s greedy allocation (crates/kvq-model/src/tune.rs, `allocate`) on the probes of
 # tuned-nf.report.json with the summed-KL target that gives the most slots for at most BITS bits/elem,
 # and writes that plan as a plan file (the format `kvq tune` writes). No model run: probes only.
+# Usage: reallocate.py BITS OUT [REPORT] (REPORT: another tune report, default tuned-nf.report.json).
 import json, sys
 from collections import Counter
 bits_max = float(sys.argv[1])
 out = sys.argv[2]
-rep = json.load(open('docs/results/2026-12-06-lowbits/tuned-nf.report.json'))
+rep = json.load(open(sys.argv[3] if len(sys.argv) > 3 else 'docs/results/2026-12-06-lowbits/tuned-nf.report.json'))
 slots = {}
 for p in rep['probes']:
     slots.setdefault((p['layer'], p['stream']), [(16.0, 0.0, 'fp16')]).append((p['bits'], p['kl'], p['format']))
