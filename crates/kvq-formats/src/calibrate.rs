@@ -219,6 +219,20 @@ pub fn save_f32_tensors(
     safetensors::serialize_to_file(views, Some(meta), std::path::Path::new(path)).map_err(err)
 }
 
+/// A calibration file's bytes and its safetensors metadata (empty when it has none); errors name the
+/// path.
+pub fn read_with_meta(path: &str) -> Result<(Vec<u8>, HashMap<String, String>)> {
+    let err = |reason: String| FormatError::File {
+        path: path.into(),
+        reason,
+    };
+    let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
+        .map_err(|e| err(format!("not a safetensors file: {e}")))?;
+    let md = meta.metadata().clone().unwrap_or_default();
+    Ok((data, md))
+}
+
 /// One calibration tensor's values, or why it cannot be one: not F32 of `shape`, or non-finite.
 pub fn f32_tensor(
     name: &str,
@@ -289,10 +303,7 @@ impl Codebooks {
             path: path.into(),
             reason,
         };
-        let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
-            .map_err(|e| err(format!("not a safetensors file: {e}")))?;
-        let md = meta.metadata().clone().unwrap_or_default();
+        let (data, md) = read_with_meta(path)?;
         let num = |k: &str| -> Result<usize> {
             md.get(k)
                 .and_then(|v| v.parse().ok())

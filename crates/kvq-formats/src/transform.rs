@@ -5,7 +5,7 @@
 //! distortions, so a codec can give each component the bits it is worth (reverse water-filling,
 //! greedy) at any rate without re-calibrating. Saved and loaded as one safetensors file.
 
-use crate::calibrate::{f32_tensor, save_f32_tensors};
+use crate::calibrate::{f32_tensor, read_with_meta, save_f32_tensors};
 use crate::error::{FormatError, Result};
 use crate::linalg::sym_eigen;
 use std::collections::{BTreeMap, HashMap};
@@ -340,10 +340,7 @@ impl KltBooks {
             path: path.into(),
             reason,
         };
-        let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
-            .map_err(|e| err(format!("not a safetensors file: {e}")))?;
-        let md = meta.metadata().clone().unwrap_or_default();
+        let (data, md) = read_with_meta(path)?;
         if md.get("format").map(String::as_str) != Some("klt") {
             return Err(err(
                 "not a KLT calibration (metadata format=klt missing); write one with `kvq calibrate --method klt`".into(),
