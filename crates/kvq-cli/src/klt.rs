@@ -4,7 +4,6 @@
 
 use anyhow::{bail, Result};
 use kvq_formats::transform::{fit_head, KltBooks, KltHead};
-use kvq_formats::KvPlan;
 use kvq_model::Model;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -51,61 +50,47 @@ pub fn fit(
     let mut mk = vec![vec![0f64; h * d * d]; nl];
     let mut nq = 0usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
-    let plan = KvPlan::parse("fp16", nl)?;
-    for win in ids.chunks(ctx) {
-        let mut seq = model.new_sequence(&plan, win.len())?;
-        let mut pos0 = 0usize;
-        for ch in win.chunks(256) {
-            let mut counted = 0usize;
-            model.forward(
-                &mut seq,
-                ch,
-                Some(&mut |l: usize, q: &[f32], k: &[f32], v: &[f32]| {
-                    for t in 0..ch.len() {
-                        let pos = pos0 + t;
-                        if pos < o.skip {
-                            continue;
-                        }
-                        for kv in 0..h {
-                            let at = (t * h + kv) * d;
-                            let mut kk = k[at..at + d].to_vec();
-                            if !o.key_pre_rope {
-                                rope.rotate(&mut kk, pos, 1.0);
-                            }
-                            keys[l][kv].extend_from_slice(&kk);
-                            vals[l][kv].extend_from_slice(&v[at..at + d]);
-                        }
-                        // Every other token's queries are plenty for a d x d second moment.
-                        if !o.weighted || t % 2 == 1 {
-                            continue;
-                        }
-                        if l == 0 {
-                            counted += 1;
-                        }
-                        for qh in 0..hq {
-                            let at = (t * hq + qh) * d;
-                            let mut a = q[at..at + d].to_vec();
-                            let by = if o.key_pre_rope {
-                                rng.random_range(0..ctx)
-                            } else {
-                                pos
-                            };
-                            rope.rotate(&mut a, by, 1.0);
-                            let m = &mut mk[l][(qh / g) * d * d..(qh / g + 1) * d * d];
-                            for i in 0..d {
-                                let ai = a[i] as f64;
-                                for j in 0..d {
-                                    m[i * d + j] += ai * a[j] as f64;
-                                }
-                            }
-                        }
+    model.capture(ids, ctx, &mut |l, pos0, q, k, v| {
+        for t in 0..k.len() / (h * d) {
+            let pos = pos0 + t;
+            if pos < o.skip {
+                continue;
+            }
+            for kv in 0..h {
+                let at = (t * h + kv) * d;
+                let mut kk = k[at..at + d].to_vec();
+                if !o.key_pre_rope {
+                    rope.rotate(&mut kk, pos, 1.0);
+                }
+                keys[l][kv].extend_from_slice(&kk);
+                vals[l][kv].extend_from_slice(&v[at..at + d]);
+            }
+            // Every other token's queries are plenty for a d x d second moment.
+            if !o.weighted || t % 2 == 1 {
+                continue;
+            }
+            if l == 0 {
+                nq += 1;
+            }
+            for qh in 0..hq {
+                let at = (t * hq + qh) * d;
+                let mut a = q[at..at + d].to_vec();
+                let by = if o.key_pre_rope {
+                    rng.random_range(0..ctx)
+                } else {
+                    pos
+                };
+                rope.rotate(&mut a, by, 1.0);
+                let m = &mut mk[l][(qh / g) * d * d..(qh / g + 1) * d * d];
+                for i in 0..d {
+                    let ai = a[i] as f64;
+                    for j in 0..d {
+                        m[i * d + j] += ai * a[j] as f64;
                     }
-                }),
-            )?;
-            nq += counted;
-            pos0 += ch.len();
+                }
+            }
         }
-    }
+    })?;
     let n = keys[0][0].len() / d;
     if n < 4 * d {
         bail!("only {n} samples per head after skipping {} positions a window; calibration needs at least {}", o.skip, 4 * d);

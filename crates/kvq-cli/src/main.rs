@@ -565,22 +565,15 @@ fn calibrate(
     let (d, h) = (c.head_dim, c.n_kv_heads);
     let mut keys: Vec<Vec<f32>> = vec![Vec::new(); c.n_layers];
     let mut vals: Vec<Vec<f32>> = vec![Vec::new(); c.n_layers];
-    let plan = KvPlan::parse("fp16", c.n_layers)?;
     let pb = bar(n, "capturing K/V");
-    for win in ids[..n].chunks(ctx) {
-        let mut seq = model.new_sequence(&plan, win.len())?;
-        for ch in win.chunks(256) {
-            model.forward(
-                &mut seq,
-                ch,
-                Some(&mut |l: usize, _q: &[f32], k: &[f32], v: &[f32]| {
-                    keys[l].extend_from_slice(k);
-                    vals[l].extend_from_slice(v);
-                }),
-            )?;
-            pb.inc(ch.len() as u64);
+    let last = c.n_layers - 1;
+    model.capture(&ids[..n], ctx, &mut |l, _, _q, k, v| {
+        keys[l].extend_from_slice(k);
+        vals[l].extend_from_slice(v);
+        if l == last {
+            pb.inc((k.len() / (d * h)) as u64);
         }
-    }
+    })?;
     pb.finish_and_clear();
     let rope = model.rope.clone();
     let mut tables = std::collections::BTreeMap::new();

@@ -233,6 +233,16 @@ pub fn read_with_meta(path: &str) -> Result<(Vec<u8>, HashMap<String, String>)> 
     Ok((data, md))
 }
 
+/// The unsigned integer stored under `key` in a calibration file's metadata; the error names `path`.
+pub fn meta_usize(md: &HashMap<String, String>, key: &str, path: &str) -> Result<usize> {
+    md.get(key)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| FormatError::File {
+            path: path.into(),
+            reason: format!("metadata '{key}' missing or not a number"),
+        })
+}
+
 /// One calibration tensor's values, or why it cannot be one: not F32 of `shape`, or non-finite.
 pub fn f32_tensor(
     name: &str,
@@ -304,11 +314,7 @@ impl Codebooks {
             reason,
         };
         let (data, md) = read_with_meta(path)?;
-        let num = |k: &str| -> Result<usize> {
-            md.get(k)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| err(format!("metadata '{k}' missing or not a number")))
-        };
+        let num = |k: &str| meta_usize(&md, k, path);
         let (group, codes, depth) = (num("group")?, num("codes")?, num("depth")?);
         let sets = if md.contains_key("sets") {
             num("sets")?

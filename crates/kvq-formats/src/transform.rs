@@ -5,7 +5,7 @@
 //! distortions, so a codec can give each component the bits it is worth (reverse water-filling,
 //! greedy) at any rate without re-calibrating. Saved and loaded as one safetensors file.
 
-use crate::calibrate::{f32_tensor, read_with_meta, save_f32_tensors};
+use crate::calibrate::{f32_tensor, meta_usize, read_with_meta, save_f32_tensors};
 use crate::error::{FormatError, Result};
 use crate::linalg::sym_eigen;
 use std::collections::{BTreeMap, HashMap};
@@ -346,11 +346,7 @@ impl KltBooks {
                 "not a KLT calibration (metadata format=klt missing); write one with `kvq calibrate --method klt`".into(),
             ));
         }
-        let num = |k: &str| -> Result<usize> {
-            md.get(k)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| err(format!("metadata '{k}' missing or not a number")))
-        };
+        let num = |k: &str| meta_usize(&md, k, path);
         let (head_dim, heads, bmax) = (num("head_dim")?, num("heads")?, num("bmax")?);
         if head_dim == 0 || heads == 0 || !(1..=MAX_BMAX).contains(&bmax) {
             return Err(err(format!(
@@ -387,19 +383,16 @@ impl KltBooks {
         let mut parts: BTreeMap<(usize, bool), HashMap<&str, Vec<f32>>> = BTreeMap::new();
         for (name, view) in st.tensors() {
             let bits: Vec<&str> = name.split('.').collect();
+            // `part` is taken from PARTS, so the map below can key on the 'static name.
             let parsed = match bits.as_slice() {
-                ["layer", l, s @ ("k" | "v"), part] if PARTS.contains(part) => {
-                    l.parse::<usize>().ok().map(|l| (l, *s == "k", *part))
-                }
+                ["layer", l, s @ ("k" | "v"), part] => PARTS
+                    .iter()
+                    .find(|p| *p == part)
+                    .and_then(|&part| l.parse::<usize>().ok().map(|l| (l, *s == "k", part))),
                 _ => None,
             };
             let (l, key, part) =
                 parsed.ok_or_else(|| err(format!("unexpected tensor '{name}'")))?;
-            let part = PARTS
-                .iter()
-                .find(|p| **p == part)
-                .copied()
-                .unwrap_or("dist");
             let v = f32_tensor(&name, &view, &books.shape(part)).map_err(err)?;
             parts.entry((l, key)).or_default().insert(part, v);
         }

@@ -25,18 +25,10 @@ pub fn kv_errors(model: &Model, ids: &[u32], plans: &[String]) -> Result<Vec<KvE
     let (d, h, n) = (c.head_dim, c.n_kv_heads, ids.len());
     let mut ks: Vec<Vec<f32>> = vec![Vec::new(); c.n_layers];
     let mut vs: Vec<Vec<f32>> = vec![Vec::new(); c.n_layers];
-    let fp16 = KvPlan::parse("fp16", c.n_layers)?;
-    let mut seq = model.new_sequence(&fp16, n)?;
-    for ch in ids.chunks(256) {
-        model.forward(
-            &mut seq,
-            ch,
-            Some(&mut |l: usize, _q: &[f32], k: &[f32], v: &[f32]| {
-                ks[l].extend_from_slice(k);
-                vs[l].extend_from_slice(v);
-            }),
-        )?;
-    }
+    model.capture(ids, n, &mut |l, _, _q, k, v| {
+        ks[l].extend_from_slice(k);
+        vs[l].extend_from_slice(v);
+    })?;
     let mut rows = Vec::new();
     for p in plans {
         let plan = KvPlan::parse(p, c.n_layers)?;

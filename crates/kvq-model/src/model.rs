@@ -51,6 +51,10 @@ impl Sequence {
 /// a forward (calibration: KLT weighs key errors by the queries that will read them).
 pub type Capture<'a> = &'a mut dyn FnMut(usize, &[f32], &[f32], &[f32]);
 
+/// [`Model::capture`]'s receiver: (layer, the chunk's first position in its window, Q, K, V) as
+/// [`Capture`] gets them.
+pub type WindowCapture<'a> = &'a mut dyn FnMut(usize, usize, &[f32], &[f32], &[f32]);
+
 impl Model {
     /// Loads a GGUF file or HF directory.
     pub fn load(path: &str) -> Result<Self> {
@@ -97,6 +101,26 @@ impl Model {
         Ok(self
             .forward_hidden(seq, ids, capture)?
             .matmul(&self.weights.lm_head)?)
+    }
+
+    /// Runs `ids` through fresh fp16 sequences of at most `window` tokens each (chunks of 256) and hands
+    /// every layer's pre-RoPE Q, K and V to `cb(layer, pos0, q, k, v)`, `pos0` being the chunk's first
+    /// position in its window: the capture pass of calibration and `kvq inspect`.
+    pub fn capture(&self, ids: &[u32], window: usize, cb: WindowCapture) -> Result<()> {
+        let plan = KvPlan::parse("fp16", self.config.n_layers)?;
+        for win in ids.chunks(window.max(1)) {
+            let mut seq = self.new_sequence(&plan, win.len())?;
+            let mut pos0 = 0;
+            for ch in win.chunks(256) {
+                self.forward(
+                    &mut seq,
+                    ch,
+                    Some(&mut |l: usize, q: &[f32], k: &[f32], v: &[f32]| cb(l, pos0, q, k, v)),
+                )?;
+                pos0 += ch.len();
+            }
+        }
+        Ok(())
     }
 
     /// [`Model::forward`] without the output head: the final-normed hidden states [ids.len(), hidden].

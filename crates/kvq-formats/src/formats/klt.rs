@@ -19,7 +19,7 @@
 //! Fixed bytes per layer stream: heads x (2 d^2 + d + levels) f32 (transforms, means, level tables).
 
 use crate::bits;
-use crate::codec::{of_head, Codec, Format, FormatRef, Stream, StreamCtx};
+use crate::codec::{Codec, Format, FormatRef, Stream, StreamCtx};
 use crate::config::Params;
 use crate::error::{parse_err, FormatError, Result};
 use crate::transform::{allocate, levels_len, levels_off, token_gain, KltBooks};
@@ -368,14 +368,14 @@ impl Codec for KltCodec {
     fn fixed_bytes(&self) -> usize {
         self.heads.iter().map(|h| h.fixed_bytes()).sum()
     }
-    /// Head 0's transform: callers that hold blocks of other heads go through [`of_head`].
+    /// Head 0's transform: callers that hold blocks of other heads go through [`crate::codec::of_head`].
     fn encode(&self, x: &[f32], out: &mut [u8]) {
-        of_head(self, 0).encode(x, out)
+        self.first().encode(x, out)
     }
     fn validate(&self, block: &[u8]) -> Result<()> {
         self.first().validate(block)
     }
     fn decode(&self, block: &[u8], out: &mut [f32]) -> Result<()> {
-        of_head(self, 0).decode(block, out)
+        self.first().decode(block, out)
     }
 }
