@@ -47,7 +47,7 @@ if [ "${LLAMA:-1}" = 1 ]; then
 fi
 for kv in ${NCU_PLANS:-kivi:bits=2,window=0 qjl:m=256,m0=256,buffer=128 fp16}; do
   tag=$(echo "$kv" | tr ":=," "___")
-  timeout 100 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+  timeout "${NCU_TIMEOUT:-100}" "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
     "$S/kvq" bench decode --model "$big" --ctx 4096 --batch 1 --steps "${NCU_STEPS:-33}" --warmup 1 --kv "$kv" \
     --json "$R/ncu-$tag.json" > "$R/ncu-$tag.csv" 2> "$R/ncu-$tag.err"
   echo "== ncu $kv rc=$?"

@@ -271,6 +271,8 @@ pub(crate) struct StepGraphs {
 pub(crate) struct StepSpans {
     pending: std::collections::VecDeque<(CudaEvent, CudaEvent)>,
     total_ms: f64,
+    /// Each step's time, in order (a block-sealing step stands out among the others).
+    steps_ms: Vec<f64>,
 }
 
 impl StepSpans {
@@ -298,6 +300,12 @@ impl StepSpans {
         Ok(std::mem::take(&mut self.total_ms))
     }
 
+    /// Each step's milliseconds since the last call, in order (waits for the last step to finish).
+    pub(crate) fn take_steps_ms(&mut self) -> Result<Vec<f64>> {
+        self.harvest(0)?;
+        Ok(std::mem::take(&mut self.steps_ms))
+    }
+
     /// Adds the time of every pending pair but the last `keep` (waiting for each to finish).
     fn harvest(&mut self, keep: usize) -> Result<()> {
         while self.pending.len() > keep {
@@ -306,6 +314,7 @@ impl StepSpans {
             };
             let ms = a.elapsed_ms(&b).map_err(drv("reading step events"))?;
             self.total_ms += f64::from(ms);
+            self.steps_ms.push(f64::from(ms));
         }
         Ok(())
     }

@@ -766,6 +766,18 @@ impl Engine {
         self.graphs.spans.as_mut().map(|s| s.take_ms()).transpose()
     }
 
+    /// Each decode step's GPU milliseconds since the last call, in order (empty when
+    /// [`Engine::set_step_timing`] is off): shows whether a cost comes every step or with block seals.
+    pub fn take_step_gpu_ms_each(&mut self) -> Result<Vec<f64>> {
+        Ok(self
+            .graphs
+            .spans
+            .as_mut()
+            .map(|s| s.take_steps_ms())
+            .transpose()?
+            .unwrap_or_default())
+    }
+
     /// Host time spent issuing forwards since the last call (asynchronous work not waited for):
     /// when it is close to the step time, the step is bound by the host, not the GPU.
     pub fn take_enqueue_time(&mut self) -> std::time::Duration {

@@ -160,6 +160,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                         ms,
                         host_ms,
                         gpu_ms,
+                        gpu_ms_each,
                         kv,
                         graphs,
                         fill,
@@ -185,7 +186,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
                         };
                         pb.suspend(|| eprintln!("{line}"));
                         let mut extra = json!({
-                            "ms_per_step": ms, "host_ms_per_step": host_ms, "gpu_ms_per_step": gpu_ms, "graphs": graphs, "tok_s": tok_s, "kv_gib": kv_bytes / 1073741824.0,
+                            "ms_per_step": ms, "host_ms_per_step": host_ms, "gpu_ms_per_step": gpu_ms, "gpu_ms_each_step": gpu_ms_each, "graphs": graphs, "tok_s": tok_s, "kv_gib": kv_bytes / 1073741824.0,
                             "bits_per_elem": kv.bits_per_elem(), "kv_bytes_read": kv_bytes,
                             "weight_bytes": weight_bytes, "bw_fraction": frac,
                         });
@@ -286,6 +287,8 @@ struct Measured {
     /// GPU milliseconds per step between events around its launch: `ms - gpu_ms` is the time the GPU
     /// waited for the host.
     gpu_ms: Option<f64>,
+    /// Each timed step's GPU milliseconds, in order (a block seal's step stands out).
+    gpu_ms_each: Vec<f64>,
     /// One sequence's cache bytes.
     kv: kvq_formats::CacheBytes,
     /// How the timed steps ran (graphs replayed, captured, direct).
@@ -337,6 +340,7 @@ fn measure(
     let gpu_ms = engine
         .take_step_gpu_ms()?
         .map(|t| t / o.steps.max(1) as f64);
+    let gpu_ms_each = engine.take_step_gpu_ms_each()?;
     engine.set_step_timing(false);
     let (after, failure) = engine.graph_stats();
     // How the timed steps ran: replayed from a CUDA graph, captured, or issued kernel by kernel.
@@ -362,6 +366,7 @@ fn measure(
         ms,
         host_ms,
         gpu_ms,
+        gpu_ms_each,
         kv,
         graphs,
         fill,
