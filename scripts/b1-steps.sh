@@ -34,7 +34,7 @@ PY
 save
 wait_gguf 240 | tail -n 1
 kv=(); for p in $PLANS; do kv+=(--kv "$p"); done
-for v in default pdl0 pdlall0 fused0; do
+for v in ${VARIANTS:-default pdl0 pdlall0 fused0}; do
   ( case $v in pdl0) export KVQ_PDL=0;; pdlall0) export KVQ_PDL_ALL=0;; fused0) export KVQ_FUSED_APPEND=0;; esac
     timeout 150 "$S/kvq" bench decode --chained --model "$big" --ctx 4096 --batch 1 --steps 64 "${kv[@]}" \
       --json "$R/step-$v.json" > "$R/step-$v.log" 2>&1 )

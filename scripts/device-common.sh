@@ -3,6 +3,7 @@
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-/tmp/kvq-out}; mkdir -p "$OUT"
 S=/root/stash; mkdir -p "$S"
+export KVQ_REPO=$PWD  # the repository root (scripts run from it), for helpers started in the background
 for c in .carry-bin .carry-bin-gpu .carry-ex; do [ -d $c ] && cp -r $c/. "$S"/; done
 # (unpacked again when a call carries a newer .xz: the machine may still hold an older binary)
 for b in kvq kvq-gpu generate; do [ -f "$S/$b.xz" ] && { [ ! -x "$S/$b" ] || [ "$S/$b.xz" -nt "$S/$b" ]; } && xz -dc "$S/$b.xz" > "$S/$b" && chmod +x "$S/$b"; done
@@ -37,7 +38,10 @@ random_gguf() {
   src=${src:-$d/tokenizer.gguf}
   python3 -m pip install -q --no-index --no-deps --target /tmp/site "$d"/gguf-*.whl || return 1
   local t0; t0=$(date +%s)
-  PYTHONPATH=/tmp/site timeout 300 python3 "$d/random-llama-gguf.py" "$src" "$out" "$shape" f16 | tail -n 1
+  # RANDOM_GGUF_REUSE=1: each weight shape drawn once and reused by every layer (scripts/random_gguf_reuse.py:
+  # seconds instead of minutes, same layout and bytes per tensor; for diagnosis calls)
+  local reuse=(); [ "${RANDOM_GGUF_REUSE:-0}" = 1 ] && reuse=("$KVQ_REPO/scripts/random_gguf_reuse.py")
+  PYTHONPATH=/tmp/site timeout 300 python3 "${reuse[@]}" "$d/random-llama-gguf.py" "$src" "$out" "$shape" f16 | tail -n 1
   echo "$shape GGUF rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"
 }
 
