@@ -47,8 +47,9 @@ if [ "${LLAMA:-1}" = 1 ]; then
 fi
 for kv in ${NCU_PLANS:-kivi:bits=2,window=0 qjl:m=256,m0=256,buffer=128 fp16}; do
   tag=$(echo "$kv" | tr ":=," "___")
-  timeout "${NCU_TIMEOUT:-100}" "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
-    "$S/kvq" bench decode --model "$big" --ctx 4096 --batch 1 --steps "${NCU_STEPS:-33}" --warmup 1 --kv "$kv" \
+  # (--no-baseline: this plan's steps alone; run 26 lost most of its profile to the fp16 steps first)
+  timeout "${NCU_TIMEOUT:-100}" "$NCU" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv --print-units base \
+    "$S/kvq" bench decode --no-baseline --model "$big" --ctx 4096 --batch 1 --steps "${NCU_STEPS:-33}" --warmup 1 --kv "$kv" \
     --json "$R/ncu-$tag.json" > "$R/ncu-$tag.csv" 2> "$R/ncu-$tag.err"
   echo "== ncu $kv rc=$?"
   python3 scripts/ncu_steps.py "$R/ncu-$tag.csv" "${NCU_STEPS:-33}" | tee "$R/steps-$tag.txt" | head -n 12

@@ -17,7 +17,8 @@ PLANS=${PLANS:-"fp16 kivi:bits=2,window=0 kivi:bits=4,window=0 qjl:m=256,m0=256,
 save() { rm -f "$R"/*.png; tar czf "$OUT/b1-steps.tar.gz" -C "$OUT" b1-steps; }
 [ "${LLAMA:-1}" = 1 ] && start_build 19
 gguf_in_background llama3-8b "$big" "$S/tokenizer.gguf"
-for i in $(seq 1 "${REPS:-2}"); do
+touch "$R/attn.jsonl"
+for i in $(seq 1 "${REPS:-2}"); do  # REPS=0: no attention-alone stage
   # shellcheck disable=SC2086
   KVQ_BENCH_POINTS=1x4064,1x4080 timeout 60 "$S/kvq-gpu" bench $PLANS 2>>"$R/attn.err" \
     | sed "s/^{/{\"rep\":$i,/" >> "$R/attn.jsonl"

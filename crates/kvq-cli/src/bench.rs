@@ -19,7 +19,7 @@ use std::time::Instant;
 
 /// What `kvq bench decode` runs.
 pub struct DecodeOpts {
-    /// KV plans (fp16 first if absent).
+    /// KV plans (fp16 first if absent and `baseline`).
     pub plans: Vec<String>,
     /// Contexts (tokens per sequence before the timed steps).
     pub ctx: Vec<usize>,
@@ -45,6 +45,8 @@ pub struct DecodeOpts {
     /// Fill the context by prefilling seeded random tokens through the model (timed) instead of
     /// appending synthetic K/V: the whole prompt path, chunk by chunk.
     pub prefill: bool,
+    /// Add the fp16 plan when absent (the reference every ratio divides by).
+    pub baseline: bool,
 }
 
 impl DecodeOpts {
@@ -112,7 +114,7 @@ pub fn decode(gpu: kvq::Gpu, model: &Model, o: &DecodeOpts) -> Result<()> {
     let weight_bytes = engine.weight_bytes();
     eprintln!("{}", engine.describe());
     let mut plans = o.plans.clone();
-    if !plans.iter().any(|p| p == "fp16") {
+    if o.baseline && !plans.iter().any(|p| p == "fp16") {
         plans.insert(0, "fp16".into());
     }
     let total = plans.len() * o.ctx.len() * o.batch.len();

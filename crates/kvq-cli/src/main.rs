@@ -288,6 +288,10 @@ enum BenchCmd {
         /// runs 18-20).
         #[arg(long)]
         chained: bool,
+        /// Run only the plans given, without the fp16 baseline the ratios need (a profiler's run of
+        /// one plan, whose steps would otherwise follow fp16's).
+        #[arg(long)]
+        no_baseline: bool,
     },
 }
 
@@ -961,6 +965,7 @@ fn run(cli: Cli) -> Result<()> {
                     no_graphs,
                     chained,
                     prefill,
+                    no_baseline,
                 },
         } => {
             if replot {
@@ -1001,6 +1006,7 @@ fn run(cli: Cli) -> Result<()> {
                     graphs: !no_graphs,
                     chained,
                     prefill,
+                    baseline: !no_baseline,
                 },
             )?;
         }
