@@ -21,15 +21,7 @@ save() { tar czf "$OUT/b1-gap.tar.gz" -C "$OUT" b1-gap; }
 gguf_in_background llama3-8b "$big" "$S/tokenizer.gguf"
 # shellcheck disable=SC2086
 split_sweep 2 "${SPLITS:-default 64 128 256 512}" "$R/split.jsonl" $PLANS
-python3 - "$R/split.jsonl" <<'EOF' | tee "$R/split.txt"
-import json, sys, statistics as st
-from collections import defaultdict
-ms = defaultdict(list)
-for l in open(sys.argv[1]):
-    r = json.loads(l); ms[(r["format"], r["split"])].append(r["ms"])
-for (f, s), v in sorted(ms.items()):
-    print(f"{f[:40]:40s} split {s:>7s}: {1000 * st.median(v):7.2f} us ({len(v)} runs)")
-EOF
+python3 scripts/attn_medians.py "$R/split.jsonl" split | tee "$R/split.txt"
 save
 wait_gguf 240 | tail -n 1
 kv=(); for p in $PLANS; do kv+=(--kv "$p"); done

@@ -23,15 +23,7 @@ for i in $(seq 1 "${REPS:-2}"); do  # REPS=0: no attention-alone stage
   KVQ_BENCH_POINTS=1x4064,1x4080 timeout 60 "$S/kvq-gpu" bench $PLANS 2>>"$R/attn.err" \
     | sed "s/^{/{\"rep\":$i,/" >> "$R/attn.jsonl"
 done
-python3 - "$R/attn.jsonl" <<'PY' | tee "$R/attn.txt"
-import json, sys, statistics as st
-from collections import defaultdict
-ms = defaultdict(list)
-for l in open(sys.argv[1]):
-    r = json.loads(l); ms[(r["format"], r["context"])].append(r["ms"])
-for (f, t), v in sorted(ms.items()):
-    print(f"{f[:40]:40s} T={t}: {1000 * st.median(v):7.2f} us ({len(v)} runs)")
-PY
+python3 scripts/attn_medians.py "$R/attn.jsonl" context | tee "$R/attn.txt"
 save
 wait_gguf 240 | tail -n 1
 kv=(); for p in $PLANS; do kv+=(--kv "$p"); done
