@@ -1,15 +1,23 @@
 # Re-runs `kvq tune`'s greedy allocation (crates/kvq-model/src/tune.rs, `allocate`) on the probes of
 # tuned-nf.report.json with the summed-KL target that gives the most slots for at most BITS bits/elem,
 # and writes that plan as a plan file (the format `kvq tune` writes). No model run: probes only.
-# Usage: reallocate.py BITS OUT [REPORT] (REPORT: another tune report, default tuned-nf.report.json).
+# Usage: reallocate.py BITS OUT [REPORT [CTX]] (REPORT: another tune report, default tuned-nf.report.json;
+# CTX: count each candidate's `sink=N` f16 tokens in its bits, N x 16 / CTX, as eval's bits/elem does at
+# windows of CTX; the probes' bits leave them out).
 import json, sys
 from collections import Counter
 bits_max = float(sys.argv[1])
 out = sys.argv[2]
 rep = json.load(open(sys.argv[3] if len(sys.argv) > 3 else 'docs/results/2026-12-06-lowbits/tuned-nf.report.json'))
+sink_ctx = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+def sink_bits(fmt):
+    for opt in fmt.split(':', 1)[-1].split(','):
+        if opt.startswith('sink=') and sink_ctx:
+            return int(opt[5:]) * 16 / sink_ctx
+    return 0.0
 slots = {}
 for p in rep['probes']:
-    slots.setdefault((p['layer'], p['stream']), [(16.0, 0.0, 'fp16')]).append((p['bits'], p['kl'], p['format']))
+    slots.setdefault((p['layer'], p['stream']), [(16.0, 0.0, 'fp16')]).append((p['bits'] + sink_bits(p['format']), p['kl'], p['format']))
 keys = sorted(slots, key=lambda k: (k[0], 0 if k[1] == 'k' else 1))
 S = [sorted(slots[k], key=lambda o: o[0]) for k in keys]
 def allocate(target):
