@@ -265,13 +265,12 @@ pub(crate) struct StepGraphs {
     pub(crate) spans: Option<StepSpans>,
 }
 
-/// CUDA events around each step's launch, summed: the GPU's time for the steps without the host's
-/// recording and matching before each launch, which a synchronous decode loop leaves the GPU idle for.
+/// CUDA events around each step's launch: the GPU's time for each step without the host's recording
+/// and matching before each launch, which a synchronous decode loop leaves the GPU idle for.
 #[derive(Default)]
 pub(crate) struct StepSpans {
     pending: std::collections::VecDeque<(CudaEvent, CudaEvent)>,
-    total_ms: f64,
-    /// Each step's time, in order (a block-sealing step stands out among the others).
+    /// Each harvested step's time, in order (a block-sealing step stands out among the others).
     steps_ms: Vec<f64>,
 }
 
@@ -294,14 +293,8 @@ impl StepSpans {
         Ok(())
     }
 
-    /// Milliseconds of GPU time since the last call (waits for the last step to finish).
-    pub(crate) fn take_ms(&mut self) -> Result<f64> {
-        self.harvest(0)?;
-        Ok(std::mem::take(&mut self.total_ms))
-    }
-
-    /// Each step's milliseconds since the last call, in order (waits for the last step to finish).
-    pub(crate) fn take_steps_ms(&mut self) -> Result<Vec<f64>> {
+    /// Each step's GPU milliseconds since the last call, in order (waits for the last step to finish).
+    pub(crate) fn take_ms(&mut self) -> Result<Vec<f64>> {
         self.harvest(0)?;
         Ok(std::mem::take(&mut self.steps_ms))
     }
@@ -313,7 +306,6 @@ impl StepSpans {
                 break;
             };
             let ms = a.elapsed_ms(&b).map_err(drv("reading step events"))?;
-            self.total_ms += f64::from(ms);
             self.steps_ms.push(f64::from(ms));
         }
         Ok(())

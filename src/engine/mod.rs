@@ -760,22 +760,11 @@ impl Engine {
         self.graphs.spans = on.then(crate::graph::StepSpans::default);
     }
 
-    /// GPU milliseconds of the decode steps since the last call (waiting for the last one), or None
-    /// when [`Engine::set_step_timing`] is off.
-    pub fn take_step_gpu_ms(&mut self) -> Result<Option<f64>> {
+    /// Each decode step's GPU milliseconds since the last call, in order (waiting for the last one), or
+    /// None when [`Engine::set_step_timing`] is off: their sum against wall time shows host waits, their
+    /// spread whether a cost comes every step or with block seals.
+    pub fn take_step_gpu_ms(&mut self) -> Result<Option<Vec<f64>>> {
         self.graphs.spans.as_mut().map(|s| s.take_ms()).transpose()
-    }
-
-    /// Each decode step's GPU milliseconds since the last call, in order (empty when
-    /// [`Engine::set_step_timing`] is off): shows whether a cost comes every step or with block seals.
-    pub fn take_step_gpu_ms_each(&mut self) -> Result<Vec<f64>> {
-        Ok(self
-            .graphs
-            .spans
-            .as_mut()
-            .map(|s| s.take_steps_ms())
-            .transpose()?
-            .unwrap_or_default())
     }
 
     /// Host time spent issuing forwards since the last call (asynchronous work not waited for):

@@ -339,10 +339,11 @@ fn measure(
     greedy_steps(engine, &mut batch, o.steps, o.chained)?;
     let ms = t0.elapsed().as_secs_f64() * 1e3 / o.steps.max(1) as f64;
     let host_ms = engine.take_enqueue_time().as_secs_f64() * 1e3 / o.steps.max(1) as f64;
-    let gpu_ms = engine
-        .take_step_gpu_ms()?
-        .map(|t| t / o.steps.max(1) as f64);
-    let gpu_ms_each = engine.take_step_gpu_ms_each()?;
+    let gpu_ms_each = engine.take_step_gpu_ms()?;
+    let gpu_ms = gpu_ms_each
+        .as_ref()
+        .map(|e| e.iter().sum::<f64>() / o.steps.max(1) as f64);
+    let gpu_ms_each = gpu_ms_each.unwrap_or_default();
     engine.set_step_timing(false);
     let (after, failure) = engine.graph_stats();
     // How the timed steps ran: replayed from a CUDA graph, captured, or issued kernel by kernel.
