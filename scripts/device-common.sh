@@ -39,7 +39,7 @@ random_gguf() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site "$d"/gguf-*.whl || return 1
   local t0; t0=$(date +%s)
   # RANDOM_GGUF_REUSE=1: each weight shape drawn once and reused by every layer (scripts/random_gguf_reuse.py:
-  # seconds instead of minutes, same layout and bytes per tensor; for diagnosis calls)
+  # about 1/32 of the draws, same layout and shapes; for diagnosis calls)
   local reuse=(); [ "${RANDOM_GGUF_REUSE:-0}" = 1 ] && reuse=("$KVQ_REPO/scripts/random_gguf_reuse.py")
   PYTHONPATH=/tmp/site timeout 300 python3 "${reuse[@]}" "$d/random-llama-gguf.py" "$src" "$out" "$shape" f16 | tail -n 1
   echo "$shape GGUF rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"

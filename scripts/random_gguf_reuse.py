@@ -1,7 +1,8 @@
 """Runs random-llama-gguf.py (../shared/peers, carried in .carry-peers) with each weight shape's random
 draws made once and reused for every layer: the same file layout, shapes and per-tensor distribution,
-written in seconds instead of minutes (the draws, not the disk, took the 150-195 s of an 8B file). A
-decode step's speed does not depend on the weights' values, and both runtimes read the same bytes.
+with about 1/32 of the random draws (on one core they are most of the 150-195 s an 8B file took; the
+8B write with this wrapper is not yet timed). A decode step's speed does not depend on the weights'
+values, and both runtimes read the same bytes.
 usage: random_gguf_reuse.py random-llama-gguf.py SRC.gguf OUT.gguf SHAPE [f16|q4_0]"""
 import runpy
 import sys
