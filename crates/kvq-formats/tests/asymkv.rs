@@ -1011,3 +1011,133 @@ fn nf_blocks_keep_readers_equal() {
         }
     }
 }
+
+#[test]
+fn meta8_parses_prints_back_and_is_for_values_only() {
+    assert_canonical(
+        "kivi:meta=8,bits=3,group=64,window=0,rot=on,clip=mse,levels=nf",
+        "kivi:bits=3,group=64,window=0,rot=on,clip=mse,levels=nf,meta=8",
+    );
+    assert_eq!(
+        parse_format("kivi:bits=2,meta=16").unwrap().canonical(),
+        parse_format("kivi:bits=2").unwrap().canonical()
+    );
+    let e = parse_format("kivi:bits=2,meta=4").err().unwrap();
+    assert!(e.to_string().contains("meta"), "{e}");
+    // Per-channel keys (and per-token keys, which take the value layout, are allowed): a clear error.
+    let f = parse_format("kivi:bits=3,meta=8").unwrap();
+    let e = f.build(&ctx(Stream::Key, 0, 1, D)).err().unwrap();
+    assert!(e.to_string().contains("meta=8 for keys"), "{e}");
+    let keys_per_token = parse_format("kivi:bits=3,group=64,rot=on,keys=token,meta=8").unwrap();
+    assert!(keys_per_token.build(&ctx(Stream::Key, 0, 1, D)).is_ok());
+    let c = codec("kivi:bits=3,group=64,window=0,meta=8", Stream::Value, D);
+    assert!(c.kernel().is_none(), "{:?}", c.kernel());
+    assert!(c.describe().contains("meta=8"), "{}", c.describe());
+}
+
+#[test]
+fn meta8_halves_the_metadata_bytes() {
+    // f16 block scale + 2 pad bytes + d scale codes + d zero codes, then the same code rows.
+    for (bits, g, d) in [
+        (3usize, 64usize, 64usize),
+        (2, 32, 64),
+        (4, 64, 128),
+        (2, 128, 128),
+    ] {
+        let f16 = codec(
+            &format!("kivi:bits={bits},group={g},window=0"),
+            Stream::Value,
+            d,
+        );
+        let m8 = codec(
+            &format!("kivi:bits={bits},group={g},window=0,meta=8"),
+            Stream::Value,
+            d,
+        );
+        assert_eq!(f16.block_bytes() - m8.block_bytes(), 4 * d - (4 + 2 * d));
+        assert_eq!(m8.block_bytes(), 4 + 2 * d + g * d * bits / 8);
+    }
+    // d = 64, groups of 64, 3 bits: 3 + 0.258 bits/elem (f16 metadata: 3.5).
+    let c = codec("kivi:bits=3,group=64,window=0,meta=8", Stream::Value, D);
+    let bpe = c.block_bytes() as f64 * 8.0 / (64.0 * D as f64);
+    assert!((bpe - 3.2578).abs() < 1e-3, "{bpe}");
+}
+
+#[test]
+fn meta8_error_stays_near_f16_metadata() {
+    // The 8-bit grid costs little: scale steps of 2^(1/16) and zeros in sixteenths of a step, each
+    // group's grid point chosen for least squared error (so it may even beat the f16 pair).
+    let x = gaussian_with_outliers(8 * 64, D, 2, 23);
+    for bits in [2, 3, 4] {
+        for opts in ["", ",clip=mse", ",rot=on,clip=mse,levels=nf"] {
+            let f = format!("kivi:bits={bits},group=64,window=0{opts}");
+            if bits == 2 && opts.is_empty() {
+                continue;
+            }
+            let e16 = sq_err(codec(&f, Stream::Value, D).as_ref(), &x, D);
+            let e8 = sq_err(
+                codec(&format!("{f},meta=8"), Stream::Value, D).as_ref(),
+                &x,
+                D,
+            );
+            eprintln!("{f}: squared error meta=8 / f16 {:.4}", e8 / e16);
+            assert!(e8 < 1.03 * e16, "{f}: {e8} vs {e16}");
+        }
+    }
+}
+
+#[test]
+fn meta8_constants_and_hostile_blocks() {
+    let c = codec("kivi:bits=3,group=32,window=0,meta=8", Stream::Value, D);
+    // Zeros round-trip exactly; a constant group other than 0 comes back to the grid's precision.
+    let zeros = vec![0f32; 32 * D];
+    assert!(roundtrip(c.as_ref(), &zeros, D).iter().all(|&v| v == 0.0));
+    for v0 in [1.5f32, -0.003, 3e4] {
+        let x: Vec<f32> = (0..32 * D)
+            .map(|i| if i % D < 32 { v0 } else { -v0 })
+            .collect();
+        let y = roundtrip(c.as_ref(), &x, D);
+        for (a, b) in y.iter().zip(&x) {
+            assert!((a - b).abs() <= 0.03 * b.abs(), "{v0}: {a} vs {b}");
+        }
+    }
+    // Ranges at the edge of f16 stay finite at every width.
+    for bits in [1, 2, 3, 4, 8] {
+        let c = codec(
+            &format!("kivi:bits={bits},group=32,window=0,meta=8"),
+            Stream::Value,
+            D,
+        );
+        let x: Vec<f32> = (0..32 * D)
+            .map(|i| [6.5e4f32, -6.5e4, 3e4, 1e-7][i % 4] * if i % 7 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let y = roundtrip(c.as_ref(), &x, D);
+        assert!(y.iter().all(|v| v.is_finite()), "bits {bits}");
+    }
+    // A block scale that is not a finite non-negative f16 is refused by validate and the readers.
+    let x = gaussian_with_outliers(32, D, 0, 5);
+    let mut block = vec![0u8; c.block_bytes()];
+    c.encode(&x, &mut block);
+    assert!(c.validate(&block).is_ok());
+    for top in [0x7E00u16, 0x7C00, 0xBC00] {
+        block[..2].copy_from_slice(&top.to_le_bytes());
+        let e = c.validate(&block).err().unwrap();
+        assert!(e.to_string().contains("scale"), "{e}");
+        let mut out = vec![0f32; 32 * D];
+        assert!(c.decode(&block, &mut out).is_err());
+    }
+}
+
+#[test]
+fn meta8_blocks_keep_readers_equal() {
+    for fmt in [
+        "k=kivi:bits=4,window=0;v=kivi:bits=3,group=64,window=0,meta=8",
+        "k=fp16;v=kivi:bits=2,group=64,window=0,rot=on,clip=mse,levels=nf,meta=8",
+        "k=kivi:bits=2,window=16;v=kivi:bits=4,group=32,window=16,sink=3,meta=8",
+    ] {
+        for t in [1, 63, 64, 65, 300] {
+            let c = attention_check(fmt, t, D, 2, 8, 7, 290 + t as u64).unwrap();
+            assert!(c.fused_vs_mirror < 1e-4, "{fmt} T={t}: {c:?}");
+        }
+    }
+}

@@ -56,6 +56,18 @@
 //! [`Codec::kernel`]. Measured in docs/QUALITY.md ("MSE-clipped ranges"): a lower squared error is not
 //! always a lower perplexity; clipping helps behind `rot=on` and hurts unrotated values.
 //!
+//! **8-bit metadata (`meta=8`, values only).** Each group's `(s, z)` costs 8 + 8 bits instead of 16 +
+//! 16: the block stores one f16 `S` (every group's scale is at most `S`), then per group a scale code
+//! `c` with `s = S 2^(-c/16)` (`c = 255`: `s = 0`) and a zero code `k` (i8) with
+//! `z = s (k/16 - L/2)`, i.e. the zero in sixteenths of the group's own step around the centred range.
+//! The encoder picks, per group, the grid point next to the range it would have stored (`clip=` as
+//! usual) with the least squared error. Layout `[S f16][2 zero bytes][c u8; d][k i8; d][codes]`, so
+//! `4 + 2d` metadata bytes: `b + (32 + 16 d) / (G d)` bits/elem (d = 64, G = 64: `b + 0.258`, against
+//! `b + 0.5`). `z` is tied to `s`: a group whose range lies far from 0 against its spread (one
+//! constant other than 0, say) is coded with the least scale whose reachable zeros cover it, coarser
+//! than its own range would need (rotated groups, which straddle 0, do not meet this). Keys per
+//! channel keep f16 metadata (`meta=8` is refused for them); CPU only (no kernel reads the layout).
+//!
 //! **Levels (`levels=nf`).** At 2, 3 and 4 bits a code may stand for one of the `2^b` Lloyd-Max levels
 //! of a normal distribution laid across the group's range (outermost levels at its ends;
 //! [`nf_levels`]) instead of `2^b` even steps; the encoder takes the nearest level. Same bytes and
@@ -175,6 +187,9 @@ pub struct AsymKv {
     /// `levels=nf`: 2-, 3- and 4-bit codes stand for Lloyd-Max levels of a normal distribution across
     /// the group's range instead of even steps (suits rotated groups, which are near-Gaussian); CPU only.
     pub nf: bool,
+    /// `meta=8`: value groups' scale and zero as 8-bit codes under one f16 block scale (half the
+    /// metadata bits, paid to other streams at the same bits/elem); values only, CPU only.
+    pub meta8: bool,
 }
 
 /// Parses `asymkv:lk=16,lv=0,hi=2,lo=1,group=32,window=128` (every key optional, these defaults).
@@ -200,8 +215,8 @@ fn parse_shared(
     uniform: bool,
     own: &[&str],
 ) -> Result<FormatRef> {
-    const SHARED: [&str; 8] = [
-        "group", "window", "rot", "keys", "prerope", "sink", "clip", "levels",
+    const SHARED: [&str; 9] = [
+        "group", "window", "rot", "keys", "prerope", "sink", "clip", "levels", "meta",
     ];
     let p_input = p.input().to_string();
     let f = AsymKv {
@@ -218,6 +233,7 @@ fn parse_shared(
         sink: p.usize("sink", 0, 0, MAX_SINK)?,
         clip: Clip::parse(&mut p)?,
         nf: p.word("levels", "uniform", &["uniform", "nf"])? == "nf",
+        meta8: p.word("meta", "16", &["16", "8"])? == "8",
     };
     let known: Vec<&str> = own.iter().chain(SHARED.iter()).copied().collect();
     p.finish(&known)?;
@@ -278,7 +294,10 @@ impl Format for AsymKv {
             (true, false) => ",rot=on",
             (true, true) => ",rot=on,keys=token",
         };
-        let opts = cache_options(self.clip, self.nf, self.pre_rope, self.sink);
+        let mut opts = cache_options(self.clip, self.nf, self.pre_rope, self.sink);
+        if self.meta8 {
+            opts.push_str(",meta=8");
+        }
         if self.uniform {
             format!(
                 "kivi:bits={},group={},window={}{rot}{opts}",
@@ -326,10 +345,20 @@ impl Format for AsymKv {
         } else {
             ctx.stream
         };
+        if self.meta8 && layout == Stream::Key {
+            return Err(FormatError::Unsupported {
+                format: self.canonical(),
+                what:
+                    "meta=8 for keys: it codes per-token value groups; per-channel keys keep f16 \
+                       scales and zeros (give keys their own format: `k=...;v=kivi:...,meta=8`)"
+                        .into(),
+            });
+        }
         let codec = KiviCodec::new(layout, ctx.head_dim, bits, self.group, self.window)?
             .with_cache_options(self.pre_rope && ctx.stream == Stream::Key, self.sink)
             .with_clip(self.clip)
-            .with_levels(self.nf);
+            .with_levels(self.nf)
+            .with_meta8(self.meta8);
         Ok(if self.rot {
             Box::new(super::rotate::Rotated::new(Box::new(codec), ctx.head_dim))
         } else {
@@ -351,7 +380,13 @@ pub struct KiviCodec {
     sink: usize,
     clip: Clip,
     nf: bool,
+    meta8: bool,
 }
+
+/// `meta=8`: a scale code's step, as a power of two (`s = S 2^(-c / SCALE_STEPS)`).
+const SCALE_STEPS: f64 = 16.0;
+/// `meta=8`: the scale code that stands for `s = 0`.
+const SCALE_ZERO: u8 = 255;
 
 impl KiviCodec {
     /// A codec for `head_dim` channels at `bits` bits with groups of `group`; checks the arguments
@@ -388,6 +423,7 @@ impl KiviCodec {
             sink: 0,
             clip: Clip::Off,
             nf: false,
+            meta8: false,
         })
     }
 
@@ -414,6 +450,13 @@ impl KiviCodec {
         self
     }
 
+    /// `meta8`: value groups' (scale, zero) as 8-bit codes under one f16 block scale (module docs);
+    /// ignored for per-channel keys, which [`AsymKv`] refuses it for.
+    pub fn with_meta8(mut self, meta8: bool) -> Self {
+        self.meta8 = meta8 && self.stream == Stream::Value;
+        self
+    }
+
     /// Bit width of the codes.
     pub fn bits(&self) -> usize {
         self.bits
@@ -424,9 +467,14 @@ impl KiviCodec {
         (self.d * self.bits).div_ceil(32) * 4
     }
 
-    /// Byte offset of the codes (after `d` f16 scales and `d` f16 zeros).
+    /// Byte offset of the codes (after `d` f16 scales and `d` f16 zeros; with `meta8` the f16
+    /// block scale, 2 zero bytes and `d` scale and `d` zero codes).
     pub fn codes_offset(&self) -> usize {
-        4 * self.d
+        if self.meta8 {
+            4 + 2 * self.d
+        } else {
+            4 * self.d
+        }
     }
 
     /// Number of channels sharing one value `(s, z)` pair (keys: 1 channel per pair).
@@ -440,6 +488,12 @@ impl KiviCodec {
 
     /// The `d` stored (scale, zero) pairs of a block of the right length, as f32.
     fn pairs(&self, block: &[u8]) -> (Vec<f32>, Vec<f32>) {
+        if self.meta8 {
+            let top = bits::f16_at(block, 0);
+            return (0..self.d)
+                .map(|i| self.meta8_pair(top, block[4 + i], block[4 + self.d + i] as i8))
+                .unzip();
+        }
         let s = (0..self.d).map(|i| bits::f16_at(block, 2 * i)).collect();
         let z = (0..self.d)
             .map(|i| bits::f16_at(block, 2 * (self.d + i)))
@@ -593,6 +647,71 @@ impl KiviCodec {
         best.1
     }
 
+    /// `meta8`: the (scale, zero) that block scale `top`, scale code `c` and zero code `k` stand for.
+    fn meta8_pair(&self, top: f32, c: u8, k: i8) -> (f32, f32) {
+        if c == SCALE_ZERO {
+            return (0.0, 0.0);
+        }
+        let s = top * (2f64).powf(-(c as f64) / SCALE_STEPS) as f32;
+        (s, s * (k as f32 / 16.0 - self.levels() as f32 / 2.0))
+    }
+
+    /// `meta8`: `(s, z)` itself when the grid can hold its zero (`z / s` within the zero codes' reach
+    /// of the centred range, `[-8 - L/2, 127/16 - L/2]`), else the least scale whose reachable ranges
+    /// still cover the group's values, with a zero that does (a group of one constant other than 0,
+    /// or far from 0 against its spread: coarser steps instead of a lost offset).
+    fn meta8_reach(&self, xs: &[f32], (s, z): (f32, f32)) -> (f32, f32) {
+        let l = self.levels() as f64;
+        let (a, b) = (-8.0 - l / 2.0, 127.0 / 16.0 - l / 2.0);
+        if s > 0.0 && (a..=b).contains(&(z as f64 / s as f64)) || (s == 0.0 && z == 0.0) {
+            return (s, z);
+        }
+        let (lo, hi) = xs
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                (lo.min(x as f64), hi.max(x as f64))
+            });
+        if lo > hi {
+            return (s, z);
+        }
+        // z >= s a, z <= s b, z <= lo, z + L s >= hi: s >= max((hi - lo) / L, lo / a, hi / (L + b)).
+        // A 1/64 margin keeps the zeros' interval open for the grid's rounding; its centre is taken.
+        let sm = (((hi - lo) / l).max(lo / a).max(hi / (l + b)) * (1.0 + 1.0 / 64.0))
+            .min(F16_MAX as f64);
+        let (zl, zh) = ((hi - l * sm).max(sm * a), lo.min(sm * b));
+        (sm as f32, (0.5 * (zl + zh.max(zl))) as f32)
+    }
+
+    /// `meta8`: the (scale code, zero code) of each group under block scale `top`: of the four grid
+    /// points around the group's (scale, zero) from [`Self::params`], the one of least squared error.
+    fn meta8_codes(&self, groups: &[&[f32]], pairs: &[(f32, f32)], top: f32) -> Vec<(u8, i8)> {
+        let half = self.levels() as f64 / 2.0;
+        groups
+            .iter()
+            .zip(pairs)
+            .map(|(xs, &(s, z))| {
+                if !(top > 0.0 && s > 0.0) {
+                    return (SCALE_ZERO, 0);
+                }
+                let cf = (-SCALE_STEPS * (s as f64 / top as f64).log2()).clamp(0.0, 254.0);
+                let mut best: Option<(f64, (u8, i8))> = None;
+                for c in [cf.floor(), cf.ceil()] {
+                    let c = c as u8;
+                    let (sc, _) = self.meta8_pair(top, c, 0);
+                    let kf = (16.0 * (z as f64 / sc as f64 + half)).clamp(-128.0, 127.0);
+                    for k in [kf.floor(), kf.ceil()] {
+                        let k = k as i8;
+                        let bound = best.map_or(f64::INFINITY, |b| b.0);
+                        if let Some(e) = self.sq_err_below(xs, self.meta8_pair(top, c, k), bound) {
+                            best = Some((e, (c, k)));
+                        }
+                    }
+                }
+                best.map_or((SCALE_ZERO, 0), |b| b.1)
+            })
+            .collect()
+    }
+
     fn code(&self, x: f32, s: f32, z: f32) -> u32 {
         if s <= 0.0 {
             return 0;
@@ -677,7 +796,10 @@ impl Codec for KiviCodec {
             Stream::Key => "k",
             Stream::Value => "v",
         };
-        let opts = cache_options(self.clip, self.nf, self.pre_rope, self.sink);
+        let mut opts = cache_options(self.clip, self.nf, self.pre_rope, self.sink);
+        if self.meta8 {
+            opts.push_str(",meta=8");
+        }
         format!(
             "kivi-{s}:bits={},group={},window={}{opts}",
             self.bits, self.group, self.window
@@ -707,7 +829,7 @@ impl Codec for KiviCodec {
     fn kernel(&self) -> Option<KernelSpec> {
         // Pre-RoPE keys and sinks: no kernel reads them; clipped ranges: the CUDA encoder would
         // write other (min-max) bytes than this codec, so the cache must stay on the CPU encoder.
-        if self.pre_rope || self.sink > 0 || self.clip != Clip::Off || self.nf {
+        if self.pre_rope || self.sink > 0 || self.clip != Clip::Off || self.nf || self.meta8 {
             return None;
         }
         // kernels/formats/kivi.cu reads 32-token blocks with unpadded rows (d*bits a multiple of 32);
@@ -762,10 +884,37 @@ impl Codec for KiviCodec {
                 })
                 .collect(),
         };
-        for (i, &(s, z)) in pairs.iter().enumerate() {
-            bits::put_f16(out, 2 * i, s);
-            bits::put_f16(out, 2 * (d + i), z);
-        }
+        let pairs = if self.meta8 {
+            let groups: Vec<&[f32]> = x.chunks_exact(g).collect();
+            let pairs: Vec<(f32, f32)> = groups
+                .iter()
+                .zip(&pairs)
+                .map(|(xs, &p)| self.meta8_reach(xs, p))
+                .collect();
+            // The block scale: the largest group scale, rounded up to an f16 so no code needs c < 0.
+            let top = pairs.iter().fold(0f32, |m, p| m.max(p.0)).min(F16_MAX);
+            let mut top16 = f16::from_f32(top);
+            if top16.to_f32() < top {
+                top16 = f16::from_bits(top16.to_bits() + 1);
+            }
+            let top = top16.to_f32();
+            let codes = self.meta8_codes(&groups, &pairs, top);
+            bits::put_f16(out, 0, top);
+            for (i, &(c, k)) in codes.iter().enumerate() {
+                out[4 + i] = c;
+                out[4 + d + i] = k as u8;
+            }
+            codes
+                .iter()
+                .map(|&(c, k)| self.meta8_pair(top, c, k))
+                .collect()
+        } else {
+            for (i, &(s, z)) in pairs.iter().enumerate() {
+                bits::put_f16(out, 2 * i, s);
+                bits::put_f16(out, 2 * (d + i), z);
+            }
+            pairs
+        };
         let rb = self.row_bytes();
         let mut codes = vec![0u32; d];
         for t in 0..g {
