@@ -16,6 +16,9 @@ pub struct KltOpts {
     pub key_pre_rope: bool,
     /// Weigh errors by what reads them (queries for keys, W_o for values) instead of plainly.
     pub weighted: bool,
+    /// Pre-RoPE keys: draw each query's query-key distance from its own attention over the window's
+    /// earlier tokens (the distances whose score errors the softmax passes on) instead of uniformly.
+    pub score_distances: bool,
     /// Positions at the start of each window left out of the samples (attention sinks, kept in f16).
     pub skip: usize,
     /// Keys / values coded with a per-token gain.
@@ -50,7 +53,24 @@ pub fn fit(
     let mut mk = vec![vec![0f64; h * d * d]; nl];
     let mut nq = 0usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
+    // score_distances: the window's keys so far after RoPE, per layer and KV head.
+    let by_scores = o.score_distances && o.key_pre_rope && o.weighted;
+    let mut seen = vec![vec![Vec::<f32>::new(); h]; nl];
+    let mut p = Vec::<f32>::new();
+    let inv_sqrt_d = 1.0 / (d as f32).sqrt();
     model.capture(ids, ctx, &mut |l, pos0, q, k, v| {
+        if by_scores {
+            for (kv, s) in seen[l].iter_mut().enumerate() {
+                if pos0 == 0 {
+                    s.clear();
+                }
+                for t in 0..k.len() / (h * d) {
+                    let mut kk = k[(t * h + kv) * d..(t * h + kv + 1) * d].to_vec();
+                    rope.rotate(&mut kk, pos0 + t, 1.0);
+                    s.extend_from_slice(&kk);
+                }
+            }
+        }
         for t in 0..k.len() / (h * d) {
             let pos = pos0 + t;
             if pos < o.skip {
@@ -75,7 +95,30 @@ pub fn fit(
             for qh in 0..hq {
                 let at = (t * hq + qh) * d;
                 let mut a = q[at..at + d].to_vec();
-                let by = if o.key_pre_rope {
+                let by = if by_scores {
+                    // Softmax of this query over positions 0..=pos, then a distance to one of the
+                    // positions past the sinks, drawn with those weights.
+                    let mut qr = a.clone();
+                    rope.rotate(&mut qr, pos, 1.0);
+                    let keys_seen = &seen[l][qh / g][..(pos + 1) * d];
+                    p.clear();
+                    p.extend(keys_seen.chunks_exact(d).map(|kr| {
+                        inv_sqrt_d * kr.iter().zip(&qr).map(|(x, y)| x * y).sum::<f32>()
+                    }));
+                    let m = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    p.iter_mut().for_each(|x| *x = (*x - m).exp());
+                    let mass: f32 = p[o.skip..].iter().sum();
+                    let mut u = rng.random_range(0.0..1.0f32) * mass;
+                    let mut j = pos;
+                    for (i, &w) in p.iter().enumerate().skip(o.skip) {
+                        if u < w {
+                            j = i;
+                            break;
+                        }
+                        u -= w;
+                    }
+                    pos - j
+                } else if o.key_pre_rope {
                     rng.random_range(0..ctx)
                 } else {
                     pos
@@ -143,7 +186,12 @@ pub fn fit(
         heads: h,
         bmax: o.bmax,
         key_pre_rope: o.key_pre_rope,
-        weight: if o.weighted { "attention" } else { "none" }.into(),
+        weight: match (o.weighted, by_scores) {
+            (false, _) => "none",
+            (true, false) => "attention",
+            (true, true) => "scores",
+        }
+        .into(),
         scaled: o.scaled,
         layers,
     })

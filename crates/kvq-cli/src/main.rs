@@ -138,7 +138,9 @@ enum Cmd {
         /// klt: keys fitted and stored before RoPE (pre) or after (post).
         #[arg(long, default_value = "pre")]
         key_rope: String,
-        /// klt: weigh errors by what reads them (attention: queries for keys, W_o for values) or not (none).
+        /// klt: weigh errors by what reads them (attention: queries for keys, rotated by query-key
+        /// distances drawn uniformly, and W_o for values; scores: the same with each query's distance
+        /// drawn from its own attention over the window's earlier tokens) or not (none).
         #[arg(long, default_value = "attention")]
         weight: String,
         /// klt: positions at the start of each window left out of the fit (attention sinks; read them
@@ -1070,10 +1072,11 @@ fn run(cli: Cli) -> Result<()> {
                         r => bail!("--key-rope {r}: expected pre or post"),
                     },
                     weighted: match weight.as_str() {
-                        "attention" => true,
+                        "attention" | "scores" => true,
                         "none" => false,
-                        w => bail!("--weight {w}: expected attention or none"),
+                        w => bail!("--weight {w}: expected attention, scores or none"),
                     },
+                    score_distances: weight == "scores",
                     skip,
                     scaled: match gain.as_str() {
                         "none" => [false, false],

@@ -322,3 +322,82 @@ fn bench_decode_replot_merges_peer_results() {
     assert!(e.contains("bad.jsonl"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The JSON header of a safetensors file (8-byte little-endian length, then the header).
+fn safetensors_header(path: &std::path::Path) -> serde_json::Value {
+    let b = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    serde_json::from_slice(&b[8..8 + n]).unwrap()
+}
+
+/// `calibrate --method klt --weight scores` (key distances drawn from each query's own attention)
+/// writes a file that says so and whose key transforms differ from the uniform draw's, values equal;
+/// `eval ppl` reads it.
+#[test]
+fn klt_calibration_with_score_distances_runs_end_to_end() {
+    let dir = temp_dir("cli-klt").unwrap();
+    write_random_llama(&dir, &TinySpec::default()).unwrap();
+    let m = dir.to_str().unwrap();
+    let text = dir.join("text.txt");
+    let words: Vec<String> = (0..600)
+        .map(|i| format!("t{}", (i * 11 + 5) % 96))
+        .collect();
+    std::fs::write(&text, words.join(" ")).unwrap();
+    let t = text.to_str().unwrap();
+    let mut files = Vec::new();
+    for weight in ["attention", "scores"] {
+        let out = dir.join(format!("klt-{weight}.safetensors"));
+        let o = kvq(&[
+            "calibrate",
+            "--method",
+            "klt",
+            "--weight",
+            weight,
+            "--model",
+            m,
+            "--text",
+            t,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(safetensors_header(&out)["__metadata__"]["weight"], weight);
+        files.push(std::fs::read(&out).unwrap());
+    }
+    let hdr = safetensors_header(&dir.join("klt-scores.safetensors"));
+    let span = |name: &str| -> std::ops::Range<usize> {
+        let o = &hdr[name]["data_offsets"];
+        let base = 8 + u64::from_le_bytes(files[1][..8].try_into().unwrap()) as usize;
+        base + o[0].as_u64().unwrap() as usize..base + o[1].as_u64().unwrap() as usize
+    };
+    // Same header layout in both files (same shapes), so the same byte ranges compare.
+    assert_ne!(
+        files[0][span("layer.0.k.fwd")],
+        files[1][span("layer.0.k.fwd")]
+    );
+    assert_eq!(
+        files[0][span("layer.0.v.fwd")],
+        files[1][span("layer.0.v.fwd")]
+    );
+    let e = fails(&[
+        "calibrate",
+        "--method",
+        "klt",
+        "--weight",
+        "softmax",
+        "--model",
+        m,
+        "--text",
+        t,
+        "--out",
+        "x.st",
+    ]);
+    assert!(e.contains("--weight softmax"), "{e}");
+    let f = dir.join("klt-scores.safetensors");
+    let kv = format!("k=klt:bits=2,sink=4,file={};v=fp16", f.to_str().unwrap());
+    let o = kvq(&[
+        "eval", "ppl", "--model", m, "--text", t, "--ctx", "64", "--chunk", "16", "--kv", &kv,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
