@@ -19,6 +19,8 @@ pub struct KltOpts {
     /// Pre-RoPE keys: draw each query's query-key distance from its own attention over the window's
     /// earlier tokens (the distances whose score errors the softmax passes on) instead of uniformly.
     pub score_distances: bool,
+    /// Distances drawn per query and head with `score_distances` (their outer products averaged).
+    pub draws: usize,
     /// Positions at the start of each window left out of the samples (attention sinks, kept in f16).
     pub skip: usize,
     /// Keys / values coded with a per-token gain.
@@ -57,6 +59,7 @@ pub fn fit(
     let by_scores = o.score_distances && o.key_pre_rope && o.weighted;
     let mut seen = vec![vec![Vec::<f32>::new(); h]; nl];
     let mut p = Vec::<f32>::new();
+    let mut bys = Vec::<usize>::new();
     let inv_sqrt_d = 1.0 / (d as f32).sqrt();
     model.capture(ids, ctx, &mut |l, pos0, q, k, v| {
         if by_scores {
@@ -94,11 +97,12 @@ pub fn fit(
             }
             for qh in 0..hq {
                 let at = (t * hq + qh) * d;
-                let mut a = q[at..at + d].to_vec();
-                let by = if by_scores {
-                    // Softmax of this query over positions 0..=pos, then a distance to one of the
-                    // positions past the sinks, drawn with those weights.
-                    let mut qr = a.clone();
+                let q0 = &q[at..at + d];
+                bys.clear();
+                if by_scores {
+                    // Softmax of this query over positions 0..=pos, then distances to positions
+                    // past the sinks, drawn with those weights.
+                    let mut qr = q0.to_vec();
                     rope.rotate(&mut qr, pos, 1.0);
                     let keys_seen = &seen[l][qh / g][..(pos + 1) * d];
                     p.clear();
@@ -108,27 +112,33 @@ pub fn fit(
                     let m = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                     p.iter_mut().for_each(|x| *x = (*x - m).exp());
                     let mass: f32 = p[o.skip..].iter().sum();
-                    let mut u = rng.random_range(0.0..1.0f32) * mass;
-                    let mut j = pos;
-                    for (i, &w) in p.iter().enumerate().skip(o.skip) {
-                        if u < w {
-                            j = i;
-                            break;
+                    for _ in 0..o.draws {
+                        let mut u = rng.random_range(0.0..1.0f32) * mass;
+                        let mut j = pos;
+                        for (i, &w) in p.iter().enumerate().skip(o.skip) {
+                            if u < w {
+                                j = i;
+                                break;
+                            }
+                            u -= w;
                         }
-                        u -= w;
+                        bys.push(pos - j);
                     }
-                    pos - j
                 } else if o.key_pre_rope {
-                    rng.random_range(0..ctx)
+                    bys.push(rng.random_range(0..ctx));
                 } else {
-                    pos
-                };
-                rope.rotate(&mut a, by, 1.0);
+                    bys.push(pos);
+                }
+                let share = 1.0 / bys.len() as f64;
                 let m = &mut mk[l][(qh / g) * d * d..(qh / g + 1) * d * d];
-                for i in 0..d {
-                    let ai = a[i] as f64;
-                    for j in 0..d {
-                        m[i * d + j] += ai * a[j] as f64;
+                for &by in bys.iter() {
+                    let mut a = q0.to_vec();
+                    rope.rotate(&mut a, by, 1.0);
+                    for i in 0..d {
+                        let ai = a[i] as f64 * share;
+                        for j in 0..d {
+                            m[i * d + j] += ai * a[j] as f64;
+                        }
                     }
                 }
             }

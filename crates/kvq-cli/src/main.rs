@@ -147,6 +147,10 @@ enum Cmd {
         /// from f16 with `sink=`).
         #[arg(long, default_value_t = 4)]
         skip: usize,
+        /// klt, `--weight scores`: query-key distances drawn per query and head (more: less noise in
+        /// the keys' weight, same cost of scores).
+        #[arg(long, default_value_t = 1)]
+        draws: usize,
         /// klt: streams coded with a per-token f16 gain (none, values, keys or both).
         #[arg(long, default_value = "values")]
         gain: String,
@@ -1061,9 +1065,13 @@ fn run(cli: Cli) -> Result<()> {
             key_rope,
             weight,
             skip,
+            draws,
             gain,
         } => {
             if method == "klt" {
+                if weight == "scores" && draws == 0 {
+                    bail!("--draws 0: expected at least 1 distance per query");
+                }
                 let o = klt::KltOpts {
                     bmax,
                     key_pre_rope: match key_rope.as_str() {
@@ -1077,6 +1085,7 @@ fn run(cli: Cli) -> Result<()> {
                         w => bail!("--weight {w}: expected attention, scores or none"),
                     },
                     score_distances: weight == "scores",
+                    draws,
                     skip,
                     scaled: match gain.as_str() {
                         "none" => [false, false],

@@ -273,7 +273,8 @@ pub struct KltBooks {
     pub bmax: usize,
     /// Keys were fitted before RoPE (the codec then stores pre-RoPE keys).
     pub key_pre_rope: bool,
-    /// How the transform was weighted (`attention` or `none`), recorded for the reader.
+    /// How the transform was weighted (`attention`, `scores`: attention with key distances drawn from
+    /// the queries' softmax, or `none`), recorded for the reader.
     pub weight: String,
     /// Keys / values coded with a per-token gain (f16 per token and head, see [`token_gain`]).
     pub scaled: [bool; 2],
