@@ -1072,6 +1072,9 @@ fn run(cli: Cli) -> Result<()> {
                 if weight == "scores" && draws == 0 {
                     bail!("--draws 0: expected at least 1 distance per query");
                 }
+                if weight == "scores" && key_rope != "pre" {
+                    bail!("--weight scores draws query-key distances for pre-RoPE keys: it needs --key-rope pre");
+                }
                 let o = klt::KltOpts {
                     bmax,
                     key_pre_rope: match key_rope.as_str() {

@@ -409,6 +409,22 @@ fn klt_calibration_with_score_distances_runs_end_to_end() {
         "x.st",
     ]);
     assert!(e.contains("--draws 0"), "{e}");
+    let e = fails(&[
+        "calibrate",
+        "--method",
+        "klt",
+        "--weight",
+        "scores",
+        "--key-rope",
+        "post",
+        "--model",
+        m,
+        "--text",
+        t,
+        "--out",
+        "x.st",
+    ]);
+    assert!(e.contains("--key-rope pre"), "{e}");
     let f = dir.join("klt-scores.safetensors");
     let kv = format!("k=klt:bits=2,sink=4,file={};v=fp16", f.to_str().unwrap());
     let o = kvq(&[

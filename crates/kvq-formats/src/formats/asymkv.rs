@@ -241,17 +241,19 @@ fn parse_shared(
     Ok(Arc::new(f))
 }
 
-/// The `,clip=mse` / `,levels=nf` / `,prerope=on` / `,sink=N` suffix of a config string (empty for
+/// The `,clip=mse` / `,levels=nf` / `,prerope=on` / `,sink=N` / `,meta=8` suffix of a config string (empty for
 /// the defaults), shared by the format's canonical string and each codec's description.
-fn cache_options(clip: Clip, nf: bool, pre_rope: bool, sink: usize) -> String {
+fn cache_options(clip: Clip, nf: bool, pre_rope: bool, sink: usize, meta8: bool) -> String {
     let pre = if pre_rope { ",prerope=on" } else { "" };
     let clip = clip.suffix();
     let nf = if nf { ",levels=nf" } else { "" };
-    if sink > 0 {
-        format!("{clip}{nf}{pre},sink={sink}")
+    let sink = if sink > 0 {
+        format!(",sink={sink}")
     } else {
-        format!("{clip}{nf}{pre}")
-    }
+        String::new()
+    };
+    let meta = if meta8 { ",meta=8" } else { "" };
+    format!("{clip}{nf}{pre}{sink}{meta}")
 }
 
 impl AsymKv {
@@ -294,10 +296,7 @@ impl Format for AsymKv {
             (true, false) => ",rot=on",
             (true, true) => ",rot=on,keys=token",
         };
-        let mut opts = cache_options(self.clip, self.nf, self.pre_rope, self.sink);
-        if self.meta8 {
-            opts.push_str(",meta=8");
-        }
+        let opts = cache_options(self.clip, self.nf, self.pre_rope, self.sink, self.meta8);
         if self.uniform {
             format!(
                 "kivi:bits={},group={},window={}{rot}{opts}",
@@ -796,10 +795,7 @@ impl Codec for KiviCodec {
             Stream::Key => "k",
             Stream::Value => "v",
         };
-        let mut opts = cache_options(self.clip, self.nf, self.pre_rope, self.sink);
-        if self.meta8 {
-            opts.push_str(",meta=8");
-        }
+        let opts = cache_options(self.clip, self.nf, self.pre_rope, self.sink, self.meta8);
         format!(
             "kivi-{s}:bits={},group={},window={}{opts}",
             self.bits, self.group, self.window
