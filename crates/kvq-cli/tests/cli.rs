@@ -379,52 +379,21 @@ fn klt_calibration_with_score_distances_runs_end_to_end() {
         files[0][span("layer.0.v.fwd")],
         files[1][span("layer.0.v.fwd")]
     );
-    let e = fails(&[
-        "calibrate",
-        "--method",
-        "klt",
-        "--weight",
-        "softmax",
-        "--model",
-        m,
-        "--text",
-        t,
-        "--out",
-        "x.st",
-    ]);
-    assert!(e.contains("--weight softmax"), "{e}");
-    let e = fails(&[
-        "calibrate",
-        "--method",
-        "klt",
-        "--weight",
-        "scores",
-        "--draws",
-        "0",
-        "--model",
-        m,
-        "--text",
-        t,
-        "--out",
-        "x.st",
-    ]);
-    assert!(e.contains("--draws 0"), "{e}");
-    let e = fails(&[
-        "calibrate",
-        "--method",
-        "klt",
-        "--weight",
-        "scores",
-        "--key-rope",
-        "post",
-        "--model",
-        m,
-        "--text",
-        t,
-        "--out",
-        "x.st",
-    ]);
-    assert!(e.contains("--key-rope pre"), "{e}");
+    // Bad options are refused by name: an unknown weight, no draws, scores for post-RoPE keys.
+    for (opts, says) in [
+        (&["--weight", "softmax"][..], "--weight softmax"),
+        (&["--weight", "scores", "--draws", "0"][..], "--draws 0"),
+        (
+            &["--weight", "scores", "--key-rope", "post"][..],
+            "--key-rope pre",
+        ),
+    ] {
+        let mut args = vec!["calibrate", "--method", "klt", "--model", m, "--text", t];
+        args.extend_from_slice(opts);
+        args.extend_from_slice(&["--out", "x.st"]);
+        let e = fails(&args);
+        assert!(e.contains(says), "{opts:?}: {e}");
+    }
     let f = dir.join("klt-scores.safetensors");
     let kv = format!("k=klt:bits=2,sink=4,file={};v=fp16", f.to_str().unwrap());
     let o = kvq(&[
