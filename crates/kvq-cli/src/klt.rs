@@ -8,18 +8,41 @@ use kvq_model::Model;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
+/// What the transforms' squared error is weighted by (`kvq calibrate --weight`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weight {
+    /// Plain PCA: every channel alike (`none`).
+    None,
+    /// What reads the stream: queries for keys, rotated by query-key distances drawn uniformly from
+    /// the window (pre-RoPE keys), W_o for values (`attention`).
+    Attention,
+    /// `Attention`, each query's distance drawn from its own softmax over the window's earlier
+    /// tokens past the sinks: the distances whose score errors attention passes on (`scores`;
+    /// pre-RoPE keys only).
+    Scores,
+}
+
+impl Weight {
+    /// The name the file's metadata records (and `--weight` takes).
+    pub fn name(self) -> &'static str {
+        match self {
+            Weight::None => "none",
+            Weight::Attention => "attention",
+            Weight::Scores => "scores",
+        }
+    }
+}
+
 /// Settings of one KLT fit.
 pub struct KltOpts {
     /// Widest per-component code with fitted levels.
     pub bmax: usize,
     /// Keys fitted (and later stored) before RoPE.
     pub key_pre_rope: bool,
-    /// Weigh errors by what reads them (queries for keys, W_o for values) instead of plainly.
-    pub weighted: bool,
-    /// Pre-RoPE keys: draw each query's query-key distance from its own attention over the window's
-    /// earlier tokens (the distances whose score errors the softmax passes on) instead of uniformly.
-    pub score_distances: bool,
-    /// Distances drawn per query and head with `score_distances` (their outer products averaged).
+    /// What errors are weighted by ([`Weight::Scores`] needs `key_pre_rope` and `draws >= 1`,
+    /// which the caller checks against its flags).
+    pub weight: Weight,
+    /// Distances drawn per query and head with [`Weight::Scores`] (their outer products averaged).
     pub draws: usize,
     /// Positions at the start of each window left out of the samples (attention sinks, kept in f16).
     pub skip: usize,
@@ -55,8 +78,9 @@ pub fn fit(
     let mut mk = vec![vec![0f64; h * d * d]; nl];
     let mut nq = 0usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
-    // score_distances: the window's keys so far after RoPE, per layer and KV head.
-    let by_scores = o.score_distances && o.key_pre_rope && o.weighted;
+    let weighted = o.weight != Weight::None;
+    // Weight::Scores: the window's keys so far after RoPE, per layer and KV head.
+    let by_scores = o.weight == Weight::Scores;
     let mut seen = vec![vec![Vec::<f32>::new(); h]; nl];
     let mut p = Vec::<f32>::new();
     let mut bys = Vec::<usize>::new();
@@ -89,7 +113,7 @@ pub fn fit(
                 vals[l][kv].extend_from_slice(&v[at..at + d]);
             }
             // Every other token's queries are plenty for a d x d second moment.
-            if !o.weighted || t % 2 == 1 {
+            if !weighted || t % 2 == 1 {
                 continue;
             }
             if l == 0 {
@@ -156,7 +180,7 @@ pub fn fit(
         for key in [true, false] {
             let mut heads: Vec<KltHead> = Vec::with_capacity(h);
             for kv in 0..h {
-                let weight = if !o.weighted {
+                let weight = if !weighted {
                     identity(d)
                 } else if key {
                     mk[l][kv * d * d..(kv + 1) * d * d]
@@ -196,12 +220,7 @@ pub fn fit(
         heads: h,
         bmax: o.bmax,
         key_pre_rope: o.key_pre_rope,
-        weight: match (o.weighted, by_scores) {
-            (false, _) => "none",
-            (true, false) => "attention",
-            (true, true) => "scores",
-        }
-        .into(),
+        weight: o.weight.name().into(),
         scaled: o.scaled,
         layers,
     })

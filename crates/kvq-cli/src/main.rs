@@ -1069,10 +1069,16 @@ fn run(cli: Cli) -> Result<()> {
             gain,
         } => {
             if method == "klt" {
-                if weight == "scores" && draws == 0 {
+                let weight = match weight.as_str() {
+                    "attention" => klt::Weight::Attention,
+                    "scores" => klt::Weight::Scores,
+                    "none" => klt::Weight::None,
+                    w => bail!("--weight {w}: expected attention, scores or none"),
+                };
+                if weight == klt::Weight::Scores && draws == 0 {
                     bail!("--draws 0: expected at least 1 distance per query");
                 }
-                if weight == "scores" && key_rope != "pre" {
+                if weight == klt::Weight::Scores && key_rope != "pre" {
                     bail!("--weight scores draws query-key distances for pre-RoPE keys: it needs --key-rope pre");
                 }
                 let o = klt::KltOpts {
@@ -1082,12 +1088,7 @@ fn run(cli: Cli) -> Result<()> {
                         "post" => false,
                         r => bail!("--key-rope {r}: expected pre or post"),
                     },
-                    weighted: match weight.as_str() {
-                        "attention" | "scores" => true,
-                        "none" => false,
-                        w => bail!("--weight {w}: expected attention, scores or none"),
-                    },
-                    score_distances: weight == "scores",
+                    weight,
                     draws,
                     skip,
                     scaled: match gain.as_str() {
