@@ -387,6 +387,14 @@ const SCALE_STEPS: f64 = 16.0;
 /// `meta=8`: the scale code that stands for `s = 0`.
 const SCALE_ZERO: u8 = 255;
 
+/// `meta=8`: `2^(-c / SCALE_STEPS)` for every scale code `c < SCALE_ZERO`, computed once (every
+/// block read turns d codes into scales).
+fn scale_step(c: u8) -> f32 {
+    static STEPS: std::sync::OnceLock<[f32; SCALE_ZERO as usize]> = std::sync::OnceLock::new();
+    STEPS.get_or_init(|| std::array::from_fn(|c| (2f64).powf(-(c as f64) / SCALE_STEPS) as f32))
+        [c as usize]
+}
+
 impl KiviCodec {
     /// A codec for `head_dim` channels at `bits` bits with groups of `group`; checks the arguments
     /// (values need `group | head_dim`).
@@ -651,7 +659,7 @@ impl KiviCodec {
         if c == SCALE_ZERO {
             return (0.0, 0.0);
         }
-        let s = top * (2f64).powf(-(c as f64) / SCALE_STEPS) as f32;
+        let s = top * scale_step(c);
         (s, s * (k as f32 / 16.0 - self.levels() as f32 / 2.0))
     }
 
