@@ -1,7 +1,7 @@
 //! The `kvq` binary on bad input: one clear error line, a non-zero exit code, no panic; and on a small
 //! random model, `generate` and `eval ppl` run end to end.
 use candle_core::quantized::GgmlDType;
-use kvq_model::testutil::{hf_to_gguf, temp_dir, write_random_llama, TinySpec};
+use kvq_model::testutil::{hf_to_gguf, temp_dir, write_random_llama, write_word_text, TinySpec};
 use std::process::{Command, Output};
 
 fn kvq(args: &[&str]) -> Output {
@@ -224,8 +224,7 @@ fn generate_and_eval_run_on_a_small_model() {
     assert!(line.contains("16.000 bits/elem"), "{line}");
 
     let text = dir.join("text.txt");
-    let words: Vec<String> = (0..400).map(|i| format!("t{}", (i * 7 + 3) % 96)).collect();
-    std::fs::write(&text, words.join(" ")).unwrap();
+    write_word_text(&text, 400, 7, 3, 96).unwrap();
     let json = dir.join("out.json");
     let o = kvq(&[
         "eval",
@@ -339,10 +338,7 @@ fn klt_calibration_with_score_distances_runs_end_to_end() {
     write_random_llama(&dir, &TinySpec::default()).unwrap();
     let m = dir.to_str().unwrap();
     let text = dir.join("text.txt");
-    let words: Vec<String> = (0..600)
-        .map(|i| format!("t{}", (i * 11 + 5) % 96))
-        .collect();
-    std::fs::write(&text, words.join(" ")).unwrap();
+    write_word_text(&text, 600, 11, 5, 96).unwrap();
     let t = text.to_str().unwrap();
     let mut files = Vec::new();
     for weight in ["attention", "scores"] {

@@ -1,6 +1,6 @@
 //! `kvq eval sweep` and `kvq tune` end to end on a small random model: the sweep's JSON, table and
 //! plot, resuming, merging a peer's column; the tuned plan file accepted by `eval ppl`.
-use kvq_model::testutil::{temp_dir, write_random_llama, TinySpec};
+use kvq_model::testutil::{temp_dir, write_random_llama, write_word_text, TinySpec};
 use std::process::{Command, Output};
 
 fn kvq(args: &[&str]) -> Output {
@@ -31,8 +31,7 @@ fn sweep_writes_json_table_plot_and_resumes() {
     write_random_llama(&dir, &TinySpec::default()).unwrap();
     let m = dir.to_str().unwrap();
     let text = dir.join("text.txt");
-    let words: Vec<String> = (0..400).map(|i| format!("t{}", (i * 7 + 3) % 96)).collect();
-    std::fs::write(&text, words.join(" ")).unwrap();
+    write_word_text(&text, 400, 7, 3, 96).unwrap();
     let t = text.to_str().unwrap();
     let plans = dir.join("plans.txt");
     std::fs::write(
@@ -158,8 +157,7 @@ fn tune_writes_a_plan_that_eval_accepts() {
     write_random_llama(&dir, &TinySpec::default()).unwrap();
     let m = dir.to_str().unwrap();
     let text = dir.join("text.txt");
-    let words: Vec<String> = (0..300).map(|i| format!("t{}", (i * 5 + 1) % 96)).collect();
-    std::fs::write(&text, words.join(" ")).unwrap();
+    write_word_text(&text, 300, 5, 1, 96).unwrap();
     let t = text.to_str().unwrap();
     let plan = dir.join("plan.json");
     let p = plan.to_str().unwrap();

@@ -284,6 +284,21 @@ pub fn rewrite_gguf(
     Ok(())
 }
 
+/// Writes `n` words of the tiny models' vocabulary (`t{(i * step + offset) % vocab}`, space-separated)
+/// to `path`: a text every tokenizer of [`write_random_llama`] reads without unknown words.
+pub fn write_word_text(
+    path: &Path,
+    n: usize,
+    step: usize,
+    offset: usize,
+    vocab: usize,
+) -> Result<()> {
+    let words: Vec<String> = (0..n)
+        .map(|i| format!("t{}", (i * step + offset) % vocab))
+        .collect();
+    std::fs::write(path, words.join(" ")).map_err(|e| io(path, e))
+}
+
 /// A fresh empty directory under the system temp dir, unique per process and tag.
 pub fn temp_dir(tag: &str) -> Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("kvq-{tag}-{}", std::process::id()));
