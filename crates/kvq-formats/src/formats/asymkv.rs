@@ -508,6 +508,22 @@ impl KiviCodec {
         (s, z)
     }
 
+    /// [`Self::pairs`] of a block checked for its length and for finite scales (>= 0) and zeros: what
+    /// `validate` checks, read once for the readers that go on to use the pairs.
+    fn checked_pairs(&self, block: &[u8]) -> Result<(Vec<f32>, Vec<f32>)> {
+        crate::formats::check_len(&self.describe(), block, self.block_bytes())?;
+        let (scales, zeros) = self.pairs(block);
+        for (i, (&s, &z)) in scales.iter().zip(&zeros).enumerate() {
+            if !s.is_finite() || s < 0.0 {
+                return Err(self.corrupt(format!("scale {i} is {s}, expected a finite value >= 0")));
+            }
+            if !z.is_finite() {
+                return Err(self.corrupt(format!("zero {i} is {z}, expected a finite value")));
+            }
+        }
+        Ok((scales, zeros))
+    }
+
     /// Index of the (scale, zero) pair of token `t`, channel `c`.
     fn pair_of(&self, t: usize, c: usize) -> usize {
         match self.stream {
@@ -932,21 +948,11 @@ impl Codec for KiviCodec {
     }
 
     fn validate(&self, block: &[u8]) -> Result<()> {
-        crate::formats::check_len(&self.describe(), block, self.block_bytes())?;
-        let (scales, zeros) = self.pairs(block);
-        for (i, (&s, &z)) in scales.iter().zip(&zeros).enumerate() {
-            if !s.is_finite() || s < 0.0 {
-                return Err(self.corrupt(format!("scale {i} is {s}, expected a finite value >= 0")));
-            }
-            if !z.is_finite() {
-                return Err(self.corrupt(format!("zero {i} is {z}, expected a finite value")));
-            }
-        }
-        Ok(())
+        self.checked_pairs(block).map(|_| ())
     }
 
     fn decode(&self, block: &[u8], out: &mut [f32]) -> Result<()> {
-        self.validate(block)?;
+        let (scales, zeros) = self.checked_pairs(block)?;
         let (d, g) = (self.d, self.group);
         if out.len() != g * d {
             return Err(FormatError::Shape(format!(
@@ -954,7 +960,6 @@ impl Codec for KiviCodec {
                 out.len()
             )));
         }
-        let (scales, zeros) = self.pairs(block);
         for (t, row) in out.chunks_exact_mut(d).enumerate() {
             self.row_codes(block, t, row);
             for (c, v) in row.iter_mut().enumerate() {
@@ -977,17 +982,19 @@ impl Codec for KiviCodec {
         scores: &mut [f32],
     ) {
         let (d, g) = (self.d, self.group);
-        if q.len() != d || scores.len() != g || self.validate(block).is_err() {
-            scores.iter_mut().for_each(|s| *s = f32::NAN);
-            return;
-        }
+        let (scales, zeros) = match self.checked_pairs(block) {
+            Ok(pairs) if q.len() == d && scores.len() == g => pairs,
+            _ => {
+                scores.iter_mut().for_each(|s| *s = f32::NAN);
+                return;
+            }
+        };
         if self.stream == Stream::Value || self.pre_rope {
             // Not a key layout, or keys that RoPE turns per token: score from decoded vectors.
             let _ = prep;
             crate::codec::scores_from_decoded(self, q, block, pos0, rope, scores);
             return;
         }
-        let (scales, zeros) = self.pairs(block);
         let qs: Vec<f32> = q.iter().zip(&scales).map(|(a, s)| a * s).collect();
         let bias = dot(q, &zeros);
         let mut codes = vec![0f32; d];
@@ -1001,10 +1008,13 @@ impl Codec for KiviCodec {
     /// group at the end (the CUDA kernel's arithmetic).
     fn accumulate_values(&self, block: &[u8], p: &[f32], acc: &mut [f32]) {
         let (d, g) = (self.d, self.group);
-        if acc.len() != d || p.len() != g || self.validate(block).is_err() {
-            acc.iter_mut().for_each(|a| *a = f32::NAN);
-            return;
-        }
+        let (scales, zeros) = match self.checked_pairs(block) {
+            Ok(pairs) if acc.len() == d && p.len() == g => pairs,
+            _ => {
+                acc.iter_mut().for_each(|a| *a = f32::NAN);
+                return;
+            }
+        };
         let mut codes = vec![0f32; d];
         if self.stream == Stream::Key {
             // Not a value layout: accumulate decoded vectors.
@@ -1019,7 +1029,6 @@ impl Codec for KiviCodec {
             return;
         }
         let gpt = self.groups_per_token();
-        let (scales, zeros) = self.pairs(block);
         let mut zsum = vec![0f32; gpt];
         for (t, &pt) in p.iter().enumerate() {
             if pt == 0.0 {
