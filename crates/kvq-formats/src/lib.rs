@@ -18,6 +18,7 @@ pub mod cache;
 pub mod calibrate;
 pub mod codec;
 pub mod config;
+pub mod ecsq;
 pub mod error;
 pub mod formats;
 pub mod linalg;

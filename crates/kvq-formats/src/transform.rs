@@ -40,7 +40,14 @@ pub struct KltHead {
     pub levels: Vec<f32>,
     /// Per component, mean squared error of z at widths 0..=bmax ([d][bmax + 1]; width 0 reads 0).
     pub dist: Vec<f32>,
+    /// Per component, the calibration samples' quantiles at probabilities j / [`QUANT`], j = 0..=QUANT
+    /// ([d][QUANT + 1]): the distribution that entropy-coded components ([`crate::ecsq`]) are modelled
+    /// by. Empty in files written before it existed.
+    pub quant: Vec<f32>,
 }
+
+/// Quantile intervals stored per component (the entropy coder's model resolution).
+pub const QUANT: usize = 256;
 
 /// Symmetric square root and inverse square root of a PSD matrix (n x n, f64), after adding
 /// `ridge * trace / n` to the diagonal so that directions no query or output reads stay invertible.
@@ -144,6 +151,7 @@ pub fn fit_head(x: &[f32], d: usize, weight: &[f64], bmax: usize, scaled: bool) 
     let lv = levels_len(bmax);
     let mut levels = Vec::with_capacity(d * lv);
     let mut dist = Vec::with_capacity(d * (bmax + 1));
+    let mut quant = Vec::with_capacity(d * (QUANT + 1));
     // Every token's components ([token][component]), divided by its gain when scaled.
     let mut zall = vec![0f32; n * d];
     let mut xc = vec![0f32; d];
@@ -162,6 +170,7 @@ pub fn fit_head(x: &[f32], d: usize, weight: &[f64], bmax: usize, scaled: bool) 
     for i in 0..d {
         let mut s: Vec<f64> = zall.iter().skip(i).step_by(d).map(|&v| v as f64).collect();
         s.sort_by(f64::total_cmp);
+        quant.extend((0..=QUANT).map(|j| s[j * (n - 1) / QUANT] as f32));
         let q = Sorted::new(&s);
         dist.push((q.p2[n] / n as f64) as f32);
         for b in 1..=bmax {
@@ -176,6 +185,7 @@ pub fn fit_head(x: &[f32], d: usize, weight: &[f64], bmax: usize, scaled: bool) 
         inv,
         levels,
         dist,
+        quant,
     })
 }
 
@@ -286,7 +296,7 @@ fn tensor_name(layer: usize, key: bool, part: &str) -> String {
     format!("layer.{layer}.{}.{part}", if key { "k" } else { "v" })
 }
 
-const PARTS: [&str; 5] = ["mean", "fwd", "inv", "levels", "dist"];
+const PARTS: [&str; 6] = ["mean", "fwd", "inv", "levels", "dist", "quant"];
 
 impl KltBooks {
     fn shape(&self, part: &str) -> Vec<usize> {
@@ -295,16 +305,20 @@ impl KltBooks {
             "mean" => vec![h, d],
             "fwd" | "inv" => vec![h, d, d],
             "levels" => vec![h, d, levels_len(self.bmax)],
+            "quant" => vec![h, d, QUANT + 1],
             _ => vec![h, d, self.bmax + 1],
         }
     }
 
-    /// Writes the file: f32 tensors `layer.{l}.{k|v}.{mean,fwd,inv,levels,dist}` with heads leading,
+    /// Writes the file: f32 tensors `layer.{l}.{k|v}.{mean,fwd,inv,levels,dist,quant}` with heads leading,
     /// shape metadata and `format=klt`.
     pub fn save(&self, path: &str) -> Result<()> {
         let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         for (&(l, key), heads) in &self.layers {
             for part in PARTS {
+                if part == "quant" && heads.iter().any(|h| h.quant.is_empty()) {
+                    continue;
+                }
                 let v: Vec<f32> = heads
                     .iter()
                     .flat_map(|h| match part {
@@ -312,6 +326,7 @@ impl KltBooks {
                         "fwd" => h.fwd.iter(),
                         "inv" => h.inv.iter(),
                         "levels" => h.levels.iter(),
+                        "quant" => h.quant.iter(),
                         _ => h.dist.iter(),
                     })
                     .copied()
@@ -413,6 +428,8 @@ impl KltBooks {
                 take("levels")?,
                 take("dist")?,
             );
+            // Quantiles are optional: files from before entropy coding lack them.
+            let quant = p.remove("quant");
             let (d, lv, nd) = (head_dim, levels_len(bmax), bmax + 1);
             let heads = (0..heads)
                 .map(|h| KltHead {
@@ -421,6 +438,9 @@ impl KltBooks {
                     inv: inv[h * d * d..(h + 1) * d * d].to_vec(),
                     levels: levels[h * d * lv..(h + 1) * d * lv].to_vec(),
                     dist: dist[h * d * nd..(h + 1) * d * nd].to_vec(),
+                    quant: quant.as_ref().map_or_else(Vec::new, |q| {
+                        q[h * d * (QUANT + 1)..(h + 1) * d * (QUANT + 1)].to_vec()
+                    }),
                 })
                 .collect();
             books.layers.insert(at, heads);

@@ -229,3 +229,142 @@ fn bad_configs_files_and_blocks() {
     assert!(e.contains(&f), "{e}");
     std::fs::remove_file(&f).ok();
 }
+
+/// The block's entropy-coded header word (after the values' gains): step, mode, code words.
+fn ec_header(block: &[u8], gains: bool) -> (u8, u8, u16) {
+    let off = if gains { 64 } else { 0 };
+    (
+        block[off],
+        block[off + 1],
+        u16::from_le_bytes([block[off + 2], block[off + 3]]),
+    )
+}
+
+#[test]
+fn entropy_coded_components_beat_fixed_codes_at_the_same_size() {
+    let f = klt_file("ec");
+    for stream in [Stream::Key, Stream::Value] {
+        let gains = stream == Stream::Value;
+        let mut last = [f64::INFINITY; HEADS];
+        for bits in [1.5, 2.0, 3.0, 4.0] {
+            let build = |cfg: String| parse_format(&cfg).unwrap().build(&ctx(stream)).unwrap();
+            let fixed = build(format!("klt:bits={bits},file={f}"));
+            let ec = build(format!("klt:bits={bits},code=ec,file={f}"));
+            // Same block size: the rate is exact either way.
+            assert_eq!(ec.block_bytes(), fixed.block_bytes(), "{bits}");
+            for (h, last) in last.iter_mut().enumerate() {
+                // Eight held-out blocks: one block's error moves by a few percent between draws.
+                let x = head_data(256, h, 99);
+                let mut err = [0f64; 2];
+                for (e, c) in err.iter_mut().zip([&fixed, &ec]) {
+                    let hc = kvq_formats::codec::of_head(c.as_ref(), h);
+                    let mut b = vec![0u8; hc.block_bytes()];
+                    let mut y = vec![0f32; x.len()];
+                    for (xb, yb) in x.chunks_exact(32 * D).zip(y.chunks_exact_mut(32 * D)) {
+                        hc.encode(xb, &mut b);
+                        hc.decode(&b, yb).unwrap();
+                        hc.validate(&b).unwrap();
+                    }
+                    *e = rel_err(&y, &x);
+                }
+                let [e_fixed, e_ec] = err;
+                assert!(
+                    e_ec < e_fixed,
+                    "{stream:?} head {h} bits {bits}: ec {e_ec} vs fixed {e_fixed}"
+                );
+                assert!(
+                    e_ec < *last,
+                    "{stream:?} head {h} bits {bits}: {e_ec} after {last}"
+                );
+                *last = e_ec;
+                // Held-out data of the calibrated kind is entropy-coded, not sent to the fallback.
+                let hc = kvq_formats::codec::of_head(ec.as_ref(), h);
+                let mut b = vec![0u8; hc.block_bytes()];
+                hc.encode(&x[..32 * D], &mut b);
+                let (_, mode, words) = ec_header(&b, gains);
+                assert_eq!(mode, 0, "{stream:?} head {h} bits {bits}");
+                assert!(4 * (words as usize + 1) <= hc.block_bytes() - 64 * gains as usize);
+            }
+        }
+    }
+    // Through the cache: bits/elem is exactly the rate and the fused reader equals the mirror.
+    let chk = attention_check(
+        &format!("klt:bits=3,code=ec,file={f}"),
+        64,
+        D,
+        HEADS,
+        4,
+        64,
+        3,
+    )
+    .unwrap();
+    assert!((chk.bits_per_elem - 3.0).abs() < 1e-9, "{chk:?}");
+    assert!(chk.fused_vs_mirror < 1e-4, "{chk:?}");
+    let fmt = parse_format(&format!("klt:bits=2,code=ec,file={f}")).unwrap();
+    assert!(fmt.canonical().contains("code=ec"), "{}", fmt.canonical());
+    std::fs::remove_file(&f).ok();
+}
+
+#[test]
+fn entropy_coded_hostile_inputs_corrupt_blocks_and_old_files() {
+    let f = klt_file("ec-bad");
+    let e = parse_format(&format!("klt:code=huffman,file={f}"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("code=huffman") && e.contains("ec"), "{e}");
+    for stream in [Stream::Key, Stream::Value] {
+        let gains = stream == Stream::Value;
+        let c = parse_format(&format!("klt:bits=2,code=ec,file={f}"))
+            .unwrap()
+            .build(&ctx(stream))
+            .unwrap();
+        let mut y = vec![0f32; 32 * D];
+        // Values far outside the calibration (and NaN) cannot be coded in the block: the fixed
+        // fallback takes them, and they read back finite.
+        let mut x = head_data(32, 0, 3);
+        x.iter_mut().step_by(3).for_each(|v| *v *= 1e6);
+        x[5] = f32::NAN;
+        let mut b = vec![0u8; c.block_bytes()];
+        c.encode(&x, &mut b);
+        assert_eq!(ec_header(&b, gains).1, 1, "{stream:?}: fallback mode");
+        c.decode(&b, &mut y).unwrap();
+        assert!(y.iter().all(|v| v.is_finite()), "{stream:?}");
+        // A good block, then its header and words broken: errors that say what, or finite values.
+        let x = head_data(32, 0, 4);
+        c.encode(&x, &mut b);
+        let off = 64 * gains as usize;
+        let mut bad = b.clone();
+        bad[off + 1] = 7;
+        let e = c.decode(&bad, &mut y).unwrap_err().to_string();
+        assert!(e.contains("mode 7"), "{e}");
+        let mut bad = b.clone();
+        bad[off + 2..off + 4].copy_from_slice(&u16::MAX.to_le_bytes());
+        let e = c.decode(&bad, &mut y).unwrap_err().to_string();
+        assert!(e.contains("code words"), "{e}");
+        for i in (off + 4..b.len()).step_by(7) {
+            let mut bad = b.clone();
+            bad[i] ^= 0x5a;
+            if c.decode(&bad, &mut y).is_ok() {
+                assert!(y.iter().all(|v| v.is_finite()), "byte {i}");
+            }
+        }
+        assert!(c.decode(&b[1..], &mut y).is_err());
+    }
+    // A file written before quantiles existed cannot serve code=ec, and says how to get one that can.
+    let mut books = KltBooks::load(&f).unwrap();
+    books
+        .layers
+        .values_mut()
+        .flatten()
+        .for_each(|h| h.quant.clear());
+    books.save(&f).unwrap();
+    assert!(parse_format(&format!("klt:bits=2,file={f}")).is_ok());
+    let e = parse_format(&format!("klt:bits=2,code=ec,file={f}"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("quantiles") && e.contains("kvq calibrate"),
+        "{e}"
+    );
+    std::fs::remove_file(&f).ok();
+}

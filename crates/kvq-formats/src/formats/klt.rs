@@ -9,20 +9,29 @@
 //! RoPE when the file was fitted so (`kvq calibrate --method klt --key-rope pre`, the default).
 //! Related work: SVDq (2025) and Palu (2024) code K/V in low-rank bases with mixed precision.
 //!
+//! With `code=ec` the components are instead read on one uniform grid and entropy-coded
+//! ([`crate::ecsq`]): same block size, the finest grid step whose code fits, about 4x less key error
+//! than the fixed codes at 2.67 bits on the default model (docs/QUALITY.md, "Entropy-coded KLT").
+//! CPU only: a block is decoded sequentially, so no GPU kernel reads it yet.
+//!
 //! Block layout (one head, T = 32 tokens), little-endian bits:
 //! ```text
 //! [gain f16; T (streams fitted with a per-token gain only)]
-//! [token 0: for each component c with b_c > 0, in order, its b_c-bit level index | token 1 | ...]
+//! code=fixed: [token 0: for each component c with b_c > 0, in order, its b_c-bit level index | token 1 | ...]
+//! code=ec:    [u8 grid step q | u8 mode | u16 words n | n ANS words (mode 0), or mode 1 (a block the
+//!             entropy code cannot fit): fixed codes at one bit a token less]
 //! ```
 //! codes padded to whole 4-byte words. Bits/elem: round(bits x d) / d, the 16-bit gain included (d = 64,
 //! bits=3: 192 bits a token, 176 of them codes when the stream has a gain).
-//! Fixed bytes per layer stream: heads x (2 d^2 + d + levels) f32 (transforms, means, level tables).
+//! Fixed bytes per layer stream: heads x (2 d^2 + d + levels) f32 (transforms, means, level tables),
+//! and with `code=ec` the d x 257 quantiles per head.
 
 use crate::bits;
 use crate::codec::{Codec, Format, FormatRef, Stream, StreamCtx};
 use crate::config::Params;
+use crate::ecsq::Ecsq;
 use crate::error::{parse_err, FormatError, Result};
-use crate::transform::{allocate, levels_len, levels_off, token_gain, KltBooks};
+use crate::transform::{allocate, levels_len, levels_off, token_gain, KltBooks, QUANT};
 use std::sync::Arc;
 
 const BLOCK: usize = 32;
@@ -41,10 +50,13 @@ pub struct Klt {
     pub sink: usize,
     /// Calibration file path.
     pub path: String,
+    /// Components entropy-coded on a uniform grid ([`crate::ecsq`], `code=ec`) instead of fixed-width
+    /// Lloyd-Max codes (`code=fixed`).
+    pub ec: bool,
     books: Arc<KltBooks>,
 }
 
-/// Parses `klt:bits=3,file=FILE,window=0,sink=0`.
+/// Parses `klt:bits=3,file=FILE,window=0,sink=0,code=fixed|ec`.
 pub fn parse(mut p: Params) -> Result<FormatRef> {
     let raw = p.string("bits").unwrap_or_else(|| "3".into());
     let bits: f64 = raw
@@ -65,8 +77,26 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
             "klt needs file=FILE; fit one with `kvq calibrate --method klt`",
         )
     })?;
-    p.finish(&["bits", "window", "sink", "file"])?;
+    let ec = match p.string("code").as_deref() {
+        None | Some("fixed") => false,
+        Some("ec") => true,
+        Some(v) => {
+            return Err(parse_err(
+                p.input(),
+                format!("code={v}: expected fixed (Lloyd-Max codes) or ec (entropy-coded)"),
+            ))
+        }
+    };
+    p.finish(&["bits", "window", "sink", "file", "code"])?;
     let books = KltBooks::load(&path)?;
+    if ec && books.layers.values().flatten().any(|h| h.quant.is_empty()) {
+        return Err(FormatError::File {
+            path,
+            reason: "code=ec needs the components' quantiles, which this calibration file lacks; \
+                     refit it with `kvq calibrate --method klt`"
+                .into(),
+        });
+    }
     if bits > books.bmax as f64 {
         return Err(FormatError::File {
             path,
@@ -81,6 +111,7 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
         window,
         sink,
         path,
+        ec,
         books: Arc::new(books),
     }))
 }
@@ -88,7 +119,7 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
 impl Format for Klt {
     fn canonical(&self) -> String {
         format!(
-            "klt:bits={},window={},{}file={}",
+            "klt:bits={},window={},{}{}file={}",
             self.bits,
             self.window,
             if self.sink > 0 {
@@ -96,6 +127,7 @@ impl Format for Klt {
             } else {
                 String::new()
             },
+            if self.ec { "code=ec," } else { "" },
             self.path
         )
     }
@@ -152,28 +184,24 @@ impl Format for Klt {
                 ),
             });
         }
-        let lv = levels_len(bmax);
         let heads = heads
             .iter()
             .map(|h| {
                 // Every head spends min(total, d x bmax) bits: the same block size for all of them.
-                let widths = allocate(&h.dist, d, bmax, total);
-                let total = widths.iter().map(|&b| b as usize).sum();
-                let levels: Vec<Vec<f32>> = widths
-                    .iter()
-                    .enumerate()
-                    .map(|(c, &b)| {
-                        if b == 0 {
-                            return Vec::new();
-                        }
-                        let at = c * lv + levels_off(b as usize);
-                        h.levels[at..at + (1usize << b)].to_vec()
-                    })
-                    .collect();
-                let cuts = levels
-                    .iter()
-                    .map(|l| l.windows(2).map(|p| 0.5 * (p[0] + p[1])).collect())
-                    .collect();
+                let code = LmCode::new(h, d, bmax, total);
+                let total = code.bits();
+                // Entropy coding keeps the block size; a block whose code does not fit (values far
+                // outside the calibration) falls back to fixed codes one bit a token narrower, which
+                // leaves room for the block header.
+                let ec = self.ec.then(|| {
+                    let sigma = (0..d)
+                        .map(|c| h.dist[c * (bmax + 1)] as f64)
+                        .sum::<f64>()
+                        .max(0.0)
+                        / d as f64;
+                    let fallback = LmCode::new(h, d, bmax, total.saturating_sub(1));
+                    (Ecsq::new(d, h.quant.clone(), sigma.sqrt()), fallback)
+                });
                 KltHeadCodec {
                     d,
                     total,
@@ -182,12 +210,11 @@ impl Format for Klt {
                     pre_rope: key && self.books.key_pre_rope,
                     window: self.window,
                     sink: self.sink,
-                    widths,
+                    code,
+                    ec,
                     mean: h.mean.clone(),
                     fwd: h.fwd.clone(),
                     inv: h.inv.clone(),
-                    levels,
-                    cuts,
                 }
             })
             .collect();
@@ -195,7 +222,74 @@ impl Format for Klt {
     }
 }
 
-/// One KV head's codec: its transform, widths and level tables.
+/// Fixed-width codes: each component's Lloyd-Max levels at its allocated width.
+struct LmCode {
+    widths: Vec<u8>,
+    levels: Vec<Vec<f32>>,
+    cuts: Vec<Vec<f32>>,
+}
+
+impl LmCode {
+    /// The allocation of `total` bits a token over one head's components, with their tables.
+    fn new(h: &crate::transform::KltHead, d: usize, bmax: usize, total: usize) -> Self {
+        let lv = levels_len(bmax);
+        let widths = allocate(&h.dist, d, bmax, total);
+        let levels: Vec<Vec<f32>> = widths
+            .iter()
+            .enumerate()
+            .map(|(c, &b)| {
+                if b == 0 {
+                    return Vec::new();
+                }
+                let at = c * lv + levels_off(b as usize);
+                h.levels[at..at + (1usize << b)].to_vec()
+            })
+            .collect();
+        let cuts = levels
+            .iter()
+            .map(|l| l.windows(2).map(|p| 0.5 * (p[0] + p[1])).collect())
+            .collect();
+        Self {
+            widths,
+            levels,
+            cuts,
+        }
+    }
+
+    /// Code bits a token.
+    fn bits(&self) -> usize {
+        self.widths.iter().map(|&b| b as usize).sum()
+    }
+
+    /// Writes one token's components `z` (already divided by its gain) at bit `pos`; returns the end.
+    fn put(&self, z: &[f32], out: &mut [u8], mut pos: usize) -> usize {
+        for (c, &b) in self.widths.iter().enumerate() {
+            if b == 0 {
+                continue;
+            }
+            let idx = self.cuts[c].partition_point(|&t| t < z[c]);
+            bits::put_at(out, pos, idx as u32, b as u32);
+            pos += b as usize;
+        }
+        pos
+    }
+
+    /// Reads one token's components into `z` (0 where no bits) from bit `pos`; returns the end.
+    fn get(&self, block: &[u8], z: &mut [f32], mut pos: usize) -> usize {
+        for (c, &b) in self.widths.iter().enumerate() {
+            z[c] = if b == 0 {
+                0.0
+            } else {
+                let v = self.levels[c][bits::get_at(block, pos, b as u32) as usize];
+                pos += b as usize;
+                v
+            };
+        }
+        pos
+    }
+}
+
+/// One KV head's codec: its transform and codes.
 struct KltHeadCodec {
     d: usize,
     /// Code bits per token (the gain not included).
@@ -206,13 +300,17 @@ struct KltHeadCodec {
     pre_rope: bool,
     window: usize,
     sink: usize,
-    widths: Vec<u8>,
+    code: LmCode,
+    /// `code=ec`: the entropy coder and the fixed codes of blocks it cannot fit.
+    ec: Option<(Ecsq, LmCode)>,
     mean: Vec<f32>,
     fwd: Vec<f32>,
     inv: Vec<f32>,
-    levels: Vec<Vec<f32>>,
-    cuts: Vec<Vec<f32>>,
 }
+
+/// Entropy-coded block header (one word after the gains): grid step, mode, words of code.
+const EC_CODED: u32 = 0;
+const EC_FIXED: u32 = 1;
 
 impl KltHeadCodec {
     /// Bytes of the per-token gains ahead of the codes (0 unscaled).
@@ -223,22 +321,102 @@ impl KltHeadCodec {
             0
         }
     }
+
+    /// 32-bit words of codes a block holds.
+    fn code_words(&self) -> usize {
+        (BLOCK * self.total).div_ceil(32)
+    }
+
+    /// Every token's components ([BLOCK][d], divided by the token's gain) and the gains.
+    fn components(&self, x: &[f32], all: bool) -> (Vec<f32>, Vec<f32>) {
+        let d = self.d;
+        let mut z = vec![0f32; BLOCK * d];
+        let mut gains = vec![1f32; BLOCK];
+        let mut xc = vec![0f32; d];
+        for ((row, zt), g) in x.chunks_exact(d).zip(z.chunks_exact_mut(d)).zip(&mut gains) {
+            for ((c, &v), &m) in xc.iter_mut().zip(row).zip(&self.mean) {
+                *c = v - m;
+            }
+            for (c, zc) in zt.iter_mut().enumerate() {
+                // Fixed codes of unscaled streams need only the components that get bits.
+                if all || self.scaled || self.code.widths[c] > 0 {
+                    *zc = crate::codec::dot(&self.fwd[c * d..(c + 1) * d], &xc);
+                }
+            }
+            if self.scaled {
+                *g = token_gain(zt);
+                zt.iter_mut().for_each(|v| *v /= *g);
+            }
+        }
+        (z, gains)
+    }
+
+    /// Reads a block's components ([BLOCK][d], not yet times the gains).
+    fn read_components(&self, block: &[u8]) -> Result<Vec<f32>> {
+        let d = self.d;
+        let mut z = vec![0f32; BLOCK * d];
+        let off = self.codes_off();
+        let fixed = |code: &LmCode, z: &mut [f32], start: usize| {
+            let mut pos = start;
+            for zt in z.chunks_exact_mut(d) {
+                pos = code.get(block, zt, pos);
+            }
+        };
+        match &self.ec {
+            None => fixed(&self.code, &mut z, 8 * off),
+            Some((ecsq, fallback)) => {
+                let head = u32::from_le_bytes(block[off..off + 4].try_into().expect("4 bytes"));
+                let (q, mode, n) = (
+                    (head & 0xff) as u8,
+                    (head >> 8) & 0xff,
+                    (head >> 16) as usize,
+                );
+                let bad = |reason: String| FormatError::Corrupt {
+                    format: "klt".into(),
+                    reason,
+                };
+                match mode {
+                    EC_CODED if n < self.code_words() => {
+                        let words: Vec<u32> = block[off + 4..off + 4 + 4 * n]
+                            .chunks_exact(4)
+                            .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")))
+                            .collect();
+                        ecsq.decode(q, &words, &mut z)?;
+                    }
+                    EC_CODED => {
+                        return Err(bad(format!(
+                            "{n} code words in a block of {}",
+                            self.code_words() - 1
+                        )))
+                    }
+                    EC_FIXED => fixed(fallback, &mut z, 8 * (off + 4)),
+                    m => return Err(bad(format!("block mode {m}: expected 0 or 1"))),
+                }
+            }
+        }
+        Ok(z)
+    }
 }
 
 impl Codec for KltHeadCodec {
     fn describe(&self) -> String {
-        let w = |b: u8| self.widths.iter().filter(|&&x| x == b).count();
-        let hist: Vec<String> = (0..=self.widths.iter().copied().max().unwrap_or(0))
+        let widths = &self.code.widths;
+        let w = |b: u8| widths.iter().filter(|&&x| x == b).count();
+        let hist: Vec<String> = (0..=widths.iter().copied().max().unwrap_or(0))
             .rev()
             .filter(|&b| w(b) > 0)
             .map(|b| format!("{}x{b}", w(b)))
             .collect();
+        let code = if self.ec.is_some() {
+            "entropy-coded".to_string()
+        } else {
+            format!("({})", hist.join(" "))
+        };
         format!(
-            "klt-{}:bits={}/{}({}){}",
+            "klt-{}:bits={}/{}{code}{}",
             if self.key { "k" } else { "v" },
             self.total + 16 * self.scaled as usize,
             self.d,
-            hist.join(" "),
             if self.scaled { ",gain" } else { "" }
         )
     }
@@ -246,7 +424,7 @@ impl Codec for KltHeadCodec {
         BLOCK
     }
     fn block_bytes(&self) -> usize {
-        self.codes_off() + (BLOCK * self.total).div_ceil(32) * 4
+        self.codes_off() + self.code_words() * 4
     }
     fn window(&self) -> usize {
         self.window
@@ -258,71 +436,81 @@ impl Codec for KltHeadCodec {
         self.pre_rope
     }
     fn fixed_bytes(&self) -> usize {
-        4 * (2 * self.d * self.d + self.d + self.levels.iter().map(Vec::len).sum::<usize>())
+        let quant = self.ec.as_ref().map_or(0, |_| self.d * (QUANT + 1));
+        let levels: usize = self.code.levels.iter().map(Vec::len).sum();
+        4 * (2 * self.d * self.d + self.d + levels + quant)
     }
 
     fn encode(&self, x: &[f32], out: &mut [u8]) {
         out.iter_mut().for_each(|b| *b = 0);
         let d = self.d;
-        let (mut xc, mut z) = (vec![0f32; d], vec![0f32; d]);
         let off = self.codes_off();
-        let mut pos = 8 * off;
-        for (t, row) in x.chunks_exact(d).take(BLOCK).enumerate() {
-            for ((c, &v), &m) in xc.iter_mut().zip(row).zip(&self.mean) {
-                *c = v - m;
-            }
-            for (c, zc) in z.iter_mut().enumerate() {
-                // Unscaled codecs need only the components that get bits.
-                if self.scaled || self.widths[c] > 0 {
-                    *zc = crate::codec::dot(&self.fwd[c * d..(c + 1) * d], &xc);
-                }
-            }
-            let g = if self.scaled {
-                let g = token_gain(&z);
+        let (z, gains) = self.components(x, self.ec.is_some());
+        if self.scaled {
+            for (t, &g) in gains.iter().enumerate() {
                 bits::put_f16(out, 2 * t, g);
-                g
-            } else {
-                1.0
-            };
-            for (c, &b) in self.widths.iter().enumerate() {
-                if b == 0 {
-                    continue;
-                }
-                let idx = self.cuts[c].partition_point(|&t| t < z[c] / g);
-                bits::put_at(out, pos, idx as u32, b as u32);
-                pos += b as usize;
+            }
+        }
+        let fixed = |code: &LmCode, out: &mut [u8], start: usize| {
+            let mut pos = start;
+            for zt in z.chunks_exact(d) {
+                pos = code.put(zt, out, pos);
+            }
+        };
+        match &self.ec {
+            None => fixed(&self.code, out, 8 * off),
+            Some((ecsq, fallback)) => {
+                let head = match ecsq.encode(&z, self.code_words() - 1) {
+                    Some((q, words)) => {
+                        for (o, w) in out[off + 4..].chunks_exact_mut(4).zip(&words) {
+                            o.copy_from_slice(&w.to_le_bytes());
+                        }
+                        q as u32 | EC_CODED << 8 | (words.len() as u32) << 16
+                    }
+                    None => {
+                        fixed(fallback, out, 8 * (off + 4));
+                        EC_FIXED << 8
+                    }
+                };
+                out[off..off + 4].copy_from_slice(&head.to_le_bytes());
             }
         }
     }
 
     fn validate(&self, block: &[u8]) -> Result<()> {
-        // Every b-bit index names one of the 2^b levels: only the length and the gains can be wrong.
         crate::formats::check_len("klt", block, self.block_bytes())?;
         if self.scaled {
             crate::formats::check_finite_f16("klt", block, 0, BLOCK, "gain")?;
+        }
+        // Fixed codes: every b-bit index names one of the 2^b levels. Entropy-coded blocks are
+        // checked by reading them.
+        if self.ec.is_some() {
+            self.read_components(block)?;
         }
         Ok(())
     }
 
     fn decode(&self, block: &[u8], out: &mut [f32]) -> Result<()> {
-        self.validate(block)?;
+        crate::formats::check_len("klt", block, self.block_bytes())?;
+        if self.scaled {
+            crate::formats::check_finite_f16("klt", block, 0, BLOCK, "gain")?;
+        }
         let d = self.d;
-        let mut pos = 8 * self.codes_off();
-        for (t, o) in out.chunks_exact_mut(d).take(BLOCK).enumerate() {
+        let z = self.read_components(block)?;
+        for (t, (o, zt)) in out.chunks_exact_mut(d).zip(z.chunks_exact(d)).enumerate() {
             o.copy_from_slice(&self.mean);
             let g = if self.scaled {
                 bits::f16_at(block, 2 * t)
             } else {
                 1.0
             };
-            for (c, &b) in self.widths.iter().enumerate() {
-                if b == 0 {
+            for (c, &zc) in zt.iter().enumerate() {
+                if zc == 0.0 {
                     continue;
                 }
-                let z = g * self.levels[c][bits::get_at(block, pos, b as u32) as usize];
-                pos += b as usize;
+                let v = g * zc;
                 for (j, oj) in o.iter_mut().enumerate() {
-                    *oj += self.inv[j * d + c] * z;
+                    *oj += self.inv[j * d + c] * v;
                 }
             }
         }
