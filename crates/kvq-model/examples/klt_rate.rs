@@ -1,0 +1,108 @@
+//! What entropy coding could buy the KLT format, measured on one window of real keys (the question
+//! behind `klt:...,code=ec`, docs/QUALITY.md "Entropy-coded KLT"): in each head's calibrated KLT
+//! domain, the fixed Lloyd-Max codes' squared error and index entropy at `bits`, against a uniform
+//! grid with ideal entropy coding over a sweep of steps, and the lag-1 correlation of components
+//! along the sequence (what temporal prediction could remove).
+//!
+//! cargo run --release -p kvq-model --example klt_rate -- MODEL.gguf KLT.safetensors TEXT BITS [key|value]
+use kvq_formats::transform::{allocate, levels_len, levels_off, KltBooks};
+use kvq_model::model::Model;
+use std::collections::HashMap;
+
+/// Tokens of the window (taken from token 5000 on, past the text's front matter) and sinks skipped.
+const N: usize = 1024;
+const FROM: usize = 5000;
+const SKIP: usize = 4;
+
+fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(a.len() >= 5, "usage: klt_rate MODEL KLT TEXT BITS [key|value]");
+    let model = Model::load(&a[1])?;
+    let books = KltBooks::load(&a[2])?;
+    let ids = model.tokenizer.encode(&std::fs::read_to_string(&a[3])?)?;
+    let bits: f64 = a[4].parse()?;
+    let key = a.get(5).is_none_or(|s| s == "key");
+    anyhow::ensure!(ids.len() >= FROM + N, "{}: fewer than {} tokens", a[3], FROM + N);
+    let ids = &ids[FROM..FROM + N];
+    let c = &model.config;
+    let (d, h, bmax) = (c.head_dim, c.n_kv_heads, books.bmax);
+    let mut xs = vec![Vec::<f32>::new(); c.n_layers];
+    model.capture(ids, N, &mut |l, _, _q, k, v| {
+        xs[l].extend_from_slice(if key { k } else { v })
+    })?;
+    // Every head's components along the window ([component][token]) with its fixed-code tables.
+    let (mut lm_err, mut lm_ent, mut count, mut pred) = (0f64, 0f64, 0f64, (0f64, 0usize));
+    let mut comps: Vec<Vec<f64>> = Vec::new();
+    for (l, x) in xs.iter().enumerate() {
+        for (hh, hd) in books.layers[&(l, key)].iter().enumerate() {
+            let widths = allocate(&hd.dist, d, bmax, (bits * d as f64).round() as usize);
+            for (cc, &w) in widths.iter().enumerate() {
+                let z: Vec<f64> = (SKIP..N)
+                    .map(|t| {
+                        let row = &x[(t * h + hh) * d..(t * h + hh + 1) * d];
+                        (0..d)
+                            .map(|j| hd.fwd[cc * d + j] as f64 * (row[j] - hd.mean[j]) as f64)
+                            .sum()
+                    })
+                    .collect();
+                let m = z.len() as f64;
+                count += m;
+                if w == 0 {
+                    lm_err += z.iter().map(|v| v * v).sum::<f64>();
+                } else {
+                    let at = cc * levels_len(bmax) + levels_off(w as usize);
+                    let lv = &hd.levels[at..at + (1 << w)];
+                    let mut hist = vec![0f64; lv.len()];
+                    for &v in &z {
+                        let (i, e) = lv
+                            .iter()
+                            .map(|&q| (v - q as f64).powi(2))
+                            .enumerate()
+                            .min_by(|a, b| a.1.total_cmp(&b.1))
+                            .expect("levels");
+                        lm_err += e;
+                        hist[i] += 1.0;
+                    }
+                    lm_ent += entropy(hist.into_iter(), m);
+                    let v0 = z.iter().map(|v| v * v).sum::<f64>() / m;
+                    let c1 = z.windows(2).map(|p| p[0] * p[1]).sum::<f64>() / (m - 1.0);
+                    let rho = (c1 / v0).clamp(-0.999, 0.999);
+                    pred.0 += -0.5 * (1.0 - rho * rho).log2();
+                    pred.1 += 1;
+                }
+                comps.push(z);
+            }
+        }
+    }
+    println!(
+        "{}: fixed codes at {bits} bits: mse {:.4e}, index entropy {:.3} bits; lag-1 prediction would save {:.3} bits a coded component",
+        if key { "keys" } else { "values" },
+        lm_err / count,
+        lm_ent / count,
+        pred.0 / pred.1 as f64
+    );
+    println!("uniform grid, ideal entropy code (centroid reconstruction): step, bits/elem, mse");
+    for k in 0..24 {
+        let step = 0.02 * 1.25f64.powi(k);
+        let (mut err, mut ent) = (0f64, 0f64);
+        for z in &comps {
+            let mut bins: HashMap<i64, (f64, f64, f64)> = HashMap::new();
+            for &v in z {
+                let e = bins.entry((v / step).round() as i64).or_default();
+                *e = (e.0 + 1.0, e.1 + v, e.2 + v * v);
+            }
+            err += bins.values().map(|(n, s1, s2)| s2 - s1 * s1 / n).sum::<f64>();
+            ent += entropy(bins.values().map(|b| b.0), z.len() as f64);
+        }
+        println!("{step:.4} {:.3} {:.4e}", ent / count, err / count);
+    }
+    Ok(())
+}
+
+/// Total bits of `m` samples coded by their empirical distribution (counts).
+fn entropy(counts: impl Iterator<Item = f64>, m: f64) -> f64 {
+    counts
+        .filter(|&n| n > 0.0)
+        .map(|n| -n * (n / m).log2())
+        .sum()
+}
