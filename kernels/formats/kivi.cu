@@ -3,7 +3,8 @@
 //   [scale f16; D][zero f16; D][codes token-major, D*b bits per token]
 // (keys: pair i = channel i; values: pair i = token i/(D/g), channel group i%(D/g)).
 // Pages of 2 blocks (64 tokens), two cp.async stages per warp and registers capped for 4 CTAs per SM
-// (more stages or registers cost residency, which measured slower). Kernels kvq_kivi_decode_k{KB}v{VB}:
+// (more stages or registers cost residency, which measured slower), except k2v2 at d=128: 3 CTAs, whose
+// 159 registers end its spills (run 28: 7% faster at B=8, 128k). Kernels kvq_kivi_decode_k{KB}v{VB}:
 // KB, VB in {1, 2, 4} decode with a few bit operations per code pair; 0 is any width (3, 8), slower.
 //
 // Keys: decoded straight into f16 B fragments, k = s * code + z as one half2 FMA per exact code pair

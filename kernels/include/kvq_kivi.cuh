@@ -16,7 +16,9 @@ struct KiviPolicy {
     static constexpr int BT = 32;
     static constexpr int PAGE_BLOCKS = PB;
     static constexpr int STAGES = 2;
-    static constexpr int MIN_CTAS = KVQ_KIVI_MIN_CTAS;
+    // k2v2 at d=128 spills 28 bytes under the 4-CTA cap (128 registers); capped for 3 it takes 159 and
+    // none, and runs 7% faster at B=8, 128k (docs/BENCHMARKS.md, run 28). The other widths fit in 128.
+    static constexpr int MIN_CTAS = (D == 128 && KB == 2 && VB == 2) ? 3 : KVQ_KIVI_MIN_CTAS;
     static constexpr bool CUSTOM_SEALED = false;
     // 1/2-bit values take pv_z: 2-bit codes in the top form, 1-bit ones as masks (kvq_codes.cuh: s c
     // exactly, nothing to undo), zeros through one MMA per k-step into zacc. (4-bit too measured 6%
