@@ -235,3 +235,87 @@ impl Ecsq {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::{Rng, SeedableRng};
+
+    const D: usize = 8;
+
+    /// A coder whose components are Laplacian-like with scales 2^-c, fitted on 4000 samples.
+    fn coder(seed: u64) -> Ecsq {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut quant = Vec::new();
+        for c in 0..D {
+            let mut s: Vec<f64> = (0..4000)
+                .map(|_| {
+                    let u: f64 = r.random_range(-0.5..0.5);
+                    -u.signum() * (1.0 - 2.0 * u.abs()).ln() * 0.5f64.powi(c as i32)
+                })
+                .collect();
+            s.sort_by(f64::total_cmp);
+            let q = crate::transform::QUANT;
+            quant.extend((0..=q).map(|j| s[j * (s.len() - 1) / q] as f32));
+        }
+        Ecsq::new(D, quant, 0.5)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Whatever the block, a code that is returned fits its words, reads back to values within one
+        /// grid step of the input (inside the grid's range) and is the same code again when re-encoded.
+        #[test]
+        fn codes_fit_read_back_within_a_step_and_repeat(
+            seed in 0u64..1000,
+            scale in 0.01f32..8.0,
+            cap in 8usize..200,
+        ) {
+            let e = coder(7);
+            let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let z: Vec<f32> = (0..32 * D).map(|_| r.random_range(-1.0f32..1.0) * scale).collect();
+            if let Some((q, words)) = e.encode(&z, cap) {
+                prop_assert!(words.len() <= cap);
+                let mut y = vec![0f32; z.len()];
+                e.decode(q, &words, &mut y).unwrap();
+                let t = e.at(q);
+                for (i, (&a, &b)) in z.iter().zip(&y).enumerate() {
+                    let tc = &t[i % D];
+                    let delta = 1.0 / tc.inv_delta;
+                    if a.abs() < (tc.m as f32 - 0.5) * delta {
+                        prop_assert!((a - b).abs() <= delta * 1.0001, "{a} read {b}, step {delta}");
+                    }
+                }
+                prop_assert_eq!(e.encode(&z, cap), Some((q, words)));
+            }
+        }
+    }
+
+    #[test]
+    fn more_room_means_a_finer_step_and_less_error() {
+        let e = coder(3);
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let z: Vec<f32> = (0..32 * D)
+            .map(|i| r.random_range(-1.0f32..1.0) * 0.5f32.powi((i % D) as i32))
+            .collect();
+        let mut last = (u8::MAX, f64::INFINITY);
+        for cap in [4, 8, 16, 32, 64] {
+            let (q, words) = e.encode(&z, cap).expect("fits");
+            let mut y = vec![0f32; z.len()];
+            e.decode(q, &words, &mut y).unwrap();
+            let err: f64 = z
+                .iter()
+                .zip(&y)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            assert!(
+                q <= last.0 && err <= last.1 * 1.0001,
+                "cap {cap}: q {q} err {err} after {last:?}"
+            );
+            last = (q, err);
+        }
+        assert!(last.1 < 1e-3 * z.iter().map(|v| (v * v) as f64).sum::<f64>());
+    }
+}

@@ -16,13 +16,21 @@ const SKIP: usize = 4;
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(a.len() >= 5, "usage: klt_rate MODEL KLT TEXT BITS [key|value]");
+    anyhow::ensure!(
+        a.len() >= 5,
+        "usage: klt_rate MODEL KLT TEXT BITS [key|value]"
+    );
     let model = Model::load(&a[1])?;
     let books = KltBooks::load(&a[2])?;
     let ids = model.tokenizer.encode(&std::fs::read_to_string(&a[3])?)?;
     let bits: f64 = a[4].parse()?;
     let key = a.get(5).is_none_or(|s| s == "key");
-    anyhow::ensure!(ids.len() >= FROM + N, "{}: fewer than {} tokens", a[3], FROM + N);
+    anyhow::ensure!(
+        ids.len() >= FROM + N,
+        "{}: fewer than {} tokens",
+        a[3],
+        FROM + N
+    );
     let ids = &ids[FROM..FROM + N];
     let c = &model.config;
     let (d, h, bmax) = (c.head_dim, c.n_kv_heads, books.bmax);
@@ -91,7 +99,10 @@ fn main() -> anyhow::Result<()> {
                 let e = bins.entry((v / step).round() as i64).or_default();
                 *e = (e.0 + 1.0, e.1 + v, e.2 + v * v);
             }
-            err += bins.values().map(|(n, s1, s2)| s2 - s1 * s1 / n).sum::<f64>();
+            err += bins
+                .values()
+                .map(|(n, s1, s2)| s2 - s1 * s1 / n)
+                .sum::<f64>();
             ent += entropy(bins.values().map(|b| b.0), z.len() as f64);
         }
         println!("{step:.4} {:.3} {:.4e}", ent / count, err / count);
