@@ -322,11 +322,11 @@ fn bench_decode_replot_merges_peer_results() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The JSON header of a safetensors file (8-byte little-endian length, then the header).
-fn safetensors_header(path: &std::path::Path) -> serde_json::Value {
-    let b = std::fs::read(path).unwrap();
+/// The JSON header of a safetensors file's bytes (8-byte little-endian length, then the header) and
+/// where its data starts (tensors' `data_offsets` count from there).
+fn safetensors_header(b: &[u8]) -> (serde_json::Value, usize) {
     let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-    serde_json::from_slice(&b[8..8 + n]).unwrap()
+    (serde_json::from_slice(&b[8..8 + n]).unwrap(), 8 + n)
 }
 
 /// `calibrate --method klt --weight scores` (key distances drawn from each query's own attention)
@@ -357,15 +357,15 @@ fn klt_calibration_with_score_distances_runs_end_to_end() {
             out.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(safetensors_header(&out)["__metadata__"]["weight"], weight);
-        files.push(std::fs::read(&out).unwrap());
+        let b = std::fs::read(&out).unwrap();
+        assert_eq!(safetensors_header(&b).0["__metadata__"]["weight"], weight);
+        files.push(b);
     }
     // Each file's own header locates a tensor's bytes (the headers differ in length with the metadata).
     let tensor = |f: usize, name: &str| -> &[u8] {
-        let n = u64::from_le_bytes(files[f][..8].try_into().unwrap()) as usize;
-        let hdr: serde_json::Value = serde_json::from_slice(&files[f][8..8 + n]).unwrap();
+        let (hdr, data) = safetensors_header(&files[f]);
         let o = &hdr[name]["data_offsets"];
-        &files[f][8 + n + o[0].as_u64().unwrap() as usize..8 + n + o[1].as_u64().unwrap() as usize]
+        &files[f][data + o[0].as_u64().unwrap() as usize..data + o[1].as_u64().unwrap() as usize]
     };
     assert_ne!(tensor(0, "layer.0.k.fwd"), tensor(1, "layer.0.k.fwd"));
     assert_eq!(tensor(0, "layer.0.v.fwd"), tensor(1, "layer.0.v.fwd"));

@@ -322,6 +322,15 @@ impl KltHeadCodec {
         }
     }
 
+    /// What every block must pass before its codes are read: its length, and finite gains.
+    fn check_block(&self, block: &[u8]) -> Result<()> {
+        crate::formats::check_len("klt", block, self.block_bytes())?;
+        if self.scaled {
+            crate::formats::check_finite_f16("klt", block, 0, BLOCK, "gain")?;
+        }
+        Ok(())
+    }
+
     /// 32-bit words of codes a block holds.
     fn code_words(&self) -> usize {
         (BLOCK * self.total).div_ceil(32)
@@ -478,10 +487,7 @@ impl Codec for KltHeadCodec {
     }
 
     fn validate(&self, block: &[u8]) -> Result<()> {
-        crate::formats::check_len("klt", block, self.block_bytes())?;
-        if self.scaled {
-            crate::formats::check_finite_f16("klt", block, 0, BLOCK, "gain")?;
-        }
+        self.check_block(block)?;
         // Fixed codes: every b-bit index names one of the 2^b levels. Entropy-coded blocks are
         // checked by reading them.
         if self.ec.is_some() {
@@ -491,10 +497,8 @@ impl Codec for KltHeadCodec {
     }
 
     fn decode(&self, block: &[u8], out: &mut [f32]) -> Result<()> {
-        crate::formats::check_len("klt", block, self.block_bytes())?;
-        if self.scaled {
-            crate::formats::check_finite_f16("klt", block, 0, BLOCK, "gain")?;
-        }
+        // Not `validate`: it would read an entropy-coded block once more.
+        self.check_block(block)?;
         let d = self.d;
         let z = self.read_components(block)?;
         for (t, (o, zt)) in out.chunks_exact_mut(d).zip(z.chunks_exact(d)).enumerate() {
