@@ -55,9 +55,15 @@ __device__ __forceinline__ RvqTab rvq_tab(const void* p, int depth, int codes) {
 // lane-contiguous, so conflict-free). Channels come from the layout, not the table's map: values in
 // contiguous groups (channel 32 g + j: four 16-byte stores), keys in strided groups (HF channel
 // g + j D/32, its pair partner 16 positions on: one 4-byte store per pair in the interleaved style).
+// Books staged in shared memory (`swizzled`) hold codeword w's 16-byte chunk q at chunk q ^ ((w >> 1) & 3)
+// (RvqPolicy::books_in): chunk q of a 64-byte row would otherwise start at bank 4q + 16 (w & 1) for every
+// w, so the 8 lanes of a quarter-warp phase, reading 8 random codewords' chunk q, met in 2 bank groups
+// (4-way conflicts or worse); with the swizzle w's low 3 bits pick one of 8. Books read from global memory
+// keep the table's plain layout.
 template <int D, bool KEY>
 __device__ __forceinline__ void rvq_decode_row(const uint8_t* blk, int t, const RvqTab& tb, int depth, int cbits,
-                                               int codes, const float2* base, const float2* delta, uint8_t* rows) {
+                                               int codes, const float2* base, const float2* delta, uint8_t* rows,
+                                               bool swizzled) {
     constexpr int NG = D / RVQ_G;
     const int cpt = NG * depth;  // codes per token
     const float s = f16_at(blk + 2 * t);
@@ -71,10 +77,12 @@ __device__ __forceinline__ void rvq_decode_row(const uint8_t* blk, int t, const 
         for (int st = 0; st < depth; st++) {  // unrolled: several codewords' loads in flight
             const int ci = t * cpt + g * depth + st;
             const int code = cbits == 8 ? (int)cw[ci] : (int)bits_at(cw, ci * cbits, cbits);
-            const uint4* w = reinterpret_cast<const uint4*>(tb.books16 + ((int64_t)st * codes + code) * RVQ_G);
+            const int wi = st * codes + code;
+            const uint4* w = reinterpret_cast<const uint4*>(tb.books16 + (int64_t)wi * RVQ_G);
+            const int sw = swizzled ? (wi >> 1) & 3 : 0;
 #pragma unroll
             for (int q = 0; q < 4; q++) {
-                const uint4 u = w[q];  // shared memory, or global (books too large to stage)
+                const uint4 u = w[q ^ sw];  // shared memory (swizzled), or global (books too large to stage)
                 const uint32_t uu[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
@@ -149,7 +157,11 @@ struct RvqPolicy {
         const int bytes = depth * codes * RVQ_G * 2;
         if (bytes > room) return t.books16;
         const uint8_t* src = reinterpret_cast<const uint8_t*>(t.books16);
-        for (int o = threadIdx.x * 16; o < bytes; o += THREADS * 16) cp_async16(dst + o, src + o, true);
+        // Codeword w's chunk q lands at chunk q ^ ((w >> 1) & 3) of its row (rvq_decode_row's swizzle).
+        for (int o = threadIdx.x * 16; o < bytes; o += THREADS * 16) {
+            const int w = o >> 6, q = (o >> 4) & 3;
+            cp_async16(dst + (w << 6) + ((q ^ ((w >> 1) & 3)) << 4), src + o, true);
+        }
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
@@ -238,7 +250,8 @@ struct RvqPolicy {
                 __syncwarp();
                 RvqTab t = kt;
                 t.books16 = kb16;
-                rvq_decode_row<D, true>(blk, lane, t, fa.i[0], fa.i[1], fa.i[2], base, delta_sh, rows);
+                rvq_decode_row<D, true>(blk, lane, t, fa.i[0], fa.i[1], fa.i[2], base, delta_sh, rows,
+                                        kb16 != kt.books16);
                 __syncwarp();
                 float s[BT / 8][2];
                 scores_f16rows<D, BT>(rows, cx, s);
@@ -267,7 +280,8 @@ struct RvqPolicy {
                 softmax_tile<D, BT>(s, min(BT, ns - pg * BT), scale_log2, q4, st, pa, corr0, corr1);
                 RvqTab t = vt;
                 t.books16 = vb16;
-                rvq_decode_row<D, false>(blk, lane, t, fa.i[4], fa.i[5], fa.i[6], nullptr, nullptr, rows);
+                rvq_decode_row<D, false>(blk, lane, t, fa.i[4], fa.i[5], fa.i[6], nullptr, nullptr, rows,
+                                         vb16 != vt.books16);
                 __syncwarp();
                 pv_f16rows<D, BT>(rows, cx, pa, st.acc);
                 __syncwarp();
