@@ -305,6 +305,11 @@ impl DeviceKv {
             counters: st
                 .alloc_zeros(n * self.shape.hkv)
                 .map_err(a("split counters"))?,
+            sketch: match self.k_spec.query_sketch {
+                0 => None,
+                _ if !query_sketch() => None,
+                m => Some(st.alloc_zeros(n * hq * m).map_err(a("sketched queries"))?),
+            },
             rows: rows.to_vec(),
             hq,
             most_splits: most - 1,
@@ -486,11 +491,17 @@ impl DeviceKv {
                 i: ints,
                 p: {
                     let [k, v] = self.table_ptrs(st);
-                    [k, v, 0, 0]
+                    let sk = ws.sketch.as_ref().map_or(0, |s| s.device_ptr(st).0);
+                    [k, v, sk, 0]
                 },
             },
         };
         let smem = Self::smem(self.stages * self.stage_bytes + self.extra_smem, d);
+        if p.fmt.p[2] != 0 {
+            let m = self.k_spec.query_sketch;
+            let sketch = gpu.function(module, &kernel_name(module, "sketch", "f16", d))?;
+            launch::sketch(gpu, &sketch, &p, (m, hkv, ws.rows.len()))?;
+        }
         launch::decode(
             gpu,
             &decode,
@@ -571,6 +582,13 @@ fn plan_units(
         }
         unit = finer;
     }
+}
+
+/// `KVQ_QUERY_SKETCH=0`: every split CTA forms its queries' sketch itself (QJL's S q) instead of
+/// reading it from the one sketch launch before decode (kept to compare and to fall back on).
+fn query_sketch() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVQ_QUERY_SKETCH").map_or(true, |v| v != "0"))
 }
 
 /// `KVQ_SPLIT_MERGE=1`: merge the splits in a kernel of its own after decode (the pre-fusion path,
@@ -737,6 +755,8 @@ pub struct Workspace {
     row_len: CudaSlice<i32>,
     /// [rows][Hkv] split CTAs done (zero between launches: the last CTA merges and re-zeroes).
     counters: CudaSlice<i32>,
+    /// [rows][Hq][n] the queries' sketch (KernelSpec::query_sketch), formed once per launch.
+    sketch: Option<CudaSlice<f32>>,
     rows: Vec<(usize, usize)>,
     hq: usize,
     most_splits: usize,

@@ -1,7 +1,7 @@
 //! Every `unsafe` kernel launch of kvq, each with its safety argument (cudarc's launch obligations:
 //! argument types and order match the kernel, no aliasing of mutable buffers, indices in bounds).
 
-use crate::error::{drv, Result};
+use crate::error::{drv, GpuError, Result};
 use crate::gpu::Gpu;
 use crate::graph::KernelArgs;
 use crate::params::{KvqDecodeParams, KvqEncodeParams};
@@ -66,6 +66,39 @@ pub(crate) fn decode(
             cfg,
             KernelArgs::default().val(p),
             "launching the split merge",
+        )
+    }
+}
+
+/// The queries' sketch before decode (QJL's S q): grid (n / 32, Hkv, B), 128 threads, into fmt.p[2].
+pub(crate) fn sketch(
+    gpu: &Gpu,
+    f: &CudaFunction,
+    p: &KvqDecodeParams,
+    (n, hkv, b): (usize, usize, usize),
+) -> Result<()> {
+    if n == 0 || !n.is_multiple_of(32) || p.fmt.p[2] == 0 {
+        return Err(GpuError::Shape(format!(
+            "a query sketch of {n} rows (a multiple of 32, with its buffer)"
+        )));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: ((n / 32) as u32, hkv as u32, b as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: (types/order) one `KvqDecodeParams` by value, as decode. (aliasing) it writes only
+    // fmt.p[2], the Workspace's sketch buffer, which no other buffer of the launch aliases and which
+    // only the decode launch after it (same stream) reads. (bounds) Workspace sized that buffer as
+    // rows x Hq x n with n = KernelSpec::query_sketch = fmt.i[0] (QJL's m, the rows of S in fmt.p[0],
+    // the key codec's table: S^T then S, 2 x m x D f16); the grid covers rows 32 blockIdx.x + t/4 < n,
+    // KV heads < Hkv and batch rows < B, reading q[B][Hq][D] as decode does.
+    unsafe {
+        gpu.launch(
+            f,
+            cfg,
+            KernelArgs::default().val(p),
+            "launching the query sketch",
         )
     }
 }

@@ -3,8 +3,10 @@
 //   [signs of S_o k_out: mo bits/token]
 // score_t = a_in |k_in|_t <S q - g, sign_in_t> + a_out |k_out|_t <g[:mo], sign_out_t>, g = S P_out q.
 // fmt.i = {m, mo, outliers, -, v_bits, v_group, -, -}; fmt.p[0] = the layer's sketch as f16, S^T [D][m]
-// then S [m][D]. Per CTA, S q of its G heads goes to shared memory once (a tensor-core product with S's
-// rows loaded from global memory while the first pages' copies are in flight). Per block, g comes from
+// then S [m][D]; fmt.p[2] = S q of every query head, [B][Hq][m] f32, from kvq_qjl_sketch (launched by
+// the host just before), or null. Per CTA, S q of its G heads goes to shared memory once: copied from
+// p[2], or (null) a tensor-core product with S's rows loaded from global memory while the first pages'
+// copies are in flight. Per block, g comes from
 // one tensor-core product (A = the query's outlier channels, hi/lo rows; B = those columns of S^T),
 // lands in C fragments that are exactly the A fragments of the next product, and the sign bits become
 // +-1 f16 B fragments, so both estimator sums run on the tensor cores. Values: KIVI's policy. Kernels
@@ -236,7 +238,18 @@ struct QjlPolicy {
         // so the page loads land meanwhile; the barrier also publishes q_sh. (Was: S^T staged through
         // the dynamic shared memory in 64-column rounds, a cp.async round trip and two barriers each,
         // before any page load.)
+        const float* sq_g = reinterpret_cast<const float*>(fa.p[2]);  // precomputed S q, or null
         auto sq_pre = [&]() {
+            if (sq_g) {  // qjl_sketch's rows of this KV head's G query heads (zeros past G)
+                const float4* src = reinterpret_cast<const float4*>(sq_g + ((int64_t)b * P.hkv + h) * G * m);
+                for (int i = threadIdx.x; i < MAX_G * (m / 4); i += THREADS) {
+                    const int g = i / (m / 4), c = i % (m / 4);
+                    const float4 v = g < G ? src[g * (m / 4) + c] : make_float4(0.f, 0.f, 0.f, 0.f);
+                    *reinterpret_cast<float4*>(&sq_sh[g][4 * c]) = v;
+                }
+                __syncthreads();  // S q and the queries are in shared memory for every warp
+                return;
+            }
             constexpr int KS = D / 16, LQ = D / 4, NU = D / 32;  // k-steps; channels, uint4 per lane
             const int r = lane >> 2, q = lane & 3;
             uint32_t ah[KS][2], al[KS][2];
@@ -306,6 +319,50 @@ struct QjlPolicy {
                         P.stages, scale_log2, lane, st, sq_pre);
     }
 };
+
+// The sketched queries S q, once per (row, query head) and step, for every split CTA to read instead of
+// forming them itself (at B=1, 4k the layer's 256 CTAs each read all of S, 64 KB, through four
+// dependent L2 round trips before their first score). Grid (m / 32, Hkv, B), 128 threads: thread t
+// takes sketch row 32 blockIdx.x + t / 4 over channel quarter t % 4 (D / 4 f16 of S row-major, 16-byte
+// loads), for the G heads of its KV head (queries in shared memory); the quarters add by shuffles.
+// f32 products and sums (S is exact in f32): within f32 rounding of the CTA path's hi/lo MMAs.
+// Writes out[b][h G + g][j] = sum_c S[j][c] q[b][h G + g][c] (P.fmt.p[2], [B][Hq][m] f32).
+template <int D>
+__device__ __forceinline__ void qjl_sketch(const KvqDecodeParams& P) {
+    __shared__ float q_sh[MAX_G][D];
+    const int G = P.group, h = blockIdx.y, b = blockIdx.z, m = P.fmt.i[0];
+    const int64_t head0 = (int64_t)b * P.hkv * G + (int64_t)h * G;  // first query head of this KV head
+    for (int i = threadIdx.x; i < G * D; i += THREADS) q_sh[i / D][i % D] = P.q[head0 * D + i];
+    __syncthreads();
+    constexpr int LQ = D / 4, NU = LQ / 8;  // channels per quarter, uint4 loads per thread
+    const int j = 32 * blockIdx.x + threadIdx.x / 4, qd = threadIdx.x % 4;
+    const __half* S = reinterpret_cast<const __half*>(P.fmt.p[0]) + (int64_t)m * D;  // S [m][D] after S^T
+    const uint4* row = reinterpret_cast<const uint4*>(S + (int64_t)j * D + LQ * qd);
+    float acc[MAX_G];
+#pragma unroll
+    for (int g = 0; g < MAX_G; g++) acc[g] = 0.f;
+#pragma unroll
+    for (int u = 0; u < NU; u++) {
+        const uint4 w = __ldg(row + u);
+        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float2 s = __half22float2(*reinterpret_cast<const __half2*>(&ws[e]));
+            const int c = LQ * qd + 8 * u + 2 * e;
+#pragma unroll
+            for (int g = 0; g < MAX_G; g++)
+                if (g < G) acc[g] = fmaf(s.y, q_sh[g][c + 1], fmaf(s.x, q_sh[g][c], acc[g]));
+        }
+    }
+    float* out = reinterpret_cast<float*>(const_cast<void*>(P.fmt.p[2]));
+#pragma unroll
+    for (int g = 0; g < MAX_G; g++) {
+        float v = acc[g];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if (g < G && qd == 0) out[(head0 + g) * m + j] = v;
+    }
+}
 
 // The block encoder (see the top of the file). Scratch after the staged x: xd (f64 x, outlier channels
 // 0.0, rows padded by 2 so the norm pass reads them at most 4-way conflicted), xo (f64 x of the outlier
@@ -484,6 +541,14 @@ using QjlLayout = kvq::QjlPolicy<128, 256, 2>;
 KVQ_LAYOUT(QjlLayout)
 QJL_D(64)
 QJL_D(128)
+#define QJL_SKETCH(D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(kvq::THREADS) KVQ_NAME(qjl, sketch, f16, D)( \
+        const KvqDecodeParams P) {                                                             \
+        KVQ_PDL_ENTER(); /* the queries come from the kernel before */                         \
+        kvq::qjl_sketch<D>(P);                                                                 \
+    }
+QJL_SKETCH(64)
+QJL_SKETCH(128)
 KVQ_ENCODE_KERNEL(qjl, kvq::QjlEncode<64>, 32, 64)
 KVQ_ENCODE_KERNEL(qjl, kvq::QjlEncode<128>, 32, 128)
 KVQ_ENCODE_SMEM(kvq::QjlEncode<64>::SMEM, kvq::QjlEncode<128>::SMEM)  // staged x included

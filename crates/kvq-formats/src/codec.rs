@@ -77,6 +77,10 @@ pub struct KernelSpec {
     /// Bytes of this stream's table the kernel copies into shared memory when they fit (RVQ's f16
     /// codebooks); 0 for none.
     pub smem_table: usize,
+    /// Rows of a per-query product the decode kernel reads precomputed (QJL's S q, `m`): the host runs
+    /// the module's `sketch` kernel into a [rows][Hq][n] f32 buffer first, so split CTAs do not each
+    /// form it; 0 for none.
+    pub query_sketch: usize,
 }
 
 /// The rope at the start of a pre-RoPE codec's kernel table: i32 style (0 interleaved pairs, 1

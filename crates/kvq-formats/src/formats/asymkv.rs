@@ -871,6 +871,7 @@ impl Codec for KiviCodec {
             tile: (0, 0, 0),
             pre_rope: false,
             smem_table: 0,
+            query_sketch: 0,
         })
     }
 

@@ -216,6 +216,7 @@ impl Codec for DecoCodec {
             tile: (self.ts_bytes(), 2 + self.token_bytes(), unit),
             pre_rope: false,
             smem_table: 0,
+            query_sketch: 0,
         })
     }
 

@@ -59,6 +59,7 @@ impl Codec for Fp16Codec {
             tile: (0, 0, 0),
             pre_rope: false,
             smem_table: 0,
+            query_sketch: 0,
         })
     }
     fn encode(&self, x: &[f32], out: &mut [u8]) {

@@ -410,6 +410,7 @@ impl Codec for QjlKeys {
             tile: (0, 0, 0),
             pre_rope: false,
             smem_table: 0,
+            query_sketch: self.m,
         })
     }
 

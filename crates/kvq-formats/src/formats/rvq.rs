@@ -295,6 +295,7 @@ impl Codec for RvqCodec {
             tile: (0, 0, 0),
             pre_rope: self.key,
             smem_table: self.depth * self.codes * 32 * 2,
+            query_sketch: 0,
         })
     }
     /// `[rope header][i32 channel of each group position; d][f32 books][f16 books]`, the layout
