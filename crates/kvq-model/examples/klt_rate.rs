@@ -107,7 +107,95 @@ fn main() -> anyhow::Result<()> {
         }
         println!("{step:.4} {:.3} {:.4e}", ent / count, err / count);
     }
+    // Fixed-length codes with any number of levels per component (mixed radix: a token's indices as
+    // one number, so a component of L levels costs log2 L bits, fractions included), each component's
+    // levels fitted by Lloyd-Max on the window itself, the levels per head given out greedily by error
+    // saved per bit; against the same in-sample fit restricted to whole bits (L a power of two).
+    println!("fixed-length codes, in-sample Lloyd-Max levels per component: bits/elem, mse (any L | L = 2^b)");
+    let per_head = comps.len() / d;
+    let curves: Vec<Vec<f64>> = comps.iter().map(|z| lloyd_curve(z, 64)).collect();
+    for target in [1.5, 2.0, 2.5, bits, 3.0, 3.5] {
+        let (mut e_any, mut e_pow) = (0f64, 0f64);
+        for hh in 0..per_head {
+            let cs = &curves[hh * d..(hh + 1) * d];
+            e_any += greedy(cs, target * d as f64, false);
+            e_pow += greedy(cs, target * d as f64, true);
+        }
+        println!("{target:.3} {:.4e} {:.4e}", e_any / count, e_pow / count);
+    }
     Ok(())
+}
+
+/// Squared error sums of `z` quantized by Lloyd-Max with L = 1..=lmax levels (index L - 1).
+fn lloyd_curve(z: &[f64], lmax: usize) -> Vec<f64> {
+    let mut s = z.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let (mut p1, mut p2) = (vec![0f64; n + 1], vec![0f64; n + 1]);
+    for (i, v) in s.iter().enumerate() {
+        p1[i + 1] = p1[i] + v;
+        p2[i + 1] = p2[i] + v * v;
+    }
+    let cost = |a: usize, b: usize| {
+        if b <= a {
+            0.0
+        } else {
+            let m = (b - a) as f64;
+            let s1 = p1[b] - p1[a];
+            (p2[b] - p2[a] - s1 * s1 / m).max(0.0)
+        }
+    };
+    (1..=lmax)
+        .map(|l| {
+            // Start from equal-count cells, then Lloyd iterations on the sorted samples.
+            let mut cuts: Vec<usize> = (0..=l).map(|i| i * n / l).collect();
+            for _ in 0..30 {
+                let cent: Vec<f64> = (0..l)
+                    .map(|i| {
+                        let (a, b) = (cuts[i], cuts[i + 1]);
+                        if b > a {
+                            (p1[b] - p1[a]) / (b - a) as f64
+                        } else {
+                            s[a.min(n - 1)]
+                        }
+                    })
+                    .collect();
+                for i in 1..l {
+                    let mid = 0.5 * (cent[i - 1] + cent[i]);
+                    cuts[i] = s.partition_point(|&v| v < mid);
+                }
+            }
+            (0..l).map(|i| cost(cuts[i], cuts[i + 1])).sum()
+        })
+        .collect()
+}
+
+/// Greedy levels for one head's components under `budget` bits a token (sum of log2 L): the step with
+/// the most error saved per bit first; `pow2` allows only doublings. Returns the error sum.
+fn greedy(curves: &[Vec<f64>], budget: f64, pow2: bool) -> f64 {
+    let mut l = vec![1usize; curves.len()];
+    let mut used = 0f64;
+    loop {
+        let mut best: Option<(usize, usize, f64, f64)> = None;
+        for (c, cv) in curves.iter().enumerate() {
+            let next = if pow2 { 2 * l[c] } else { l[c] + 1 };
+            if next > cv.len() {
+                continue;
+            }
+            let db = (next as f64).log2() - (l[c] as f64).log2();
+            if used + db > budget + 1e-9 {
+                continue;
+            }
+            let gain = (cv[l[c] - 1] - cv[next - 1]) / db;
+            if best.is_none_or(|b| gain > b.2) {
+                best = Some((c, next, gain, db));
+            }
+        }
+        let Some((c, next, _, db)) = best else { break };
+        l[c] = next;
+        used += db;
+    }
+    l.iter().zip(curves).map(|(&li, cv)| cv[li - 1]).sum()
 }
 
 /// Total bits of `m` samples coded by their empirical distribution (counts).
