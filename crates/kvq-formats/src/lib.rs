@@ -24,6 +24,7 @@ pub mod formats;
 pub mod linalg;
 pub mod plan;
 pub mod rope;
+pub mod tcq;
 pub mod testutil;
 pub mod transform;
 

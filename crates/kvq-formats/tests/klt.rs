@@ -359,12 +359,83 @@ fn entropy_coded_hostile_inputs_corrupt_blocks_and_old_files() {
         .for_each(|h| h.quant.clear());
     books.save(&f).unwrap();
     assert!(parse_format(&format!("klt:bits=2,file={f}")).is_ok());
-    let e = parse_format(&format!("klt:bits=2,code=ec,file={f}"))
+    for code in ["ec", "tcq"] {
+        let e = parse_format(&format!("klt:bits=2,code={code},file={f}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("quantiles") && e.contains("kvq calibrate") && e.contains(code),
+            "{e}"
+        );
+    }
+    std::fs::remove_file(&f).ok();
+}
+
+#[test]
+fn trellis_codes_beat_fixed_codes_at_the_same_size() {
+    let f = klt_file("tcq");
+    for stream in [Stream::Key, Stream::Value] {
+        for bits in [1.5, 2.0, 3.0] {
+            let build = |cfg: String| parse_format(&cfg).unwrap().build(&ctx(stream)).unwrap();
+            let fixed = build(format!("klt:bits={bits},file={f}"));
+            let tcq = build(format!("klt:bits={bits},code=tcq,file={f}"));
+            // Same widths, same block: the rate is exact either way.
+            assert_eq!(tcq.block_bytes(), fixed.block_bytes(), "{bits}");
+            for h in 0..HEADS {
+                // Eight held-out blocks.
+                let x = head_data(256, h, 99);
+                let mut err = [0f64; 2];
+                for (e, c) in err.iter_mut().zip([&fixed, &tcq]) {
+                    let hc = kvq_formats::codec::of_head(c.as_ref(), h);
+                    let mut b = vec![0u8; hc.block_bytes()];
+                    let mut y = vec![0f32; x.len()];
+                    for (xb, yb) in x.chunks_exact(32 * D).zip(y.chunks_exact_mut(32 * D)) {
+                        hc.encode(xb, &mut b);
+                        hc.validate(&b).unwrap();
+                        hc.decode(&b, yb).unwrap();
+                        assert!(yb.iter().all(|v| v.is_finite()));
+                    }
+                    *e = rel_err(&y, &x);
+                }
+                let [e_fixed, e_tcq] = err;
+                assert!(
+                    e_tcq < e_fixed,
+                    "{stream:?} head {h} bits {bits}: trellis {e_tcq} vs fixed {e_fixed}"
+                );
+            }
+        }
+    }
+    // Through the cache: bits/elem is exactly the rate and the fused reader equals the mirror.
+    let chk = attention_check(
+        &format!("klt:bits=3,code=tcq,file={f}"),
+        64,
+        D,
+        HEADS,
+        4,
+        64,
+        3,
+    )
+    .unwrap();
+    assert!((chk.bits_per_elem - 3.0).abs() < 1e-9, "{chk:?}");
+    assert!(chk.fused_vs_mirror < 1e-4, "{chk:?}");
+    // Inputs far outside the calibration (1e6x) and non-finite ones still read back finite.
+    let c = parse_format(&format!("klt:bits=2,code=tcq,file={f}"))
+        .unwrap()
+        .build(&ctx(Stream::Key))
+        .unwrap();
+    let mut x: Vec<f32> = head_data(32, 0, 5).iter().map(|v| v * 1e6).collect();
+    x[3] = f32::NAN;
+    x[70] = f32::INFINITY;
+    let mut b = vec![0u8; c.block_bytes()];
+    let mut y = vec![0f32; x.len()];
+    c.encode(&x, &mut b);
+    c.decode(&b, &mut y).unwrap();
+    assert!(y.iter().all(|v| v.is_finite()));
+    let fmt = parse_format(&format!("klt:bits=2,code=tcq,file={f}")).unwrap();
+    assert!(fmt.canonical().contains("code=tcq"), "{}", fmt.canonical());
+    let e = parse_format(&format!("klt:bits=2,code=trellis,file={f}"))
         .unwrap_err()
         .to_string();
-    assert!(
-        e.contains("quantiles") && e.contains("kvq calibrate"),
-        "{e}"
-    );
+    assert!(e.contains("tcq"), "{e}");
     std::fs::remove_file(&f).ok();
 }

@@ -2,9 +2,12 @@
 //! behind `klt:...,code=ec`, docs/QUALITY.md "Entropy-coded KLT"): in each head's calibrated KLT
 //! domain, the fixed Lloyd-Max codes' squared error and index entropy at `bits`, against a uniform
 //! grid with ideal entropy coding over a sweep of steps, and the lag-1 correlation of components
-//! along the sequence (what temporal prediction could remove).
+//! along the sequence (what temporal prediction could remove); then fixed-length codes with any number
+//! of levels per component (fractional bits), and trellis codes at the fixed codes' widths
+//! (`code=tcq`), both against the fixed codes.
 //!
 //! cargo run --release -p kvq-model --example klt_rate -- MODEL.gguf KLT.safetensors TEXT BITS [key|value]
+use kvq_formats::tcq;
 use kvq_formats::transform::{allocate, levels_len, levels_off, KltBooks};
 use kvq_model::model::Model;
 use std::collections::HashMap;
@@ -41,6 +44,9 @@ fn main() -> anyhow::Result<()> {
     // Every head's components along the window ([component][token]) with its fixed-code tables.
     let (mut lm_err, mut lm_ent, mut count, mut pred) = (0f64, 0f64, 0f64, (0f64, 0usize));
     let mut comps: Vec<Vec<f64>> = Vec::new();
+    // Per component its fixed-code width, and the fixed codes' error over the window's second half
+    // (the trellis codes' test tokens).
+    let (mut widths_all, mut lm_test) = (Vec::<u8>::new(), 0f64);
     for (l, x) in xs.iter().enumerate() {
         for (hh, hd) in books.layers[&(l, key)].iter().enumerate() {
             let widths = allocate(&hd.dist, d, bmax, (bits * d as f64).round() as usize);
@@ -55,13 +61,15 @@ fn main() -> anyhow::Result<()> {
                     .collect();
                 let m = z.len() as f64;
                 count += m;
+                let half = z.len() / 2;
                 if w == 0 {
                     lm_err += z.iter().map(|v| v * v).sum::<f64>();
+                    lm_test += z[half..].iter().map(|v| v * v).sum::<f64>();
                 } else {
                     let at = cc * levels_len(bmax) + levels_off(w as usize);
                     let lv = &hd.levels[at..at + (1 << w)];
                     let mut hist = vec![0f64; lv.len()];
-                    for &v in &z {
+                    for (t, &v) in z.iter().enumerate() {
                         let (i, e) = lv
                             .iter()
                             .map(|&q| (v - q as f64).powi(2))
@@ -69,6 +77,9 @@ fn main() -> anyhow::Result<()> {
                             .min_by(|a, b| a.1.total_cmp(&b.1))
                             .expect("levels");
                         lm_err += e;
+                        if t >= half {
+                            lm_test += e;
+                        }
                         hist[i] += 1.0;
                     }
                     lm_ent += entropy(hist.into_iter(), m);
@@ -79,6 +90,7 @@ fn main() -> anyhow::Result<()> {
                     pred.1 += 1;
                 }
                 comps.push(z);
+                widths_all.push(w);
             }
         }
     }
@@ -89,6 +101,15 @@ fn main() -> anyhow::Result<()> {
         lm_ent / count,
         pred.0 / pred.1 as f64
     );
+    let counts: Vec<String> = (0..=bmax)
+        .map(|b| {
+            format!(
+                "{b}:{}",
+                widths_all.iter().filter(|&&w| w as usize == b).count()
+            )
+        })
+        .collect();
+    println!("components per width: {}", counts.join(" "));
     println!("uniform grid, ideal entropy code (centroid reconstruction): step, bits/elem, mse");
     for k in 0..24 {
         let step = 0.02 * 1.25f64.powi(k);
@@ -123,8 +144,76 @@ fn main() -> anyhow::Result<()> {
         }
         println!("{target:.3} {:.4e} {:.4e}", e_any / count, e_pow / count);
     }
+    // Trellis codes at the fixed codes' widths (kvq_formats::tcq, `code=tcq`): each component's tokens
+    // in trellises of a block's length, tables fitted on the window's first half (components in units
+    // of their first-half deviation; one set for all layers here, per layer in the codec), errors on
+    // the second half. TCQ_SPAN sets the trellis length (the codec's is 32) and TCQ_MIXED=1 runs one
+    // trellis over a block's tokens and components together (token-major) instead.
+    println!("trellis codes at the fixed widths (same bits), second half of the window: mse");
+    let half = comps[0].len() / 2;
+    let span: usize = std::env::var("TCQ_SPAN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tcq::SPAN);
+    let mixed = std::env::var("TCQ_MIXED").is_ok_and(|v| v == "1");
+    let sig: Vec<f64> = comps
+        .iter()
+        .map(|z| {
+            (z[..half].iter().map(|v| v * v).sum::<f64>() / half as f64)
+                .sqrt()
+                .max(1e-9)
+        })
+        .collect();
+    // Trellises over `range`: (component of each element, (value in deviations, width) of each).
+    let streams = |range: std::ops::Range<usize>| -> Vec<(Vec<usize>, Trellis)> {
+        let ts: Vec<usize> = range.collect();
+        let coded = |head: usize| (head * d..(head + 1) * d).filter(|&i| widths_all[i] > 0);
+        let mut out = Vec::new();
+        for head in 0..comps.len() / d {
+            let groups: Vec<Vec<usize>> = if mixed {
+                vec![coded(head).collect()]
+            } else {
+                coded(head).map(|i| vec![i]).collect()
+            };
+            for g in &groups {
+                for chunk in ts.chunks(span) {
+                    let ids: Vec<usize> = chunk.iter().flat_map(|_| g.iter().copied()).collect();
+                    let x = chunk
+                        .iter()
+                        .flat_map(|&t| g.iter().map(move |&i| (t, i)))
+                        .map(|(t, i)| (comps[i][t] / sig[i], widths_all[i] as usize))
+                        .collect();
+                    out.push((ids, x));
+                }
+            }
+        }
+        out
+    };
+    let train: Vec<Vec<(f64, usize)>> = streams(0..half).into_iter().map(|s| s.1).collect();
+    let luts = tcq::fit(&train, bmax);
+    let mut tcq_err = 0f64;
+    for (ids, x) in streams(half..comps[0].len()) {
+        for ((&(v, w), idx), i) in x.iter().zip(tcq::viterbi(&x, &luts)).zip(ids) {
+            tcq_err += (v - luts[w][idx as usize] as f64).powi(2) * sig[i] * sig[i];
+        }
+    }
+    let mut tcq_count = 0f64;
+    for (i, z) in comps.iter().enumerate() {
+        tcq_count += (z.len() - half) as f64;
+        if widths_all[i] == 0 {
+            tcq_err += z[half..].iter().map(|v| v * v).sum::<f64>();
+        }
+    }
+    println!(
+        "fixed codes {:.4e}, trellis codes {:.4e}",
+        lm_test / tcq_count,
+        tcq_err / tcq_count
+    );
     Ok(())
 }
+
+/// A trellis's elements: (value in deviations, width).
+type Trellis = Vec<(f64, usize)>;
 
 /// Squared error sums of `z` quantized by Lloyd-Max with L = 1..=lmax levels (index L - 1).
 fn lloyd_curve(z: &[f64], lmax: usize) -> Vec<f64> {

@@ -14,23 +14,31 @@
 //! than the fixed codes at 2.67 bits on the default model (docs/QUALITY.md, "Entropy-coded KLT").
 //! CPU only: a block is decoded sequentially, so no GPU kernel reads it yet.
 //!
+//! With `code=tcq` the fixed codes' widths stay, but each component's bits along the block's tokens
+//! are one trellis code ([`crate::tcq`]): Viterbi-chosen, read back per token from the last k + H
+//! bits of the component's stream by one table lookup (fixed length, random access: a kernel can).
+//!
 //! Block layout (one head, T = 32 tokens), little-endian bits:
 //! ```text
 //! [gain f16; T (streams fitted with a per-token gain only)]
 //! code=fixed: [token 0: for each component c with b_c > 0, in order, its b_c-bit level index | token 1 | ...]
 //! code=ec:    [u8 grid step q | u8 mode | u16 words n | n ANS words (mode 0), or mode 1 (a block the
 //!             entropy code cannot fit): fixed codes at one bit a token less]
+//! code=tcq:   [component 0's stream: T x b_0 bits, token t's at t b_0 | component 1's | ...] (b_c > 0)
 //! ```
 //! codes padded to whole 4-byte words. Bits/elem: round(bits x d) / d, the 16-bit gain included (d = 64,
 //! bits=3: 192 bits a token, 176 of them codes when the stream has a gain).
 //! Fixed bytes per layer stream: heads x (2 d^2 + d + levels) f32 (transforms, means, level tables),
-//! and with `code=ec` the d x 257 quantiles per head.
+//! and with `code=ec` the d x 257 quantiles per head; with `code=tcq` the trellis tables (per width,
+//! at most 2^10 f32, shared by the layer stream's heads, fitted from the quantiles when built) and
+//! each component's deviation.
 
 use crate::bits;
 use crate::codec::{Codec, Format, FormatRef, Stream, StreamCtx};
 use crate::config::Params;
 use crate::ecsq::Ecsq;
 use crate::error::{parse_err, FormatError, Result};
+use crate::tcq::Tcq;
 use crate::transform::{allocate, levels_len, levels_off, token_gain, KltBooks, QUANT};
 use std::sync::Arc;
 
@@ -50,13 +58,23 @@ pub struct Klt {
     pub sink: usize,
     /// Calibration file path.
     pub path: String,
-    /// Components entropy-coded on a uniform grid ([`crate::ecsq`], `code=ec`) instead of fixed-width
-    /// Lloyd-Max codes (`code=fixed`).
-    pub ec: bool,
+    /// How the components are coded.
+    pub code: KltCode,
     books: Arc<KltBooks>,
 }
 
-/// Parses `klt:bits=3,file=FILE,window=0,sink=0,code=fixed|ec`.
+/// How a KLT stream codes its components.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KltCode {
+    /// Fixed-width Lloyd-Max codes (`code=fixed`).
+    Fixed,
+    /// One uniform grid, entropy-coded ([`crate::ecsq`], `code=ec`).
+    Ec,
+    /// Trellis codes at the fixed codes' widths ([`crate::tcq`], `code=tcq`).
+    Tcq,
+}
+
+/// Parses `klt:bits=3,file=FILE,window=0,sink=0,code=fixed|ec|tcq`.
 pub fn parse(mut p: Params) -> Result<FormatRef> {
     let raw = p.string("bits").unwrap_or_else(|| "3".into());
     let bits: f64 = raw
@@ -77,24 +95,30 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
             "klt needs file=FILE; fit one with `kvq calibrate --method klt`",
         )
     })?;
-    let ec = match p.string("code").as_deref() {
-        None | Some("fixed") => false,
-        Some("ec") => true,
+    let code = match p.string("code").as_deref() {
+        None | Some("fixed") => KltCode::Fixed,
+        Some("ec") => KltCode::Ec,
+        Some("tcq") => KltCode::Tcq,
         Some(v) => {
             return Err(parse_err(
                 p.input(),
-                format!("code={v}: expected fixed (Lloyd-Max codes) or ec (entropy-coded)"),
+                format!(
+                    "code={v}: expected fixed (Lloyd-Max codes), ec (entropy-coded) or tcq \
+                     (trellis-coded)"
+                ),
             ))
         }
     };
     p.finish(&["bits", "window", "sink", "file", "code"])?;
     let books = KltBooks::load(&path)?;
-    if ec && books.layers.values().flatten().any(|h| h.quant.is_empty()) {
+    if code != KltCode::Fixed && books.layers.values().flatten().any(|h| h.quant.is_empty()) {
         return Err(FormatError::File {
             path,
-            reason: "code=ec needs the components' quantiles, which this calibration file lacks; \
-                     refit it with `kvq calibrate --method klt`"
-                .into(),
+            reason: format!(
+                "code={} needs the components' quantiles, which this calibration file lacks; \
+                 refit it with `kvq calibrate --method klt`",
+                if code == KltCode::Ec { "ec" } else { "tcq" }
+            ),
         });
     }
     if bits > books.bmax as f64 {
@@ -111,7 +135,7 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
         window,
         sink,
         path,
-        ec,
+        code,
         books: Arc::new(books),
     }))
 }
@@ -127,7 +151,11 @@ impl Format for Klt {
             } else {
                 String::new()
             },
-            if self.ec { "code=ec," } else { "" },
+            match self.code {
+                KltCode::Fixed => "",
+                KltCode::Ec => "code=ec,",
+                KltCode::Tcq => "code=tcq,",
+            },
             self.path
         )
     }
@@ -184,16 +212,32 @@ impl Format for Klt {
                 ),
             });
         }
+        // Every head spends min(total, d x bmax) bits: the same block size for all of them.
+        let codes: Vec<LmCode> = heads
+            .iter()
+            .map(|h| LmCode::new(h, d, bmax, total))
+            .collect();
+        let mut tcq: Vec<Option<Tcq>> = match self.code {
+            KltCode::Tcq => {
+                let widths: Vec<Vec<u8>> = codes.iter().map(|c| c.widths.clone()).collect();
+                let quant: Vec<&[f32]> = heads.iter().map(|h| h.quant.as_slice()).collect();
+                Tcq::layer(&widths, &quant, d)
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            }
+            _ => vec![None; heads.len()],
+        };
         let heads = heads
             .iter()
-            .map(|h| {
-                // Every head spends min(total, d x bmax) bits: the same block size for all of them.
-                let code = LmCode::new(h, d, bmax, total);
+            .zip(codes)
+            .zip(tcq.iter_mut())
+            .map(|((h, code), tcq)| {
                 let total = code.bits();
                 // Entropy coding keeps the block size; a block whose code does not fit (values far
                 // outside the calibration) falls back to fixed codes one bit a token narrower, which
                 // leaves room for the block header.
-                let ec = self.ec.then(|| {
+                let ec = (self.code == KltCode::Ec).then(|| {
                     let sigma = (0..d)
                         .map(|c| h.dist[c * (bmax + 1)] as f64)
                         .sum::<f64>()
@@ -212,6 +256,7 @@ impl Format for Klt {
                     sink: self.sink,
                     code,
                     ec,
+                    tcq: tcq.take(),
                     mean: h.mean.clone(),
                     fwd: h.fwd.clone(),
                     inv: h.inv.clone(),
@@ -303,6 +348,8 @@ struct KltHeadCodec {
     code: LmCode,
     /// `code=ec`: the entropy coder and the fixed codes of blocks it cannot fit.
     ec: Option<(Ecsq, LmCode)>,
+    /// `code=tcq`: the trellis codes (at `code`'s widths).
+    tcq: Option<Tcq>,
     mean: Vec<f32>,
     fwd: Vec<f32>,
     inv: Vec<f32>,
@@ -371,6 +418,10 @@ impl KltHeadCodec {
                 pos = code.get(block, zt, pos);
             }
         };
+        if let Some(tcq) = &self.tcq {
+            tcq.get(block, &mut z, 8 * off);
+            return Ok(z);
+        }
         match &self.ec {
             None => fixed(&self.code, &mut z, 8 * off),
             Some((ecsq, fallback)) => {
@@ -418,6 +469,8 @@ impl Codec for KltHeadCodec {
             .collect();
         let code = if self.ec.is_some() {
             "entropy-coded".to_string()
+        } else if self.tcq.is_some() {
+            format!("trellis({})", hist.join(" "))
         } else {
             format!("({})", hist.join(" "))
         };
@@ -445,7 +498,8 @@ impl Codec for KltHeadCodec {
         self.pre_rope
     }
     fn fixed_bytes(&self) -> usize {
-        let quant = self.ec.as_ref().map_or(0, |_| self.d * (QUANT + 1));
+        let quant = self.ec.as_ref().map_or(0, |_| self.d * (QUANT + 1))
+            + self.tcq.as_ref().map_or(0, Tcq::table_len);
         let levels: usize = self.code.levels.iter().map(Vec::len).sum();
         4 * (2 * self.d * self.d + self.d + levels + quant)
     }
@@ -466,6 +520,10 @@ impl Codec for KltHeadCodec {
                 pos = code.put(zt, out, pos);
             }
         };
+        if let Some(tcq) = &self.tcq {
+            tcq.put(&z, out, 8 * off);
+            return;
+        }
         match &self.ec {
             None => fixed(&self.code, out, 8 * off),
             Some((ecsq, fallback)) => {
