@@ -231,6 +231,40 @@ fn bad_configs_files_and_blocks() {
 }
 
 /// The block's entropy-coded header word (after the values' gains): step, mode, code words.
+/// Relative error of head `h`'s blocks of `x` through `c` (encoded, validated, decoded).
+fn held_out_err(c: &dyn kvq_formats::Codec, h: usize, x: &[f32]) -> f64 {
+    let hc = kvq_formats::codec::of_head(c, h);
+    let mut b = vec![0u8; hc.block_bytes()];
+    let mut y = vec![0f32; x.len()];
+    for (xb, yb) in x.chunks_exact(32 * D).zip(y.chunks_exact_mut(32 * D)) {
+        hc.encode(xb, &mut b);
+        hc.validate(&b).unwrap();
+        hc.decode(&b, yb).unwrap();
+        assert!(yb.iter().all(|v| v.is_finite()));
+    }
+    rel_err(&y, x)
+}
+
+/// Through the cache `code` keeps bits/elem exactly the rate and the fused reader equal to the
+/// mirror, and the canonical form names it.
+fn cache_checks(f: &str, code: &str) {
+    let chk = attention_check(
+        &format!("klt:bits=3,code={code},file={f}"),
+        64,
+        D,
+        HEADS,
+        4,
+        64,
+        3,
+    )
+    .unwrap();
+    assert!((chk.bits_per_elem - 3.0).abs() < 1e-9, "{chk:?}");
+    assert!(chk.fused_vs_mirror < 1e-4, "{chk:?}");
+    let fmt = parse_format(&format!("klt:bits=2,code={code},file={f}")).unwrap();
+    let want = format!("code={code}");
+    assert!(fmt.canonical().contains(&want), "{}", fmt.canonical());
+}
+
 fn ec_header(block: &[u8], gains: bool) -> (u8, u8, u16) {
     let off = if gains { 64 } else { 0 };
     (
@@ -255,19 +289,10 @@ fn entropy_coded_components_beat_fixed_codes_at_the_same_size() {
             for (h, last) in last.iter_mut().enumerate() {
                 // Eight held-out blocks: one block's error moves by a few percent between draws.
                 let x = head_data(256, h, 99);
-                let mut err = [0f64; 2];
-                for (e, c) in err.iter_mut().zip([&fixed, &ec]) {
-                    let hc = kvq_formats::codec::of_head(c.as_ref(), h);
-                    let mut b = vec![0u8; hc.block_bytes()];
-                    let mut y = vec![0f32; x.len()];
-                    for (xb, yb) in x.chunks_exact(32 * D).zip(y.chunks_exact_mut(32 * D)) {
-                        hc.encode(xb, &mut b);
-                        hc.decode(&b, yb).unwrap();
-                        hc.validate(&b).unwrap();
-                    }
-                    *e = rel_err(&y, &x);
-                }
-                let [e_fixed, e_ec] = err;
+                let (e_fixed, e_ec) = (
+                    held_out_err(fixed.as_ref(), h, &x),
+                    held_out_err(ec.as_ref(), h, &x),
+                );
                 assert!(
                     e_ec < e_fixed,
                     "{stream:?} head {h} bits {bits}: ec {e_ec} vs fixed {e_fixed}"
@@ -287,21 +312,7 @@ fn entropy_coded_components_beat_fixed_codes_at_the_same_size() {
             }
         }
     }
-    // Through the cache: bits/elem is exactly the rate and the fused reader equals the mirror.
-    let chk = attention_check(
-        &format!("klt:bits=3,code=ec,file={f}"),
-        64,
-        D,
-        HEADS,
-        4,
-        64,
-        3,
-    )
-    .unwrap();
-    assert!((chk.bits_per_elem - 3.0).abs() < 1e-9, "{chk:?}");
-    assert!(chk.fused_vs_mirror < 1e-4, "{chk:?}");
-    let fmt = parse_format(&format!("klt:bits=2,code=ec,file={f}")).unwrap();
-    assert!(fmt.canonical().contains("code=ec"), "{}", fmt.canonical());
+    cache_checks(&f, "ec");
     std::fs::remove_file(&f).ok();
 }
 
@@ -384,20 +395,10 @@ fn trellis_codes_beat_fixed_codes_at_the_same_size() {
             for h in 0..HEADS {
                 // Eight held-out blocks.
                 let x = head_data(256, h, 99);
-                let mut err = [0f64; 2];
-                for (e, c) in err.iter_mut().zip([&fixed, &tcq]) {
-                    let hc = kvq_formats::codec::of_head(c.as_ref(), h);
-                    let mut b = vec![0u8; hc.block_bytes()];
-                    let mut y = vec![0f32; x.len()];
-                    for (xb, yb) in x.chunks_exact(32 * D).zip(y.chunks_exact_mut(32 * D)) {
-                        hc.encode(xb, &mut b);
-                        hc.validate(&b).unwrap();
-                        hc.decode(&b, yb).unwrap();
-                        assert!(yb.iter().all(|v| v.is_finite()));
-                    }
-                    *e = rel_err(&y, &x);
-                }
-                let [e_fixed, e_tcq] = err;
+                let (e_fixed, e_tcq) = (
+                    held_out_err(fixed.as_ref(), h, &x),
+                    held_out_err(tcq.as_ref(), h, &x),
+                );
                 assert!(
                     e_tcq < e_fixed,
                     "{stream:?} head {h} bits {bits}: trellis {e_tcq} vs fixed {e_fixed}"
@@ -405,19 +406,7 @@ fn trellis_codes_beat_fixed_codes_at_the_same_size() {
             }
         }
     }
-    // Through the cache: bits/elem is exactly the rate and the fused reader equals the mirror.
-    let chk = attention_check(
-        &format!("klt:bits=3,code=tcq,file={f}"),
-        64,
-        D,
-        HEADS,
-        4,
-        64,
-        3,
-    )
-    .unwrap();
-    assert!((chk.bits_per_elem - 3.0).abs() < 1e-9, "{chk:?}");
-    assert!(chk.fused_vs_mirror < 1e-4, "{chk:?}");
+    cache_checks(&f, "tcq");
     // Inputs far outside the calibration (1e6x) and non-finite ones still read back finite.
     let c = parse_format(&format!("klt:bits=2,code=tcq,file={f}"))
         .unwrap()
@@ -431,8 +420,6 @@ fn trellis_codes_beat_fixed_codes_at_the_same_size() {
     c.encode(&x, &mut b);
     c.decode(&b, &mut y).unwrap();
     assert!(y.iter().all(|v| v.is_finite()));
-    let fmt = parse_format(&format!("klt:bits=2,code=tcq,file={f}")).unwrap();
-    assert!(fmt.canonical().contains("code=tcq"), "{}", fmt.canonical());
     let e = parse_format(&format!("klt:bits=2,code=trellis,file={f}"))
         .unwrap_err()
         .to_string();
