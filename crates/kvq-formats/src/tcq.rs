@@ -191,6 +191,11 @@ impl Tcq {
             .collect()
     }
 
+    /// Each component's deviation, the tables' unit (from the calibration quantiles).
+    pub fn sigma(&self) -> &[f32] {
+        &self.sigma
+    }
+
     /// Code bits a token (the same as fixed codes of these widths).
     pub fn bits(&self) -> usize {
         self.widths.iter().map(|&b| b as usize).sum()

@@ -156,7 +156,7 @@ fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(tcq::SPAN);
     let mixed = std::env::var("TCQ_MIXED").is_ok_and(|v| v == "1");
-    let sig: Vec<f64> = comps
+    let mut sig: Vec<f64> = comps
         .iter()
         .map(|z| {
             (z[..half].iter().map(|v| v * v).sum::<f64>() / half as f64)
@@ -164,6 +164,22 @@ fn main() -> anyhow::Result<()> {
                 .max(1e-9)
         })
         .collect();
+    if std::env::var("TCQ_QUANT_SIGMA").is_ok_and(|v| v == "1") {
+        // The deviations the codec takes from the calibration quantiles instead.
+        let per_layer = books.layers[&(0, key)].len() * d;
+        for l in 0..c.n_layers {
+            let hs = &books.layers[&(l, key)];
+            let widths: Vec<Vec<u8>> = (0..hs.len())
+                .map(|hh| widths_all[l * per_layer + hh * d..l * per_layer + (hh + 1) * d].to_vec())
+                .collect();
+            let quant: Vec<&[f32]> = hs.iter().map(|h| h.quant.as_slice()).collect();
+            for (hh, code) in tcq::Tcq::layer(&widths, &quant, d).iter().enumerate() {
+                for (cc, &sg) in code.sigma().iter().enumerate() {
+                    sig[l * per_layer + hh * d + cc] = sg as f64;
+                }
+            }
+        }
+    }
     // Trellises over `range`: (component of each element, (value in deviations, width) of each).
     let streams = |range: std::ops::Range<usize>| -> Vec<(Vec<usize>, Trellis)> {
         let ts: Vec<usize> = range.collect();
@@ -208,6 +224,43 @@ fn main() -> anyhow::Result<()> {
         "fixed codes {:.4e}, trellis codes {:.4e}",
         lm_test / tcq_count,
         tcq_err / tcq_count
+    );
+    // The codec's own trellis codes (tables and deviations from the calibration file's quantiles, as
+    // `code=tcq` builds them) on the same second half, in whole 32-token blocks.
+    let n_blocks = (comps[0].len() - half) / tcq::SPAN;
+    let (mut codec_err, mut codec_count) = (0f64, 0f64);
+    let heads_per_layer = books.layers[&(0, key)].len();
+    for l in 0..c.n_layers {
+        let hs = &books.layers[&(l, key)];
+        let base = l * heads_per_layer * d;
+        let widths: Vec<Vec<u8>> = (0..hs.len())
+            .map(|hh| widths_all[base + hh * d..base + (hh + 1) * d].to_vec())
+            .collect();
+        let quant: Vec<&[f32]> = hs.iter().map(|h| h.quant.as_slice()).collect();
+        for (hh, code) in tcq::Tcq::layer(&widths, &quant, d).iter().enumerate() {
+            let at = |cc: usize, t: usize| comps[base + hh * d + cc][t];
+            let mut buf = vec![0u8; (tcq::SPAN * code.bits()).div_ceil(8) + 8];
+            for blk in 0..n_blocks {
+                let t0 = half + blk * tcq::SPAN;
+                let z: Vec<f32> = (0..tcq::SPAN * d)
+                    .map(|i| at(i % d, t0 + i / d) as f32)
+                    .collect();
+                buf.iter_mut().for_each(|b| *b = 0);
+                code.put(&z, &mut buf, 0);
+                let mut y = vec![0f32; z.len()];
+                code.get(&buf, &mut y, 0);
+                codec_err += z
+                    .iter()
+                    .zip(&y)
+                    .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                    .sum::<f64>();
+                codec_count += z.len() as f64;
+            }
+        }
+    }
+    println!(
+        "the codec's trellis codes (tables from the file's quantiles), {n_blocks} blocks a head: {:.4e}",
+        codec_err / codec_count
     );
     Ok(())
 }
