@@ -176,8 +176,7 @@ impl Tcq {
             }
             sigmas.push(sigma);
         }
-        let blocks = streams;
-        let luts = std::sync::Arc::new(fit(&blocks, bmax));
+        let luts = std::sync::Arc::new(fit(&streams, bmax));
         widths
             .iter()
             .zip(sigmas)
@@ -229,11 +228,11 @@ impl Tcq {
                 z[t * d + c] = if b == 0 {
                     0.0
                 } else {
-                    // The H stream bits before token t's (zeros before the stream's start).
+                    // Token t's b bits and the H stream bits before them, in one read (zeros before
+                    // the stream's start: the window is shifted up by the bits it lacks).
                     let (p, lo) = (pos + t * b, pos + (t * b).saturating_sub(H));
-                    let hist = crate::bits::get_at(block, lo, (p - lo) as u32) << (H - (p - lo));
-                    let w = hist as usize | (crate::bits::get_at(block, p, b as u32) as usize) << H;
-                    self.sigma[c] * self.luts[b][w]
+                    let w = crate::bits::get_at(block, lo, (p + b - lo) as u32) << (H - (p - lo));
+                    self.sigma[c] * self.luts[b][w as usize]
                 };
             }
             pos += SPAN * b;

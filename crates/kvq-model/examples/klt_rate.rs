@@ -164,20 +164,26 @@ fn main() -> anyhow::Result<()> {
                 .max(1e-9)
         })
         .collect();
-    if std::env::var("TCQ_QUANT_SIGMA").is_ok_and(|v| v == "1") {
-        // The deviations the codec takes from the calibration quantiles instead.
-        let per_layer = books.layers[&(0, key)].len() * d;
-        for l in 0..c.n_layers {
+    // The codec's trellis codes of every head, as `code=tcq` builds them per layer (tables and
+    // deviations from the calibration quantiles); heads in `comps` order.
+    let codecs: Vec<tcq::Tcq> = (0..c.n_layers)
+        .flat_map(|l| {
             let hs = &books.layers[&(l, key)];
+            let base = l * hs.len() * d;
             let widths: Vec<Vec<u8>> = (0..hs.len())
-                .map(|hh| widths_all[l * per_layer + hh * d..l * per_layer + (hh + 1) * d].to_vec())
+                .map(|hh| widths_all[base + hh * d..base + (hh + 1) * d].to_vec())
                 .collect();
             let quant: Vec<&[f32]> = hs.iter().map(|h| h.quant.as_slice()).collect();
-            for (hh, code) in tcq::Tcq::layer(&widths, &quant, d).iter().enumerate() {
-                for (cc, &sg) in code.sigma().iter().enumerate() {
-                    sig[l * per_layer + hh * d + cc] = sg as f64;
-                }
-            }
+            tcq::Tcq::layer(&widths, &quant, d)
+        })
+        .collect();
+    if std::env::var("TCQ_QUANT_SIGMA").is_ok_and(|v| v == "1") {
+        // The deviations the codec takes from the calibration quantiles instead.
+        for (sg, &cs) in sig
+            .iter_mut()
+            .zip(codecs.iter().flat_map(|code| code.sigma()))
+        {
+            *sg = cs as f64;
         }
     }
     // Trellises over `range`: (component of each element, (value in deviations, width) of each).
@@ -205,7 +211,7 @@ fn main() -> anyhow::Result<()> {
         }
         out
     };
-    let train: Vec<Vec<(f64, usize)>> = streams(0..half).into_iter().map(|s| s.1).collect();
+    let train: Vec<Trellis> = streams(0..half).into_iter().map(|s| s.1).collect();
     let luts = tcq::fit(&train, bmax);
     let mut tcq_err = 0f64;
     for (ids, x) in streams(half..comps[0].len()) {
@@ -229,33 +235,24 @@ fn main() -> anyhow::Result<()> {
     // `code=tcq` builds them) on the same second half, in whole 32-token blocks.
     let n_blocks = (comps[0].len() - half) / tcq::SPAN;
     let (mut codec_err, mut codec_count) = (0f64, 0f64);
-    let heads_per_layer = books.layers[&(0, key)].len();
-    for l in 0..c.n_layers {
-        let hs = &books.layers[&(l, key)];
-        let base = l * heads_per_layer * d;
-        let widths: Vec<Vec<u8>> = (0..hs.len())
-            .map(|hh| widths_all[base + hh * d..base + (hh + 1) * d].to_vec())
-            .collect();
-        let quant: Vec<&[f32]> = hs.iter().map(|h| h.quant.as_slice()).collect();
-        for (hh, code) in tcq::Tcq::layer(&widths, &quant, d).iter().enumerate() {
-            let at = |cc: usize, t: usize| comps[base + hh * d + cc][t];
-            let mut buf = vec![0u8; (tcq::SPAN * code.bits()).div_ceil(8) + 8];
-            for blk in 0..n_blocks {
-                let t0 = half + blk * tcq::SPAN;
-                let z: Vec<f32> = (0..tcq::SPAN * d)
-                    .map(|i| at(i % d, t0 + i / d) as f32)
-                    .collect();
-                buf.iter_mut().for_each(|b| *b = 0);
-                code.put(&z, &mut buf, 0);
-                let mut y = vec![0f32; z.len()];
-                code.get(&buf, &mut y, 0);
-                codec_err += z
-                    .iter()
-                    .zip(&y)
-                    .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-                    .sum::<f64>();
-                codec_count += z.len() as f64;
-            }
+    for (head, code) in codecs.iter().enumerate() {
+        let at = |cc: usize, t: usize| comps[head * d + cc][t];
+        let mut buf = vec![0u8; (tcq::SPAN * code.bits()).div_ceil(8) + 8];
+        for blk in 0..n_blocks {
+            let t0 = half + blk * tcq::SPAN;
+            let z: Vec<f32> = (0..tcq::SPAN * d)
+                .map(|i| at(i % d, t0 + i / d) as f32)
+                .collect();
+            buf.iter_mut().for_each(|b| *b = 0);
+            code.put(&z, &mut buf, 0);
+            let mut y = vec![0f32; z.len()];
+            code.get(&buf, &mut y, 0);
+            codec_err += z
+                .iter()
+                .zip(&y)
+                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                .sum::<f64>();
+            codec_count += z.len() as f64;
         }
     }
     println!(

@@ -29,9 +29,9 @@
 //! codes padded to whole 4-byte words. Bits/elem: round(bits x d) / d, the 16-bit gain included (d = 64,
 //! bits=3: 192 bits a token, 176 of them codes when the stream has a gain).
 //! Fixed bytes per layer stream: heads x (2 d^2 + d + levels) f32 (transforms, means, level tables),
-//! and with `code=ec` the d x 257 quantiles per head; with `code=tcq` the trellis tables (per width,
-//! at most 2^10 f32, shared by the layer stream's heads, fitted from the quantiles when built) and
-//! each component's deviation.
+//! and with `code=ec` the d x 257 quantiles per head; with `code=tcq` the trellis tables (per width b,
+//! 2^(b + 6) f32, shared by the layer stream's heads, fitted from the quantiles when built) and each
+//! component's deviation.
 
 use crate::bits;
 use crate::codec::{Codec, Format, FormatRef, Stream, StreamCtx};
@@ -72,6 +72,17 @@ pub enum KltCode {
     Ec,
     /// Trellis codes at the fixed codes' widths ([`crate::tcq`], `code=tcq`).
     Tcq,
+}
+
+impl KltCode {
+    /// The `code=` value that names it.
+    fn name(self) -> &'static str {
+        match self {
+            KltCode::Fixed => "fixed",
+            KltCode::Ec => "ec",
+            KltCode::Tcq => "tcq",
+        }
+    }
 }
 
 /// Parses `klt:bits=3,file=FILE,window=0,sink=0,code=fixed|ec|tcq`.
@@ -117,7 +128,7 @@ pub fn parse(mut p: Params) -> Result<FormatRef> {
             reason: format!(
                 "code={} needs the components' quantiles, which this calibration file lacks; \
                  refit it with `kvq calibrate --method klt`",
-                if code == KltCode::Ec { "ec" } else { "tcq" }
+                code.name()
             ),
         });
     }
@@ -152,9 +163,8 @@ impl Format for Klt {
                 String::new()
             },
             match self.code {
-                KltCode::Fixed => "",
-                KltCode::Ec => "code=ec,",
-                KltCode::Tcq => "code=tcq,",
+                KltCode::Fixed => String::new(),
+                code => format!("code={},", code.name()),
             },
             self.path
         )
@@ -217,7 +227,7 @@ impl Format for Klt {
             .iter()
             .map(|h| LmCode::new(h, d, bmax, total))
             .collect();
-        let mut tcq: Vec<Option<Tcq>> = match self.code {
+        let tcq: Vec<Option<Tcq>> = match self.code {
             KltCode::Tcq => {
                 let widths: Vec<Vec<u8>> = codes.iter().map(|c| c.widths.clone()).collect();
                 let quant: Vec<&[f32]> = heads.iter().map(|h| h.quant.as_slice()).collect();
@@ -231,7 +241,7 @@ impl Format for Klt {
         let heads = heads
             .iter()
             .zip(codes)
-            .zip(tcq.iter_mut())
+            .zip(tcq)
             .map(|((h, code), tcq)| {
                 let total = code.bits();
                 // Entropy coding keeps the block size; a block whose code does not fit (values far
@@ -256,7 +266,7 @@ impl Format for Klt {
                     sink: self.sink,
                     code,
                     ec,
-                    tcq: tcq.take(),
+                    tcq,
                     mean: h.mean.clone(),
                     fwd: h.fwd.clone(),
                     inv: h.inv.clone(),
